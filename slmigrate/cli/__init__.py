@@ -1,0 +1,57 @@
+"""The command line: a thin layer over the library.
+
+Each command parses options, makes one call into ``slmigrate.<stage>``, prints the result (a table, or JSON
+with ``--json``) and maps ``SlmigrateError`` to ``Error: ...`` with its exit code. This package is the only
+place that imports typer; each command group lives in its own module and registers itself on ``app``.
+"""
+
+from __future__ import annotations
+
+import sys
+
+from slmigrate.cli._app import app
+from slmigrate.errors import SlmigrateError
+
+# Importing the command modules registers their commands on ``app``.
+from slmigrate.cli import workspace_cmds  # noqa: E402,F401  (init, status)
+
+for _optional in ("collect_cmds", "calls_cmds", "curate_cmds", "cluster_cmds", "models_cmds",
+                  "finetune_cmds", "evaluate_cmds", "serve_cmds", "pipeline_cmds", "keys_cmds"):
+    # Command groups arrive with their stages; a missing one must not break the rest of the CLI.
+    try:
+        __import__(f"slmigrate.cli.{_optional}")
+    except ModuleNotFoundError as exc:
+        if exc.name != f"slmigrate.cli.{_optional}":
+            raise
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        app(args=argv, standalone_mode=False)
+    except SlmigrateError as exc:
+        from slmigrate.cli._app import err_console
+
+        err_console.print(f"[bold red]Error:[/] {exc}", highlight=False, soft_wrap=True)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("Interrupted.", file=sys.stderr)
+        return 130
+    except SystemExit as exc:  # typer/click exits (e.g. --help, usage errors)
+        return exc.code if isinstance(exc.code, int) else 0
+    except Exception as exc:  # click usage errors come through here in non-standalone mode
+        import click
+
+        if isinstance(exc, click.exceptions.ClickException):
+            exc.show()
+            return exc.exit_code
+        if isinstance(exc, click.exceptions.Exit):
+            return exc.exit_code
+        if isinstance(exc, click.exceptions.Abort):
+            print("Aborted.", file=sys.stderr)
+            return 1
+        raise
+    return 0
+
+
+def entry() -> None:
+    sys.exit(main())

@@ -1,0 +1,139 @@
+"""Typed configuration, one section per stage, read from ``slmigrate.toml``.
+
+Precedence: defaults < ``slmigrate.toml`` < CLI flags. Unknown keys are errors (a typo must not silently fall
+back to a default). Each stage writes the resolved section next to what it produced.
+
+Each stage owns its section class below; add fields there with a default and a ``description``.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from slmigrate.errors import SlmigrateError
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class CollectConfig(Section):
+    agent: str | None = Field(None, description="Agent tag for imported or proxied calls without one.")
+
+
+class PricesConfig(Section):
+    """USD per million tokens, by model name prefix (longest match wins). Used to put cost on clusters."""
+
+    per_million: dict[str, tuple[float, float]] = Field(
+        default_factory=lambda: {
+            # (input, output) list prices in USD per 1M tokens, from OpenAI's pricing page (2025).
+            "gpt-4.1": (2.00, 8.00),
+            "gpt-4.1-mini": (0.40, 1.60),
+            "gpt-4.1-nano": (0.10, 0.40),
+            "gpt-4o": (2.50, 10.00),
+            "gpt-4o-mini": (0.15, 0.60),
+            "gpt-3.5-turbo": (0.50, 1.50),
+            "o3": (2.00, 8.00),
+            "o4-mini": (1.10, 4.40),
+        },
+        description="Model name prefix -> (input, output) USD per million tokens.",
+    )
+    default: tuple[float, float] = Field((2.50, 10.00), description="Price for models not in the table.")
+    gpu_hour_usd: float = Field(2.50, description="Hardware price per GPU hour, for the SLM's serving cost.")
+    cpu_hour_usd: float = Field(0.10, description="Hardware price per CPU-core hour, for the SLM's serving cost.")
+
+    def price(self, model: str | None) -> tuple[float, float]:
+        best = None
+        for prefix in self.per_million:
+            if model and model.startswith(prefix) and (best is None or len(prefix) > len(best)):
+                best = prefix
+        return self.per_million[best] if best else self.default
+
+    def cost(self, model: str | None, prompt_tokens: int | None, completion_tokens: int | None) -> float:
+        inp, out = self.price(model)
+        return ((prompt_tokens or 0) * inp + (completion_tokens or 0) * out) / 1e6
+
+
+class CurateConfig(Section):
+    pii: Literal["placeholder", "synthetic", "off"] = Field("placeholder", description="How PII is replaced.")
+    entities: list[str] | None = Field(None, description="Entity types to scrub (default: all known).")
+    workers: int = Field(1, ge=1, description="Processes for PII analysis.")
+    min_outcome: float | None = Field(None, description="Drop calls whose workflow outcome is below this.")
+    split: tuple[float, float, float] = Field((0.8, 0.1, 0.1), description="train/validation/test shares.")
+    seed: int = Field(0, description="Seed for synthetic replacements and split hashing.")
+
+
+class ClusterConfig(Section):
+    min_size: int = Field(5, ge=2, description="Smallest group of calls that counts as a recurring task.")
+    granularity: Literal["coarse", "fine"] = Field("coarse", description="Coarse tasks or finer sub-tasks.")
+    by: Literal["none", "agent"] = Field("none", description="Cluster within each agent tag.")
+
+
+class SelectConfig(Section):
+    gpu_memory_gb: float | None = Field(None, description="GPU memory available for training and serving.")
+    cpu_only: bool = Field(False, description="Only consider CPU training and serving.")
+    cpu_memory_gb: float = Field(24.0, description="Host memory, for CPU-only selection.")
+    license: str = Field("permissive", description="permissive | any | comma-separated SPDX ids.")
+    max_params: float | None = Field(None, description="Largest model to consider, in parameters.")
+    top: int = Field(3, ge=1, description="Candidates kept per cluster.")
+    probe: int = Field(0, ge=0, description="Calls per cluster to probe local candidates on.")
+
+
+class FinetuneConfig(Section):
+    model: str | None = Field(None, description="Catalogue name or local folder; default: the selected model.")
+    method: Literal["lora", "qlora", "full"] = Field("lora", description="Fine-tuning method.")
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="Where to train.")
+    epochs: float | None = Field(None, description="Epochs (default chosen by data size).")
+    max_steps: int | None = Field(None, description="Stop after this many optimiser steps.")
+    seed: int = Field(0, description="Random seed.")
+
+
+class EvaluateConfig(Section):
+    variants: list[str] = Field(["base", "icl", "finetuned"], description="Which model variants to evaluate.")
+    limit: int | None = Field(None, description="At most this many test calls per cluster.")
+    threshold: dict[str, float] = Field(
+        default_factory=lambda: {"tool_call": 0.9, "json": 0.9, "label": 0.9, "text": 0.9},
+        description="Primary-metric threshold per output kind for a migrate decision.",
+    )
+
+
+class ServeConfig(Section):
+    upstream: str | None = Field(None, description="The LLM endpoint to fall back to.")
+    port: int = Field(8788, description="Port of the router.")
+
+
+class Config(Section):
+    collect: CollectConfig = Field(default_factory=CollectConfig)
+    prices: PricesConfig = Field(default_factory=PricesConfig)
+    curate: CurateConfig = Field(default_factory=CurateConfig)
+    cluster: ClusterConfig = Field(default_factory=ClusterConfig)
+    select: SelectConfig = Field(default_factory=SelectConfig)
+    finetune: FinetuneConfig = Field(default_factory=FinetuneConfig)
+    evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
+    serve: ServeConfig = Field(default_factory=ServeConfig)
+
+
+def load_config(path: str | Path | None = None, overrides: dict[str, dict[str, Any]] | None = None) -> Config:
+    """Read ``path`` (default ``./slmigrate.toml`` when present) and apply CLI overrides (None values ignored)."""
+    data: dict[str, Any] = {}
+    file = Path(path) if path else Path("slmigrate.toml")
+    if path and not file.exists():
+        raise SlmigrateError(f"config file {file} does not exist; pass an existing --config or drop the flag")
+    if file.exists():
+        try:
+            data = tomllib.loads(file.read_text())
+        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+            raise SlmigrateError(f"config file {file} is not valid TOML: {exc}; fix the line it names") from exc
+    for section, values in (overrides or {}).items():
+        clean = {k: v for k, v in values.items() if v is not None}
+        if clean:
+            data.setdefault(section, {}).update(clean)
+    try:
+        return Config.model_validate(data)
+    except ValidationError as exc:
+        problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
+        raise SlmigrateError(f"invalid configuration in {file}: {problems}; see `docs/configuration.md`") from exc

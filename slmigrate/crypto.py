@@ -1,0 +1,112 @@
+"""Encryption of stored payloads at rest (AES-256-GCM, authenticated).
+
+A key is 32 random bytes, given as base64 or hex in ``SLMIGRATE_ENCRYPTION_KEY`` or in a key file. Each row
+records which key encrypted it (``aesgcm:<key id>``, the id being a hash prefix of the key, never the key), so
+a wrong key is reported as such instead of as corrupt data, and rotation can find rows still under the old key.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import json
+import os
+import zlib
+from pathlib import Path
+from typing import Any
+
+from slmigrate import env
+from slmigrate.errors import SlmigrateError
+from slmigrate.store import PayloadCodec
+
+_NONCE = 12
+
+_key_file_override: Path | None = None
+
+
+def generate_key() -> str:
+    """A new key, base64-encoded, for ``slmigrate keys new`` or a secrets manager."""
+    return base64.b64encode(os.urandom(32)).decode("ascii")
+
+
+def parse_key(text: str, origin: str) -> bytes:
+    text = text.strip()
+    candidates = []
+    try:
+        candidates.append(base64.b64decode(text, validate=True))
+    except (binascii.Error, ValueError):
+        pass
+    try:
+        candidates.append(bytes.fromhex(text))
+    except ValueError:
+        pass
+    for raw in candidates:
+        if len(raw) == 32:
+            return raw
+    raise SlmigrateError(
+        f"the encryption key from {origin} is not 32 bytes of base64 or hex; "
+        "create one with `slmigrate keys new` and set it again"
+    )
+
+
+def key_id(key: bytes) -> str:
+    return hashlib.sha256(b"slmigrate-key-id" + key).hexdigest()[:12]
+
+
+class AesGcmCodec(PayloadCodec):
+    def __init__(self, key: bytes):
+        from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+        self._aead = AESGCM(key)
+        self.name = f"aesgcm:{key_id(key)}"
+
+    def encode(self, obj: Any) -> bytes:
+        plain = zlib.compress(json.dumps(obj, ensure_ascii=False, separators=(",", ":")).encode("utf-8"), 1)
+        nonce = os.urandom(_NONCE)
+        return nonce + self._aead.encrypt(nonce, plain, self.name.encode())
+
+    def decode(self, blob: bytes) -> Any:
+        from cryptography.exceptions import InvalidTag
+
+        try:
+            plain = self._aead.decrypt(blob[:_NONCE], blob[_NONCE:], self.name.encode())
+        except InvalidTag as exc:
+            raise SlmigrateError("a stored payload failed authentication: the data was altered") from exc
+        return json.loads(zlib.decompress(plain))
+
+
+def use_key_file(path: str | Path | None) -> None:
+    """Make ``--key-file`` win over the environment for this process."""
+    global _key_file_override
+    _key_file_override = None if path is None else Path(path)
+
+
+def configured_key() -> bytes | None:
+    if _key_file_override is not None:
+        try:
+            text = _key_file_override.read_text()
+        except OSError as exc:
+            raise SlmigrateError(f"cannot read the key file {_key_file_override}: {exc.strerror}") from exc
+        return parse_key(text, str(_key_file_override))
+    value = env.get(env.ENCRYPTION_KEY)
+    return None if value is None else parse_key(value, env.ENCRYPTION_KEY)
+
+
+def codec_from_environment(required: bool, row_codec: str | None = None) -> PayloadCodec | None:
+    key = configured_key()
+    if key is None:
+        if required:
+            raise SlmigrateError(
+                "the stored payloads are encrypted and no key is configured; set "
+                f"{env.ENCRYPTION_KEY} or pass --key-file with the key they were written with"
+            )
+        return None
+    codec = AesGcmCodec(key)
+    if row_codec is not None and row_codec != codec.name:
+        raise SlmigrateError(
+            f"the stored payloads were encrypted with key {row_codec.split(':', 1)[1]}, but the configured key "
+            f"is {codec.name.split(':', 1)[1]}; set the key they were written with (or rotate with "
+            "`slmigrate keys rotate`)"
+        )
+    return codec

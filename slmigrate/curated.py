@@ -1,0 +1,117 @@
+"""The curated dataset: what ``curate`` writes and every later stage reads.
+
+Layout in the workspace::
+
+    curated/v0001/dataset/    a Hugging Face ``datasets.Dataset`` saved with save_to_disk
+    curated/v0001/report.json the curate report (counts, drops per reason, entities, examples)
+    curated/v0001/config.json the resolved curate config
+    curated/CURRENT           the name of the newest complete version
+
+One row per kept call. ``request`` / ``response`` / ``metadata`` are JSON strings (a dataset column cannot hold
+arbitrary nested JSON of varying shape); ``split`` is train | validation | test, decided by session.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from slmigrate.errors import SlmigrateError
+from slmigrate.record import CallRecord
+from slmigrate.workspace import Workspace
+
+SPLITS = ("train", "validation", "test")
+COLUMNS = ("id", "input_id", "session", "agent", "model", "timestamp", "split", "request", "response",
+           "prompt_tokens", "completion_tokens", "outcome", "metadata")
+
+
+@dataclass
+class CuratedCall(CallRecord):
+    split: str = "train"
+
+
+def _root(ws: Workspace) -> Path:
+    return ws.path("curated")
+
+
+def current_version(ws: Workspace) -> str | None:
+    marker = _root(ws) / "CURRENT"
+    return marker.read_text().strip() if marker.exists() else None
+
+
+def version_dir(ws: Workspace, version: str | None = None) -> Path:
+    version = version or current_version(ws)
+    if version is None:
+        raise SlmigrateError(f"no curated data in {ws.root}; run `slmigrate curate` first")
+    return _root(ws) / version
+
+
+def to_row(call: CallRecord, split: str) -> dict[str, Any]:
+    return {
+        "id": call.id, "input_id": call.input_id, "session": call.session, "agent": call.agent,
+        "model": call.model, "timestamp": call.timestamp, "split": split,
+        "request": json.dumps(call.request, ensure_ascii=False),
+        "response": json.dumps(call.response, ensure_ascii=False),
+        "prompt_tokens": call.prompt_tokens, "completion_tokens": call.completion_tokens,
+        "outcome": call.outcome, "metadata": json.dumps(call.metadata, ensure_ascii=False),
+    }
+
+
+def from_row(row: dict[str, Any]) -> CuratedCall:
+    return CuratedCall(
+        request=json.loads(row["request"]), response=json.loads(row["response"]), id=row["id"],
+        input_id=row["input_id"], session=row["session"], agent=row["agent"], model=row["model"],
+        timestamp=row["timestamp"], prompt_tokens=row["prompt_tokens"],
+        completion_tokens=row["completion_tokens"], outcome=row["outcome"],
+        metadata=json.loads(row["metadata"] or "{}"), split=row["split"],
+    )
+
+
+def write_curated(ws: Workspace, rows: list[dict[str, Any]], report: dict[str, Any],
+                  config: dict[str, Any]) -> str:
+    """Save a new version and only then point CURRENT at it, so a crash never leaves a half-written current."""
+    import datasets
+
+    root = _root(ws)
+    root.mkdir(parents=True, exist_ok=True)
+    existing = sorted(p.name for p in root.glob("v[0-9]*") if p.is_dir())
+    version = f"v{int(existing[-1][1:]) + 1:04d}" if existing else "v0001"
+    target = root / version
+    tmp = root / f".{version}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    columns = {c: [r.get(c) for r in rows] for c in COLUMNS}
+    features = datasets.Features({
+        c: datasets.Value("float64") if c == "outcome" else
+        datasets.Value("int64") if c.endswith("_tokens") else datasets.Value("string")
+        for c in COLUMNS
+    })
+    datasets.Dataset.from_dict(columns, features=features).save_to_disk(str(tmp / "dataset"))
+    (tmp / "report.json").write_text(json.dumps(report, indent=2, ensure_ascii=False, default=str))
+    (tmp / "config.json").write_text(json.dumps(config, indent=2, default=str))
+    tmp.rename(target)
+    (root / "CURRENT").write_text(version + "\n")
+    return version
+
+
+def load_dataset(ws: Workspace, version: str | None = None):
+    import datasets
+
+    return datasets.load_from_disk(str(version_dir(ws, version) / "dataset"))
+
+
+def load_curated(ws: Workspace, split: str | None = None, version: str | None = None) -> list[CuratedCall]:
+    """The curated calls (of one split, or all), in dataset order."""
+    ds = load_dataset(ws, version)
+    if split is not None:
+        if split not in SPLITS:
+            raise SlmigrateError(f"unknown split {split!r}; expected one of {', '.join(SPLITS)}")
+        ds = ds.filter(lambda s: s == split, input_columns="split")
+    return [from_row(r) for r in ds]
+
+
+def load_report(ws: Workspace, version: str | None = None) -> dict[str, Any]:
+    return json.loads((version_dir(ws, version) / "report.json").read_text())

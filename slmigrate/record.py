@@ -1,0 +1,154 @@
+"""The canonical form of one logged LLM call (see ARCHITECTURE.md, "The call record").
+
+Every source - the proxy, the SDK wrapper, every import format - converts into ``CallRecord``. The request is an
+OpenAI chat-completions request (``messages``, ``tools``, sampling parameters) and the response an OpenAI
+``chat.completion`` object; tool-call arguments stay JSON strings exactly as the model produced them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+from typing import Any
+
+_CROCKFORD = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"
+
+
+def new_id(timestamp_ms: int | None = None, entropy: bytes | None = None) -> str:
+    """A ULID: 48 bits of milliseconds then 80 bits of entropy, Crockford base32, so ids sort by time.
+
+    Imports pass a content hash as ``entropy`` so the same call always gets the same id.
+    """
+    ms = int(time.time() * 1000) if timestamp_ms is None else int(timestamp_ms)
+    rand = (entropy or os.urandom(10))[:10]
+    value = (ms & ((1 << 48) - 1)) << 80 | int.from_bytes(rand.ljust(10, b"\0"), "big")
+    return "".join(_CROCKFORD[(value >> (5 * i)) & 31] for i in reversed(range(26)))
+
+
+def now_iso() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def parse_timestamp(value: Any) -> str | None:
+    """Normalise the timestamps found in logs (ISO strings, epoch seconds / ms / ns) to ISO-8601 UTC."""
+    if value is None or value == "":
+        return None
+    if isinstance(value, (int, float)):
+        seconds = float(value)
+        if seconds > 1e17:  # nanoseconds (OTel)
+            seconds /= 1e9
+        elif seconds > 1e11:  # milliseconds
+            seconds /= 1e3
+        dt = datetime.fromtimestamp(seconds, tz=timezone.utc)
+        return dt.isoformat(timespec="milliseconds").replace("+00:00", "Z")
+    text = str(value).strip()
+    if text.isdigit():
+        return parse_timestamp(int(text))
+    try:
+        dt = datetime.fromisoformat(text.replace("Z", "+00:00"))
+    except ValueError:
+        return text  # keep what the log said rather than lose it
+    if dt.tzinfo is None:
+        # Naive timestamps are taken as UTC: logs rarely carry a zone, and guessing local time would shift them.
+        dt = dt.replace(tzinfo=timezone.utc)
+    return dt.astimezone(timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def timestamp_ms(iso: str | None) -> int | None:
+    if not iso:
+        return None
+    try:
+        return int(datetime.fromisoformat(iso.replace("Z", "+00:00")).timestamp() * 1000)
+    except ValueError:
+        return None
+
+
+def canonical_json(obj: Any) -> str:
+    return json.dumps(obj, sort_keys=True, ensure_ascii=False, separators=(",", ":"))
+
+
+@dataclass
+class CallRecord:
+    """One LLM call. ``request``/``response`` are OpenAI chat-completions shapes."""
+
+    request: dict[str, Any]
+    response: dict[str, Any] | None = None
+    id: str = ""
+    input_id: str | None = None
+    timestamp: str | None = None
+    latency_ms: float | None = None
+    ttft_ms: float | None = None
+    agent: str | None = None
+    session: str | None = None
+    model: str | None = None
+    prompt_tokens: int | None = None
+    completion_tokens: int | None = None
+    status: str = "ok"  # ok | error
+    error: str | None = None
+    source: str = "import"  # proxy | sdk | router | import:FORMAT
+    outcome: float | None = None
+    metadata: dict[str, Any] = field(default_factory=dict)
+    content_hash: str = ""
+
+    def finalise(self) -> "CallRecord":
+        """Fill the derived fields (model, usage, hash, id) from the payload; idempotent."""
+        if self.model is None:
+            self.model = (self.response or {}).get("model") or self.request.get("model")
+        usage = (self.response or {}).get("usage") or {}
+        if self.prompt_tokens is None and usage.get("prompt_tokens") is not None:
+            self.prompt_tokens = int(usage["prompt_tokens"])
+        if self.completion_tokens is None and usage.get("completion_tokens") is not None:
+            self.completion_tokens = int(usage["completion_tokens"])
+        if self.timestamp is None:
+            self.timestamp = now_iso()
+        if not self.content_hash:
+            self.content_hash = self.compute_hash()
+        if not self.id:
+            self.id = new_id(timestamp_ms(self.timestamp), bytes.fromhex(self.content_hash[:20]))
+        return self
+
+    def compute_hash(self) -> str:
+        # The same logged call imported twice must hash the same; two real calls with identical text at other
+        # times must not (curate decides later whether they are duplicates worth dropping).
+        key = canonical_json([self.input_id, self.timestamp, self.request, self.response, self.agent])
+        return hashlib.sha256(key.encode("utf-8")).hexdigest()
+
+    # --- views used by several stages ---
+    @property
+    def messages(self) -> list[dict[str, Any]]:
+        return list(self.request.get("messages") or [])
+
+    @property
+    def tools(self) -> list[dict[str, Any]]:
+        return list(self.request.get("tools") or [])
+
+    @property
+    def answer(self) -> dict[str, Any] | None:
+        """The assistant message of the first choice, or None when the call failed."""
+        choices = (self.response or {}).get("choices") or []
+        if not choices:
+            return None
+        return choices[0].get("message")
+
+    @property
+    def finish_reason(self) -> str | None:
+        choices = (self.response or {}).get("choices") or []
+        return choices[0].get("finish_reason") if choices else None
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "CallRecord":
+        known = {f for f in cls.__dataclass_fields__}
+        return cls(**{k: v for k, v in data.items() if k in known})
+
+
+def tool_call_names(message: dict[str, Any] | None) -> list[str]:
+    if not message:
+        return []
+    return [((tc.get("function") or {}).get("name") or "") for tc in (message.get("tool_calls") or [])]

@@ -1,0 +1,105 @@
+"""The workspace: one folder holding the store and every stage's artifacts (see ARCHITECTURE.md).
+
+Stages share nothing but this folder. Each stage records a manifest (resolved config, input fingerprint,
+counts, duration, library versions) so an unchanged re-run can be skipped and ``status`` can tell what is stale.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from dataclasses import dataclass
+from functools import cached_property
+from pathlib import Path
+from typing import Any
+
+from slmigrate import env
+from slmigrate.errors import SlmigrateError
+from slmigrate.record import now_iso
+from slmigrate.store import Store
+
+DB_NAME = "slmigrate.sqlite"
+ARTIFACT_DIRS = ("curated", "clusters", "adapters", "evals", "reports")
+# Pipeline order; a stage is stale when a stage before it changed after it ran.
+STAGES = ("collect", "curate", "cluster", "select", "finetune", "evaluate", "refine", "report")
+
+
+def resolve_root(path: str | Path | None) -> Path:
+    return Path(path or env.get(env.WORKSPACE) or env.DEFAULT_WORKSPACE).expanduser()
+
+
+@dataclass
+class Workspace:
+    root: Path
+
+    @classmethod
+    def open(cls, path: str | Path | None = None, *, create: bool = True) -> "Workspace":
+        root = resolve_root(path)
+        if root.exists() and not root.is_dir():
+            raise SlmigrateError(f"workspace {root} is a file, expected a folder; pass --workspace DIR")
+        if not create and not (root / DB_NAME).exists():
+            raise SlmigrateError(
+                f"no slmigrate workspace at {root}; run `slmigrate init` or `slmigrate collect import FILE` "
+                "first, or pass --workspace DIR"
+            )
+        ws = cls(root)
+        if create:
+            ws.init()
+        return ws
+
+    def init(self) -> None:
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+            for name in ARTIFACT_DIRS:
+                (self.root / name).mkdir(exist_ok=True)
+        except OSError as exc:
+            raise SlmigrateError(f"cannot create the workspace {self.root}: {exc.strerror}") from exc
+
+    @cached_property
+    def store(self) -> Store:
+        return Store(self.root / DB_NAME)
+
+    def path(self, *parts: str) -> Path:
+        return self.root.joinpath(*parts)
+
+    # --- manifests ---
+    def write_manifest(
+        self, stage: str, *, fingerprint: str, config: dict[str, Any] | None = None,
+        counts: dict[str, Any] | None = None, started: float | None = None, extra: dict[str, Any] | None = None,
+    ) -> dict[str, Any]:
+        body = {
+            "config": config or {},
+            "counts": counts or {},
+            "duration_s": None if started is None else round(time.time() - started, 3),
+            "versions": library_versions(),
+            **(extra or {}),
+        }
+        self.store.put_manifest(stage, fingerprint, body, now_iso())
+        return self.store.get_manifest(stage) or body
+
+    def manifest(self, stage: str) -> dict[str, Any] | None:
+        return self.store.get_manifest(stage)
+
+    def is_fresh(self, stage: str, fingerprint: str) -> bool:
+        found = self.manifest(stage)
+        return found is not None and found["fingerprint"] == fingerprint
+
+
+def fingerprint_of(*parts: Any) -> str:
+    """A stable hash of inputs and config, for "has anything changed since the stage last ran"."""
+    text = json.dumps(parts, sort_keys=True, default=str, ensure_ascii=False)
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
+
+
+def library_versions() -> dict[str, str]:
+    from importlib import metadata
+
+    out = {}
+    for name in ("slmigrate", "torch", "transformers", "peft", "datasets", "sentence-transformers",
+                 "scikit-learn", "presidio-analyzer", "spacy"):
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            continue
+    return out

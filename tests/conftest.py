@@ -1,0 +1,46 @@
+"""Shared test set-up: no network for model hubs, paths to the shared real data, a fresh workspace."""
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.pop("SLMIGRATE_ENCRYPTION_KEY", None)
+os.environ.pop("SLMIGRATE_WORKSPACE", None)
+
+ROOT = Path(__file__).resolve().parent.parent
+SHARED_DATA = ROOT.parent / "shared" / "data"
+FIXTURES = Path(__file__).resolve().parent / "fixtures"
+
+
+def shared_file(relative: str) -> Path:
+    """A file from ../shared/data, or skip the test with the reason when it is not on this machine."""
+    path = SHARED_DATA / relative
+    if not path.exists():
+        pytest.skip(f"shared data {relative} not present at {SHARED_DATA} (only on the team's machines)")
+    return path
+
+
+@pytest.fixture
+def workspace(tmp_path):
+    from slmigrate.workspace import Workspace
+
+    return Workspace.open(tmp_path / "ws")
+
+
+def pytest_collection_modifyitems(config, items):
+    try:
+        import torch
+
+        has_cuda = torch.cuda.is_available()
+    except ImportError:
+        has_cuda = False
+    if not has_cuda:
+        skip = pytest.mark.skip(reason="needs a CUDA GPU")
+        for item in items:
+            if "gpu" in item.keywords:
+                item.add_marker(skip)
