@@ -25,8 +25,10 @@ venv: $(BIN)/.installed
 demo: venv
 	HF_HUB_OFFLINE=1 $(BIN)/python examples/demo.py --workspace $(DEMO)
 
+# pytest exits 5 when it collected no tests: that is a failure, never a silent pass.
 test: venv
-	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q
+	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q; code=$$?; \
+	  if [ $$code -eq 5 ]; then echo "no tests were collected" >&2; exit 1; fi; exit $$code
 
 clean:
 	rm -rf $(VENV) $(DEMO)
