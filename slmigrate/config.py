@@ -106,6 +106,18 @@ class ServeConfig(Section):
     port: int = Field(8788, description="Port of the router.")
 
 
+class RunConfig(Section):
+    """`slmigrate run`: which logs to import before the stages, and where the report goes."""
+
+    inputs: list[str] = Field(
+        default_factory=list,
+        description="Log files imported first, relative to the config file (re-importing adds nothing).",
+    )
+    format: str = Field("auto", description="Format of the inputs, as for `slmigrate collect import --format`.")
+    tools: str | None = Field(None, description="Tool schemas file for `conversation` inputs without their own.")
+    report: str = Field("report.html", description="Report file; relative paths land in the workspace's reports/.")
+
+
 class Config(Section):
     collect: CollectConfig = Field(default_factory=CollectConfig)
     prices: PricesConfig = Field(default_factory=PricesConfig)
@@ -115,6 +127,7 @@ class Config(Section):
     finetune: FinetuneConfig = Field(default_factory=FinetuneConfig)
     evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
     serve: ServeConfig = Field(default_factory=ServeConfig)
+    run: RunConfig = Field(default_factory=RunConfig)
 
 
 def load_config(path: str | Path | None = None, overrides: dict[str, dict[str, Any]] | None = None) -> Config:
