@@ -1,0 +1,71 @@
+"""`slmigrate collect proxy`: an OpenAI-compatible logging reverse proxy.
+
+Agents point their ``base_url`` at the proxy and keep working as before; every chat completion is captured to the
+workspace (see docs/capture.md and docs/security.md). ``serve()`` runs it; ``create_app()`` (in ``.app``) builds
+the ASGI application for embedding or tests. Starlette and uvicorn are imported only when the proxy runs.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+
+def serve(
+    *,
+    upstream: str,
+    workspace: Any,
+    host: str = "127.0.0.1",
+    port: int = 8787,
+    agent: str | None = None,
+    keep_origin: bool = False,
+    timeout: float = 600.0,
+    flush_interval: float = 0.1,
+    graceful_timeout: float = 30.0,
+    admin_token: str | None = None,
+    on_ready: Any = None,
+) -> dict[str, Any]:
+    """Run the proxy until SIGTERM/SIGINT; drain every pending record; return the final capture counters."""
+    import uvicorn
+
+    from slmigrate import env
+    from slmigrate.errors import SlmigrateError
+    from slmigrate.proxy.app import ProxySettings, create_app
+    from slmigrate.store import Store
+    from slmigrate.writer import RecordWriter
+
+    settings = ProxySettings(upstream=upstream, agent=agent, keep_origin=keep_origin, timeout=timeout,
+                             admin_token=admin_token if admin_token is not None else env.get(env.ADMIN_TOKEN))
+    db_path = Path(workspace.store.path)
+    # Open once here so a bad workspace or key is reported before traffic arrives; the writer then opens its
+    # own connection on its thread.
+    workspace.store  # noqa: B018
+    if not 0 < flush_interval <= 0.2:
+        raise SlmigrateError(f"--flush-interval {flush_interval} must be between 0 and 0.2 seconds")
+    writer = RecordWriter(lambda: Store(db_path), flush_interval=flush_interval, name="slmigrate-proxy-writer")
+    app = create_app(settings, writer)
+    config = uvicorn.Config(app, host=host, port=port, log_level="warning", access_log=False, lifespan="on",
+                            timeout_graceful_shutdown=graceful_timeout, timeout_keep_alive=30)
+    server = uvicorn.Server(config)
+    if on_ready is not None:
+        _call_when_started(server, on_ready, settings)
+    try:
+        server.run()
+    except OSError as exc:
+        raise SlmigrateError(f"cannot listen on {host}:{port}: {exc.strerror}; pick another --port") from exc
+    finally:
+        writer.close()  # idempotent; covers a server that failed before the lifespan ran
+    return writer.stats()
+
+
+def _call_when_started(server: Any, callback: Any, settings: Any) -> None:
+    import threading
+    import time
+
+    def wait() -> None:
+        while not server.started and not server.should_exit:
+            time.sleep(0.02)
+        if server.started:
+            callback(settings)
+
+    threading.Thread(target=wait, daemon=True).start()

@@ -1,0 +1,127 @@
+"""One captured HTTP exchange with a chat-completions endpoint, and its conversion into a ``CallRecord``.
+
+The proxy and the SDK wrapper both capture at the HTTP level: the request body as sent and the response bytes
+as received (with their arrival times, for time to first token). Turning that into a record - JSON parsing,
+merging a stream, dropping origin identifiers - runs later on the writer thread, off the request path.
+
+What is stored (see docs/security.md): the request body without the ``user`` / ``safety_identifier`` fields,
+the merged response (or the upstream's error body), timing, HTTP status, the agent/session tags. Never stored:
+any request header (so no ``Authorization``, cookies or API keys), the client's address, unless
+``keep_origin`` is set, in which case the client address, the identity fields and the identity headers are kept
+under ``metadata["origin"]``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from typing import Any
+
+from slmigrate.record import CallRecord, new_id
+from slmigrate.streaming import merge_timed_sse
+
+# Request fields that identify the end user rather than the task.
+IDENTITY_FIELDS = ("user", "safety_identifier")
+# Request headers that identify a user or a device; kept only with keep_origin. Credentials are never kept.
+IDENTITY_HEADERS = ("user-agent", "x-forwarded-for", "x-real-ip", "forwarded", "x-user-id", "x-user",
+                    "openai-organization", "openai-project", "x-client-id")
+
+
+@dataclass
+class Exchange:
+    request_body: bytes
+    started_wall: float  # epoch seconds when the request arrived
+    source: str = "proxy"
+    path: str = "/v1/chat/completions"
+    agent: str | None = None
+    session: str | None = None
+    status_code: int | None = None  # None until the upstream answered
+    content_type: str = ""
+    pieces: list[tuple[float, bytes]] = field(default_factory=list)  # (seconds since start, raw bytes)
+    elapsed: float | None = None  # seconds from request to the end of the response
+    transport_error: str | None = None  # connection refused, timeout, stream cut...
+    keep_origin: bool = False
+    client_ip: str | None = None
+    origin_headers: dict[str, str] = field(default_factory=dict)
+
+    def to_record(self) -> CallRecord | None:
+        try:
+            request = json.loads(self.request_body or b"{}")
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            request = {"_unparsed_body": self.request_body.decode("utf-8", errors="replace")}
+        if not isinstance(request, dict):
+            request = {"_unparsed_body": request}
+        metadata: dict[str, Any] = {"path": self.path, "http_status": self.status_code,
+                                    "stream": bool(request.get("stream"))}
+        origin = {key: request.pop(key) for key in IDENTITY_FIELDS if key in request}
+        if self.keep_origin:
+            for key, value in origin.items():
+                request[key] = value
+            kept = {"client_ip": self.client_ip, **origin,
+                    "headers": {k: v for k, v in self.origin_headers.items() if k in IDENTITY_HEADERS}}
+            metadata["origin"] = {k: v for k, v in kept.items() if v}
+
+        body = b"".join(piece for _, piece in self.pieces)
+        response: dict[str, Any] | None = None
+        ttft = None
+        status, error = "ok", None
+        if self.status_code is not None and "text/event-stream" in self.content_type and self.status_code < 400:
+            response, ttft, stream_error = merge_timed_sse(self.pieces)
+            if stream_error:
+                status, error = "error", f"stream error: {stream_error}"
+        elif body:
+            try:
+                response = json.loads(body)
+            except (json.JSONDecodeError, UnicodeDecodeError):
+                response = {"_unparsed_body": body.decode("utf-8", errors="replace")}
+        if self.status_code is not None and self.status_code >= 400:
+            # The message can echo the prompt, so only the error type goes in the (plain) error column; the
+            # whole error body is kept as the response, which is encrypted with the payloads.
+            status, error = "error", f"HTTP {self.status_code}: {_error_kind(response)}"
+        if self.transport_error:
+            status, error = "error", self.transport_error
+        if not isinstance(response, dict):
+            response = None if response is None else {"_unparsed_body": response}
+
+        rec = CallRecord(
+            request=request, response=response,
+            input_id=(response or {}).get("id") if status == "ok" else None,
+            timestamp=_iso(self.started_wall),
+            latency_ms=None if self.elapsed is None else round(self.elapsed * 1000, 3),
+            ttft_ms=ttft, agent=self.agent, session=self.session, status=status, error=error,
+            source=self.source, metadata=metadata,
+        )
+        return live_identity(rec, self.started_wall)
+
+
+def live_identity(rec: CallRecord, started_wall: float) -> CallRecord:
+    """Give a live-captured call a unique id and hash.
+
+    The content hash dedupes re-imports of the same log; two live calls with identical text in the same
+    millisecond are still two calls, so the random id is part of the hash here.
+    """
+    rec.id = new_id(int(started_wall * 1000))
+    rec.finalise()
+    rec.content_hash = hashlib.sha256((rec.id + rec.compute_hash()).encode()).hexdigest()
+    return rec
+
+
+def _iso(epoch: float) -> str:
+    return datetime.fromtimestamp(epoch, tz=timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def _error_kind(body: Any) -> str:
+    error = body.get("error") if isinstance(body, dict) else None
+    if isinstance(error, dict):
+        return str(error.get("code") or error.get("type") or "error")
+    if isinstance(error, str):
+        return "error"
+    return "error"
+
+
+def now() -> tuple[float, float]:
+    """(wall clock, monotonic) at the start of an exchange."""
+    return time.time(), time.perf_counter()
