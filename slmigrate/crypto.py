@@ -110,3 +110,91 @@ def codec_from_environment(required: bool, row_codec: str | None = None) -> Payl
             "`slmigrate keys rotate`)"
         )
     return codec
+
+
+def codec_for_key(key: bytes | None) -> PayloadCodec:
+    """The codec that reads and writes rows under ``key`` (plain JSON when None)."""
+    return PayloadCodec() if key is None else AesGcmCodec(key)
+
+
+def read_key_file(path: str | Path) -> bytes:
+    file = Path(path)
+    try:
+        text = file.read_text()
+    except OSError as exc:
+        raise SlmigrateError(f"cannot read the key file {file}: {exc.strerror}; pass an existing file") from exc
+    return parse_key(text, str(file))
+
+
+def write_key_file(path: str | Path, key_text: str) -> Path:
+    """Write a key readable by its owner only (created 0600 before any byte is written)."""
+    file = Path(path)
+    if file.exists():
+        raise SlmigrateError(f"{file} already exists; keys are never overwritten, choose another path")
+    try:
+        fd = os.open(file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as out:
+            out.write(key_text + "\n")
+    except OSError as exc:
+        raise SlmigrateError(f"cannot write the key file {file}: {exc.strerror}") from exc
+    return file
+
+
+def codec_counts(store: Any) -> dict[str, int]:
+    """How many rows each codec wrote (``json`` = not encrypted). Needs no key."""
+    rows = store.conn.execute("SELECT codec, COUNT(*) FROM calls GROUP BY codec").fetchall()
+    return {row[0]: row[1] for row in rows}
+
+
+def rotate(store: Any, new_key: bytes, old_key: bytes | None, batch: int = 500) -> dict[str, Any]:
+    """Re-encrypt every row under ``new_key`` in one transaction.
+
+    Rows may be under ``old_key`` or plain JSON (so rotating also encrypts a store that was written without a
+    key). A row under any other key stops the rotation before anything changes, since it could not be read.
+    ``secure_delete`` overwrites the old ciphertext pages and the WAL is checkpointed and truncated, so the old
+    key cannot recover anything from the file afterwards.
+    """
+    new = AesGcmCodec(new_key)
+    readers: dict[str, PayloadCodec] = {"json": PayloadCodec()}
+    if old_key is not None:
+        old = AesGcmCodec(old_key)
+        readers[old.name] = old
+    readers[new.name] = new
+    counts = codec_counts(store)
+    unknown = sorted(set(counts) - set(readers))
+    if unknown:
+        ids = ", ".join(name.split(":", 1)[-1] for name in unknown)
+        raise SlmigrateError(
+            f"some rows are encrypted with key(s) {ids}, which is neither the current key nor the new one; "
+            "set SLMIGRATE_ENCRYPTION_KEY (or --key-file) to the key those rows were written with and rotate again"
+        )
+    changed = 0
+    conn = store.conn
+    with store._lock:
+        conn.execute("PRAGMA secure_delete = ON")
+        try:
+            with conn:  # one transaction: all rows move to the new key, or none do
+                last = -1
+                while True:
+                    rows = conn.execute(
+                        "SELECT rowid, codec, request, response FROM calls WHERE rowid > ? AND codec != ? "
+                        "ORDER BY rowid LIMIT ?", (last, new.name, batch),
+                    ).fetchall()
+                    if not rows:
+                        break
+                    updates = []
+                    for rowid, codec, request, response in rows:
+                        reader = readers[codec]
+                        updates.append((
+                            new.name, new.encode(reader.decode(request)),
+                            None if response is None else new.encode(reader.decode(response)), rowid,
+                        ))
+                        last = rowid
+                    conn.executemany("UPDATE calls SET codec = ?, request = ?, response = ? WHERE rowid = ?",
+                                     updates)
+                    changed += len(updates)
+        finally:
+            conn.execute("PRAGMA secure_delete = OFF")
+        conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    return {"rotated": changed, "key_id": new.name.split(":", 1)[1], "before": counts,
+            "after": codec_counts(store)}
