@@ -1,0 +1,124 @@
+"""`slmigrate run`, `slmigrate audit` and `slmigrate report`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.table import Table
+
+from slmigrate.cli._app import JsonOpt, WorkspaceOpt, app, console, err_console, open_workspace, print_json
+from slmigrate.errors import SlmigrateError
+
+_STYLE = {"ran": "green", "skipped": "dim", "failed": "bold red", "unavailable": "yellow", "blocked": "yellow"}
+
+
+def _say(message: str) -> None:
+    err_console.print(f"[dim]›[/] {message}", highlight=False)
+
+
+def _print_summary(summary, title: str) -> None:
+    table = Table(title=title, title_justify="left")
+    for col in ("stage", "status", "why", "time", "counts"):
+        table.add_column(col, justify="right" if col == "time" else "left", overflow="fold")
+    for s in summary.stages:
+        counts = ", ".join(f"{k}={v:,}" if isinstance(v, int) else f"{k}={v}" for k, v in s.counts.items()
+                           if not isinstance(v, (dict, list)))
+        table.add_row(s.stage, f"[{_STYLE.get(s.status, '')}]{s.status}[/]", s.reason,
+                      f"{s.duration_s:.1f}s" if s.status == "ran" else "", counts)
+    console.print(table)
+    console.print(("[green]" if summary.ok else "[red]") + summary.headline + "[/]", highlight=False)
+    if summary.report:
+        console.print(f"Report: [bold]{summary.report}[/] (and {Path(summary.report).with_suffix('.md').name})")
+
+
+def _finish(summary, json_out: bool, title: str) -> None:
+    if json_out:
+        print_json(summary.to_dict())
+    else:
+        _print_summary(summary, title)
+    if not summary.ok:
+        raise SlmigrateError(summary.error)
+
+
+@app.command("run")
+def run_cmd(
+    config: Annotated[Optional[Path], typer.Option(
+        "--config", "-c", help="Config file (default ./slmigrate.toml when present).")] = None,
+    from_stage: Annotated[Optional[str], typer.Option(
+        "--from", help="Start at this stage and run it even if unchanged: "
+        "import, curate, cluster, select, finetune, evaluate, report.")] = None,
+    to_stage: Annotated[Optional[str], typer.Option("--to", help="Stop after this stage.")] = None,
+    workspace: WorkspaceOpt = None,
+    json_out: JsonOpt = False,
+) -> None:
+    """Run the whole migration from one config file, skipping stages whose inputs and config are unchanged.
+
+    A stage interrupted last time runs again; finished ones are not redone. Ends with a summary and the path
+    of the report.
+
+    Example: slmigrate run --config slmigrate.toml --to cluster
+    """
+    from slmigrate.pipeline import run
+
+    ws = open_workspace(workspace)
+    summary = run(ws, config_path=config, from_stage=from_stage, to_stage=to_stage,
+                  progress=None if json_out else _say)
+    _finish(summary, json_out, f"slmigrate run ({summary.duration_s:.1f}s)")
+
+
+@app.command("audit")
+def audit_cmd(
+    paths: Annotated[list[Path], typer.Argument(help="Call logs to audit (any format `collect import` reads).")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Folder for the audit's workspace and report.")]
+    = Path("slmigrate-audit"),
+    config: Annotated[Optional[Path], typer.Option(
+        "--config", "-c", help="Config file for stage settings and prices (optional).")] = None,
+    json_out: JsonOpt = False,
+) -> None:
+    """One-off audit of logs you already have: import, curate, cluster, estimate (no training), report.
+
+    Tells you which recurring tasks the agent's LLM calls fall into, what each costs, and how much could move to
+    small models, before you train anything.
+
+    Example: slmigrate audit calls.jsonl.gz --out audit/
+    """
+    from slmigrate.config import load_config
+    from slmigrate.pipeline import audit
+
+    cfg = load_config(config) if config else None
+    summary = audit(paths, out, progress=None if json_out else _say, config=cfg)
+    _finish(summary, json_out, f"slmigrate audit ({summary.duration_s:.1f}s)")
+
+
+@app.command("report")
+def report_cmd(
+    out: Annotated[Optional[Path], typer.Option(
+        "--out", "-o", help="HTML file to write (default: reports/report.html in the workspace).")] = None,
+    markdown: Annotated[bool, typer.Option("--markdown/--no-markdown",
+                                           help="Also write the Markdown version next to it.")] = True,
+    config: Annotated[Optional[Path], typer.Option(
+        "--config", "-c", help="Config file (for prices and thresholds; default ./slmigrate.toml).")] = None,
+    workspace: WorkspaceOpt = None,
+    json_out: JsonOpt = False,
+) -> None:
+    """Write one self-contained HTML report (opens offline) and its Markdown twin from what the workspace holds.
+
+    Sections for stages that have not run say which command fills them.
+
+    Example: slmigrate report --out migration.html
+    """
+    from slmigrate.config import load_config
+    from slmigrate.report import report
+
+    ws = open_workspace(workspace, create=False)
+    target = out or ws.path("reports", "report.html")
+    info = report(ws, out=target, markdown=markdown, config=load_config(config))
+    if json_out:
+        print_json(info)
+        return
+    console.print(f"Report: [bold]{info['html']}[/]" + (f" and {info['markdown']}" if info.get("markdown") else ""))
+    missing = [s["title"] for s in info["sections"] if not s["present"]]
+    if missing:
+        console.print(f"[dim]not run yet: {', '.join(missing)}[/]")

@@ -1,0 +1,128 @@
+"""Charts for the report, drawn with matplotlib and returned as inline SVG text (no files, no network).
+
+Every chart is a small function from plain numbers to an SVG string, so the report can embed it directly and a
+test can check it is there. One palette and one size family keep the page calm.
+"""
+
+from __future__ import annotations
+
+import io
+import re
+from collections.abc import Sequence
+
+PALETTE = ("#2563eb", "#f59e0b", "#10b981", "#ef4444", "#8b5cf6", "#06b6d4", "#ec4899", "#84cc16", "#64748b",
+           "#f97316")
+MUTED = "#94a3b8"
+INK = "#1e293b"
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")  # never a display; the report is rendered headless
+    import matplotlib.pyplot as plt
+
+    plt.rcParams.update({
+        "font.size": 9, "axes.edgecolor": "#cbd5e1", "axes.labelcolor": INK, "xtick.color": INK,
+        "ytick.color": INK, "axes.spines.top": False, "axes.spines.right": False, "svg.fonttype": "none",
+        "font.family": "sans-serif", "axes.titlesize": 10, "axes.titleweight": "bold",
+    })
+    return plt
+
+
+def _svg(fig) -> str:
+    buf = io.StringIO()
+    fig.savefig(buf, format="svg", bbox_inches="tight", metadata={"Date": None})
+    _plt().close(fig)
+    text = buf.getvalue()
+    # Drop the XML prolog and DOCTYPE: inside HTML the <svg> element stands on its own.
+    text = text[text.index("<svg"):]
+    # Let CSS size the chart to the column while keeping its aspect ratio.
+    return re.sub(r'(<svg[^>]*?)\swidth="[^"]+"\sheight="[^"]+"', r"\1", text, count=1)
+
+
+def _short(label: str, width: int = 28) -> str:
+    return label if len(label) <= width else label[: width - 1] + "…"
+
+
+def barh(labels: Sequence[str], values: Sequence[float], *, xlabel: str, fmt: str = "{:,.0f}",
+         colors: Sequence[str] | None = None) -> str:
+    """Horizontal bars, largest first, each with its value written at its end."""
+    plt = _plt()
+    n = len(labels)
+    fig, ax = plt.subplots(figsize=(6.4, 0.42 * n + 0.8))
+    ys = list(range(n))[::-1]
+    ax.barh(ys, values, color=list(colors) if colors else PALETTE[0], height=0.62)
+    ax.set_yticks(ys, [_short(str(x)) for x in labels])
+    ax.set_xlabel(xlabel)
+    top = max([float(v) for v in values] + [0.0]) or 1.0
+    for y, v in zip(ys, values):
+        ax.text(float(v) + top * 0.01, y, fmt.format(v), va="center", fontsize=8, color=INK)
+    ax.set_xlim(0, top * 1.18)
+    return _svg(fig)
+
+
+def paired_bars(labels: Sequence[str], first: Sequence[float | None], second: Sequence[float | None], *,
+                names: tuple[str, str], xlabel: str, threshold: float | None = None) -> str:
+    """Two bars per row (e.g. estimated vs measured); a missing value is simply not drawn."""
+    plt = _plt()
+    n = len(labels)
+    fig, ax = plt.subplots(figsize=(6.4, 0.55 * n + 1.0))
+    ys = list(range(n))[::-1]
+    h = 0.36
+    for offset, values, name, color in ((h / 2, first, names[0], MUTED), (-h / 2, second, names[1], PALETTE[0])):
+        pts = [(y + offset, v) for y, v in zip(ys, values) if v is not None]
+        if pts:
+            ax.barh([p[0] for p in pts], [p[1] for p in pts], height=h, color=color, label=name)
+            for y, v in pts:
+                ax.text(v + 0.01, y, f"{v:.2f}", va="center", fontsize=7.5, color=INK)
+    if threshold is not None:
+        ax.axvline(threshold, color=PALETTE[3], lw=1, ls="--", label=f"migrate threshold {threshold:g}")
+    ax.set_yticks(ys, [_short(str(x)) for x in labels])
+    ax.set_xlim(0, 1.12)
+    ax.set_xlabel(xlabel)
+    ax.legend(loc="lower right", fontsize=7.5, frameon=False)
+    return _svg(fig)
+
+
+def lines(series: dict[str, tuple[Sequence[float], Sequence[float]]], *, xlabel: str, ylabel: str,
+          title: str | None = None) -> str:
+    """One line per named series of (x, y); used for training and validation loss."""
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(4.6, 2.7))
+    for i, (name, (xs, ys)) in enumerate(series.items()):
+        if len(xs):
+            ax.plot(xs, ys, color=PALETTE[i % len(PALETTE)], lw=1.6, marker="o" if len(xs) < 12 else None,
+                    ms=3, label=name)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    if title:
+        ax.set_title(_short(title, 48), loc="left")
+    if len(series) > 1:
+        ax.legend(fontsize=7.5, frameon=False)
+    ax.grid(axis="y", color="#e2e8f0", lw=0.6)
+    return _svg(fig)
+
+
+def stacked_share(parts: Sequence[tuple[str, float]], *, title: str) -> str:
+    """One 100% bar split into named parts (e.g. cost that can move vs cost that stays)."""
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(6.4, 1.15))
+    total = sum(v for _, v in parts) or 1.0
+    left = 0.0
+    for i, (name, value) in enumerate(parts):
+        share = value / total
+        color = (PALETTE[2], MUTED, PALETTE[1], PALETTE[3])[i % 4]
+        ax.barh([0], [share], left=left, color=color, height=0.6, label=f"{name} ({share:.0%})")
+        if share > 0.07:
+            ax.text(left + share / 2, 0, f"{share:.0%}", ha="center", va="center", color="white",
+                    fontsize=9, fontweight="bold")
+        left += share
+    ax.set_xlim(0, 1)
+    ax.set_yticks([])
+    ax.set_xticks([])
+    for side in ("left", "bottom"):
+        ax.spines[side].set_visible(False)
+    ax.set_title(title, loc="left")
+    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.08), ncol=len(parts), fontsize=8, frameon=False)
+    return _svg(fig)

@@ -1,0 +1,136 @@
+"""A tiny document builder that writes the HTML page and its Markdown twin from the same calls.
+
+Sections add paragraphs, tables, KPI tiles and charts; each element knows how to render itself both ways, so
+the two outputs never drift apart. Everything user-provided is escaped: cluster labels and model names come
+from logs.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+from dataclasses import dataclass, field
+from typing import Any
+
+from slmigrate.report.style import CSS
+
+
+def esc(value: Any) -> str:
+    return html.escape(str(value), quote=True)
+
+
+def md_cell(value: Any) -> str:
+    return str(value).replace("|", "\\|").replace("\n", " ")
+
+
+@dataclass
+class Cell:
+    """A table cell with separate HTML (may hold markup) and Markdown text."""
+
+    html: str
+    md: str
+    numeric: bool = False
+
+
+def pill(text: str, tone: str) -> Cell:
+    return Cell(f'<span class="pill {tone}">{esc(text)}</span>', f"**{text}**")
+
+
+def num(value: Any, fmt: str = "{:,}") -> Cell:
+    text = "–" if value is None else fmt.format(value)
+    return Cell(esc(text), text, numeric=True)
+
+
+@dataclass
+class Chart:
+    name: str
+    caption: str
+    svg: str | None = None
+    png: bytes | None = None
+
+
+@dataclass
+class Section:
+    id: str
+    title: str
+    lead: str = ""
+    present: bool = True
+    html: list[str] = field(default_factory=list)
+    md: list[str] = field(default_factory=list)
+    charts: list[Chart] = field(default_factory=list)
+
+    def para(self, text: str, *, small: bool = False) -> None:
+        self.html.append(f'<p class="{"small" if small else ""}">{esc(text)}</p>')
+        self.md.append(text)
+
+    def bullets(self, items: list[str]) -> None:
+        if items:
+            self.html.append('<ul class="reasons">' + "".join(f"<li>{esc(i)}</li>" for i in items) + "</ul>")
+            self.md.append("\n".join(f"- {i}" for i in items))
+
+    def kpis(self, tiles: list[tuple[str, str]]) -> None:
+        self.html.append('<div class="kpis">' + "".join(
+            f'<div class="kpi"><div class="v">{esc(v)}</div><div class="k">{esc(k)}</div></div>' for k, v in tiles
+        ) + "</div>")
+        self.md.append("\n".join(f"- **{k}**: {v}" for k, v in tiles))
+
+    def table(self, headers: list[str], rows: list[list[Any]], *, caption: str | None = None) -> None:
+        cells = [[c if isinstance(c, Cell) else Cell(esc(c), md_cell(c), isinstance(c, (int, float)))
+                  for c in row] for row in rows]
+        numeric = [bool(cells) and all(r[i].numeric for r in cells if i < len(r)) for i in range(len(headers))]
+        head = "".join(f'<th class="{"n" if numeric[i] else ""}">{esc(h)}</th>' for i, h in enumerate(headers))
+        body = "".join(
+            "<tr>" + "".join(f'<td class="{"n" if c.numeric else ""}">{c.html}</td>' for c in row) + "</tr>"
+            for row in cells
+        )
+        cap = f'<p class="small">{esc(caption)}</p>' if caption else ""
+        self.html.append(f"{cap}<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>")
+        lines = ["| " + " | ".join(md_cell(h) for h in headers) + " |",
+                 "|" + "|".join("---:" if n else "---" for n in numeric) + "|"]
+        lines += ["| " + " | ".join(c.md for c in row) + " |" for row in cells]
+        self.md.append((f"*{caption}*\n\n" if caption else "") + "\n".join(lines))
+
+    def chart(self, chart: Chart) -> None:
+        self.charts.append(chart)
+        if chart.svg is not None:
+            body = chart.svg
+        else:
+            data = base64.b64encode(chart.png or b"").decode("ascii")
+            body = f'<img alt="{esc(chart.caption)}" src="data:image/png;base64,{data}">'
+        self.html.append(f'<figure class="chart" data-chart="{esc(chart.name)}">{body}'
+                         f"<figcaption>{esc(chart.caption)}</figcaption></figure>")
+        ext = "svg" if chart.svg is not None else "png"
+        self.md.append(f"![{chart.caption}](CHARTS/{chart.name}.{ext})")
+
+    def missing(self, what: str, command: str) -> None:
+        """The stage that fills this section has not run: say so and name the command."""
+        self.present = False
+        self.html.append(f'<div class="missing">{esc(what)}: not run yet: run <code>{esc(command)}</code></div>')
+        self.md.append(f"> {what}: not run yet: run `{command}`")
+
+
+def render_html(title: str, subtitle: str, sections: list[Section], footer: str) -> str:
+    toc = "".join(f'<a href="#{esc(s.id)}">{esc(s.title)}</a>' for s in sections)
+    body = "".join(
+        f'<section id="{esc(s.id)}" data-present="{str(s.present).lower()}"><h2>{esc(s.title)}</h2>'
+        + (f'<p class="lead">{esc(s.lead)}</p>' if s.lead else "") + "".join(s.html) + "</section>"
+        for s in sections
+    )
+    return (
+        '<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
+        '<meta name="viewport" content="width=device-width, initial-scale=1">'
+        f"<title>{esc(title)}</title><style>{CSS}</style></head><body>"
+        f'<header class="top"><h1>{esc(title)}</h1><p>{esc(subtitle)}</p></header>'
+        f'<nav class="toc">{toc}</nav><main>{body}</main><footer>{esc(footer)}</footer></body></html>\n'
+    )
+
+
+def render_markdown(title: str, subtitle: str, sections: list[Section], footer: str, charts_dir: str) -> str:
+    parts = [f"# {title}", subtitle]
+    for s in sections:
+        parts.append(f"## {s.title}")
+        if s.lead:
+            parts.append(f"*{s.lead}*")
+        parts += [m.replace("](CHARTS/", f"]({charts_dir}/") for m in s.md]
+    parts.append(f"---\n{footer}")
+    return "\n\n".join(parts) + "\n"

@@ -1,0 +1,367 @@
+"""The report's sections, in reading order. Each builder takes the workspace facts and returns one Section.
+
+A builder renders only what exists; when the stage behind it has not run, it says which command fills it.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from slmigrate.config import Config
+from slmigrate.report import charts
+from slmigrate.report.doc import Cell, Chart, Section, num, pill
+from slmigrate.workspace import Workspace
+
+
+def _read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+
+
+def _usd(value: float | None) -> str:
+    if value is None:
+        return "–"
+    return f"${value:,.2f}" if value >= 1 else f"${value:,.4f}"
+
+
+def _pct(value: float | None) -> str:
+    return "–" if value is None else f"{value:.0%}"
+
+
+@dataclass
+class Facts:
+    """Everything the report reads, loaded once."""
+
+    ws: Workspace
+    config: Config
+    totals: dict[str, Any]
+    by_model: list[dict[str, Any]]
+    by_agent: list[dict[str, Any]]
+    manifests: dict[str, dict[str, Any] | None]
+    curated: dict[str, Any] | None = None
+    clusters: dict[str, Any] | None = None
+    cluster_map: bytes | None = None
+    selection: dict[str, Any] | None = None
+    adapters: list[dict[str, Any]] = field(default_factory=list)
+    evals: dict[str, Any] | None = None
+
+    @property
+    def agent_names(self) -> str:
+        names = [str(a["key"]) for a in self.by_agent if a["key"]]
+        if not names:
+            return "agent calls"
+        return ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+
+    @classmethod
+    def load(cls, ws: Workspace, config: Config) -> "Facts":
+        store = ws.store
+        row = store.conn.execute(
+            "SELECT COUNT(*), COUNT(DISTINCT session), COALESCE(SUM(prompt_tokens),0), "
+            "COALESCE(SUM(completion_tokens),0), MIN(timestamp), MAX(timestamp), COALESCE(SUM(status != 'ok'),0) "
+            "FROM calls"
+        ).fetchone()
+        by_model = [dict(r) for r in store.conn.execute(
+            "SELECT model, COUNT(*) AS calls, COALESCE(SUM(prompt_tokens),0) AS prompt_tokens, "
+            "COALESCE(SUM(completion_tokens),0) AS completion_tokens FROM calls GROUP BY model ORDER BY calls DESC"
+        )]
+        for m in by_model:
+            m["cost"] = config.prices.cost(m["model"], m["prompt_tokens"], m["completion_tokens"])
+        totals = {"calls": row[0], "sessions": row[1], "prompt_tokens": row[2], "completion_tokens": row[3],
+                  "first": row[4], "last": row[5], "failed": row[6], "cost": sum(m["cost"] for m in by_model)}
+        facts = cls(ws=ws, config=config, totals=totals, by_model=by_model, by_agent=store.group_counts("agent"),
+                    manifests={s: ws.manifest(s) for s in ("import", "curate", "cluster", "select", "finetune",
+                                                         "evaluate")})
+        facts._load_artifacts()
+        return facts
+
+    def _load_artifacts(self) -> None:
+        from slmigrate import curated
+
+        ws = self.ws
+        if curated.current_version(ws):
+            try:
+                self.curated = curated.load_report(ws)
+            except (OSError, ValueError):
+                self.curated = None
+        self.clusters = _read_json(ws.path("clusters", "clusters.json"))
+        maps = sorted(ws.path("clusters").glob("*.png")) if ws.path("clusters").exists() else []
+        if maps:
+            self.cluster_map = maps[0].read_bytes()
+        self.selection = _read_json(ws.path("selection.json"))
+        adapters = ws.path("adapters")
+        for metrics_file in sorted(adapters.glob("*/*/metrics.json")) if adapters.exists() else []:
+            metrics = _read_json(metrics_file) or {}
+            pngs = sorted(metrics_file.parent.glob("*.png"))
+            self.adapters.append({"cluster": metrics_file.parent.parent.name, "model": metrics_file.parent.name,
+                                  "metrics": metrics, "png": pngs[0].read_bytes() if pngs else None})
+        self.evals = _read_json(ws.path("evals", "latest.json"))
+
+    # --- normalised views over the stage artifacts ---
+    def cluster_rows(self) -> list[dict[str, Any]]:
+        data = self.clusters or {}
+        rows = data.get("clusters") if isinstance(data, dict) else data
+        return [r for r in rows or [] if isinstance(r, dict)]
+
+    def cluster_label(self, cid: Any) -> str:
+        for c in self.cluster_rows():
+            if str(c.get("id")) == str(cid):
+                return str(c.get("label") or cid)
+        return str(cid)
+
+    def eval_clusters(self) -> list[dict[str, Any]]:
+        data = self.evals or {}
+        rows = data.get("clusters") if isinstance(data, dict) else data
+        if isinstance(rows, dict):
+            rows = [{"cluster": k, **v} for k, v in rows.items()]
+        return [r for r in rows or [] if isinstance(r, dict)]
+
+
+# --- sections ------------------------------------------------------------------------------------------------
+
+
+def overview(f: Facts) -> Section:
+    s = Section("overview", "At a glance",
+                "What the agent's LLM calls cost today, and how much of that could move to small models.")
+    t = f.totals
+    if not t["calls"]:
+        s.missing("No calls in the workspace", "slmigrate collect import FILE")
+        return s
+    tiles = [("LLM calls", f"{t['calls']:,}"), ("sessions", f"{t['sessions']:,}"),
+             ("tokens (in / out)", f"{t['prompt_tokens'] / 1e6:.2f}M / {t['completion_tokens'] / 1e6:.2f}M"),
+             ("LLM cost of these calls", _usd(t["cost"]))]
+    clusters = f.cluster_rows()
+    if clusters:
+        tiles.append(("recurring tasks found", str(len(clusters))))
+        est = (f.clusters or {}).get("estimate") or {}
+        if est.get("calls_share") is not None:
+            tiles.append(("estimated replaceable (calls)", _pct(est["calls_share"])))
+        if est.get("cost_share") is not None:
+            tiles.append(("estimated replaceable (cost)", _pct(est["cost_share"])))
+    plan = (f.evals or {}).get("plan") or {}
+    if plan.get("calls_share") is not None:
+        tiles.append(("measured migratable (calls)", _pct(plan["calls_share"])))
+    if plan.get("cost_share") is not None:
+        tiles.append(("measured migratable (cost)", _pct(plan["cost_share"])))
+    s.kpis(tiles)
+    if t["first"] and t["last"]:
+        s.para(f"Calls logged from {t['first'][:19].replace('T', ' ')} to {t['last'][:19].replace('T', ' ')} UTC; "
+               f"{t['failed']:,} failed.", small=True)
+    return s
+
+
+def calls_and_cost(f: Facts) -> Section:
+    s = Section("cost", "Calls, tokens and cost",
+                "By model as logged (list prices per million tokens from the [prices] config), then by task.")
+    if not f.totals["calls"]:
+        s.missing("No calls in the workspace", "slmigrate collect import FILE")
+        return s
+    s.table(["model", "calls", "prompt tokens", "completion tokens", "cost"],
+            [[m["model"] or "(unknown)", num(m["calls"]), num(m["prompt_tokens"]), num(m["completion_tokens"]),
+              Cell(_usd(m["cost"]), _usd(m["cost"]), True)] for m in f.by_model])
+    clusters = f.cluster_rows()
+    if not clusters:
+        s.missing("Per-task breakdown", "slmigrate cluster")
+        return s
+    rows, labels, costs, calls = [], [], [], []
+    for c in sorted(clusters, key=lambda c: -(c.get("cost") or 0)):
+        tokens = c.get("tokens") or {}
+        labels.append(str(c.get("label") or c.get("id")))
+        costs.append(float(c.get("cost") or 0))
+        calls.append(int(c.get("size") or c.get("calls") or 0))
+        rows.append([labels[-1], c.get("output_kind") or c.get("kind") or "", num(calls[-1]),
+                     Cell(_pct(c.get("share")), _pct(c.get("share")), True),
+                     num(tokens.get("prompt_p50")), num(tokens.get("prompt_p95")),
+                     num(tokens.get("completion_p95")), Cell(_usd(c.get("cost")), _usd(c.get("cost")), True)])
+    s.table(["task (cluster)", "output", "calls", "share", "prompt p50", "prompt p95", "answer p95", "cost"], rows)
+    s.chart(Chart("cost_per_cluster", "LLM cost per task over the logged calls (USD)",
+                  svg=charts.barh(labels, costs, xlabel="USD", fmt="${:,.2f}")))
+    s.chart(Chart("calls_per_cluster", "Calls per task",
+                  svg=charts.barh(labels, calls, xlabel="calls", colors=[charts.PALETTE[2]] * len(calls))))
+    return s
+
+
+def curation(f: Facts) -> Section:
+    s = Section("curation", "Curation", "What was removed before anything is learned from the calls.")
+    rep = f.curated
+    if not rep:
+        s.missing("Curated dataset", "slmigrate curate")
+        return s
+    tiles = []
+    for key, label in (("calls_in", "calls in"), ("calls_out", "calls kept")):
+        if key in rep:
+            tiles.append((label, f"{rep[key]:,}"))
+    if tiles:
+        s.kpis(tiles)
+    dropped = rep.get("dropped") or {}
+    if dropped:
+        s.table(["dropped because", "calls"], [[k, num(v)] for k, v in dropped.items()])
+    entities = rep.get("entities") or {}
+    if entities:
+        s.table(["sensitive value scrubbed", "found"],
+                [[k, num(v)] for k, v in sorted(entities.items(), key=lambda kv: -kv[1])])
+    return s
+
+
+def cluster_map(f: Facts) -> Section:
+    s = Section("map", "Cluster map", "Each dot is a call, placed by what it asks for; colour is the task it joined.")
+    if f.cluster_map is None:
+        s.missing("Cluster map", "slmigrate cluster")
+        return s
+    s.chart(Chart("cluster_map", "2-D projection of the calls' task embeddings, coloured by cluster",
+                  png=f.cluster_map))
+    return s
+
+
+def replaceability(f: Facts) -> Section:
+    s = Section("replaceability", "Replaceability: estimated vs measured",
+                "Estimated from the shape of each task before training; measured by the fine-tuned small model "
+                "on held-out calls.")
+    clusters = f.cluster_rows()
+    if not clusters:
+        s.missing("Replaceability estimate", "slmigrate cluster")
+        return s
+    measured = {str(e.get("cluster")): e for e in f.eval_clusters()}
+    labels, est, meas, rows = [], [], [], []
+    for c in clusters:
+        rep = c.get("replaceability") or {}
+        score = rep.get("score") if isinstance(rep, dict) else rep
+        m = measured.get(str(c.get("id")))
+        mscore = m.get("primary") if m else None
+        labels.append(str(c.get("label") or c.get("id")))
+        est.append(None if score is None else float(score))
+        meas.append(None if mscore is None else float(mscore))
+        reasons = rep.get("reasons") if isinstance(rep, dict) else None
+        rows.append([labels[-1], num(score, "{:.2f}"), num(mscore, "{:.2f}"), "; ".join(reasons or [])])
+    s.chart(Chart("replaceability", "Estimated replaceability vs measured score of the fine-tuned model",
+                  svg=charts.paired_bars(labels, est, meas, names=("estimated", "measured"), xlabel="score (0-1)")))
+    s.table(["task", "estimated", "measured", "why (estimate)"], rows)
+    if not measured:
+        s.missing("Measured scores", "slmigrate finetune && slmigrate evaluate")
+    return s
+
+
+def candidates(f: Facts) -> Section:
+    s = Section("candidates", "Candidate small models", "Per task, the models that fit the hardware, licence and "
+                "context needs, best first, with the reason for each.")
+    sel = f.selection
+    if not sel:
+        s.missing("Model selection", "slmigrate select")
+        return s
+    per = sel.get("clusters") if isinstance(sel, dict) else sel
+    if isinstance(per, dict):
+        per = [{"cluster": k, **v} for k, v in per.items()]
+    for entry in per or []:
+        cands = entry.get("candidates") or []
+        rows = [[c.get("name") or c.get("model"), num(c.get("score"), "{:.2f}"), c.get("reason") or ""]
+                for c in cands]
+        if rows:
+            s.table(["model", "score", "reason"], rows, caption=f.cluster_label(entry.get("cluster")))
+    return s
+
+
+def training(f: Facts) -> Section:
+    s = Section("training", "Fine-tuning", "One adapter per task and model; the loss should fall and the "
+                "validation loss should not climb.")
+    if not f.adapters:
+        s.missing("Fine-tuned adapters", "slmigrate finetune")
+        return s
+    rows = []
+    for a in f.adapters:
+        m = a["metrics"]
+        history = m.get("history") or m.get("log_history") or []
+        train = [(h["step"], h["loss"]) for h in history if "loss" in h and "step" in h]
+        val = [(h["step"], h["eval_loss"]) for h in history if "eval_loss" in h and "step" in h]
+        name = f"loss_{a['cluster']}_{a['model']}".replace("/", "_")
+        title = f"{f.cluster_label(a['cluster'])} · {a['model']}"
+        if train:
+            series = {"train": ([x for x, _ in train], [y for _, y in train])}
+            if val:
+                series["validation"] = ([x for x, _ in val], [y for _, y in val])
+            s.chart(Chart(name, f"Loss by step: {title}",
+                          svg=charts.lines(series, xlabel="step", ylabel="loss", title=title)))
+        elif a["png"]:
+            s.chart(Chart(name, f"Loss curve: {title}", png=a["png"]))
+        rows.append([f.cluster_label(a["cluster"]), a["model"], num(m.get("steps") or m.get("global_step")),
+                     num(m.get("train_examples")), num(m.get("final_loss") or m.get("train_loss"), "{:.3f}"),
+                     num(m.get("eval_loss"), "{:.3f}"), num(m.get("duration_s"), "{:,.0f}s")])
+    s.table(["task", "model", "steps", "examples", "train loss", "val loss", "time"], rows)
+    return s
+
+
+def evaluation(f: Facts) -> Section:
+    s = Section("evaluation", "Evaluation per variant", "On each task's test split (never trained on): the base "
+                "model zero-shot, with examples in the prompt, and fine-tuned, against the LLM's recorded answers.")
+    per = f.eval_clusters()
+    if not per:
+        s.missing("Evaluation", "slmigrate evaluate")
+        return s
+    for e in per:
+        variants = e.get("variants") or {}
+        if isinstance(variants, list):
+            variants = {v.get("variant"): v for v in variants}
+        metric_names: list[str] = []
+        for v in variants.values():
+            for k in (v.get("metrics") or {}):
+                if k not in metric_names:
+                    metric_names.append(k)
+        rows = []
+        for vname, v in variants.items():
+            metrics = v.get("metrics") or {}
+            eff = v.get("efficiency") or {}
+            rows.append([vname] + [num(metrics.get(k), "{:.3f}") for k in metric_names]
+                        + [num(eff.get("latency_p50_ms"), "{:,.0f}"), num(eff.get("cost_per_1k"), "${:,.3f}")])
+        s.table(["variant"] + metric_names + ["p50 ms", "$/1k calls"], rows,
+                caption=f"{f.cluster_label(e.get('cluster'))} ({e.get('n') or '?'} test calls)")
+    return s
+
+
+def plan(f: Facts) -> Section:
+    s = Section("plan", "Migration plan", "Which tasks move to a small model, what that saves, and what stays on "
+                "the LLM and why.")
+    clusters = f.cluster_rows()
+    if not clusters:
+        s.missing("Migration plan", "slmigrate cluster")
+        return s
+    measured = {str(e.get("cluster")): e for e in f.eval_clusters()}
+    total_cost = sum(float(c.get("cost") or 0) for c in clusters) or f.totals["cost"]
+    move, stay, rows = 0.0, 0.0, []
+    stays: list[str] = []
+    for c in sorted(clusters, key=lambda c: -(c.get("cost") or 0)):
+        cid, label, cost = str(c.get("id")), str(c.get("label") or c.get("id")), float(c.get("cost") or 0)
+        m = measured.get(cid)
+        rep = c.get("replaceability") or {}
+        if m is not None and m.get("decision") is not None:
+            migrate = m["decision"] == "migrate"
+            basis, why = "measured", m.get("reason") or ""
+        else:
+            migrate = bool(rep.get("likely")) if isinstance(rep, dict) else False
+            basis, why = "estimated", "; ".join(rep.get("reasons") or []) if isinstance(rep, dict) else ""
+        if migrate:
+            move += cost
+        else:
+            stay += cost
+            stays.append(f"{label}: {why or 'not narrow enough for a small model'}")
+        rows.append([label, pill("migrate" if migrate else "stay on LLM", "good" if migrate else "mute"),
+                     pill(basis, "good" if basis == "measured" else "warn"),
+                     Cell(_usd(cost), _usd(cost), True), why])
+    s.kpis([("LLM cost that can move", _usd(move)), ("stays on the LLM", _usd(stay)),
+            ("share of cost that can move", _pct(move / total_cost if total_cost else None))])
+    s.chart(Chart("savings", "Share of today's LLM cost that moves to small models",
+                  svg=charts.stacked_share([("moves to SLMs", move), ("stays on the LLM", stay)],
+                                           title="LLM cost by destination")))
+    s.table(["task", "decision", "basis", "LLM cost today", "why"], rows)
+    if stays:
+        s.para("What stays on the LLM, and why:")
+        s.bullets(stays)
+    if not measured:
+        s.para("Decisions are estimates until `slmigrate finetune` and `slmigrate evaluate` have run.", small=True)
+    return s
+
+
+BUILDERS = (overview, calls_and_cost, curation, cluster_map, replaceability, candidates, training, evaluation,
+            plan)
