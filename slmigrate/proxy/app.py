@@ -204,6 +204,8 @@ def create_app(settings: ProxySettings, writer: RecordWriter) -> Starlette:
                 failed = True
                 if exchange is not None:
                     exchange.transport_error = f"upstream stream broke off: {type(exc).__name__}"
+                # Abort our response too (no closing chunk), so the client sees the break as it happened.
+                raise
             except BaseException:
                 # The client went away (cancellation): still log what was relayed, as a failed call.
                 failed = True
