@@ -32,7 +32,8 @@ STAGE_ORDER = ("import", "curate", "cluster", "select", "finetune", "evaluate", 
 AUDIT_STAGES = ("import", "curate", "cluster", "select", "report")
 RUNNER_MANIFEST = "run"
 
-Progress = Callable[[str], None]
+Progress = Callable[[str], None]  # one line per stage event ("cluster: running (curate changed)")
+Bar = Callable[[str, int, int], None]  # (what, done, total) from inside a stage, for a progress bar
 
 
 @dataclass
@@ -81,6 +82,14 @@ class _Context:
     config: Config
     base_dir: Path  # relative paths in the config resolve against the config file's folder
     progress: Progress
+    bar: Bar | None = None
+
+    def stage_bar(self, stage: str) -> Callable[[str, int, int], None] | None:
+        """The stage modules' (phase or file, done, total) callback, labelled with the stage."""
+        if self.bar is None:
+            return None
+        bar = self.bar
+        return lambda what, done, total: bar(f"{stage} {Path(str(what)).name}", done, total)
 
 
 @dataclass
@@ -141,7 +150,7 @@ def _run_import(ctx: _Context) -> dict[str, Any]:
         tools = Path(ctx.config.run.tools)
         tools = tools if tools.is_absolute() else ctx.base_dir / tools
     result = import_calls(ctx.ws, files, format=ctx.config.run.format, agent=ctx.config.collect.agent,
-                          tools=tools)
+                          tools_file=tools, progress=ctx.stage_bar("import"))
     counts = _as_dict(result)
     keep = {k: counts[k] for k in ("imported", "duplicates", "skipped") if k in counts}
     return {"files": len(files), **keep, "calls_in_store": ctx.ws.store.count_calls()}
@@ -150,7 +159,7 @@ def _run_import(ctx: _Context) -> dict[str, Any]:
 def _run_curate(ctx: _Context) -> dict[str, Any]:
     from slmigrate.curate import curate
 
-    curate(ctx.ws, ctx.config.curate)
+    curate(ctx.ws, ctx.config.curate, progress=ctx.stage_bar("curate"))
     return _manifest_counts(ctx.ws, "curate")
 
 
@@ -178,7 +187,7 @@ def _run_finetune(ctx: _Context) -> dict[str, Any]:
 def _run_evaluate(ctx: _Context) -> dict[str, Any]:
     from slmigrate.evaluate import evaluate
 
-    evaluate(ctx.ws, ctx.config.evaluate, prices=ctx.config.prices)
+    evaluate(ctx.ws, ctx.config.evaluate, prices=ctx.config.prices, progress=ctx.bar is not None)
     return _manifest_counts(ctx.ws, "evaluate")
 
 
@@ -312,6 +321,7 @@ def run(
     to_stage: str | None = None,
     progress: Progress | None = None,
     *,
+    bar: Bar | None = None,
     config: Config | None = None,
     stages: Sequence[str] = STAGE_ORDER,
     registry: dict[str, Stage] | None = None,
@@ -327,7 +337,7 @@ def run(
     if config is None:
         config = load_config(config_path)
     base_dir = Path(config_path).resolve().parent if config_path else Path.cwd()
-    ctx = _Context(ws=ws, config=config, base_dir=base_dir, progress=say)
+    ctx = _Context(ws=ws, config=config, base_dir=base_dir, progress=say, bar=bar)
     chosen = _select_stages(list(stages), from_stage, to_stage)
     records = _Records(ws)
     results: list[StageResult] = []
@@ -386,7 +396,7 @@ def run(
 
 
 def audit(paths: Sequence[str | Path], out_dir: str | Path, progress: Progress | None = None, *,
-          config: Config | None = None) -> RunSummary:
+          bar: Bar | None = None, config: Config | None = None) -> RunSummary:
     """One-off audit of existing logs: import, curate, cluster, estimate (select, no training), report.
 
     ``out_dir`` becomes the audit's workspace; the report lands in it as ``report.html`` and ``report.md``.
@@ -402,4 +412,4 @@ def audit(paths: Sequence[str | Path], out_dir: str | Path, progress: Progress |
     config.run.inputs = [str(f) for f in files]
     config.run.report = str(out / "report.html")
     ws = Workspace.open(out)
-    return run(ws, config=config, stages=AUDIT_STAGES, progress=progress)
+    return run(ws, config=config, stages=AUDIT_STAGES, progress=progress, bar=bar)

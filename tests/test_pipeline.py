@@ -245,7 +245,7 @@ def test_real_run_twice_on_the_examples_log(tmp_path):
 @pytest.mark.slow
 @pytest.mark.timeout(600)
 def test_audit_tau2_under_five_minutes_names_the_tasks(tmp_path):
-    from tests.conftest import shared_file
+    from conftest import shared_file
 
     _need_real_stages(*REAL)
     log = shared_file("tau2-bench/tau2_gpt41_calls.openai.jsonl.gz")
@@ -262,3 +262,66 @@ def test_audit_tau2_under_five_minutes_names_the_tasks(tmp_path):
         assert label in html or label.replace("&", "&amp;") in html
     # The domains of tau2 show up in the task names it found.
     assert sum(d in html.lower() for d in ("airline", "retail", "telecom")) >= 2
+
+
+# --- docs/configuration.md is generated from the config models ----------------------------------------------
+
+CONFIG_DOC = ROOT / "docs" / "configuration.md"
+BEGIN, END = "<!-- generated: begin -->", "<!-- generated: end -->"
+
+
+def config_reference() -> str:
+    """Every section and key of slmigrate.toml, from the pydantic models' field descriptions."""
+    from pydantic_core import PydanticUndefined
+
+    lines = []
+    for section, field in Config.model_fields.items():
+        model = field.annotation
+        doc = (model.__doc__ or "").strip().splitlines()[0] if model.__doc__ else ""
+        lines += [f"### `[{section}]`", ""] + ([doc, ""] if doc else [])
+        lines += ["| key | type | default | meaning |", "|---|---|---|---|"]
+        for key, f in model.model_fields.items():
+            if f.default_factory is not None:
+                default = f.default_factory()
+            else:
+                default = None if f.default is PydanticUndefined else f.default
+            kind = str(f.annotation).replace("typing.", "").replace("<class '", "").replace("'>", "")
+            kind = kind.replace(" | ", " or ")
+            shown = json.dumps(default, default=str)
+            if len(shown) > 60:
+                shown = shown[:57] + "..."
+            lines.append(f"| `{key}` | `{kind}` | `{shown}` | {(f.description or '').replace('|', '/')} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def _doc_with_reference(text: str) -> str:
+    head, rest = text.split(BEGIN, 1)
+    _, tail = rest.split(END, 1)
+    return f"{head}{BEGIN}\n{config_reference()}\n{END}{tail}"
+
+
+def _documented_keys(text: str) -> set[tuple[str, str]]:
+    import re
+
+    found, section = set(), None
+    for line in text.splitlines():
+        if m := re.match(r"### `\[(\w+)\]`", line):
+            section = m.group(1)
+        elif section and (m := re.match(r"\| `(\w+)` \|", line)):
+            found.add((section, m.group(1)))
+    return found
+
+
+def test_configuration_doc_lists_every_key():
+    expected = {(s, k) for s, f in Config.model_fields.items() for k in f.annotation.model_fields}
+    documented = _documented_keys(CONFIG_DOC.read_text())
+    assert expected - documented == set(), (
+        "docs/configuration.md misses keys of slmigrate/config.py; regenerate its table with "
+        "`.venv/bin/python tests/test_pipeline.py`")
+    assert documented - expected == set(), "docs/configuration.md lists keys that no longer exist; regenerate it"
+
+
+if __name__ == "__main__":
+    CONFIG_DOC.write_text(_doc_with_reference(CONFIG_DOC.read_text()))
+    print(f"wrote {CONFIG_DOC}")

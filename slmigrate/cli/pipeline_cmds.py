@@ -14,8 +14,40 @@ from slmigrate.errors import SlmigrateError
 _STYLE = {"ran": "green", "skipped": "dim", "failed": "bold red", "unavailable": "yellow", "blocked": "yellow"}
 
 
-def _say(message: str) -> None:
-    err_console.print(f"[dim]›[/] {message}", highlight=False)
+class _Feedback:
+    """Stage lines and in-stage progress bars on stderr. A bar lives only while its stage reports progress:
+    the next stage line closes it, so it never overlaps a stage module's own bar."""
+
+    def __init__(self) -> None:
+        self.progress = None
+        self.tasks: dict[str, object] = {}
+
+    def say(self, message: str) -> None:
+        self.close()
+        err_console.print(f"[dim]›[/] {message}", highlight=False)
+
+    def bar(self, what: str, done: int, total: int) -> None:
+        if self.progress is None:
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+            self.progress = Progress(TextColumn("  {task.description}"), BarColumn(), MofNCompleteColumn(),
+                                     TimeElapsedColumn(), console=err_console, transient=True)
+            self.progress.start()
+            self.tasks = {}
+        if what not in self.tasks:
+            self.tasks[what] = self.progress.add_task(what, total=total or None)
+        self.progress.update(self.tasks[what], completed=done, total=total or None)
+
+    def close(self) -> None:
+        if self.progress is not None:
+            self.progress.stop()
+            self.progress = None
+
+    def __enter__(self) -> "_Feedback":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
 
 def _print_summary(summary, title: str) -> None:
@@ -63,8 +95,9 @@ def run_cmd(
     from slmigrate.pipeline import run
 
     ws = open_workspace(workspace)
-    summary = run(ws, config_path=config, from_stage=from_stage, to_stage=to_stage,
-                  progress=None if json_out else _say)
+    with _Feedback() as fb:
+        summary = run(ws, config_path=config, from_stage=from_stage, to_stage=to_stage, progress=fb.say,
+                      bar=fb.bar)
     _finish(summary, json_out, f"slmigrate run ({summary.duration_s:.1f}s)")
 
 
@@ -88,7 +121,8 @@ def audit_cmd(
     from slmigrate.pipeline import audit
 
     cfg = load_config(config) if config else None
-    summary = audit(paths, out, progress=None if json_out else _say, config=cfg)
+    with _Feedback() as fb:
+        summary = audit(paths, out, progress=fb.say, bar=fb.bar, config=cfg)
     _finish(summary, json_out, f"slmigrate audit ({summary.duration_s:.1f}s)")
 
 

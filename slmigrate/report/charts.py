@@ -126,3 +126,28 @@ def stacked_share(parts: Sequence[tuple[str, float]], *, title: str) -> str:
     ax.set_title(title, loc="left")
     ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.08), ncol=len(parts), fontsize=8, frameon=False)
     return _svg(fig)
+
+
+def grouped_bars(labels: Sequence[str], series: dict[str, Sequence[float | None]], *, xlabel: str,
+                 threshold: float | None = None) -> str:
+    """One group of horizontal bars per label, one bar per named series (e.g. model variants)."""
+    plt = _plt()
+    n, k = len(labels), max(len(series), 1)
+    fig, ax = plt.subplots(figsize=(6.4, (0.22 * k + 0.25) * n + 1.0))
+    ys = list(range(n))[::-1]
+    h = 0.8 / k
+    colors = {"base": MUTED, "icl": PALETTE[1], "finetuned": PALETTE[0]}
+    for i, (name, values) in enumerate(series.items()):
+        offset = (k - 1) / 2 * h - i * h
+        pts = [(y + offset, v) for y, v in zip(ys, values) if v is not None]
+        ax.barh([p[0] for p in pts], [p[1] for p in pts], height=h * 0.9,
+                color=colors.get(name, PALETTE[(i + 2) % len(PALETTE)]), label=name)
+        for y, v in pts:
+            ax.text(v + 0.01, y, f"{v:.2f}", va="center", fontsize=7, color=INK)
+    if threshold is not None:
+        ax.axvline(threshold, color=PALETTE[3], lw=1, ls="--", label=f"threshold {threshold:g}")
+    ax.set_yticks(ys, [_short(str(x)) for x in labels])
+    ax.set_xlim(0, 1.12)
+    ax.set_xlabel(xlabel)
+    ax.legend(loc="lower right", fontsize=7.5, frameon=False)
+    return _svg(fig)

@@ -104,7 +104,8 @@ class Section:
 
     def missing(self, what: str, command: str) -> None:
         """The stage that fills this section has not run: say so and name the command."""
-        self.present = False
+        if not self.html:  # a section with some content and one missing part still counts as present
+            self.present = False
         self.html.append(f'<div class="missing">{esc(what)}: not run yet: run <code>{esc(command)}</code></div>')
         self.md.append(f"> {what}: not run yet: run `{command}`")
 

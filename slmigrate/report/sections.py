@@ -12,7 +12,7 @@ from typing import Any
 
 from slmigrate.config import Config
 from slmigrate.report import charts
-from slmigrate.report.doc import Cell, Chart, Section, num, pill
+from slmigrate.report.doc import Cell, Chart, Section, esc, num, pill
 from slmigrate.workspace import Workspace
 
 
@@ -27,6 +27,13 @@ def _usd(value: float | None) -> str:
     if value is None:
         return "–"
     return f"${value:,.2f}" if value >= 1 else f"${value:,.4f}"
+
+
+def _count(value: float) -> str:
+    for size, suffix in ((1e9, "B"), (1e6, "M"), (1e3, "k")):
+        if value >= size:
+            return f"{value / size:.1f}{suffix}"
+    return f"{value:,.0f}"
 
 
 def _pct(value: float | None) -> str:
@@ -132,7 +139,7 @@ def overview(f: Facts) -> Section:
         s.missing("No calls in the workspace", "slmigrate collect import FILE")
         return s
     tiles = [("LLM calls", f"{t['calls']:,}"), ("sessions", f"{t['sessions']:,}"),
-             ("tokens (in / out)", f"{t['prompt_tokens'] / 1e6:.2f}M / {t['completion_tokens'] / 1e6:.2f}M"),
+             ("tokens (in / out)", f"{_count(t['prompt_tokens'])} / {_count(t['completion_tokens'])}"),
              ("LLM cost of these calls", _usd(t["cost"]))]
     clusters = f.cluster_rows()
     if clusters:
@@ -142,11 +149,10 @@ def overview(f: Facts) -> Section:
             tiles.append(("estimated replaceable (calls)", _pct(est["calls_share"])))
         if est.get("cost_share") is not None:
             tiles.append(("estimated replaceable (cost)", _pct(est["cost_share"])))
-    plan = (f.evals or {}).get("plan") or {}
-    if plan.get("calls_share") is not None:
-        tiles.append(("measured migratable (calls)", _pct(plan["calls_share"])))
-    if plan.get("cost_share") is not None:
-        tiles.append(("measured migratable (cost)", _pct(plan["cost_share"])))
+    measured = ((f.evals or {}).get("plan") or {}).get("measured") or {}
+    for key, label in (("calls", "measured migratable (calls)"), ("cost_usd", "measured migratable (cost)")):
+        if (measured.get(key) or {}).get("share") is not None:
+            tiles.append((label, _pct(measured[key]["share"])))
     s.kpis(tiles)
     if t["first"] and t["last"]:
         s.para(f"Calls logged from {t['first'][:19].replace('T', ' ')} to {t['last'][:19].replace('T', ' ')} UTC; "
@@ -231,7 +237,7 @@ def replaceability(f: Facts) -> Section:
         rep = c.get("replaceability") or {}
         score = rep.get("score") if isinstance(rep, dict) else rep
         m = measured.get(str(c.get("id")))
-        mscore = m.get("primary") if m else None
+        mscore = _finetuned_score(m) if m else None
         labels.append(str(c.get("label") or c.get("id")))
         est.append(None if score is None else float(score))
         meas.append(None if mscore is None else float(mscore))
@@ -245,22 +251,40 @@ def replaceability(f: Facts) -> Section:
     return s
 
 
+def _params(n: Any) -> str:
+    if not isinstance(n, (int, float)):
+        return "?"
+    return f"{n / 1e9:.1f}B" if n >= 1e9 else f"{n / 1e6:.0f}M"
+
+
 def candidates(f: Facts) -> Section:
-    s = Section("candidates", "Candidate small models", "Per task, the models that fit the hardware, licence and "
-                "context needs, best first, with the reason for each.")
+    s = Section("candidates", "Candidate small models", "Per task, the catalogue models that fit the hardware, "
+                "licence and context needs, best first, with the reason for each; and why the others were left out.")
     sel = f.selection
     if not sel:
         s.missing("Model selection", "slmigrate select")
         return s
-    per = sel.get("clusters") if isinstance(sel, dict) else sel
-    if isinstance(per, dict):
-        per = [{"cluster": k, **v} for k, v in per.items()]
-    for entry in per or []:
+    hw = sel.get("hardware") or {}
+    if hw:
+        s.para(f"Hardware assumed: {hw.get('policy') or hw.get('device')}; licence policy: "
+               f"{sel.get('license_policy', '?')}.", small=True)
+    for entry in sel.get("clusters") or []:
         cands = entry.get("candidates") or []
-        rows = [[c.get("name") or c.get("model"), num(c.get("score"), "{:.2f}"), c.get("reason") or ""]
+        rows = [[num(c.get("rank")), Cell(f"<b>{esc(c.get('name'))}</b>" if c.get("name") == entry.get("choice")
+                                          else str(c.get("name")), str(c.get("name"))),
+                 _params(c.get("params")), c.get("license") or "", c.get("method") or "",
+                 num(c.get("train_memory_gib"), "{:.1f}"), num(c.get("score"), "{:.1f}"), c.get("reason") or ""]
                 for c in cands]
+        caption = f"{f.cluster_label(entry.get('cluster'))} ({entry.get('output_kind')})"
         if rows:
-            s.table(["model", "score", "reason"], rows, caption=f.cluster_label(entry.get("cluster")))
+            s.table(["#", "model", "params", "licence", "method", "train GiB", "score", "why"], rows, caption=caption)
+        else:
+            s.para(f"{caption}: {entry.get('note') or 'no candidate'}")
+        rejected = entry.get("rejected") or []
+        if rejected:
+            shown = "; ".join(f"{r.get('name')}: {r.get('reason')}" for r in rejected[:3])
+            more = f" (+{len(rejected) - 3} more)" if len(rejected) > 3 else ""
+            s.para(f"Left out ({len(rejected)}): {shown}{more}.", small=True)
     return s
 
 
@@ -293,17 +317,22 @@ def training(f: Facts) -> Section:
     return s
 
 
+def _finetuned_score(e: dict[str, Any]) -> float | None:
+    v = (e.get("variants") or {}).get("finetuned") or {}
+    return None if v.get("skipped") else v.get("primary")
+
+
 def evaluation(f: Facts) -> Section:
     s = Section("evaluation", "Evaluation per variant", "On each task's test split (never trained on): the base "
-                "model zero-shot, with examples in the prompt, and fine-tuned, against the LLM's recorded answers.")
+                "small model zero-shot (base), with examples in the prompt (icl), and fine-tuned, scored against "
+                "the LLM's recorded answers; the LLM row is what it cost and how fast it was when logged.")
     per = f.eval_clusters()
     if not per:
         s.missing("Evaluation", "slmigrate evaluate")
         return s
+    labels, series = [], {}
     for e in per:
         variants = e.get("variants") or {}
-        if isinstance(variants, list):
-            variants = {v.get("variant"): v for v in variants}
         metric_names: list[str] = []
         for v in variants.values():
             for k in (v.get("metrics") or {}):
@@ -311,13 +340,37 @@ def evaluation(f: Facts) -> Section:
                     metric_names.append(k)
         rows = []
         for vname, v in variants.items():
-            metrics = v.get("metrics") or {}
-            eff = v.get("efficiency") or {}
+            if v.get("skipped"):
+                rows.append([vname] + [Cell("–", "–", True)] * (len(metric_names) + 3) + [v.get("reason") or ""])
+                continue
+            metrics, eff = v.get("metrics") or {}, v.get("efficiency") or {}
             rows.append([vname] + [num(metrics.get(k), "{:.3f}") for k in metric_names]
-                        + [num(eff.get("latency_p50_ms"), "{:,.0f}"), num(eff.get("cost_per_1k"), "${:,.3f}")])
-        s.table(["variant"] + metric_names + ["p50 ms", "$/1k calls"], rows,
-                caption=f"{f.cluster_label(e.get('cluster'))} ({e.get('n') or '?'} test calls)")
+                        + [num(eff.get("latency_p50_ms"), "{:,.0f}"), num(eff.get("tokens_per_s"), "{:,.0f}"),
+                           num(eff.get("cost_per_1k_usd"), "${:,.4f}"), ""])
+        llm = e.get("llm") or {}
+        rows.append([f"LLM ({llm.get('model') or 'logged'})"] + [Cell("reference", "reference")]
+                    + [Cell("", "")] * (len(metric_names) - 1)
+                    + [num(llm.get("latency_p50_ms"), "{:,.0f}"), Cell("", ""),
+                       num(llm.get("cost_per_1k_usd"), "${:,.4f}"), ""])
+        decision = e.get("decision") or {}
+        verdict = "migrate" if decision.get("migrate") else "stays on the LLM"
+        s.table(["variant"] + metric_names + ["p50 ms", "tokens/s", "$ / 1k calls", "note"], rows,
+                caption=f"{f.cluster_label(e.get('cluster'))}: {e.get('test_calls', '?')} test calls, primary "
+                        f"metric {e.get('primary_metric')}, threshold {e.get('threshold')}: {verdict} "
+                        f"({decision.get('reason', '')})")
+        labels.append(f.cluster_label(e.get("cluster")))
+        for vname, v in variants.items():
+            series.setdefault(vname, []).append(None if v.get("skipped") else v.get("primary"))
+    if labels:
+        s.chart(Chart("eval_primary", "Primary metric per task and variant (the dashed line is the threshold)",
+                      svg=charts.grouped_bars(labels, series, xlabel="primary metric (0-1)",
+                                              threshold=_common_threshold(per))))
     return s
+
+
+def _common_threshold(per: list[dict[str, Any]]) -> float | None:
+    found = {e.get("threshold") for e in per if e.get("threshold") is not None}
+    return found.pop() if len(found) == 1 else None
 
 
 def plan(f: Facts) -> Section:
@@ -336,8 +389,8 @@ def plan(f: Facts) -> Section:
         m = measured.get(cid)
         rep = c.get("replaceability") or {}
         if m is not None and m.get("decision") is not None:
-            migrate = m["decision"] == "migrate"
-            basis, why = "measured", m.get("reason") or ""
+            migrate = bool(m["decision"].get("migrate"))
+            basis, why = "measured", m["decision"].get("reason") or ""
         else:
             migrate = bool(rep.get("likely")) if isinstance(rep, dict) else False
             basis, why = "estimated", "; ".join(rep.get("reasons") or []) if isinstance(rep, dict) else ""
