@@ -1,0 +1,81 @@
+"""`slmigrate collect import`: load existing call logs into the workspace."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.table import Table
+
+from slmigrate.cli._app import JsonOpt, WorkspaceOpt, collect_app, console, err_console, open_workspace, print_json
+
+_BAR_MIN_BYTES = 4 << 20  # smaller imports finish before a bar is worth drawing
+
+
+@collect_app.command("import")
+def import_cmd(
+    paths: Annotated[list[Path], typer.Argument(help="Log files or folders (.jsonl, .json, gzipped or not).",
+                                                show_default=False)],
+    format: Annotated[str, typer.Option(
+        "--format", "-f", help="auto (detect per file), openai, openai-ft, conversation, otel, langfuse, "
+        "anthropic, toolbench, or a plug-in's name. See docs/formats.md.")] = "auto",
+    agent: Annotated[Optional[str], typer.Option(
+        "--agent", help="Agent tag for calls whose log does not name one (default: [collect] agent).")] = None,
+    tools: Annotated[Optional[Path], typer.Option(
+        "--tools", help="JSON file of tool schemas for records that carry none (e.g. conversation logs).")] = None,
+    config: Annotated[Optional[Path], typer.Option(
+        "--config", "-c", help="Config file (default ./slmigrate.toml when present).")] = None,
+    workspace: WorkspaceOpt = None,
+    json_out: JsonOpt = False,
+) -> None:
+    """Import LLM call logs; the format is detected per file. Re-importing a file adds nothing.
+
+    Exit code 0 when every record was imported (or already present), 2 when some were skipped (each listed with
+    file:line and the reason), 1 when an input cannot be read at all (then nothing is written).
+
+    Example: slmigrate collect import calls.jsonl.gz traces.json --format auto --agent support-bot
+    """
+    from slmigrate.collect import import_calls
+    from slmigrate.config import load_config
+
+    cfg = load_config(config, {"collect": {"agent": agent}}).collect
+    ws = open_workspace(workspace)
+    total = sum(p.stat().st_size for p in paths if p.is_file())
+    if total >= _BAR_MIN_BYTES:
+        from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn
+
+        bar = Progress(TextColumn("importing {task.description}"), BarColumn(), DownloadColumn(),
+                       TimeRemainingColumn(), console=err_console, transient=True)
+        tasks: dict[str, int] = {}
+
+        def progress(file: str, done: int, size: int) -> None:
+            if file not in tasks:
+                tasks[file] = bar.add_task(Path(file).name, total=size)
+            bar.update(tasks[file], completed=done)
+
+        with bar:
+            result = import_calls(ws, paths, format=format, agent=cfg.agent, tools_file=tools, progress=progress)
+    else:
+        result = import_calls(ws, paths, format=format, agent=cfg.agent, tools_file=tools)
+
+    if json_out:
+        print_json(result.to_dict())
+    else:
+        table = Table(title=f"imported into {ws.root}", title_justify="left")
+        for col in ("file", "format", "calls", "new", "duplicates", "skipped"):
+            table.add_column(col, justify="left" if col in ("file", "format") else "right")
+        for f in result.files:
+            fmt = f"{f.format} (detected)" if f.detected else f.format
+            table.add_row(f.path, fmt, f"{f.calls:,}", f"{f.imported:,}", f"{f.duplicates:,}", f"{f.skipped:,}")
+        console.print(table)
+        for err in result.errors[:20]:
+            err_console.print(f"[yellow]skipped[/] {err['file']}:{err['line']}: {err['reason']}", highlight=False,
+                              soft_wrap=True)
+        more = len(result.errors) - 20 + result.errors_not_listed
+        if more > 0:
+            err_console.print(f"... and {more:,} more skipped records (see --json for the list)")
+        console.print(f"{result.imported:,} new calls, {result.duplicates:,} already present, "
+                      f"{result.skipped:,} skipped.")
+    if result.exit_code:
+        raise typer.Exit(result.exit_code)
