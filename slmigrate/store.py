@@ -18,6 +18,30 @@ from typing import Any
 from slmigrate.errors import SlmigrateError
 from slmigrate.record import CallRecord
 
+try:  # JSON of large payloads on every insert and read: orjson is several times faster
+    import orjson
+except ImportError:  # pragma: no cover - orjson is a declared dependency
+    orjson = None  # type: ignore[assignment]
+
+
+def dumps_compact(obj: Any) -> bytes:
+    """Compact UTF-8 JSON (what PayloadCodec stores before packing)."""
+    if orjson is not None:
+        try:
+            return orjson.dumps(obj, option=orjson.OPT_NON_STR_KEYS)
+        except TypeError:  # e.g. integers beyond 64 bits
+            pass
+    return json.dumps(obj, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+
+
+def loads(data: bytes) -> Any:
+    if orjson is not None:
+        try:
+            return orjson.loads(data)
+        except ValueError:
+            pass
+    return json.loads(data)
+
 # Each entry is applied once, in order; PRAGMA user_version remembers how many ran. Never edit a released
 # migration: append a new one.
 MIGRATIONS: list[str] = [
@@ -69,10 +93,10 @@ class PayloadCodec:
     name = "json"
 
     def encode(self, obj: Any) -> bytes:
-        return zlib.compress(json.dumps(obj, ensure_ascii=False, separators=(",", ":")).encode("utf-8"), 1)
+        return zlib.compress(dumps_compact(obj), 1)
 
     def decode(self, blob: bytes) -> Any:
-        return json.loads(zlib.decompress(blob))
+        return loads(zlib.decompress(blob))
 
 
 _COLUMNS = (
@@ -148,7 +172,15 @@ class Store:
 
     def insert_calls(self, records: Iterable[CallRecord]) -> tuple[int, int]:
         """Insert records in one transaction; returns (inserted, duplicates). Duplicates are by content hash."""
-        rows = [self._row(r) for r in records]
+        return self.insert_rows(self.encode_rows(records))
+
+    def encode_rows(self, records: Iterable[CallRecord]) -> list[tuple]:
+        """Finalise and encode records into rows. Touches no connection, so a bulk import runs it in a worker
+        thread (hashing and zlib release the GIL) while the next batch is parsed."""
+        return [self._row(r) for r in records]
+
+    def insert_rows(self, rows: list[tuple]) -> tuple[int, int]:
+        """Insert rows from ``encode_rows`` in one transaction; returns (inserted, duplicates)."""
         if not rows:
             return 0, 0
         with self._lock, self.conn:
