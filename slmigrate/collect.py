@@ -403,6 +403,10 @@ def import_calls(
                 for rec in records:
                     if not rec.source or rec.source == "import":
                         rec.source = f"import:{plan.fmt.name}"
+                    if rec.latency_ms is not None:  # float noise from subtracting epoch seconds
+                        rec.latency_ms = round(rec.latency_ms, 3)
+                    if rec.ttft_ms is not None:
+                        rec.ttft_ms = round(rec.ttft_ms, 3)
                     if rec.timestamp is None and not rec.id:
                         rec.content_hash = rec.content_hash or rec.compute_hash()
                         rec.id = new_id(clock + seq, bytes.fromhex(rec.content_hash[:20]))
