@@ -1,0 +1,126 @@
+"""`slmigrate models list` (the catalogue) and `slmigrate select` (candidate models per cluster)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich import box
+from rich.table import Table
+
+from slmigrate.cli._app import JsonOpt, WorkspaceOpt, app, console, models_app, open_workspace, print_json
+from slmigrate.errors import SlmigrateError
+
+
+def _count(text: str | None) -> float | None:
+    """'3B', '500M', '3e9' or '3000000000' -> parameters."""
+    if text is None:
+        return None
+    t = text.strip().upper().replace("_", "").replace(",", "")
+    scale = {"K": 1e3, "M": 1e6, "B": 1e9, "G": 1e9}.get(t[-1:], 1.0)
+    try:
+        value = float(t[:-1] if t[-1:] in "KMBG" else t) * scale
+    except ValueError as exc:
+        raise SlmigrateError(f"--max-params {text!r}: expected a count such as 3B, 500M or 3e9") from exc
+    if value <= 0:
+        raise SlmigrateError(f"--max-params {text!r}: expected a positive count")
+    return value
+
+
+def _params(n: int, short: bool = False) -> str:
+    if n >= 1e9:
+        return f"{n / 1e9:.1f}B" if short else f"{n / 1e9:.2f}B"
+    return f"{n / 1e6:.0f}M"
+
+
+@models_app.command("list")
+def list_models(
+    seq_len: Annotated[int, typer.Option(help="Tokens per training/serving sequence for the memory columns.",
+                                         min=16)] = 2048,
+    workspace: WorkspaceOpt = None,
+    json_out: JsonOpt = False,
+) -> None:
+    """The small-model catalogue: size, context, licence, tool calling, memory computed from each shape, and
+    published benchmark scores (each with its source in --json). A workspace's catalog.json adds or overrides
+    entries.
+
+    Example: slmigrate models list --seq-len 4096 --json
+    """
+    from slmigrate import catalog
+    from slmigrate.workspace import resolve_root
+
+    root = resolve_root(workspace)
+    entries = catalog.load(root if root.exists() else None)
+    rows = sorted(entries.values(), key=lambda e: e.params)
+    if json_out:
+        print_json([e.to_dict(seq_len) for e in rows])
+        return
+    table = Table(title=f"model catalogue (memory in GiB at {seq_len:,} tokens, batch 1)", title_justify="left",
+                  collapse_padding=True,
+                  box=box.SIMPLE_HEAD, pad_edge=False)
+    # Few columns so the table reads in an 80-column terminal; --json has every figure and score with sources.
+    for col in ("name", "params", "ctx", "licence", "tools", "GPU", "4-bit", "CPU"):
+        table.add_column(col, justify="left" if col in ("name", "licence", "tools") else "right",
+                         no_wrap=True)
+    for e in rows:
+        fp = e.footprint(seq_len)
+        licence = e.license.replace("LicenseRef-", "").split("-Community")[0].replace("-Research", "-R")
+        table.add_row(e.name, _params(e.params, short=True), f"{e.context_window // 1024}K", licence,
+                      "yes" if e.native_tools else "no", f"{fp.lora_gpu:.1f}", f"{fp.qlora_gpu:.1f}",
+                      f"{fp.lora_cpu:.1f}")
+    console.print(table)
+    console.print("GPU / 4-bit / CPU: LoRA training peak in GiB on bf16 weights (GPU), 4-bit weights (QLoRA, "
+                  "GPU), fp32 weights (CPU); licences in full, benchmark scores and sources: --json. "
+                  "Formula: docs/models.md.", style="dim")
+
+
+@app.command()
+def select(
+    gpu_memory: Annotated[Optional[float], typer.Option(
+        "--gpu-memory", help="GB of GPU memory for training and serving (LoRA bf16, else QLoRA 4-bit).")] = None,
+    cpu_only: Annotated[Optional[bool], typer.Option(
+        "--cpu-only", help="Plan for CPU only: LoRA in fp32 in host RAM (--cpu-memory, default 24 GB).")] = None,
+    cpu_memory: Annotated[Optional[float], typer.Option(help="GB of host RAM for --cpu-only.")] = None,
+    license: Annotated[Optional[str], typer.Option(
+        "--license", help="permissive (default), commercial, any, or comma-separated SPDX ids.")] = None,
+    max_params: Annotated[Optional[str], typer.Option(help="Largest model to consider, e.g. 3B or 500M.")] = None,
+    top: Annotated[Optional[int], typer.Option(help="Candidates kept per cluster.", min=1)] = None,
+    force: Annotated[bool, typer.Option(help="Re-run even when clusters, catalogue and options are unchanged.")] = False,
+    config_file: Annotated[Optional[Path], typer.Option("--config", help="slmigrate.toml to read.")] = None,
+    workspace: WorkspaceOpt = None,
+    json_out: JsonOpt = False,
+) -> None:
+    """Per cluster, rank catalogue models that fit the task's context, the hardware (training and serving) and
+    the licence policy, with a one-line reason for every choice and every rejection. Saves selection.json for
+    finetune.
+
+    Example: slmigrate select --cpu-only --license permissive --top 3
+    """
+    from slmigrate.config import load_config
+    from slmigrate.selection import select as run_select
+
+    cfg = load_config(config_file, {"select": {
+        "gpu_memory_gb": gpu_memory, "cpu_only": cpu_only, "cpu_memory_gb": cpu_memory, "license": license,
+        "max_params": _count(max_params), "top": top}})
+    ws = open_workspace(workspace, create=False)
+    result = run_select(ws, cfg.select, force=force)
+    if json_out:
+        print_json(result)
+        return
+    hw = result["hardware"]
+    console.print(f"Hardware: {hw['memory_gib']:g} GiB {'GPU' if hw['device'] == 'cuda' else 'CPU'} "
+                  f"({hw['policy']}); licences: {result['license_policy']}"
+                  + (" [dim](unchanged since the last run)[/]" if result.get("fresh") else ""))
+    for c in result["clusters"]:
+        title = (f"cluster {c['cluster']} {c.get('label') or ''} - {c['output_kind']}, {c.get('size') or '?'} "
+                 f"calls, {c['seq_len']:,} tokens p95")
+        console.print(f"[bold]{title}[/]")
+        for r in c["candidates"]:
+            console.print(f"  {r['rank']}. [bold]{r['name']}[/] ({r['method']}, train {r['train_memory_gib']:.1f} "
+                          f"GiB, score {r['score']:.1f}): {r['reason']}", highlight=False)
+        if not c["candidates"]:
+            console.print(f"  [yellow]no candidate[/]: {c['note']}")
+        for rej in c["rejected"]:
+            console.print(f"  [dim]rejected {rej['name']}: {rej['reason']}[/]")
+    console.print(f"Saved {ws.path('selection.json')}", style="dim")

@@ -1,0 +1,327 @@
+"""Paper step S4: choose candidate small models per task (cluster).
+
+For each cluster in ``clusters/clusters.json`` every catalogue model is either rejected, with the reason, or
+scored and ranked:
+
+1. hard filters - ``--max-params``; the licence policy (``permissive`` | ``commercial`` | ``any`` | SPDX list);
+   the context window against the cluster's p95 prompt + p95 completion tokens; and the hardware: it must both
+   fine-tune and serve at that sequence length in the memory given (``--cpu-only``: LoRA on fp32 weights in host
+   RAM; ``--gpu-memory GB``: LoRA on bf16 weights, or QLoRA on 4-bit weights when LoRA does not fit). Memory
+   comes from ``slmigrate.footprint``.
+2. score = capability - size penalty. Capability is a weighted mean (0-100) of published benchmarks chosen by
+   what the task's output needs (``WEIGHTS``); a benchmark a model has no published figure for counts as the
+   lowest published figure in the catalogue, so a gap never helps. The size penalty, ``SIZE_PENALTY[kind]``
+   points per doubling of parameters above 100M, stands for training/serving cost and latency: narrow outputs
+   (labels, JSON) are learnable by small models after fine-tuning, so size costs them more.
+3. the best ``--top`` stay as candidates; ``--probe N`` (when the evaluate stage's generator is installed)
+   runs locally available candidates on N calls and blends the measured score into the ranking.
+
+The result is written to ``<workspace>/selection.json`` (schema in docs/select.md); finetune takes each
+cluster's ``choice``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+from slmigrate import catalog as cat
+from slmigrate.config import SelectConfig
+from slmigrate.errors import SlmigrateError
+from slmigrate.record import now_iso
+from slmigrate.workspace import Workspace, fingerprint_of
+
+SELECTION_FILE = "selection.json"
+KINDS = ("tool_call", "json", "label", "text")
+DEFAULT_SEQ_LEN = 2048
+MIN_SEQ_LEN = 64
+
+# What each kind of output needs, as weights over benchmarks; "tools" is native tool calling in the chat
+# template (100 or 0).
+WEIGHTS: dict[str, dict[str, float]] = {
+    "tool_call": {"bfcl": 0.45, "tools": 0.15, "ifeval": 0.25, "mmlu": 0.15},
+    "json": {"ifeval": 0.50, "humaneval": 0.20, "bfcl": 0.15, "mmlu": 0.15},
+    "label": {"ifeval": 0.40, "mmlu": 0.40, "gsm8k": 0.20},
+    "text": {"mmlu": 0.45, "ifeval": 0.30, "gsm8k": 0.25},
+}
+SIZE_PENALTY = {"tool_call": 6.0, "json": 10.0, "label": 12.0, "text": 4.0}
+PROBE_WEIGHT = 0.5  # share of the final score taken by a measured probe result, when there is one
+GIB_FMT = "{:.1f}"
+
+
+# --- inputs ----------------------------------------------------------------------------------------------------
+
+def load_clusters(ws: Workspace) -> list[dict[str, Any]]:
+    """Clusters from ``clusters/clusters.json``: a list, or ``{"clusters": [...]}`` / ``{"clusters": {id: ...}}``."""
+    path = ws.path("clusters", "clusters.json")
+    if not path.exists():
+        raise SlmigrateError(f"no clusters in {ws.root} ({path} is missing); run `slmigrate cluster` first")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as exc:
+        raise SlmigrateError(f"cannot read {path}: {exc}; re-run `slmigrate cluster`") from exc
+    items = data.get("clusters", []) if isinstance(data, dict) else data
+    if isinstance(items, dict):
+        items = [{"id": k, **v} for k, v in items.items()]
+    out = []
+    for c in items or []:
+        if not isinstance(c, dict):
+            continue
+        cid = c.get("id", c.get("cluster"))
+        if cid is None:
+            continue
+        if c.get("noise") or str(cid) in ("-1", "noise"):
+            continue  # calls no recurring task claimed: nothing to specialise a model for
+        out.append(c)
+    if not out:
+        raise SlmigrateError(f"{path} holds no clusters; run `slmigrate cluster` on more calls")
+    return out
+
+
+def _num(*values: Any) -> float | None:
+    for v in values:
+        if isinstance(v, (int, float)) and not isinstance(v, bool):
+            return float(v)
+    return None
+
+
+def cluster_needs(c: dict[str, Any]) -> tuple[str, int, bool]:
+    """(output kind, tokens a call needs: p95 prompt + p95 completion, whether the tokens were known)."""
+    kind = c.get("output_kind") or c.get("kind") or "text"
+    kind = kind if kind in KINDS else "text"
+    tokens = c.get("tokens") if isinstance(c.get("tokens"), dict) else {}
+    prompt = _num(tokens.get("prompt_p95"), c.get("prompt_tokens_p95"), c.get("prompt_p95"))
+    completion = _num(tokens.get("completion_p95"), c.get("completion_tokens_p95"), c.get("completion_p95"))
+    if prompt is None:
+        return kind, DEFAULT_SEQ_LEN, False
+    return kind, max(MIN_SEQ_LEN, int(math.ceil(prompt + (completion or 0)))), True
+
+
+# --- policy ----------------------------------------------------------------------------------------------------
+
+def license_filter(policy: str) -> tuple[Callable[[cat.ModelEntry], bool], str]:
+    """A predicate over entries for ``--license`` and its description for reasons."""
+    p = (policy or "permissive").strip()
+    low = p.lower()
+    if low == "any":
+        return (lambda e: True), "any licence"
+    if low == "permissive":
+        return (lambda e: e.permissive), "permissive licences (" + ", ".join(
+            k for k, v in cat.LICENSES.items() if v["permissive"]) + ")"
+    if low == "commercial":
+        return (lambda e: e.commercial_use), "licences allowing commercial use"
+    wanted = {x.strip().lower() for x in p.split(",") if x.strip()}
+    known = {k.lower(): k for k in cat.LICENSES}
+    unknown = sorted(wanted - set(known))
+    if unknown:
+        raise SlmigrateError(f"--license {p!r}: unknown licence id(s) {', '.join(unknown)}; use permissive, "
+                             f"commercial, any, or a comma-separated list of {', '.join(sorted(cat.LICENSES))}")
+    return (lambda e: e.license.lower() in wanted), "licences " + ", ".join(known[w] for w in sorted(wanted))
+
+
+def hardware(config: SelectConfig) -> dict[str, Any]:
+    if config.cpu_only and config.gpu_memory_gb is not None:
+        raise SlmigrateError("--cpu-only and --gpu-memory contradict each other; pass one of them")
+    if config.gpu_memory_gb is not None:
+        if config.gpu_memory_gb <= 0:
+            raise SlmigrateError(f"--gpu-memory {config.gpu_memory_gb}: expected a positive number of GB")
+        return {"device": "cuda", "memory_gib": float(config.gpu_memory_gb)}
+    # No GPU named: plan for the CPU machine slmigrate always runs on (explicit --cpu-only or the default).
+    return {"device": "cpu", "memory_gib": float(config.cpu_memory_gb)}
+
+
+def fit(entry: cat.ModelEntry, seq_len: int, hw: dict[str, Any]) -> tuple[str | None, dict[str, float], str]:
+    """(method or None, memory figures, one-line explanation) for training and serving on ``hw``."""
+    fp = entry.footprint(seq_len)
+    mem = hw["memory_gib"]
+    at = f"at {seq_len:,} tokens"
+    if hw["device"] == "cpu":
+        need = {"train_gib": fp.lora_cpu, "serve_gib": fp.serve_cpu}
+        if fp.lora_cpu <= mem and fp.serve_cpu <= mem:
+            return "lora", need, f"LoRA fp32 on CPU needs {fp.lora_cpu:.1f} of {mem:g} GiB {at}"
+        return None, need, (f"LoRA fp32 on CPU needs {fp.lora_cpu:.1f} GiB (serving {fp.serve_cpu:.1f}) "
+                            f"> {mem:g} GiB {at}")
+    if fp.lora_gpu <= mem and fp.serve_gpu_bf16 <= mem:
+        need = {"train_gib": fp.lora_gpu, "serve_gib": fp.serve_gpu_bf16}
+        return "lora", need, f"LoRA bf16 needs {fp.lora_gpu:.1f} of {mem:g} GiB GPU {at}"
+    if fp.qlora_gpu <= mem and fp.serve_gpu_4bit <= mem:
+        need = {"train_gib": fp.qlora_gpu, "serve_gib": fp.serve_gpu_4bit}
+        return "qlora", need, (f"QLoRA 4-bit needs {fp.qlora_gpu:.1f} of {mem:g} GiB GPU {at} "
+                               f"(LoRA bf16 would need {fp.lora_gpu:.1f})")
+    need = {"train_gib": fp.qlora_gpu, "serve_gib": fp.serve_gpu_4bit}
+    return None, need, f"even QLoRA 4-bit needs {fp.qlora_gpu:.1f} GiB > {mem:g} GiB GPU {at}"
+
+
+def _floors(entries: list[cat.ModelEntry]) -> dict[str, float]:
+    floors = {}
+    for bench in cat.BENCHMARKS:
+        vals = [e.score(bench) for e in entries if e.score(bench) is not None]
+        floors[bench] = min(vals) if vals else 0.0
+    return floors
+
+
+def capability(entry: cat.ModelEntry, kind: str, floors: dict[str, float]) -> tuple[float, str]:
+    """Weighted benchmark score for ``kind`` (0-100) and the evidence behind it, for the reason line."""
+    total, parts = 0.0, []
+    for bench, w in WEIGHTS[kind].items():
+        if bench == "tools":
+            total += w * (100.0 if entry.native_tools else 0.0)
+            parts.append("native tools" if entry.native_tools else "no native tools")
+            continue
+        value = entry.score(bench)
+        name = cat.BENCHMARK_NAMES[bench]
+        if value is None:
+            total += w * floors[bench]
+            parts.append(f"{name} n/a")
+        else:
+            total += w * value
+            parts.append(f"{name} {value:g}")
+    return total, ", ".join(parts)
+
+
+def size_penalty(entry: cat.ModelEntry, kind: str) -> float:
+    return SIZE_PENALTY[kind] * max(0.0, math.log2(entry.params / 1e8))
+
+
+def _params_text(n: int) -> str:
+    return f"{n / 1e9:.2f}B" if n >= 1e9 else f"{n / 1e6:.0f}M"
+
+
+# --- the stage -------------------------------------------------------------------------------------------------
+
+def rank_cluster(c: dict[str, Any], entries: list[cat.ModelEntry], config: SelectConfig, hw: dict[str, Any],
+                 licence_ok: Callable[[cat.ModelEntry], bool], licence_text: str,
+                 floors: dict[str, float]) -> dict[str, Any]:
+    kind, seq_len, known = cluster_needs(c)
+    ranked, rejected = [], []
+    for e in entries:
+        if config.max_params is not None and e.params > config.max_params:
+            rejected.append({"name": e.name, "reason": f"{_params_text(e.params)} parameters > --max-params "
+                                                       f"{_params_text(int(config.max_params))}"})
+            continue
+        if not licence_ok(e):
+            use = "commercial use allowed" if e.commercial_use else "no commercial use"
+            rejected.append({"name": e.name, "reason": f"licence {e.license} ({use}) is not among {licence_text}"})
+            continue
+        if e.context_window < seq_len:
+            rejected.append({"name": e.name, "reason": f"context window {e.context_window:,} < p95 prompt + "
+                                                       f"completion {seq_len:,} tokens"})
+            continue
+        method, need, fit_text = fit(e, seq_len, hw)
+        if method is None:
+            rejected.append({"name": e.name, "reason": fit_text})
+            continue
+        cap, evidence = capability(e, kind, floors)
+        penalty = size_penalty(e, kind)
+        ranked.append({
+            "name": e.name, "hub_id": e.hub_id, "params": e.params, "license": e.license,
+            "method": method, "device": hw["device"], "seq_len": seq_len,
+            "train_memory_gib": round(need["train_gib"], 2), "serve_memory_gib": round(need["serve_gib"], 2),
+            "capability": round(cap, 2), "size_penalty": round(penalty, 2), "score": round(cap - penalty, 2),
+            "evidence": evidence, "fit": fit_text,
+        })
+    ranked.sort(key=lambda r: (-r["score"], r["params"], r["name"]))
+    for i, r in enumerate(ranked, 1):
+        r["rank"] = i
+        r["reason"] = (f"{kind} task: {r['evidence']} (capability {r['capability']:.1f}); "
+                       f"{_params_text(r['params'])} params, size penalty {r['size_penalty']:.1f}; {r['fit']}")
+    top, rest = ranked[:config.top], ranked[config.top:]
+    for r in rest:
+        rejected.append({"name": r["name"], "reason": f"fits ({r['fit']}), but ranked {r['rank']} of "
+                                                      f"{len(ranked)} (score {r['score']:.1f}) below --top "
+                                                      f"{config.top}"})
+    return {
+        "cluster": c.get("id", c.get("cluster")), "label": c.get("label"), "output_kind": kind,
+        "size": c.get("size", c.get("calls")), "seq_len": seq_len, "tokens_known": known,
+        "candidates": top, "rejected": rejected,
+        "choice": top[0]["name"] if top else None,
+        "note": None if top else "no catalogue model passes the filters; loosen --license/--max-params or add "
+                                 "memory",
+    }
+
+
+def select(ws: Workspace, config: SelectConfig | None = None, *, force: bool = False,
+           probe_runner: Callable[..., dict[str, dict[str, float]]] | None = None) -> dict[str, Any]:
+    """Rank catalogue models per cluster, save ``selection.json`` and the ``select`` manifest, return it."""
+    config = config or SelectConfig()
+    started = time.time()
+    clusters = load_clusters(ws)
+    entries = list(cat.load(ws).values())
+    hw = hardware(config)
+    licence_ok, licence_text = license_filter(config.license)
+    clusters_text = ws.path("clusters", "clusters.json").read_text(encoding="utf-8")
+    fingerprint = fingerprint_of("select", clusters_text, config.model_dump(),
+                                 [e.raw for e in entries])
+    out_path = ws.path(SELECTION_FILE)
+    if not force and ws.is_fresh("select", fingerprint) and out_path.exists():
+        cached = json.loads(out_path.read_text(encoding="utf-8"))
+        cached["fresh"] = True
+        return cached
+    floors = _floors(entries)
+    per_cluster = [rank_cluster(c, entries, config, hw, licence_ok, licence_text, floors) for c in clusters]
+    probe_note = None
+    if config.probe:
+        probe_note = _apply_probe(ws, per_cluster, config, probe_runner)
+    result = {
+        "version": 1,
+        "created": now_iso(),
+        "hardware": {**hw, "policy": "LoRA fp32 on CPU" if hw["device"] == "cpu"
+                     else "LoRA bf16 on GPU, else QLoRA 4-bit"},
+        "license_policy": licence_text,
+        "config": config.model_dump(),
+        "weights": WEIGHTS, "size_penalty": SIZE_PENALTY,
+        "probe": probe_note,
+        "clusters": per_cluster,
+    }
+    _write_json(out_path, result)
+    chosen = sum(1 for c in per_cluster if c["choice"])
+    ws.write_manifest("select", fingerprint=fingerprint, config=config.model_dump(),
+                      counts={"clusters": len(per_cluster), "chosen": chosen, "catalogue": len(entries)},
+                      started=started, extra={"artifact": SELECTION_FILE})
+    result["fresh"] = False
+    return result
+
+
+def load_selection(ws: Workspace) -> dict[str, Any]:
+    """The saved selection (for finetune: ``clusters[i]["choice"]`` and ``candidates[0]``)."""
+    path = ws.path(SELECTION_FILE)
+    if not path.exists():
+        raise SlmigrateError(f"no model selection in {ws.root}; run `slmigrate select` first")
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
+def _write_json(path: Path, data: Any) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    tmp.replace(path)
+
+
+def _apply_probe(ws: Workspace, per_cluster: list[dict[str, Any]], config: SelectConfig,
+                 runner: Callable[..., dict[str, dict[str, float]]] | None) -> str:
+    """Blend measured zero-/few-shot scores of locally available candidates into the ranking."""
+    if runner is None:
+        from slmigrate import probe as probe_mod  # optional: needs the evaluate stage's generator and metrics
+
+        runner = probe_mod.run_probe
+    measured_any = False
+    for c in per_cluster:
+        results = runner(ws, c, [r["name"] for r in c["candidates"]], config.probe) or {}
+        for r in c["candidates"]:
+            got = results.get(r["name"])
+            if not got:
+                continue
+            measured_any = True
+            best = max(got.get("zero_shot", 0.0), got.get("few_shot", 0.0))  # both 0..1 primary metric
+            r["probe"] = got
+            r["score"] = round((1 - PROBE_WEIGHT) * r["score"] + PROBE_WEIGHT * 100.0 * best, 2)
+            r["reason"] += (f"; probe on {got.get('calls', config.probe)} calls: zero-shot "
+                            f"{got.get('zero_shot', 0.0):.2f}, few-shot {got.get('few_shot', 0.0):.2f}")
+        c["candidates"].sort(key=lambda r: (-r["score"], r["params"], r["name"]))
+        for i, r in enumerate(c["candidates"], 1):
+            r["rank"] = i
+        c["choice"] = c["candidates"][0]["name"] if c["candidates"] else None
+    return ("probe scores blended into the ranking" if measured_any
+            else "no candidate weights available locally; ranking from published figures only")
