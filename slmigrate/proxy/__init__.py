@@ -44,9 +44,10 @@ def serve(
         raise SlmigrateError(f"--flush-interval {flush_interval} must be between 0 and 0.2 seconds")
     writer = RecordWriter(lambda: Store(db_path), flush_interval=flush_interval, name="slmigrate-proxy-writer")
     app = create_app(settings, writer)
+    _Server = _server_class()
     config = uvicorn.Config(app, host=host, port=port, log_level="warning", access_log=False, lifespan="on",
                             timeout_graceful_shutdown=graceful_timeout, timeout_keep_alive=30)
-    server = uvicorn.Server(config)
+    server = _Server(config)
     if on_ready is not None:
         _call_when_started(server, on_ready, settings)
     try:
@@ -56,6 +57,25 @@ def serve(
     finally:
         writer.close()  # idempotent; covers a server that failed before the lifespan ran
     return writer.stats()
+
+
+def _server_class() -> Any:
+    import contextlib
+
+    import uvicorn
+
+    class Server(uvicorn.Server):
+        @contextlib.contextmanager
+        def capture_signals(self):
+            # uvicorn re-raises SIGTERM/SIGINT after its graceful shutdown so the process dies of the signal. Here
+            # the drained shutdown is the normal end: return, so the command prints its counters and exits 0.
+            with super().capture_signals():
+                yield
+                captured = getattr(self, "_captured_signals", None)
+                if isinstance(captured, list):
+                    captured.clear()
+
+    return Server
 
 
 def _call_when_started(server: Any, callback: Any, settings: Any) -> None:
