@@ -34,6 +34,7 @@ log = logging.getLogger("slmigrate.proxy")
 _HOP = {b"connection", b"keep-alive", b"proxy-authenticate", b"proxy-authorization", b"proxy-connection", b"te",
         b"trailer", b"transfer-encoding", b"upgrade", b"host", b"content-length"}
 _TAG_PREFIX = b"x-slmigrate-"
+_ROUTE_PREFIX = b"x-slmigrate-route-"
 _METHODS = ["GET", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "HEAD"]
 
 
@@ -46,6 +47,7 @@ class ProxySettings:
     connect_timeout: float = 10.0
     admin_token: str | None = None
     max_connections: int = 1000
+    source: str = "proxy"  # "router" when `slmigrate serve` puts the proxy behind its small models
 
     def __post_init__(self) -> None:
         parts = urlsplit(self.upstream)
@@ -150,11 +152,14 @@ def create_app(settings: ProxySettings, writer: RecordWriter) -> Starlette:
         exchange = None
         if capture:
             exchange = Exchange(
-                request_body=body, started_wall=wall, source="proxy", path=path,
+                request_body=body, started_wall=wall, source=settings.source, path=path,
                 agent=tags.get(b"x-slmigrate-agent") or path_agent or settings.agent,
                 session=tags.get(b"x-slmigrate-session"), keep_origin=settings.keep_origin,
                 client_ip=request.client.host if (settings.keep_origin and request.client) else None,
                 origin_headers=origin,
+                # The router's decision for this call (cluster, who answered, why), from its internal headers.
+                route={k[len(_ROUTE_PREFIX):].decode("latin-1"): v for k, v in tags.items()
+                       if k.startswith(_ROUTE_PREFIX)},
             )
 
         client: httpx.AsyncClient = state["client"]

@@ -46,6 +46,7 @@ class Exchange:
     keep_origin: bool = False
     client_ip: str | None = None
     origin_headers: dict[str, str] = field(default_factory=dict)
+    route: dict[str, str] = field(default_factory=dict)  # set by the router: who answered and why
 
     def to_record(self) -> CallRecord | None:
         try:
@@ -56,6 +57,8 @@ class Exchange:
             request = {"_unparsed_body": request}
         metadata: dict[str, Any] = {"path": self.path, "http_status": self.status_code,
                                     "stream": bool(request.get("stream"))}
+        if self.route:
+            metadata["route"] = self.route
         origin = {key: request.pop(key) for key in IDENTITY_FIELDS if key in request}
         if self.keep_origin:
             for key, value in origin.items():
