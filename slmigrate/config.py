@@ -99,6 +99,19 @@ class EvaluateConfig(Section):
         default_factory=lambda: {"tool_call": 0.9, "json": 0.9, "label": 0.9, "text": 0.9},
         description="Primary-metric threshold per output kind for a migrate decision.",
     )
+    primary: dict[str, str] = Field(default_factory=dict, description=(
+        "Override the primary metric per output kind, e.g. {text = \"embedding_similarity\"}."))
+    min_test_calls: int = Field(5, ge=1, description="Fewer test calls than this: no migrate decision.")
+    model: str | None = Field(None, description="Base model when a cluster has no adapter (default SmolLM2-135M).")
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="Where the small model runs.")
+    batch_size: int = Field(8, ge=1, description="Calls generated together.")
+    max_new_tokens: int = Field(512, ge=1, description="Upper bound on answer length (sized per cluster from "
+                                "its reference answers, up to this).")
+    icl_examples: int = Field(3, ge=0, description="Worked examples from the train split in the icl variant.")
+    seed: int = Field(0, description="Seed for choosing the icl examples.")
+    embedder: Literal["minilm", "hash", "none"] = Field("minilm", description=(
+        "Embedder for the text similarity metric (none: skip it)."))
+    judge_mode: Literal["rubric", "pairwise"] = Field("rubric", description="LLM judge mode, with --judge.")
 
 
 class ServeConfig(Section):

@@ -7,6 +7,17 @@ torch = pytest.importorskip("torch")
 from slmigrate.generate import generate, max_new_tokens_for  # noqa: E402
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_torch_thread():
+    """On a shared 2-core box, torch's second thread spin-waits against other processes (15x slower here)."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="module")
 def tiny():
     from tiny_model import tiny_model, tiny_tokenizer

@@ -1,0 +1,271 @@
+"""Evaluate end to end on a tiny random Llama: variants, decision, plan, stored results, the CLI gate, the judge."""
+
+import json
+
+import pytest
+
+from slmigrate.config import EvaluateConfig
+from slmigrate.errors import GateFailed
+from slmigrate import evaluate as E
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_torch_thread():
+    """On a shared 2-core box, torch's second thread spin-waits against other processes (15x slower here)."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+# --- decision and gate (pure) ------------------------------------------------------------------------------
+
+def _result(*rows):
+    return {"clusters": [
+        {"cluster": cid, "primary_metric": "exact", "variants": {"finetuned": {"primary": value}},
+         "decision": {"migrate": migrate, "previously_migrated": before}}
+        for cid, value, migrate, before in rows]}
+
+
+def test_gate_fails_only_for_marked_clusters_below_the_bar():
+    res = _result(("a", 0.95, True, False), ("b", 0.40, False, False))
+    assert E.gate(res, 0.9) == []
+    assert [f["cluster"] for f in E.gate(res, 0.97)] == ["a"]
+    E.check_gate(res, None)
+    with pytest.raises(GateFailed) as info:
+        E.check_gate(res, 0.97)
+    assert info.value.exit_code == 3 and "a: exact = 0.950" in str(info.value)
+
+
+def test_gate_catches_a_regression_of_a_previously_migrated_cluster():
+    # "c" migrated last time; now it scores under the threshold, so it is no longer marked - still a failure.
+    res = _result(("c", 0.70, False, True))
+    assert [f["cluster"] for f in E.gate(res, 0.9)] == ["c"]
+
+
+def test_decide():
+    ft = {"primary": 0.92}
+    assert E.decide("json", 10, ft, "json_exact", 0.9, 5)["migrate"] is True
+    assert E.decide("json", 10, {"primary": 0.89}, "json_exact", 0.9, 5)["migrate"] is False
+    assert "too few" in E.decide("json", 3, ft, "json_exact", 0.9, 5)["reason"]
+    assert "finetune" in E.decide("json", 10, None, "json_exact", 0.9, 5)["reason"]
+    assert E.decide("json", 10, {"primary": None}, "json_exact", 0.9, 5)["migrate"] is False
+
+
+def test_icl_examples_are_inserted_after_the_system_prompt_in_answer_form():
+    from slmigrate.curated import CuratedCall
+
+    ex = CuratedCall(request={"messages": [{"role": "user", "content": "weather in Rome"}]},
+                     response={"choices": [{"message": {"role": "assistant", "content": None, "tool_calls": [
+                         {"type": "function", "function": {"name": "w", "arguments": '{"city": "Rome"}'}}]}}]},
+                     id="ex1")
+    req = {"messages": [{"role": "system", "content": "S"}, {"role": "user", "content": "weather in Oslo"}],
+           "tools": [{"type": "function", "function": {"name": "w"}}]}
+    out = E.with_examples(req, [ex])
+    assert [m["role"] for m in out["messages"]] == ["system", "user", "assistant", "user"]
+    assert out["messages"][1]["content"] == "weather in Rome"
+    assert out["messages"][2]["content"] == '<tool_call>{"name": "w", "arguments": {"city": "Rome"}}</tool_call>'
+    assert out["tools"] == req["tools"] and req["messages"][1]["content"] == "weather in Oslo"
+    picked = E.icl_examples([ex] * 1, 3, 0)
+    assert [p.id for p in picked] == ["ex1"]
+
+
+# --- a workspace with two clusters on a tiny model ---------------------------------------------------------
+
+LABELS = 24
+TEXTS = 12
+
+
+def _call(i, system, user, answer, usage=(40, 2)):
+    from slmigrate.record import CallRecord
+
+    return CallRecord(
+        request={"model": "gpt-4o", "messages": [{"role": "system", "content": system},
+                                                 {"role": "user", "content": user}]},
+        response={"model": "gpt-4o", "choices": [{"message": {"role": "assistant", "content": answer},
+                                                  "finish_reason": "stop"}],
+                  "usage": {"prompt_tokens": usage[0], "completion_tokens": usage[1]}},
+        session=f"s{i}", timestamp=f"2025-01-01T00:00:{i:02d}Z", latency_ms=900.0 + i, source="import",
+    ).finalise()
+
+
+def _train_constant_adapter(base_dir, out_dir, target: str, prompts: list[str], steps: int = 60):
+    """A LoRA adapter that makes the tiny model answer ``target``: a real PEFT folder, trained in seconds."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(base_dir)
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(base_dir),
+                           LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj", "o_proj"],
+                                      modules_to_save=["lm_head"]))
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=2e-2)
+    torch.manual_seed(0)
+    for step in range(steps):
+        p = prompts[step % len(prompts)]
+        ids_p = tok(p, add_special_tokens=False)["input_ids"]
+        ids_t = tok(target + "<|im_end|>", add_special_tokens=False)["input_ids"]
+        ids = torch.tensor([ids_p + ids_t])
+        labels = torch.tensor([[-100] * len(ids_p) + ids_t])
+        loss = model(input_ids=ids, labels=labels).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+    model.save_pretrained(out_dir)
+    return float(loss.detach())
+
+
+@pytest.fixture(scope="module")
+def two_cluster_ws(tmp_path_factory):
+    from tiny_model import tiny_model_dir
+
+    from slmigrate.curated import to_row, write_curated
+    from slmigrate.evaluate import render
+    from slmigrate.workspace import Workspace
+
+    root = tmp_path_factory.mktemp("eval")
+    base = tiny_model_dir(root)
+    ws = Workspace.open(root / "ws")
+    label_calls = [_call(i, "Route the ticket.", f"ticket {i}: I want my money back", "refund")
+                   for i in range(LABELS)]
+    text_calls = [_call(30 + i, "Write a reply.", f"thank customer {i}",
+                        f"Dear customer {i}, thank you for your order, we appreciate it.", (60, 15))
+                  for i in range(TEXTS)]
+    ws.store.insert_calls(label_calls + text_calls)
+    # The first two thirds of each task train, the rest is the held-out test split.
+    rows = [to_row(c, "train" if i < LABELS * 2 // 3 else "test") for i, c in enumerate(label_calls)]
+    rows += [to_row(c, "train" if i < TEXTS * 2 // 3 else "test") for i, c in enumerate(text_calls)]
+    write_curated(ws, rows, {}, {})
+    ws.store.set_clusters({**{c.id: "c0" for c in label_calls}, **{c.id: "c1" for c in text_calls}})
+    (ws.path("clusters") / "clusters.json").write_text(json.dumps({"clusters": [
+        {"id": "c0", "label": "route ticket", "output_kind": "label", "replaceability": {"score": 0.9}},
+        {"id": "c1", "label": "write reply", "output_kind": "text", "replaceability": {"score": 0.3}},
+    ]}))
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(base)
+    prompts = [render(tok, c.request) for c in label_calls[: LABELS * 2 // 3]]
+    loss = _train_constant_adapter(base, ws.path("adapters", "c0", "tiny-llama"), "refund", prompts)
+    assert loss < 0.5, loss
+    return ws, base, label_calls, text_calls
+
+
+def test_evaluate_end_to_end(two_cluster_ws):
+    from slmigrate.embed import HashEmbedder
+
+    ws, base, label_calls, text_calls = two_cluster_ws
+    cfg = EvaluateConfig(model=str(base), embedder="hash", batch_size=4, device="cpu")
+    res = E.evaluate(ws, cfg, embedder=HashEmbedder(), progress=False)
+    by = {r["cluster"]: r for r in res["clusters"]}
+    lbl, txt = by["c0"], by["c1"]
+    assert lbl["kind"] == "label" and lbl["test_calls"] == LABELS - LABELS * 2 // 3
+    assert lbl["variants"]["finetuned"]["primary"] == 1.0
+    assert lbl["variants"]["base"]["primary"] == 0.0  # a random model does not say "refund" by chance
+    assert set(lbl["variants"]) == {"base", "icl", "finetuned"}
+    assert lbl["variants"]["icl"]["efficiency"]["mean_prompt_tokens"] > \
+        lbl["variants"]["base"]["efficiency"]["mean_prompt_tokens"]
+    assert lbl["decision"]["migrate"] is True
+    assert txt["decision"]["migrate"] is False and txt["variants"]["finetuned"]["skipped"]
+    assert {"rouge_l", "embedding_similarity"} <= set(txt["variants"]["base"]["metrics"])
+    eff = lbl["variants"]["finetuned"]["efficiency"]
+    assert eff["latency_p50_ms"] > 0 and eff["tokens_per_s"] > 0 and eff["peak_memory_mb"] > 0
+    assert lbl["llm"]["latency_p50_ms"] >= 900 and lbl["llm"]["cost_per_1k_usd"] == pytest.approx(
+        1000 * (40 * 2.5 + 2 * 10) / 1e6)
+    assert eff["cost_per_1k_usd"] > 0 and eff["llm_to_slm_cost_ratio"] == pytest.approx(
+        lbl["llm"]["cost_per_1k_usd"] / eff["cost_per_1k_usd"])
+    plan = res["plan"]
+    assert plan["migrating_clusters"] == ["c0"]
+    assert plan["measured"]["calls"]["share"] == pytest.approx(LABELS / (LABELS + TEXTS))
+    assert plan["measured"]["tokens"]["share"] == pytest.approx(LABELS * 42 / (LABELS * 42 + TEXTS * 75))
+    assert plan["estimate_per_cluster"]["c0"] == {"score": 0.9}
+    # stored for report and refine
+    latest = json.loads(ws.path("evals", "latest.json").read_text())
+    assert latest["run"] == res["run"]
+    run_dir = ws.path("evals", res["run"])
+    assert (run_dir / "results.json").exists()
+    preds = [json.loads(line) for line in (run_dir / "predictions" / "c0.jsonl").read_text().splitlines()]
+    assert {p["variant"] for p in preds} == {"base", "icl", "finetuned"}
+    assert all(p["prediction"]["content"] == "refund" for p in preds if p["variant"] == "finetuned")
+    assert ws.manifest("evaluate")["counts"] == {"clusters": 2, "migrate": 1, "test_calls": 12}
+    # unchanged inputs: the stored run is returned without generating again
+    again = E.evaluate(ws, cfg, embedder=HashEmbedder(), progress=False)
+    assert again["run"] == res["run"] and again.get("skipped_unchanged")
+
+
+def test_cli_gate_exit_codes(two_cluster_ws, tmp_path, monkeypatch, capsys):
+    from slmigrate.cli import main
+
+    ws, base, *_ = two_cluster_ws
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "slmigrate.toml").write_text('[evaluate]\nembedder = "hash"\nbatch_size = 4\n')
+    args = ["evaluate", "-w", str(ws.root), "--model", str(base), "--variants", "finetuned", "--device", "cpu"]
+    assert main(args + ["--fail-under", "0.95", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["gate"] == {"fail_under": 0.95, "failing": []}
+    # c0 migrates with 1.0; a bar above that fails the gate with exit code 3 (the run itself is reused)
+    assert main(args + ["--fail-under", "1.01"]) == 3
+    err = capsys.readouterr()
+    assert "quality gate failed" in err.err and "c0" in err.err
+    assert "Migration plan" in err.out
+    assert main(args + ["--cluster", "nope"]) == 1
+
+
+# --- the judge through a real HTTP endpoint ----------------------------------------------------------------
+
+def _judge_app(position_biased: bool):
+    """An OpenAI-compatible judge: rubric 5 when candidate == reference else 2; pairwise either always "A"
+    (a maximally position-biased judge) or the answer that equals the reference text "gold"."""
+    from starlette.applications import Starlette
+    from starlette.responses import JSONResponse
+    from starlette.routing import Route
+
+    async def chat(request):
+        body = await request.json()
+        prompt = body["messages"][-1]["content"]
+        if "Score the candidate" in prompt:
+            ref = prompt.split("Reference answer:\n", 1)[1].split("\n\nCandidate answer:", 1)[0]
+            cand = prompt.split("Candidate answer:\n", 1)[1].split("\n\nScore the candidate", 1)[0]
+            reply = json.dumps({"score": 5 if cand == ref else 2})
+        else:
+            a = prompt.split("Answer A:\n", 1)[1].split("\n\nAnswer B:", 1)[0]
+            reply = json.dumps({"winner": "A" if position_biased or a == "gold" else "B"})
+        return JSONResponse({"id": "x", "object": "chat.completion", "created": 0, "model": body["model"],
+                             "choices": [{"index": 0, "finish_reason": "stop",
+                                          "message": {"role": "assistant", "content": reply}}]})
+
+    return Starlette(routes=[Route("/v1/chat/completions", chat, methods=["POST"])])
+
+
+def test_judge_rubric_and_pairwise_cancel_position_bias():
+    from stub_llm import ServerThread
+
+    from slmigrate import metrics as M
+    from slmigrate.judge import Judge
+
+    preds = [{"content": "gold"}, {"content": "tin"}]
+    refs = [{"content": "gold"}, {"content": "gold"}]
+    reqs = [{"messages": [{"role": "user", "content": "q"}]}] * 2
+    with ServerThread(_judge_app(position_biased=False)) as srv:
+        rubric = Judge(srv.base + "/v1", "judge", "rubric", api_key="k")
+        s = M.score("text", preds, refs, M.MetricContext(reqs, judge=rubric), only=["judge"])
+        assert s.items["judge"] == [1.0, 0.25]
+        fair = Judge(srv.base + "/v1", "judge", "pairwise", api_key="k")
+        # identical answers: each order picks A ("gold" == reference) -> one win, one loss -> 0.5 (parity);
+        # "tin" loses in both orders -> 0
+        assert fair.score(["gold", "tin"], ["gold", "gold"], reqs) == [0.5, 0.0]
+        assert fair.calls == 4
+    with ServerThread(_judge_app(position_biased=True)) as srv:
+        biased = Judge(srv.base + "/v1", "judge", "pairwise", api_key="k")
+        # a judge that always says "A" favours nobody once positions are swapped
+        assert biased.score(["tin", "gold"], ["gold", "gold"], reqs) == [0.5, 0.5]
+
+
+def test_judge_unreachable_endpoint_is_a_user_error():
+    from slmigrate.errors import SlmigrateError
+    from slmigrate.judge import Judge
+
+    judge = Judge("http://127.0.0.1:9/v1", "judge", api_key="k", timeout=2)
+    with pytest.raises(SlmigrateError, match="--judge"):
+        judge.score(["a"], ["b"], [None])
