@@ -129,6 +129,9 @@ class RunConfig(Section):
     format: str = Field("auto", description="Format of the inputs, as for `slmigrate collect import --format`.")
     tools: str | None = Field(None, description="Tool schemas file for `conversation` inputs without their own.")
     report: str = Field("report.html", description="Report file; relative paths land in the workspace's reports/.")
+    train: Literal["likely", "all"] = Field(
+        "likely", description="Clusters `run` fine-tunes and evaluates: likely = those the cluster stage estimates "
+        "replaceable (the rest stay on the LLM); all = every cluster.")
 
 
 class Config(Section):
