@@ -48,11 +48,23 @@ def show_call(ws: Workspace, call_id: str) -> dict[str, Any]:
 def to_openai(rec: CallRecord) -> dict[str, Any]:
     """The ``openai`` import format for one call (input_id written even when null, so the hash round-trips)."""
     return {
-        "id": rec.id, "input_id": rec.input_id, "timestamp": rec.timestamp, "latency_ms": rec.latency_ms,
+        "id": rec.id, "input_id": rec.input_id, "timestamp": _logged_timestamp(rec), "latency_ms": rec.latency_ms,
         "ttft_ms": rec.ttft_ms, "agent": rec.agent, "session": rec.session, "model": rec.model,
         "status": rec.status, "error": rec.error, "source": rec.source, "outcome": rec.outcome,
         "metadata": rec.metadata, "request": rec.request, "response": rec.response,
     }
+
+
+def _logged_timestamp(rec: CallRecord) -> str | None:
+    """The timestamp the log gave, or None when the store filled in the import time.
+
+    An import hashes a call that had no timestamp without one; writing the filled-in import time would make a
+    re-import of the export hash differently and come back as new calls.
+    """
+    if rec.timestamp is None or not rec.content_hash:
+        return rec.timestamp
+    untimed = CallRecord(request=rec.request, response=rec.response, input_id=rec.input_id, agent=rec.agent)
+    return None if untimed.compute_hash() == rec.content_hash else rec.timestamp
 
 
 def to_openai_ft(rec: CallRecord) -> dict[str, Any] | None:

@@ -176,11 +176,17 @@ class _Source:
                 try:
                     yield 1, _loads(fh.read())
                 except ValueError as exc:
-                    yield 1, _Bad(f"not valid JSON: {exc}")
+                    yield 1, _Bad(_json_reason(exc))
         except (OSError, EOFError, zlib.error) as exc:
             yield 0, _Bad(f"the file could not be read to the end: {exc}")
         finally:
             self.close(fh)
+
+
+def _json_reason(exc: ValueError) -> str:
+    if isinstance(exc, json.JSONDecodeError):
+        return f"not valid JSON: {exc.msg} at character {exc.pos + 1}"
+    return f"not valid JSON: {exc}"
 
 
 def _iter_lines(fh: io.BufferedIOBase) -> Iterator[tuple[int, Any]]:
@@ -190,7 +196,7 @@ def _iter_lines(fh: io.BufferedIOBase) -> Iterator[tuple[int, Any]]:
         try:
             yield number, _loads(raw)
         except ValueError as exc:
-            yield number, _Bad(f"not valid JSON: {exc}")
+            yield number, _Bad(_json_reason(exc))
 
 
 def _iter_array(fh: io.TextIOBase, chunk: int = 1 << 20) -> Iterator[tuple[int, Any]]:
