@@ -28,7 +28,10 @@ for _optional in ("collect_cmds", "calls_cmds", "curate_cmds", "cluster_cmds", "
 
 def main(argv: list[str] | None = None) -> int:
     try:
-        app(args=argv, standalone_mode=False)
+        # Without standalone mode click returns a `typer.Exit(code)` as the value instead of exiting.
+        result = app(args=argv, standalone_mode=False)
+        if isinstance(result, int) and not isinstance(result, bool):
+            return result
     except SlmigrateError as exc:
         from slmigrate.cli._app import err_console
 
