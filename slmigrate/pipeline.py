@@ -16,6 +16,7 @@ the stage manifest's creation time), so ``slmigrate status`` keeps showing only 
 from __future__ import annotations
 
 import importlib
+import json
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -68,7 +69,8 @@ class RunSummary:
             return f"stopped: {self.error}"
         if not ran:
             return "nothing to do: every stage's inputs and config are unchanged since it last ran"
-        return f"ran {', '.join(ran)}; skipped {sum(s.status == 'skipped' for s in self.stages)} unchanged"
+        skipped = [s.stage for s in self.stages if s.status == "skipped"]
+        return f"ran {', '.join(ran)}" + (f"; skipped {', '.join(skipped)} (unchanged)" if skipped else "")
 
     def to_dict(self) -> dict[str, Any]:
         out = asdict(self)
@@ -152,7 +154,10 @@ def _run_import(ctx: _Context) -> dict[str, Any]:
     result = import_calls(ctx.ws, files, format=ctx.config.run.format, agent=ctx.config.collect.agent,
                           tools_file=tools, progress=ctx.stage_bar("import"))
     counts = _as_dict(result)
-    keep = {k: counts[k] for k in ("imported", "duplicates", "skipped") if k in counts}
+    keep = {k: counts[k] for k in ("imported", "duplicates") if k in counts}
+    if counts.get("skipped"):
+        # Broken records are listed by `slmigrate collect import`; the pipeline goes on with the good ones.
+        keep["bad_records"] = counts["skipped"]
     return {"files": len(files), **keep, "calls_in_store": ctx.ws.store.count_calls()}
 
 
@@ -177,17 +182,50 @@ def _run_select(ctx: _Context) -> dict[str, Any]:
     return _manifest_counts(ctx.ws, "select")
 
 
+def _clusters_json(ws: Workspace) -> list[dict[str, Any]]:
+    path = ws.path("clusters", "clusters.json")
+    if not path.exists():
+        raise SlmigrateError(f"no clusters in {ws.root}; run `slmigrate run --from cluster` (or `slmigrate cluster`)")
+    data = json.loads(path.read_text(encoding="utf-8"))
+    items = data.get("clusters", []) if isinstance(data, dict) else data
+    if isinstance(items, dict):
+        items = [{"id": k, **v} for k, v in items.items()]
+    return [c for c in items if isinstance(c, dict) and not c.get("noise")]
+
+
+def _likely(cluster: dict[str, Any]) -> bool:
+    rep = cluster.get("replaceability")
+    return bool(rep.get("likely")) if isinstance(rep, dict) else False
+
+
+def train_clusters(ws: Workspace, config: Config) -> list[str] | None:
+    """The clusters `run` fine-tunes and evaluates: those estimated replaceable, or all (None)."""
+    if config.run.train == "all":
+        return None
+    return [str(c.get("id")) for c in _clusters_json(ws) if _likely(c)]
+
+
 def _run_finetune(ctx: _Context) -> dict[str, Any]:
     from slmigrate.finetune import finetune
 
-    finetune(ctx.ws, ctx.config.finetune)
-    return _manifest_counts(ctx.ws, "finetune")
+    clusters = train_clusters(ctx.ws, ctx.config)
+    if clusters == []:
+        return {"clusters": 0, "note": "no cluster is estimated replaceable; nothing to fine-tune"}
+    result = finetune(ctx.ws, ctx.config.finetune, clusters=clusters, progress=ctx.bar is not None)
+    counts = dict(result.get("counts") or {})
+    if counts.get("interrupted"):
+        raise KeyboardInterrupt  # a cluster's training stopped early: the stage did not finish
+    return _manifest_counts(ctx.ws, "finetune") or counts
 
 
 def _run_evaluate(ctx: _Context) -> dict[str, Any]:
     from slmigrate.evaluate import evaluate
 
-    evaluate(ctx.ws, ctx.config.evaluate, prices=ctx.config.prices, progress=ctx.bar is not None)
+    clusters = train_clusters(ctx.ws, ctx.config)
+    if clusters == []:
+        return {"clusters": 0, "note": "no cluster was fine-tuned; nothing to evaluate"}
+    evaluate(ctx.ws, ctx.config.evaluate, clusters=clusters, prices=ctx.config.prices,
+             progress=ctx.bar is not None)
     return _manifest_counts(ctx.ws, "evaluate")
 
 
@@ -223,9 +261,10 @@ STAGES: dict[str, Stage] = {
         Stage("cluster", "slmigrate.cluster", "cluster", ("curate",), _run_cluster,
               extra=lambda ctx: ctx.config.prices.model_dump(mode="json")),
         Stage("select", "slmigrate.selection", "select", ("cluster",), _run_select),
-        Stage("finetune", "slmigrate.finetune", "finetune", ("curate", "cluster", "select"), _run_finetune),
+        Stage("finetune", "slmigrate.finetune", "finetune", ("curate", "cluster", "select"), _run_finetune,
+              extra=lambda ctx: ctx.config.run.train),
         Stage("evaluate", "slmigrate.evaluate", "evaluate", ("curate", "cluster", "finetune"), _run_evaluate,
-              extra=lambda ctx: ctx.config.prices.model_dump(mode="json")),
+              extra=lambda ctx: [ctx.config.prices.model_dump(mode="json"), ctx.config.run.train]),
         Stage("report", "slmigrate.report", "run", ("import", "curate", "cluster", "select", "finetune",
                                                        "evaluate"), _run_report, extra=_report_inputs,
               runner_writes_manifest=True),

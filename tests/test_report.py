@@ -184,6 +184,64 @@ def _calls(n: int = 60):
     return calls
 
 
+def populate(ws) -> None:
+    """Every stage's artifact, in the format its module writes, with made-up figures (for rendering only)."""
+    from slmigrate import curated
+    from slmigrate.config import SelectConfig
+    from slmigrate.selection import select
+
+    calls = _calls(90)
+    ws.store.insert_calls(calls)
+    rows = [curated.to_row(c, ("train", "train", "test")[i % 3]) for i, c in enumerate(calls)]
+    curated.write_curated(ws, rows, {"calls_in": 90, "calls_out": 90, "pii": "synthetic",
+                                     "dropped": {"duplicate": 0, "failed": 0},
+                                     "entities": {"PERSON": 31, "EMAIL_ADDRESS": 12}}, {})
+    tasks = [("intent", "classify customer intent", "label", 0.91, True),
+             ("extract", "extract order fields json", "json", 0.84, True),
+             ("open", "open-ended writing requests", "text", 0.22, False)]
+    ws.store.set_clusters({c.id: tasks[i % 3][0] for i, c in enumerate(calls)})
+    clusters = [{"id": cid, "label": label, "output_kind": kind, "size": 30, "share": 1 / 3,
+                 "cost": 0.01 * (i + 1), "tokens": {"prompt_p50": 110, "prompt_p95": 140, "completion_p95": 40},
+                 "replaceability": {"score": score, "likely": likely,
+                                    "reasons": ["short answers" if likely else "long free text"]}}
+                for i, (cid, label, kind, score, likely) in enumerate(tasks)]
+    (ws.path("clusters") / "clusters.json").write_text(json.dumps(
+        {"clusters": clusters, "estimate": {"calls_share": 2 / 3, "cost_share": 0.5}}))
+    _map_png(ws.path("clusters", "map.png"))
+    select(ws, SelectConfig(cpu_only=True))
+    for cid in ("intent", "extract"):
+        folder = ws.path("adapters", cid, "smollm2-135m-instruct")
+        folder.mkdir(parents=True)
+        steps = list(range(1, 41))
+        (folder / "metrics.json").write_text(json.dumps({"history": {
+            "steps": steps, "train_loss": [2.5 * 0.93 ** s for s in steps], "val_steps": [10, 20, 30, 40],
+            "val_loss": [1.6, 0.9, 0.6, 0.55]}}))
+    variants = lambda good: {  # noqa: E731
+        "base": {"metrics": {"exact_match": 0.1}, "primary": 0.1,
+                 "efficiency": {"latency_p50_ms": 300, "tokens_per_s": 40, "cost_per_1k_usd": 0.01}},
+        "finetuned": {"metrics": {"exact_match": good}, "primary": good,
+                      "efficiency": {"latency_p50_ms": 280, "tokens_per_s": 42, "cost_per_1k_usd": 0.01}}}
+    results = [{"cluster": cid, "label": label, "kind": kind, "primary_metric": "exact_match", "threshold": 0.9,
+                "test_calls": 10, "llm": {"model": "gpt-4.1", "latency_p50_ms": 900, "cost_per_1k_usd": 0.3},
+                "variants": variants(0.95 if likely else 0.3),
+                "decision": {"migrate": likely, "reason": "made up for the rendering test"}}
+               for cid, label, kind, _, likely in tasks]
+    (ws.path("evals") / "latest.json").write_text(json.dumps({"clusters": results, "plan": {
+        "measured": {"calls": {"share": 2 / 3}, "cost_usd": {"share": 0.5}}}}))
+
+
+def _map_png(path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(4, 3))
+    ax.scatter([0, 1, 2, 3], [1, 0, 3, 2], c=["r", "g", "b", "r"])
+    fig.savefig(path)
+    plt.close(fig)
+
+
 def test_empty_workspace_says_what_to_run(workspace, tmp_path):
     info = report(workspace, out=tmp_path / "r.html", config=Config())
     html = (tmp_path / "r.html").read_text()
@@ -211,8 +269,6 @@ def test_calls_only_shows_cost_by_model_and_escapes(workspace, tmp_path):
 
 
 def test_report_renders_in_chromium_with_every_chart(workspace, tmp_path):
-    from tests.report_fixture import populate
-
     populate(workspace)
     out = tmp_path / "report.html"
     info = report(workspace, out=out, config=Config())

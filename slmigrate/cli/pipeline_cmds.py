@@ -14,6 +14,13 @@ from slmigrate.errors import SlmigrateError
 _STYLE = {"ran": "green", "skipped": "dim", "failed": "bold red", "unavailable": "yellow", "blocked": "yellow"}
 
 
+def _quiet_libraries() -> None:
+    # The runner draws its own bars; the datasets library's per-save bars would interleave with them.
+    import os
+
+    os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
+
+
 class _Feedback:
     """Stage lines and in-stage progress bars on stderr. A bar lives only while its stage reports progress:
     the next stage line closes it, so it never overlaps a stage module's own bar."""
@@ -95,6 +102,7 @@ def run_cmd(
     from slmigrate.pipeline import run
 
     ws = open_workspace(workspace)
+    _quiet_libraries()
     with _Feedback() as fb:
         summary = run(ws, config_path=config, from_stage=from_stage, to_stage=to_stage, progress=fb.say,
                       bar=fb.bar)
@@ -121,6 +129,7 @@ def audit_cmd(
     from slmigrate.pipeline import audit
 
     cfg = load_config(config) if config else None
+    _quiet_libraries()
     with _Feedback() as fb:
         summary = audit(paths, out, progress=fb.say, bar=fb.bar, config=cfg)
     _finish(summary, json_out, f"slmigrate audit ({summary.duration_s:.1f}s)")

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import io
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 PALETTE = ("#2563eb", "#f59e0b", "#10b981", "#ef4444", "#8b5cf6", "#06b6d4", "#ec4899", "#84cc16", "#64748b",
            "#f97316")
@@ -37,27 +37,28 @@ def _svg(fig) -> str:
     text = buf.getvalue()
     # Drop the XML prolog and DOCTYPE: inside HTML the <svg> element stands on its own.
     text = text[text.index("<svg"):]
-    # Let CSS size the chart to the column while keeping its aspect ratio.
-    return re.sub(r'(<svg[^>]*?)\swidth="[^"]+"\sheight="[^"]+"', r"\1", text, count=1)
+    # Let CSS shrink the chart to a narrow column, but never blow it up past its drawn size (fonts would grow).
+    return re.sub(r'(<svg[^>]*?)\swidth="([^"]+)"\sheight="[^"]+"', r'\1 style="max-width:\2"', text, count=1)
 
 
 def _short(label: str, width: int = 28) -> str:
     return label if len(label) <= width else label[: width - 1] + "…"
 
 
-def barh(labels: Sequence[str], values: Sequence[float], *, xlabel: str, fmt: str = "{:,.0f}",
+def barh(labels: Sequence[str], values: Sequence[float], *, xlabel: str, fmt: str | Callable[[float], str] = "{:,.0f}",
          colors: Sequence[str] | None = None) -> str:
     """Horizontal bars, largest first, each with its value written at its end."""
     plt = _plt()
     n = len(labels)
-    fig, ax = plt.subplots(figsize=(6.4, 0.42 * n + 0.8))
+    fig, ax = plt.subplots(figsize=(5.0, 0.38 * n + 0.8))
     ys = list(range(n))[::-1]
     ax.barh(ys, values, color=list(colors) if colors else PALETTE[0], height=0.62)
     ax.set_yticks(ys, [_short(str(x)) for x in labels])
     ax.set_xlabel(xlabel)
     top = max([float(v) for v in values] + [0.0]) or 1.0
     for y, v in zip(ys, values):
-        ax.text(float(v) + top * 0.01, y, fmt.format(v), va="center", fontsize=8, color=INK)
+        text = fmt(v) if callable(fmt) else fmt.format(v)
+        ax.text(float(v) + top * 0.01, y, text, va="center", fontsize=8, color=INK)
     ax.set_xlim(0, top * 1.18)
     return _svg(fig)
 
@@ -107,7 +108,7 @@ def lines(series: dict[str, tuple[Sequence[float], Sequence[float]]], *, xlabel:
 def stacked_share(parts: Sequence[tuple[str, float]], *, title: str) -> str:
     """One 100% bar split into named parts (e.g. cost that can move vs cost that stays)."""
     plt = _plt()
-    fig, ax = plt.subplots(figsize=(6.4, 1.15))
+    fig, ax = plt.subplots(figsize=(6.4, 0.9))
     total = sum(v for _, v in parts) or 1.0
     left = 0.0
     for i, (name, value) in enumerate(parts):

@@ -90,13 +90,22 @@ class Section:
         lines += ["| " + " | ".join(c.md for c in row) + " |" for row in cells]
         self.md.append((f"*{caption}*\n\n" if caption else "") + "\n".join(lines))
 
+    def columns_start(self) -> None:
+        """Put what follows side by side (HTML only), until columns_end()."""
+        self.html.append('<div class="grid2">')
+
+    def columns_end(self) -> None:
+        self.html.append("</div>")
+
     def chart(self, chart: Chart) -> None:
         self.charts.append(chart)
         if chart.svg is not None:
             body = chart.svg
         else:
             data = base64.b64encode(chart.png or b"").decode("ascii")
-            body = f'<img alt="{esc(chart.caption)}" src="data:image/png;base64,{data}">'
+            width = int.from_bytes((chart.png or b"")[16:20], "big")  # PNG IHDR: natural width in pixels
+            style = f' style="max-width:{width}px"' if width else ""
+            body = f'<img alt="{esc(chart.caption)}"{style} src="data:image/png;base64,{data}">'
         self.html.append(f'<figure class="chart" data-chart="{esc(chart.name)}">{body}'
                          f"<figcaption>{esc(chart.caption)}</figcaption></figure>")
         ext = "svg" if chart.svg is not None else "png"

@@ -184,10 +184,12 @@ def calls_and_cost(f: Facts) -> Section:
                      num(tokens.get("prompt_p50")), num(tokens.get("prompt_p95")),
                      num(tokens.get("completion_p95")), Cell(_usd(c.get("cost")), _usd(c.get("cost")), True)])
     s.table(["task (cluster)", "output", "calls", "share", "prompt p50", "prompt p95", "answer p95", "cost"], rows)
+    s.columns_start()
     s.chart(Chart("cost_per_cluster", "LLM cost per task over the logged calls (USD)",
-                  svg=charts.barh(labels, costs, xlabel="USD", fmt="${:,.2f}")))
+                  svg=charts.barh(labels, costs, xlabel="USD", fmt=_usd)))
     s.chart(Chart("calls_per_cluster", "Calls per task",
                   svg=charts.barh(labels, calls, xlabel="calls", colors=[charts.PALETTE[2]] * len(calls))))
+    s.columns_end()
     return s
 
 
@@ -203,13 +205,14 @@ def curation(f: Facts) -> Section:
             tiles.append((label, f"{rep[key]:,}"))
     if tiles:
         s.kpis(tiles)
-    dropped = rep.get("dropped") or {}
-    if dropped:
-        s.table(["dropped because", "calls"], [[k, num(v)] for k, v in dropped.items()])
+    dropped = {k: v for k, v in (rep.get("dropped") or {}).items() if v}
     entities = rep.get("entities") or {}
-    if entities:
-        s.table(["sensitive value scrubbed", "found"],
-                [[k, num(v)] for k, v in sorted(entities.items(), key=lambda kv: -kv[1])])
+    s.columns_start()
+    s.table(["dropped because", "calls"], [[k.replace("_", " "), num(v)] for k, v in dropped.items()]
+            or [["nothing dropped", num(0)]])
+    s.table([f"sensitive values replaced ({rep.get('pii', '?')})", "found"],
+            [[k, num(v)] for k, v in sorted(entities.items(), key=lambda kv: -kv[1])] or [["none found", num(0)]])
+    s.columns_end()
     return s
 
 
@@ -288,6 +291,18 @@ def candidates(f: Facts) -> Section:
     return s
 
 
+def _loss_points(m: dict[str, Any]) -> tuple[list[tuple[float, float]], list[tuple[float, float]]]:
+    """(step, loss) for training and validation, from finetune's history (parallel lists per series)."""
+    h = m.get("history") or {}
+    if isinstance(h, dict):
+        train = list(zip(h.get("steps") or [], h.get("train_loss") or []))
+        val = list(zip(h.get("val_steps") or [], h.get("val_loss") or []))
+        return train, val
+    # A list of log records (the transformers Trainer's log_history shape).
+    return ([(r["step"], r["loss"]) for r in h if "loss" in r and "step" in r],
+            [(r["step"], r["eval_loss"]) for r in h if "eval_loss" in r and "step" in r])
+
+
 def training(f: Facts) -> Section:
     s = Section("training", "Fine-tuning", "One adapter per task and model; the loss should fall and the "
                 "validation loss should not climb.")
@@ -295,11 +310,10 @@ def training(f: Facts) -> Section:
         s.missing("Fine-tuned adapters", "slmigrate finetune")
         return s
     rows = []
+    s.columns_start()
     for a in f.adapters:
         m = a["metrics"]
-        history = m.get("history") or m.get("log_history") or []
-        train = [(h["step"], h["loss"]) for h in history if "loss" in h and "step" in h]
-        val = [(h["step"], h["eval_loss"]) for h in history if "eval_loss" in h and "step" in h]
+        train, val = _loss_points(m)
         name = f"loss_{a['cluster']}_{a['model']}".replace("/", "_")
         title = f"{f.cluster_label(a['cluster'])} · {a['model']}"
         if train:
@@ -313,6 +327,7 @@ def training(f: Facts) -> Section:
         rows.append([f.cluster_label(a["cluster"]), a["model"], num(m.get("steps") or m.get("global_step")),
                      num(m.get("train_examples")), num(m.get("final_loss") or m.get("train_loss"), "{:.3f}"),
                      num(m.get("eval_loss"), "{:.3f}"), num(m.get("duration_s"), "{:,.0f}s")])
+    s.columns_end()
     s.table(["task", "model", "steps", "examples", "train loss", "val loss", "time"], rows)
     return s
 
@@ -373,6 +388,22 @@ def _common_threshold(per: list[dict[str, Any]]) -> float | None:
     return found.pop() if len(found) == 1 else None
 
 
+def _slm_cost_per_1k(e: dict[str, Any] | None) -> float | None:
+    v = ((e or {}).get("variants") or {}).get("finetuned") or {}
+    return None if v.get("skipped") else (v.get("efficiency") or {}).get("cost_per_1k_usd")
+
+
+def _days(first: str | None, last: str | None) -> float | None:
+    from datetime import datetime
+
+    try:
+        a = datetime.fromisoformat(first.replace("Z", "+00:00"))
+        b = datetime.fromisoformat(last.replace("Z", "+00:00"))
+    except (AttributeError, ValueError):
+        return None
+    return (b - a).total_seconds() / 86400
+
+
 def plan(f: Facts) -> Section:
     s = Section("plan", "Migration plan", "Which tasks move to a small model, what that saves, and what stays on "
                 "the LLM and why.")
@@ -381,38 +412,65 @@ def plan(f: Facts) -> Section:
         s.missing("Migration plan", "slmigrate cluster")
         return s
     measured = {str(e.get("cluster")): e for e in f.eval_clusters()}
-    total_cost = sum(float(c.get("cost") or 0) for c in clusters) or f.totals["cost"]
-    move, stay, rows = 0.0, 0.0, []
-    stays: list[str] = []
+    move = stay = slm = 0.0
+    slm_known = True
+    rows, stays = [], []
     for c in sorted(clusters, key=lambda c: -(c.get("cost") or 0)):
         cid, label, cost = str(c.get("id")), str(c.get("label") or c.get("id")), float(c.get("cost") or 0)
         m = measured.get(cid)
-        rep = c.get("replaceability") or {}
+        rep = c.get("replaceability") if isinstance(c.get("replaceability"), dict) else {}
         if m is not None and m.get("decision") is not None:
             migrate = bool(m["decision"].get("migrate"))
             basis, why = "measured", m["decision"].get("reason") or ""
         else:
-            migrate = bool(rep.get("likely")) if isinstance(rep, dict) else False
-            basis, why = "estimated", "; ".join(rep.get("reasons") or []) if isinstance(rep, dict) else ""
+            migrate = bool(rep.get("likely"))
+            basis, why = "estimated", "; ".join(rep.get("reasons") or [])
+        slm_cost = None
         if migrate:
             move += cost
+            per_1k = _slm_cost_per_1k(m)
+            if per_1k is None:
+                slm_known = False
+            else:
+                slm_cost = per_1k * int(c.get("size") or c.get("calls") or 0) / 1000
+                slm += slm_cost
         else:
             stay += cost
             stays.append(f"{label}: {why or 'not narrow enough for a small model'}")
         rows.append([label, pill("migrate" if migrate else "stay on LLM", "good" if migrate else "mute"),
                      pill(basis, "good" if basis == "measured" else "warn"),
-                     Cell(_usd(cost), _usd(cost), True), why])
-    s.kpis([("LLM cost that can move", _usd(move)), ("stays on the LLM", _usd(stay)),
-            ("share of cost that can move", _pct(move / total_cost if total_cost else None))])
-    s.chart(Chart("savings", "Share of today's LLM cost that moves to small models",
-                  svg=charts.stacked_share([("moves to SLMs", move), ("stays on the LLM", stay)],
+                     Cell(_usd(cost), _usd(cost), True),
+                     Cell(_usd(slm_cost), _usd(slm_cost), True) if migrate else Cell("", "", True), why])
+    unclustered = f.totals["cost"] - move - stay
+    if unclustered > 1e-9:
+        stay += unclustered
+        stays.append(f"one-off calls that belong to no recurring task ({_usd(unclustered)}): nothing to "
+                     "specialise a small model on")
+    total = move + stay
+    net = move - slm if slm_known else None
+    tiles = [("LLM cost that moves", _usd(move)), ("stays on the LLM", _usd(stay)),
+             ("share of LLM cost that moves", _pct(move / total if total else None))]
+    if net is not None and move:
+        tiles.append(("small-model cost for those calls", _usd(slm)))
+        tiles.append(("net saving over the logged calls", _usd(net)))
+        if f.totals["calls"]:
+            tiles.append(("net saving per 1M agent calls", _usd(net / f.totals["calls"] * 1e6)))
+        days = _days(f.totals["first"], f.totals["last"])
+        if days and days >= 1:
+            tiles.append(("projected net saving per month", _usd(net * 30 / days)))
+    s.kpis(tiles)
+    s.chart(Chart("savings", "Today's LLM cost by where it goes after the migration",
+                  svg=charts.stacked_share([("moves to small models", move), ("stays on the LLM", stay)],
                                            title="LLM cost by destination")))
-    s.table(["task", "decision", "basis", "LLM cost today", "why"], rows)
+    s.table(["task", "decision", "basis", "LLM cost today", "small-model cost", "why"], rows)
     if stays:
         s.para("What stays on the LLM, and why:")
         s.bullets(stays)
     if not measured:
-        s.para("Decisions are estimates until `slmigrate finetune` and `slmigrate evaluate` have run.", small=True)
+        s.para("Decisions are estimates from the shape of each task until `slmigrate finetune` and "
+               "`slmigrate evaluate` have run; the small model's serving cost is measured by evaluate.", small=True)
+    elif not slm_known:
+        s.para("Some migrating tasks have no measured small-model cost yet, so no net saving is shown.", small=True)
     return s
 
 

@@ -34,7 +34,7 @@ tr:hover td { background:#f1f5f9; }
 .missing { border:1px dashed #cbd5e1; border-radius:8px; padding:12px 14px; color:var(--muted); background:#f8fafc; }
 .missing code, code { background:#eef2ff; color:#3730a3; padding:1px 5px; border-radius:4px; font-size:12.5px; }
 figure.chart { margin:10px 0 16px; }
-figure.chart svg, figure.chart img { width:100%; height:auto; max-width:760px; display:block; }
+figure.chart svg, figure.chart img { width:100%; height:auto; display:block; }
 figure.chart figcaption { color:var(--muted); font-size:12px; margin-top:4px; }
 .grid2 { display:grid; grid-template-columns:repeat(auto-fit,minmax(420px,1fr)); gap:16px; }
 .reasons { margin:0; padding-left:18px; color:#334155; }
