@@ -104,8 +104,10 @@ def upgrade_message(msg: dict[str, Any], index: int) -> dict[str, Any]:
 
 def upgrade_messages(messages: list[Any]) -> list[Any]:
     """Legacy function messages become tool messages answering the matching (upgraded) call."""
-    if not any(isinstance(m, dict) and (m.get("role") == "function" or isinstance(m.get("function_call"), dict))
-               for m in messages):
+    for m in messages:  # a plain loop: this check runs on every message of every imported call
+        if type(m) is dict and (m.get("role") == "function" or type(m.get("function_call")) is dict):
+            break
+    else:
         return messages
     out: list[Any] = []
     pending: list[tuple[str, str]] = []  # (call id, function name) not yet answered
