@@ -1,9 +1,10 @@
 """The background record writer shared by the proxy and the SDK wrapper.
 
-Capturing must never slow or break the agent, so the request path only appends to an in-memory queue. One
-thread turns queued items into ``CallRecord``s (JSON parsing, stream merging, encryption all happen here) and
-inserts them in batches. The thread wakes at least every ``flush_interval`` seconds and commits whatever is
-queued, so after a hard kill at most about one flush interval of calls is lost; ``close()`` drains everything.
+Capturing must never slow or break the agent, so the request path only appends to an in-memory deque (no lock,
+no thread wake-up: waking a thread per request costs the event loop a GIL hand-off). One thread wakes every
+``flush_interval`` seconds, turns what was queued into ``CallRecord``s (JSON parsing, stream merging, encryption
+all happen there) and inserts them in one transaction, so after a hard kill at most about one flush interval of
+calls is lost; ``close()`` drains everything.
 
 When the store fails (locked, read-only, disk full) the failed batch is kept and retried on the next cycle,
 up to ``max_retained`` records; beyond that the oldest are dropped. Failures and drops are counted for
@@ -13,8 +14,8 @@ up to ``max_retained`` records; beyond that the oldest are dropped. Failures and
 from __future__ import annotations
 
 import atexit
+import collections
 import logging
-import queue
 import sqlite3
 import threading
 import time
@@ -31,9 +32,6 @@ DEFAULT_FLUSH_INTERVAL = 0.1  # seconds; the documented bound is 200 ms
 
 class Recordable(Protocol):
     def to_record(self) -> CallRecord | None: ...
-
-
-_STOP = object()
 
 
 class RecordWriter:
@@ -58,7 +56,9 @@ class RecordWriter:
         self.batch_size = batch_size
         self.max_retained = max_retained
         self.busy_timeout_ms = busy_timeout_ms
-        self._queue: queue.Queue = queue.Queue(maxsize=max_queue)
+        self.max_queue = max_queue
+        self._queue: collections.deque = collections.deque()
+        self._wake = threading.Event()
         self._retained: list[CallRecord] = []
         self._lock = threading.Lock()
         self._done = threading.Condition(self._lock)
@@ -79,24 +79,20 @@ class RecordWriter:
 
     # --- request path: must stay cheap and never raise ---
     def submit(self, item: CallRecord | Recordable) -> bool:
-        if self._closed:
-            with self._lock:
-                self.dropped += 1
-            return False
-        try:
-            self._queue.put_nowait(item)
-        except queue.Full:
+        if self._closed or len(self._queue) >= self.max_queue:
             with self._lock:
                 self.dropped += 1
             return False
         with self._lock:
             self.submitted += 1
+            self._queue.append(item)  # under the (uncontended) lock so flush() sees a consistent count
         return True
 
     # --- control ---
     def flush(self, timeout: float = 10.0) -> bool:
         """Wait until everything submitted so far is written (or dropped). False on timeout."""
         deadline = time.monotonic() + timeout
+        self._wake.set()
         with self._done:
             target = self.submitted
             while self._processed() < target:
@@ -111,7 +107,8 @@ class RecordWriter:
         if self._closed:
             return
         self._closed = True
-        self._queue.put(_STOP)
+        self._stopping = True
+        self._wake.set()
         self._thread.join(timeout)
 
     def stats(self) -> dict[str, Any]:
@@ -131,30 +128,25 @@ class RecordWriter:
         return self.logged + self.duplicates + self.skipped + self._dropped_accepted
 
     # --- writer thread ---
+    _stopping = False
+
     def _run(self) -> None:
-        stopping = False
         while True:
-            items: list[Any] = []
-            try:
-                items.append(self._queue.get(timeout=self.flush_interval))
-            except queue.Empty:
-                pass
-            while len(items) < self.batch_size:
-                try:
-                    items.append(self._queue.get_nowait())
-                except queue.Empty:
+            self._wake.wait(self.flush_interval)
+            self._wake.clear()
+            stopping = self._stopping
+            while True:
+                items: list[Any] = []
+                while self._queue and len(items) < self.batch_size:
+                    items.append(self._queue.popleft())
+                records = self._convert(items)
+                if records or self._retained:
+                    self._write(records)
+                if not self._queue or (self._retained and self.last_error is not None):
                     break
-            if any(item is _STOP for item in items):
-                stopping = True
-                items = [item for item in items if item is not _STOP]
-            records = self._convert(items)
-            if records or self._retained:
-                self._write(records)
-            if stopping and self._queue.empty():
+            if stopping and not self._queue:
                 self._final_drain()
                 return
-            if self._retained and self.last_error is not None and not stopping:
-                time.sleep(self.flush_interval)  # the store is failing: do not spin on it
 
     def _convert(self, items: list[Any]) -> list[CallRecord]:
         records = []
