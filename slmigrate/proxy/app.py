@@ -158,7 +158,7 @@ def create_app(settings: ProxySettings, writer: RecordWriter) -> Starlette:
                 client_ip=request.client.host if (settings.keep_origin and request.client) else None,
                 origin_headers=origin,
                 # The router's decision for this call (cluster, who answered, why), from its internal headers.
-                route={k[len(_ROUTE_PREFIX):].decode("latin-1"): v for k, v in tags.items()
+                route={k[len(_ROUTE_PREFIX):].decode("latin-1").replace("-", "_"): v for k, v in tags.items()
                        if k.startswith(_ROUTE_PREFIX)},
             )
 

@@ -1,0 +1,157 @@
+"""The router as an ASGI application: the SLM in front, the logging proxy behind.
+
+Chat completions go through ``Router``; a request the SLM does not answer is replayed into the proxy
+application (same bytes, plus internal ``x-slmigrate-route-*`` headers that the proxy strips and stores as
+route facts), so relaying, streaming, error handling and logging of LLM answers are the proxy's, not a copy.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import time
+from typing import Any
+
+from slmigrate.serve.router import ROUTE_HEADER, Router, sse_chunks
+
+
+def _is_chat(scope: dict[str, Any]) -> tuple[bool, str | None]:
+    path = scope.get("path", "")
+    agent = None
+    if path.startswith("/agent/"):
+        agent, _, rest = path[len("/agent/"):].partition("/")
+        path = "/" + rest
+    return scope.get("method") == "POST" and path.rstrip("/") == "/v1/chat/completions", agent
+
+
+class RouterApp:
+    def __init__(self, router: Router, proxy_app: Any):
+        self.router = router
+        self.proxy_app = proxy_app
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] == "http":
+            chat, agent = _is_chat(scope)
+            if chat:
+                return await self.chat(scope, receive, send, agent)
+            if scope["path"] in ("/slmigrate/metrics", "/slmigrate/routes"):
+                return await self.admin(scope, receive, send)
+        await self.proxy_app(scope, receive, send)  # lifespan, passthrough, health
+
+    async def admin(self, scope, receive, send) -> None:
+        from starlette.requests import Request
+        from starlette.responses import JSONResponse, PlainTextResponse
+
+        request = Request(scope, receive)
+        token = self.router.settings.admin_token
+        if token and not hmac.compare_digest(request.headers.get("authorization", "").encode(),
+                                             f"Bearer {token}".encode()):
+            response = JSONResponse({"error": {"message": "admin token required", "type": "unauthorized"}}, 401)
+        elif scope["path"] == "/slmigrate/routes":
+            response = JSONResponse(self.router.metrics.snapshot())
+        else:
+            proxy_metrics = self.proxy_app.state.metrics.render(self.proxy_app.state.writer.stats())
+            response = PlainTextResponse(proxy_metrics + self.router.metrics.render(),
+                                         media_type="text/plain; version=0.0.4")
+        await response(scope, receive, send)
+
+    async def chat(self, scope, receive, send, path_agent: str | None) -> None:
+        started = time.perf_counter()
+        body = await _read_body(receive)
+        try:
+            request = json.loads(body)
+            if not isinstance(request, dict):
+                raise ValueError
+        except ValueError:
+            return await self.upstream(scope, receive, body, send, {})  # the upstream says what is wrong
+        headers = {k.lower(): v for k, v in scope.get("headers", [])}
+        agent = (headers.get(b"x-slmigrate-agent", b"").decode() or path_agent)
+        session = headers.get(b"x-slmigrate-session", b"").decode() or None
+
+        t0 = time.perf_counter()
+        route = await asyncio.to_thread(self.router.route, request)
+        self.router.metrics.overhead((time.perf_counter() - t0) * 1000)
+        facts = {"cluster": route.cluster or "", "reason": route.reason,
+                 "distance": "" if route.distance is None else f"{route.distance:.4f}"}
+        if route.use_slm:
+            try:
+                result, reason, answer = await asyncio.wait_for(
+                    asyncio.to_thread(self.router.answer_with_slm, route, request), self.router.settings.slm_timeout)
+            except asyncio.TimeoutError:
+                result, reason, answer = None, f"slm timeout after {self.router.settings.slm_timeout:g}s", None
+            if result is not None:
+                self.router.metrics.record(route.cluster, "routed", slm_ms=answer.latency_ms)
+                self.router.log_slm_call(request, result, route, answer, agent, session, started)
+                return await _send_completion(scope, send, result, bool(request.get("stream")))
+            self.router.metrics.record(route.cluster, "fallback", reason=reason,
+                                       slm_ms=answer.latency_ms if answer else None)
+            facts.update(answered_by="llm", fallback=reason or "")
+        else:
+            self.router.metrics.record(route.cluster, "upstream")
+            facts["answered_by"] = "llm"
+
+        if route.deployed and self.router.settings.shadow and not request.get("stream"):
+            # Tee the LLM's answer, then compare the SLM's in the background; the client never waits for it.
+            captured: list[bytes] = []
+            status: list[int] = []
+
+            async def tee(message):
+                if message["type"] == "http.response.start":
+                    status.append(message["status"])
+                elif message["type"] == "http.response.body":
+                    captured.append(message.get("body", b""))
+                await send(message)
+
+            await self.upstream(scope, receive, body, tee, facts)
+            if status and status[0] < 400:
+                try:
+                    llm_response = json.loads(b"".join(captured))
+                except ValueError:
+                    return
+                asyncio.get_running_loop().run_in_executor(None, self.router.shadow_compare, route, request,
+                                                           llm_response)
+            return
+        await self.upstream(scope, receive, body, send, facts)
+
+    async def upstream(self, scope, client_receive, body: bytes, send, facts: dict[str, str]) -> None:
+        """Replay the request into the proxy application, with the route facts as internal headers."""
+        headers = [(k, v) for k, v in scope.get("headers", []) if not k.lower().startswith(ROUTE_HEADER)]
+        headers += [(ROUTE_HEADER + k.replace("_", "-").encode(), str(v).encode("latin-1", "replace"))
+                    for k, v in facts.items()]
+        replayed = False
+
+        async def receive():
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            return await client_receive()  # the client's own disconnect still reaches the proxy
+
+        await self.proxy_app({**scope, "headers": headers}, receive, send)
+
+
+async def _read_body(receive) -> bytes:
+    chunks = []
+    while True:
+        message = await receive()
+        if message["type"] == "http.request":
+            chunks.append(message.get("body", b""))
+            if not message.get("more_body"):
+                return b"".join(chunks)
+        elif message["type"] == "http.disconnect":
+            return b"".join(chunks)
+
+
+async def _send_completion(scope, send, body: dict[str, Any], stream: bool) -> None:
+    if stream:
+        await send({"type": "http.response.start", "status": 200,
+                    "headers": [(b"content-type", b"text/event-stream; charset=utf-8"), (b"cache-control", b"no-cache")]})
+        for piece in sse_chunks(body):
+            await send({"type": "http.response.body", "body": piece, "more_body": True})
+        await send({"type": "http.response.body", "body": b"", "more_body": False})
+        return
+    raw = json.dumps(body, ensure_ascii=False).encode()
+    await send({"type": "http.response.start", "status": 200,
+                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(raw)).encode())]})
+    await send({"type": "http.response.body", "body": raw, "more_body": False})

@@ -1,0 +1,69 @@
+"""What is deployed: the clusters whose fine-tuned model passed evaluation, and where their adapters are.
+
+The router, ``export vllm`` and ``refine`` all read this one view, built from ``evals/latest.json`` (the
+evaluate stage's decisions) and ``adapters/<cluster>/<model>/`` (the finetune stage's output).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from slmigrate.errors import SlmigrateError
+from slmigrate.workspace import Workspace
+
+
+@dataclass
+class Deployment:
+    cluster: str
+    adapter: Path
+    base_model: str | None
+    kind: str  # tool_call | json | label | text
+    label: str | None = None
+    metric: str | None = None
+    score: float | None = None
+    static_prefix: str = ""
+    max_new_tokens: int = 256
+
+    @property
+    def name(self) -> str:
+        """A LoRA module name that vLLM and HTTP clients accept."""
+        return "".join(ch if ch.isalnum() or ch in "-_" else "-" for ch in self.cluster)
+
+
+def _evaluation(ws: Workspace) -> dict[str, Any]:
+    path = ws.path("evals", "latest.json")
+    if not path.exists():
+        raise SlmigrateError(f"no evaluation in {ws.root} ({path} is missing); run `slmigrate evaluate` first so "
+                             "the router knows which clusters may be answered by a small model")
+    return json.loads(path.read_text())
+
+
+def load_deployments(ws: Workspace, *, include_failed: bool = False) -> list[Deployment]:
+    """Migrated clusters with an adapter on disk (``include_failed``: every evaluated cluster with one)."""
+    out = []
+    for result in _evaluation(ws).get("clusters", []):
+        adapter = result.get("adapter")
+        if not adapter or not Path(adapter).exists():
+            continue
+        if not include_failed and not (result.get("decision") or {}).get("migrate"):
+            continue
+        path = Path(adapter)
+        metrics_file = path / "metrics.json"
+        trained = json.loads(metrics_file.read_text()) if metrics_file.exists() else {}
+        prefix_file = path / "static_prefix.txt"
+        finetuned = (result.get("variants") or {}).get("finetuned") or {}
+        base = None
+        config_file = path / "adapter_config.json"
+        if config_file.exists():
+            base = json.loads(config_file.read_text()).get("base_model_name_or_path")
+        out.append(Deployment(
+            cluster=result["cluster"], adapter=path, base_model=base or trained.get("base_model"),
+            kind=result.get("kind") or "text", label=result.get("label"), metric=result.get("primary_metric"),
+            score=finetuned.get("primary"),
+            static_prefix=prefix_file.read_text(encoding="utf-8") if prefix_file.exists() else "",
+            max_new_tokens=int((finetuned.get("efficiency") or {}).get("max_new_tokens") or 256),
+        ))
+    return out

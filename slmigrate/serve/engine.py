@@ -1,0 +1,77 @@
+"""The small-model side of the router: one base model, one LoRA adapter per migrated cluster, in one process.
+
+Adapters are loaded once as named PEFT adapters on the same base weights and switched per request
+(``set_adapter``), so ten migrated tasks cost one base model's memory plus ten small adapters. Generation is
+not thread-safe on one model, so requests take turns under a lock, in a worker thread off the event loop.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from slmigrate.serve.deployment import Deployment
+
+
+@dataclass
+class SlmAnswer:
+    message: dict[str, Any]  # OpenAI assistant message (tool_calls with JSON-string arguments)
+    text: str  # what the model generated
+    prompt_tokens: int
+    completion_tokens: int
+    latency_ms: float
+    finish_reason: str  # stop | length
+
+
+class SlmEngine:
+    def __init__(self, deployments: list[Deployment], *, device: str = "auto", base_model: str | None = None):
+        from slmigrate import generate as G
+
+        self.deployments = {d.cluster: d for d in deployments}
+        self._lock = threading.Lock()
+        self.model = self.tokenizer = None
+        if not deployments:
+            return
+        bases = {d.base_model for d in deployments}
+        base = base_model or next(iter(bases))
+        model, self.tokenizer, self.resolved = G.load_model(base, device=device)
+        from peft import PeftModel
+
+        first, *rest = deployments
+        self.model = PeftModel.from_pretrained(model, str(first.adapter), adapter_name=first.name)
+        for d in rest:
+            self.model.load_adapter(str(d.adapter), adapter_name=d.name)
+        self.model.eval()
+
+    def answer(self, cluster: str, request: dict[str, Any]) -> SlmAnswer:
+        """Generate the cluster's specialist answer for an OpenAI chat request (blocking)."""
+        from slmigrate import chat_format
+        from slmigrate.generate import generate
+
+        d = self.deployments[cluster]
+        messages = list(request.get("messages") or [])
+        if d.static_prefix:
+            # The specialist was trained without its cluster's static system-prompt prefix: serve it the same way.
+            messages = chat_format.prune_prefix(messages, d.static_prefix)
+        window = getattr(self.model.config, "max_position_embeddings", None)
+        budget = max(32, int(window) - d.max_new_tokens) if window else None
+        prompt = chat_format.render_prompt(self.tokenizer, messages, list(request.get("tools") or []),
+                                           max_tokens=budget).text
+        limit = d.max_new_tokens
+        if isinstance(request.get("max_tokens"), int):
+            limit = min(limit, request["max_tokens"])
+        with self._lock:
+            self.model.set_adapter(d.name)
+            t0 = time.perf_counter()
+            result = generate(self.model, self.tokenizer, [prompt], batch_size=1, max_new_tokens=limit)
+            elapsed = (time.perf_counter() - t0) * 1000
+        text = result.texts[0]
+        try:
+            message = chat_format.parse_answer(text)
+        except Exception:  # noqa: BLE001 - an unparseable answer is a failed answer; validation catches it
+            message = {"role": "assistant", "content": text}
+        return SlmAnswer(message=message, text=text, prompt_tokens=result.prompt_tokens[0],
+                         completion_tokens=result.new_tokens[0], latency_ms=elapsed,
+                         finish_reason="length" if result.truncated else "stop")
