@@ -12,7 +12,7 @@ import tomllib
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from slmigrate.errors import SlmigrateError
 
@@ -65,12 +65,37 @@ class CurateConfig(Section):
     min_outcome: float | None = Field(None, description="Drop calls whose workflow outcome is below this.")
     split: tuple[float, float, float] = Field((0.8, 0.1, 0.1), description="train/validation/test shares.")
     seed: int = Field(0, description="Seed for synthetic replacements and split hashing.")
+    score_threshold: float = Field(0.4, ge=0, le=1, description="Minimum detector score for an entity to count.")
+    allow: list[str] = Field(default_factory=list, description="Values never scrubbed (besides tool names, "
+                             "schema keys and enum values, which are always kept).")
+    near_duplicates: bool = Field(True, description="Drop calls whose request equals an earlier one up to "
+                                  "whitespace, ids and numbers.")
+    examples: int = Field(3, ge=0, description="Scrubbed examples shown in the report.")
+
+    @field_validator("split")
+    @classmethod
+    def _shares(cls, value: tuple[float, float, float]) -> tuple[float, float, float]:
+        if any(v < 0 for v in value) or abs(sum(value) - 1.0) > 1e-6:
+            raise ValueError("train/validation/test shares must be >= 0 and sum to 1, e.g. [0.8, 0.1, 0.1]")
+        return value
 
 
 class ClusterConfig(Section):
     min_size: int = Field(5, ge=2, description="Smallest group of calls that counts as a recurring task.")
     granularity: Literal["coarse", "fine"] = Field("coarse", description="Coarse tasks or finer sub-tasks.")
     by: Literal["none", "agent"] = Field("none", description="Cluster within each agent tag.")
+    threshold: float | None = Field(
+        None, gt=0, le=2,
+        description="Average-linkage cut in the weighted task-view space (default: 0.6 coarse, 0.45 fine).")
+    core_ratio: float = Field(
+        0.7, gt=0, le=1,
+        description="A call is a one-off unless it has min_size similar calls within threshold x core_ratio.")
+    max_points: int = Field(4000, ge=100, description="Distinct task views clustered directly; the rest are assigned.")
+    embedder: Literal["minilm", "hash"] = Field("minilm", description="Embedding model (hash: tests only).")
+    task_tag_key: str | None = Field(
+        "task_tag", description="Metadata key of a user's own task tag; tagged calls form their own clusters.")
+    replaceable_at: float = Field(0.6, ge=0, le=1, description="Replaceability score counted as likely replaceable.")
+    map: bool = Field(True, description="Draw the 2-D map (clusters/map.png).")
 
 
 class SelectConfig(Section):
@@ -84,12 +109,29 @@ class SelectConfig(Section):
 
 
 class FinetuneConfig(Section):
+    """Per-cluster fine-tuning. Fields left at None get a default chosen by data size (see docs/finetune.md)."""
+
     model: str | None = Field(None, description="Catalogue name or local folder; default: the selected model.")
     method: Literal["lora", "qlora", "full"] = Field("lora", description="Fine-tuning method.")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="Where to train.")
-    epochs: float | None = Field(None, description="Epochs (default chosen by data size).")
-    max_steps: int | None = Field(None, description="Stop after this many optimiser steps.")
-    seed: int = Field(0, description="Random seed.")
+    epochs: float | None = Field(None, gt=0, description="Epochs (default chosen by data size).")
+    max_steps: int | None = Field(None, ge=1, description="Stop after this many optimiser steps.")
+    seed: int = Field(0, description="Random seed (data order, initialisation, dropout).")
+    lr: float | None = Field(None, gt=0, description="Peak learning rate (default by method and model size).")
+    lora_r: int | None = Field(None, ge=1, description="LoRA rank (default by data size).")
+    lora_alpha: int | None = Field(None, ge=1, description="LoRA alpha (default 2 x rank).")
+    lora_dropout: float = Field(0.05, ge=0, lt=1, description="Dropout on the LoRA path.")
+    target_modules: list[str] | str = Field("all-linear", description="Modules LoRA adapts (peft names).")
+    batch_tokens: int | None = Field(None, ge=64, description="Tokens per batch (default 4096 CPU, 16384 CUDA).")
+    max_length: int = Field(2048, ge=32, description="Longest example in tokens; longer prompts lose old turns.")
+    gradient_checkpointing: bool = Field(False, description="Recompute activations to save memory.")
+    checkpoint_every: int = Field(50, ge=1, description="Save a resumable checkpoint every N steps.")
+    eval_every: int | None = Field(None, ge=1, description="Validation loss every N steps (default per epoch/4).")
+    patience: int = Field(3, ge=1, description="Stop after this many evaluations without improvement.")
+    warmup_ratio: float = Field(0.05, ge=0, lt=1, description="Share of steps for learning-rate warm-up.")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
+    prune_static_prefix: bool = Field(False, description="Train without the cluster's shared system prefix.")
+    min_examples: int = Field(8, ge=1, description="Skip clusters with fewer training calls than this.")
 
 
 class EvaluateConfig(Section):

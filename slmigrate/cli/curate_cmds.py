@@ -1,0 +1,131 @@
+"""`slmigrate curate` (scrub, dedup, filter, split) and `slmigrate curate export`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.table import Table
+
+from slmigrate.cli._app import JsonOpt, WorkspaceOpt, app, console, err_console, open_workspace, print_json
+
+curate_app = typer.Typer(
+    help="Make the stored calls safe to fine-tune on: scrub PII and secrets, drop duplicates and bad calls, "
+         "split by session.",
+    invoke_without_command=True,
+)
+app.add_typer(curate_app, name="curate")
+
+
+def _progress_bar():
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    return Progress(TextColumn("{task.description:>8}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                    console=err_console, transient=True)
+
+
+@curate_app.callback()
+def curate_cmd(
+    ctx: typer.Context,
+    pii: Annotated[Optional[str], typer.Option(
+        "--pii", help="placeholder (<PERSON_1>), synthetic (consistent fake values) or off.")] = None,
+    entities: Annotated[Optional[str], typer.Option(
+        "--entities", help="Comma-separated entity types to scrub (DEFAULT = the default set, e.g. "
+        "DEFAULT,LOCATION). See docs/curate.md.")] = None,
+    workers: Annotated[Optional[int], typer.Option("--workers", help="Processes for PII analysis.", min=1)] = None,
+    min_outcome: Annotated[Optional[float], typer.Option(
+        "--min-outcome", help="Drop calls from workflows whose outcome (e.g. tau reward) is below this.")] = None,
+    force: Annotated[bool, typer.Option("--force", help="Run even when nothing changed since the last run.")]
+    = False,
+    config: Annotated[Optional[Path], typer.Option(
+        "--config", "-c", help="Config file (default ./slmigrate.toml when present).")] = None,
+    workspace: WorkspaceOpt = None,
+    json_out: JsonOpt = False,
+) -> None:
+    """Scrub PII/PHI/secrets, drop failed, truncated, empty and duplicate calls, split train/validation/test by
+    session, and save a new version of the curated dataset with a report.
+
+    Example: slmigrate curate --pii synthetic --workers 2 --min-outcome 1.0
+    """
+    if ctx.invoked_subcommand is not None:
+        return
+    from slmigrate.config import load_config
+    from slmigrate.curate import curate
+
+    ent_list = [e for e in entities.split(",") if e.strip()] if entities else None
+    cfg = load_config(config, {"curate": {"pii": pii, "entities": ent_list, "workers": workers,
+                                          "min_outcome": min_outcome}}).curate
+    ws = open_workspace(workspace, create=False)
+    if json_out:
+        report = curate(ws, cfg, force=force)
+    else:
+        with _progress_bar() as bar:
+            tasks: dict[str, int] = {}
+
+            def progress(phase: str, done: int, total: int) -> None:
+                if phase not in tasks:
+                    tasks[phase] = bar.add_task(phase, total=total)
+                bar.update(tasks[phase], completed=done, total=total)
+
+            report = curate(ws, cfg, progress=progress, force=force)
+    if json_out:
+        print_json(report)
+        return
+    _print_report(report)
+
+
+def _print_report(report: dict) -> None:
+    if report.get("skipped"):
+        console.print(f"Curated data {report.get('version')} is up to date ({report.get('skip_reason')}); "
+                      "nothing to do. Use --force to run anyway.")
+        return
+    console.print(f"Curated [bold]{report['version']}[/]: {report['calls_in']:,} calls in, "
+                  f"{report['calls_out']:,} kept (pii={report['pii']}, {report['duration_s']}s).")
+    table = Table(title="dropped", title_justify="left")
+    table.add_column("reason")
+    table.add_column("calls", justify="right")
+    for reason, n in report["dropped"].items():
+        table.add_row(reason, f"{n:,}")
+    console.print(table)
+    table = Table(title="splits (by session)", title_justify="left")
+    for col in ("split", "calls", "sessions"):
+        table.add_column(col, justify="left" if col == "split" else "right")
+    for split, n in report["splits"].items():
+        table.add_row(split, f"{n:,}", f"{report['sessions'][split]:,}")
+    console.print(table)
+    if report["entities"]:
+        table = Table(title="entities replaced (distinct values per call, summed)", title_justify="left")
+        table.add_column("entity")
+        table.add_column("count", justify="right")
+        for entity, n in report["entities"].items():
+            table.add_row(entity, f"{n:,}")
+        console.print(table)
+    for ex in report.get("examples") or []:
+        console.print(f"[dim]example {ex['id']} ({', '.join(ex['entities'])}):[/] {ex['text']!r}", highlight=False)
+
+
+@curate_app.command("export")
+def export_cmd(
+    out: Annotated[Path, typer.Option("--out", "-o", help="JSON Lines file to write.")],
+    fmt: Annotated[str, typer.Option(
+        "--format", "-f", help="openai (request/response with ids) or openai-ft (messages+tools per line).")]
+    = "openai",
+    split: Annotated[str, typer.Option("--split", help="train, validation, test or all.")] = "all",
+    version: Annotated[Optional[str], typer.Option("--version", help="Curated version (default: newest).")]
+    = None,
+    workspace: WorkspaceOpt = None,
+    json_out: JsonOpt = False,
+) -> None:
+    """Export the curated calls as JSON Lines for other trainers (TRL, axolotl, Unsloth, OpenAI fine-tuning).
+
+    Example: slmigrate curate export --format openai-ft --split train --out train.jsonl
+    """
+    from slmigrate.curate import export
+
+    info = export(open_workspace(workspace, create=False), out, fmt, split, version)
+    if json_out:
+        print_json(info)
+    else:
+        console.print(f"Wrote {info['calls']:,} {info['split']} calls ({info['format']}, {info['version']}) "
+                      f"to [bold]{info['out']}[/].")

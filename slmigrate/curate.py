@@ -1,0 +1,282 @@
+"""Curate (paper step S2): turn the stored calls into a dataset that is safe to fine-tune on.
+
+Order of work: quality filters (each drop counted with its reason) -> exact and near-duplicate removal (keep the
+first) -> PII/secret scrubbing (``slmigrate.pii``) -> train/validation/test split by session -> a new version of
+the curated dataset (``slmigrate.curated``) with its report, and a "curate" manifest so an unchanged re-run is
+skipped.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import time
+from collections import Counter
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from slmigrate import curated
+from slmigrate.config import CurateConfig
+from slmigrate.errors import SlmigrateError
+from slmigrate.record import CallRecord, canonical_json
+from slmigrate.workspace import Workspace, fingerprint_of
+
+# Bump when curate's output for the same input and config changes, so old results count as stale.
+CURATE_LOGIC_VERSION = 1
+DROP_REASONS = ("failed", "empty_answer", "truncated", "invalid_tool_arguments", "unknown_tool",
+                "below_min_outcome", "duplicate", "near_duplicate")
+EXPORT_FORMATS = ("openai", "openai-ft")
+
+Progress = Callable[[str, int, int], None]
+
+
+# --- filters ---
+def offered_tools(call: CallRecord) -> set[str]:
+    names = {((t.get("function") or {}).get("name") or t.get("name")) for t in call.tools if isinstance(t, dict)}
+    names |= {f.get("name") for f in call.request.get("functions") or [] if isinstance(f, dict)}
+    return {n for n in names if n}
+
+
+def outcome_of(call: CallRecord) -> float | None:
+    """The workflow's outcome: the record's own field, else a reward/outcome the import left in metadata."""
+    if call.outcome is not None:
+        return call.outcome
+    for key in ("reward", "outcome", "score"):
+        value = (call.metadata or {}).get(key)
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    return None
+
+
+def drop_reason(call: CallRecord, config: CurateConfig) -> str | None:
+    """Why a call is not fit for training, or None when it is."""
+    answer = call.answer
+    if call.status != "ok" or call.error or answer is None:
+        return "failed"
+    if call.finish_reason == "length":
+        return "truncated"
+    tool_calls = list(answer.get("tool_calls") or [])
+    if answer.get("function_call"):
+        tool_calls.append({"function": answer["function_call"]})
+    content = answer.get("content")
+    if isinstance(content, list):
+        content = "".join(p.get("text") or "" for p in content if isinstance(p, dict))
+    if not tool_calls and not (content or "").strip():
+        return "empty_answer"
+    offered = offered_tools(call)
+    for tc in tool_calls:
+        fn = (tc or {}).get("function") or {}
+        try:
+            json.loads(fn.get("arguments") or "{}")
+        except (TypeError, ValueError):
+            return "invalid_tool_arguments"
+        # Without a tool list in the request we cannot judge (some logs drop it), so only offered lists count.
+        if offered and fn.get("name") not in offered:
+            return "unknown_tool"
+    if config.min_outcome is not None:
+        outcome = outcome_of(call)
+        if outcome is not None and outcome < config.min_outcome:
+            return "below_min_outcome"
+    return None
+
+
+# --- duplicates ---
+_WS = re.compile(r"(?:\\[nrt]|\s)+")
+_ID = re.compile(r"(?<![A-Za-z0-9])(?=[A-Za-z0-9_\-#]*\d)[A-Za-z0-9_\-#]{5,}(?![A-Za-z0-9])")
+_NUM = re.compile(r"\d+(?:\.\d+)?")
+
+
+def exact_key(call: CallRecord) -> str:
+    # The answer, not the whole response: response ids, timestamps and usage differ between identical calls.
+    body = canonical_json([call.request, call.answer, call.finish_reason])
+    return hashlib.sha256(body.encode("utf-8")).hexdigest()
+
+
+def near_key(call: CallRecord) -> str:
+    """The request with whitespace collapsed, id-like tokens and numbers blanked."""
+    text = canonical_json({"messages": call.request.get("messages"), "tools": call.request.get("tools")})
+    text = _NUM.sub("0", _ID.sub("<id>", _WS.sub(" ", text)))
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+# --- splits ---
+def split_of(session_key: str, shares: tuple[float, float, float], seed: int = 0) -> str:
+    """train | validation | test from a hash of the session alone: new data never moves an old session."""
+    digest = hashlib.sha256(f"{seed}:{session_key}".encode("utf-8")).digest()
+    u = int.from_bytes(digest[:8], "big") / 2**64
+    if u < shares[0]:
+        return "train"
+    if u < shares[0] + shares[1]:
+        return "validation"
+    return "test"
+
+
+def session_key(call: CallRecord) -> str:
+    return call.session or f"call:{call.input_id or call.id}"
+
+
+# --- the stage ---
+def fingerprint(ws: Workspace, config: CurateConfig) -> str:
+    # Worker count changes speed, not output.
+    settings = config.model_dump(mode="json", exclude={"workers"})
+    return fingerprint_of("curate", CURATE_LOGIC_VERSION, settings, ws.store.fingerprint())
+
+
+def curate(ws: Workspace, config: CurateConfig | None = None, progress: Progress | None = None,
+           force: bool = False) -> dict[str, Any]:
+    """Run the curate stage; returns its report (``skipped`` is True when nothing changed since the last run)."""
+    config = config or CurateConfig()
+    started = time.time()
+    fp = fingerprint(ws, config)
+    if not force and ws.is_fresh("curate", fp) and curated.current_version(ws):
+        try:
+            report = curated.load_report(ws)
+        except (OSError, ValueError):
+            report = None
+        if report is not None:
+            return {**report, "skipped": True,
+                    "skip_reason": "no new calls and the same config since the last curate run"}
+    from slmigrate.pii import resolve_entities, scrub_calls
+
+    entities = resolve_entities(config.entities)
+    total = ws.store.count_calls()
+    if total == 0:
+        raise SlmigrateError(f"the workspace {ws.root} holds no calls; import some first with "
+                             "`slmigrate collect import FILE`")
+    calls: list[CallRecord] = []
+    for i, call in enumerate(ws.store.iter_calls()):
+        calls.append(call)
+        if progress and (i % 200 == 0 or i == total - 1):
+            progress("load", i + 1, total)
+
+    dropped: Counter[str] = Counter()
+    kept: list[CallRecord] = []
+    seen_exact: set[str] = set()
+    seen_near: set[str] = set()
+    for call in calls:
+        reason = drop_reason(call, config)
+        if reason is None:
+            key = exact_key(call)
+            if key in seen_exact:
+                reason = "duplicate"
+            seen_exact.add(key)
+        if reason is None and config.near_duplicates:
+            key = near_key(call)
+            if key in seen_near:
+                reason = "near_duplicate"
+            seen_near.add(key)
+        if reason:
+            dropped[reason] += 1
+        else:
+            kept.append(call)
+
+    scrubbed, replaced, analyzer = scrub_calls(
+        kept, mode=config.pii, entities=entities, workers=config.workers, seed=config.seed, allow=config.allow,
+        score_threshold=config.score_threshold, progress=progress,
+    )
+    entity_counts: Counter[str] = Counter()
+    for r in replaced:
+        entity_counts.update(r.values())
+
+    rows = []
+    splits: Counter[str] = Counter()
+    sessions: dict[str, set[str]] = {s: set() for s in curated.SPLITS}
+    for call in scrubbed:
+        key = session_key(call)
+        split = split_of(key, config.split, config.seed)
+        splits[split] += 1
+        sessions[split].add(key)
+        rows.append(curated.to_row(call, split))
+
+    report: dict[str, Any] = {
+        "calls_in": len(calls),
+        "calls_out": len(rows),
+        "dropped": {r: dropped.get(r, 0) for r in DROP_REASONS},
+        "splits": {s: splits.get(s, 0) for s in curated.SPLITS},
+        "sessions": {s: len(v) for s, v in sessions.items()},
+        "pii": config.pii,
+        "entities": dict(entity_counts.most_common()),
+        "distinct_texts_analysed": len(analyzer.cache) if analyzer else 0,
+        "examples": _examples(scrubbed, replaced, config.examples),
+        "store_fingerprint": ws.store.fingerprint(),
+        "duration_s": round(time.time() - started, 2),
+        "skipped": False,
+    }
+    version = curated.write_curated(ws, rows, report, config.model_dump(mode="json"))
+    report["version"] = version
+    # The version lives in the report file too, for `skipped` re-runs that return it.
+    (curated.version_dir(ws, version) / "report.json").write_text(
+        json.dumps(report, indent=2, ensure_ascii=False, default=str))
+    ws.write_manifest("curate", fingerprint=fp, config=config.model_dump(mode="json"),
+                      counts={"calls_in": len(calls), "calls_out": len(rows), **report["splits"]},
+                      started=started, extra={"store_fingerprint": ws.store.fingerprint(), "version": version})
+    return report
+
+
+def _examples(calls: list[CallRecord], replaced: list[dict[str, str]], limit: int) -> list[dict[str, Any]]:
+    """A few scrubbed snippets (after replacement only: the report must not carry the PII it removed)."""
+    from slmigrate.pii import texts_of
+
+    order = sorted(range(len(calls)), key=lambda i: -len(replaced[i]))
+    out: list[dict[str, Any]] = []
+    for i in order[:limit]:
+        if not replaced[i]:
+            break
+        for text in reversed(texts_of(calls[i])):
+            hits = [r for r in replaced[i] if r in text]
+            if hits:
+                at = text.index(hits[0])
+                out.append({"id": calls[i].id, "entities": sorted(set(replaced[i].values())),
+                            "text": text[max(0, at - 120): at + 240]})
+                break
+    return out
+
+
+# --- export ---
+def _ft_message(message: dict[str, Any]) -> dict[str, Any]:
+    """An assistant/other message with only the fields fine-tuning formats accept."""
+    keep = {k: v for k, v in message.items() if k in ("role", "content", "name", "tool_calls", "tool_call_id")}
+    if not keep.get("tool_calls"):
+        keep.pop("tool_calls", None)
+    else:
+        keep["tool_calls"] = [{"id": tc.get("id"), "type": tc.get("type") or "function",
+                               "function": {"name": tc["function"].get("name"),
+                                            "arguments": tc["function"].get("arguments")}}
+                              for tc in keep["tool_calls"]]
+    return keep
+
+
+def export_record(call: curated.CuratedCall, fmt: str) -> dict[str, Any]:
+    if fmt == "openai":
+        return {"id": call.id, "input_id": call.input_id, "session": call.session, "agent": call.agent,
+                "split": call.split, "outcome": call.outcome, "request": call.request, "response": call.response,
+                "metadata": call.metadata}
+    messages = [_ft_message(m) for m in call.messages if isinstance(m, dict)]
+    messages.append(_ft_message({**(call.answer or {}), "role": "assistant"}))
+    row: dict[str, Any] = {"messages": messages}
+    if call.tools:
+        row["tools"] = call.tools
+    return row
+
+
+def export(ws: Workspace, out: str | Path, fmt: str = "openai", split: str = "all",
+           version: str | None = None) -> dict[str, Any]:
+    """Write the curated calls as JSON Lines: ``openai`` (request/response with ids, for inspection and other
+    importers) or ``openai-ft`` (``{"messages", "tools"}`` per line: OpenAI fine-tuning, TRL, axolotl)."""
+    if fmt not in EXPORT_FORMATS:
+        raise SlmigrateError(f"unknown export format {fmt!r}; expected one of {', '.join(EXPORT_FORMATS)}")
+    if split != "all" and split not in curated.SPLITS:
+        raise SlmigrateError(f"unknown split {split!r}; expected one of {', '.join(curated.SPLITS)} or all")
+    calls = curated.load_curated(ws, None if split == "all" else split, version)
+    path = Path(out)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with path.open("w", encoding="utf-8") as fh:
+            for call in calls:
+                fh.write(json.dumps(export_record(call, fmt), ensure_ascii=False) + "\n")
+    except OSError as exc:
+        raise SlmigrateError(f"cannot write {path}: {exc.strerror}; pass another --out") from exc
+    return {"out": str(path), "format": fmt, "split": split, "calls": len(calls),
+            "version": version or curated.current_version(ws)}

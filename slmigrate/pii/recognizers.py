@@ -1,0 +1,162 @@
+"""Recognisers presidio lacks for agent logs: secrets, customer-account ids, street addresses, and rules for
+JSON fields whose key says what the value is.
+
+Each regex recogniser may mark the part to scrub with a named group ``v`` (``Bearer <token>``: only the token
+goes, the word ``Bearer`` stays so the text still reads as an auth header).
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+# (entity, pattern, score). Patterns are compiled without IGNORECASE unless they say (?i): token prefixes are
+# case-sensitive and matching them loosely would eat ordinary words.
+SECRET_PATTERNS: list[tuple[str, str, float]] = [
+    ("PRIVATE_KEY", r"-----BEGIN (?:[A-Z0-9]+ )*PRIVATE KEY-----[\s\S]*?-----END (?:[A-Z0-9]+ )*PRIVATE KEY-----",
+     1.0),
+    ("OPENAI_API_KEY", r"\bsk-(?:proj-|svcacct-|admin-|ant-)?[A-Za-z0-9_\-]{20,}", 1.0),
+    ("AWS_ACCESS_KEY", r"\b(?:AKIA|ASIA|AGPA|AIDA|AROA|ANPA)[0-9A-Z]{16}\b", 1.0),
+    ("AWS_SECRET_KEY",
+     r"(?i)aws.{0,20}?(?:secret|private).{0,20}?['\"]?\s*[:=]\s*['\"]?(?P<v>[A-Za-z0-9/+=]{40})(?![A-Za-z0-9/+=])", 0.9),
+    ("GITHUB_TOKEN", r"\b(?:gh[pousr]_[A-Za-z0-9]{30,}|github_pat_[A-Za-z0-9_]{22,})\b", 1.0),
+    ("SLACK_TOKEN", r"\bxox[abposr]-[A-Za-z0-9\-]{10,}", 1.0),
+    ("JWT", r"\beyJ[A-Za-z0-9_\-]{5,}\.eyJ[A-Za-z0-9_\-]{5,}\.[A-Za-z0-9_\-]{8,}", 1.0),
+    ("BEARER_TOKEN", r"(?i)\bbearer\s+(?P<v>[A-Za-z0-9\-._~+/]{16,}=*)", 0.9),
+    # scheme://user:password@host - the password only; the URL stays a URL.
+    ("URL_PASSWORD", r"\b[a-zA-Z][a-zA-Z0-9+.\-]*://[^\s:/@]+:(?P<v>[^\s@/]+)@", 1.0),
+    ("SECRET",
+     r"(?i)\b(?:api[_\-]?key|apikey|secret(?:[_\-]?key)?|access[_\-]?token|auth[_\-]?token|password|passwd|pwd)"
+     r"\b['\"]?\s*(?:[:=]|\bis\b)\s*['\"]?(?P<v>[^\s'\",;]{6,})", 0.8),
+]
+
+# Ids of customer accounts in agent back-ends (tau-bench style logs, and common shapes elsewhere).
+ACCOUNT_PATTERNS: list[tuple[str, str, float]] = [
+    ("PAYMENT_ID", r"\b(?:credit_card|debit_card|gift_card|paypal|certificate|bank_account|apple_pay|venmo)_\d{4,}\b",
+     0.95),
+    # firstname_lastname_1234
+    ("USER_ID", r"\b[a-z]+(?:_[a-z]+){1,3}_\d{3,6}\b", 0.85),
+    ("ORDER_ID", r"#W\d{6,8}\b", 0.9),
+    # Six-character booking codes only next to a word that says so: bare upper-case words are too common.
+    ("RESERVATION_ID",
+     r"(?i:reservation|booking|confirmation|pnr)(?:\s+(?i:id|number|code|no\.?))?(?:\s+(?i:is|was|:))?\s*[:#]?\s*"
+     r"(?P<v>[A-Z0-9]{6})\b", 0.8),
+]
+
+_STREET_SUFFIX = (
+    r"(?:Street|St|Avenue|Ave|Road|Rd|Drive|Dr|Lane|Ln|Boulevard|Blvd|Court|Ct|Place|Pl|Way|Terrace|Ter|Circle|Cir|"
+    r"Parkway|Pkwy|Highway|Hwy|Square|Sq|Trail|Trl|Crescent|Close|Row|Alley|Path|Plaza|Walk|Heights|Hill|Park|"
+    r"Ridge|Loop|Pike|Run|Crossing|Point|Gardens|Mews|Grove|Green|View|Forks?|Mall|Port|Ports|Rest|Bypass|Ville|"
+    r"Meadows?|Junction|Springs?|Stream|Station|Shores?|Track|Turnpike|Union|Valley|Villages?|Well|Wells|Extension)"
+)
+# Street words of other languages, as the word's ending (Koskikatu, Semperweg, Hauptstrasse, Storgatan).
+_FOREIGN_STREET = (
+    r"[A-Za-zÀ-ÿ\-]*(?:katu|tie|vägen|gatan|gata|gade|vej|veien|vegen|weg|straße|strasse|str\.|gasse|laan|straat|"
+    r"plein|utca|ulica|cesta|ul\.|allee|platz|ring|damm|kuja|polku|torget|stræde|gränd)"
+)
+_FOREIGN_PREFIX = (
+    r"(?:Rue|Via|Viale|Calle|Avenida|Av\.|Rua|Carrer|Piazza|Plaza|Paseo|Camino|Boulevard|Chemin|Place|Allée|Corso|"
+    r"Travessa|Largo|Ulica|Strada|Calea|Ul\.)"
+)
+_UNIT = r"(?:[,\s]+(?:Apt\.?|Apartment|Suite|Ste\.?|Unit|Floor|Fl\.?|#)\s*[A-Za-z0-9\-]+)*"
+_WORD = r"[A-ZÀ-Þa-zß-ÿ][A-Za-zÀ-ÿ'\.\-]*"
+
+ADDRESS_PATTERNS: list[tuple[str, str, float]] = [
+    # 362 Spruce Street Suite 647 / 1200 N. Main St
+    ("STREET_ADDRESS", rf"\b\d{{1,6}}[A-Za-z]?(?:\s+{_WORD}){{1,4}}?\s+{_STREET_SUFFIX}\b\.?{_UNIT}", 0.7),
+    # Koskikatu 25 / 6750 Koskikatu 25 Apt. 864 / Storgarden 52
+    ("STREET_ADDRESS", rf"(?:\b\d{{1,6}}\s+)?\b{_FOREIGN_STREET}\s+\d{{1,5}}[A-Za-z]?\b{_UNIT}", 0.6),
+    # Rue de Piétrain 371 / Via Roma 5
+    ("STREET_ADDRESS", rf"(?:\b\d{{1,6}},?\s+)?\b{_FOREIGN_PREFIX}(?:\s+{_WORD}){{1,4}}(?:,?\s+\d{{1,5}}[A-Za-z]?)?\b{_UNIT}",
+     0.6),
+    # PO boxes and military addresses
+    ("STREET_ADDRESS", r"\b(?:P\.?\s?O\.?\s?Box|PSC|Unit|USNS|USS|USNV|USCGC)\s+\d{1,6}(?:,?\s+Box\s+\d{1,6})?", 0.6),
+]
+
+# JSON fields whose key names what the value is: (key pattern, entity). Keys are matched case-insensitively
+# after the whole key; the value (string, or each string of a list) is the entity.
+KEY_RULES: list[tuple[str, str]] = [
+    (r"(?:first|last|middle|given|family|full|customer|passenger|user|account|holder|card_?holder)_?name|surname|"
+     r"fullname", "PERSON"),
+    (r"e_?mail(?:_?address)?", "EMAIL_ADDRESS"),
+    (r"(?:phone|mobile|cell|telephone|fax)(?:_?number)?|msisdn", "PHONE_NUMBER"),
+    (r"address_?[12]|address_?line_?[12]|street(?:_?address)?|street_?line_?\d?", "STREET_ADDRESS"),
+    (r"zip|zip_?code|postal_?code|postcode", "ZIP_CODE"),
+    (r"dob|date_?of_?birth|birth_?date|birthday", "DATE_OF_BIRTH"),
+    (r"user_?id|customer_?id|username|login", "USER_ID"),
+    (r"reservation_?id|reservations|booking_?id|confirmation_?(?:code|number)", "RESERVATION_ID"),
+    (r"payment_?(?:method_?)?id", "PAYMENT_ID"),
+    (r"order_?id|orders", "ORDER_ID"),
+    (r"ssn|social_?security(?:_?number)?", "US_SSN"),
+    (r"iban", "IBAN_CODE"),
+    (r"card_?number|credit_?card_?number|cc_?number|pan", "CREDIT_CARD"),
+    (r"ip|ip_?address|client_?ip|remote_?addr", "IP_ADDRESS"),
+    (r"password|passwd|pwd|api_?key|apikey|secret|secret_?key|access_?token|refresh_?token|auth_?token|"
+     r"client_?secret|private_?key|token", "SECRET"),
+    (r"imei|serial_?number|device_?serial", "DEVICE_ID"),
+]
+_KEY_RULES = [(re.compile(rf"(?i)^(?:{p})$"), e) for p, e in KEY_RULES]
+
+
+def entity_for_key(key: str) -> str | None:
+    for pattern, entity in _KEY_RULES:
+        if pattern.match(key):
+            return entity
+    return None
+
+
+SECRET_ENTITIES = sorted({e for e, _, _ in SECRET_PATTERNS})
+ACCOUNT_ENTITIES = sorted({e for e, _, _ in ACCOUNT_PATTERNS} | {"ZIP_CODE", "DATE_OF_BIRTH", "DEVICE_ID"})
+
+
+def _regex_recognizer_class():
+    """Built lazily: presidio is a heavy import and only the analysis needs it."""
+    from presidio_analyzer import EntityRecognizer, RecognizerResult
+
+    class RegexGroupRecognizer(EntityRecognizer):
+        """Regexes whose optional ``v`` group is the span to report (presidio's patterns report whole matches)."""
+
+        def __init__(self, name: str, patterns: list[tuple[str, str, float]]):
+            self.patterns = [(e, re.compile(p), s) for e, p, s in patterns]
+            super().__init__(supported_entities=sorted({e for e, _, _ in patterns}), name=name,
+                             supported_language="en")
+
+        def load(self) -> None:  # nothing to load
+            pass
+
+        def analyze(self, text: str, entities: list[str], nlp_artifacts: Any = None):
+            results = []
+            for entity, regex, score in self.patterns:
+                if entities and entity not in entities:
+                    continue
+                for match in regex.finditer(text):
+                    start, end = match.span("v") if "v" in regex.groupindex else match.span()
+                    if end > start:
+                        results.append(RecognizerResult(entity, start, end, score))
+            return results
+
+    return RegexGroupRecognizer
+
+
+def _offline_email_recognizer():
+    """presidio's EmailRecognizer validates the domain with tldextract, whose default extractor downloads the
+    public suffix list on first use. This one uses tldextract's bundled snapshot and never touches the network."""
+    import tldextract
+    from presidio_analyzer.predefined_recognizers import EmailRecognizer
+
+    extractor = tldextract.TLDExtract(suffix_list_urls=(), cache_dir=None, fallback_to_snapshot=True)
+
+    class OfflineEmailRecognizer(EmailRecognizer):
+        def validate_result(self, pattern_text: str) -> bool:
+            return extractor(pattern_text).fqdn != ""
+
+    return OfflineEmailRecognizer(), extractor
+
+
+def extra_recognizers() -> list[Any]:
+    cls = _regex_recognizer_class()
+    return [
+        cls("SecretRecognizer", SECRET_PATTERNS),
+        cls("AccountIdRecognizer", ACCOUNT_PATTERNS),
+        cls("StreetAddressRecognizer", ADDRESS_PATTERNS),
+    ]

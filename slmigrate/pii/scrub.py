@@ -1,0 +1,336 @@
+"""Replacing what was found, consistently within one call.
+
+Every entity value found anywhere in a call (system prompt, user, assistant and tool messages, tool-call
+arguments, the answer) is replaced wherever it occurs in that call, by the same replacement: ``<PERSON_1>``
+(placeholder mode) or one seeded fake value (synthetic mode). So the answer still refers to the same entity as
+the prompt, and a value the analyser missed in one message is still caught when it found it in another.
+
+JSON texts are parsed, their string values (and keys that are ids) replaced, and dumped again: the JSON stays
+valid and keeps its structure.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+import re
+import string
+from collections import Counter
+from typing import Any
+
+from slmigrate.pii.engine import STRUCT, VETOABLE, Found, TextAnalyzer, is_json_container
+from slmigrate.record import CallRecord
+
+# Never replaced: values that are part of the agent's interface rather than of anyone's data.
+BUILTIN_ALLOW = {"gift_card", "credit_card", "paypal", "certificate", "bank_account", "basic_economy", "economy",
+                 "business", "round_trip", "one_way", "regular", "silver", "gold", "Human", "AI", "User",
+                 "Assistant", "USA", "US", "Visa", "Mastercard", "MasterCard", "Amex", "American Express",
+                 "Discover", "PayPal", "Paypal"}
+
+# Priority when one value was found as two types (higher wins on equal score).
+_PRIORITY = {"PRIVATE_KEY": 9, "OPENAI_API_KEY": 9, "AWS_ACCESS_KEY": 9, "AWS_SECRET_KEY": 9, "GITHUB_TOKEN": 9,
+             "SLACK_TOKEN": 9, "JWT": 9, "BEARER_TOKEN": 8, "URL_PASSWORD": 8, "SECRET": 7, "EMAIL_ADDRESS": 6,
+             "PAYMENT_ID": 6, "USER_ID": 5, "CREDIT_CARD": 5, "IBAN_CODE": 5, "US_SSN": 5, "STREET_ADDRESS": 4,
+             "PERSON": 3}
+
+
+def texts_of(call: CallRecord) -> list[str]:
+    """Every free-text or JSON string of a call that may hold PII, in conversation order."""
+    out: list[str] = []
+    messages = list(call.request.get("messages") or [])
+    for choice in (call.response or {}).get("choices") or []:
+        if isinstance(choice, dict) and isinstance(choice.get("message"), dict):
+            messages.append(choice["message"])
+    for message in messages:
+        if not isinstance(message, dict):
+            continue
+        content = message.get("content")
+        if isinstance(content, str):
+            out.append(content)
+        elif isinstance(content, list):
+            out.extend(p["text"] for p in content if isinstance(p, dict) and isinstance(p.get("text"), str))
+        for tc in message.get("tool_calls") or []:
+            args = (tc.get("function") or {}).get("arguments") if isinstance(tc, dict) else None
+            if isinstance(args, str):
+                out.append(args)
+        fc = message.get("function_call")
+        if isinstance(fc, dict) and isinstance(fc.get("arguments"), str):
+            out.append(fc["arguments"])
+    return [t for t in out if t]
+
+
+def allow_list_of(call: CallRecord, extra: set[str] | frozenset[str] = frozenset()) -> set[str]:
+    """Tool names, schema property names and enum values of the call's tools: structure, never PII."""
+    allow = set(BUILTIN_ALLOW) | set(extra)
+
+    def walk(node: Any) -> None:
+        if isinstance(node, dict):
+            for k, v in node.items():
+                allow.add(str(k))
+                if k == "enum" and isinstance(v, list):
+                    allow.update(str(x) for x in v)
+                elif k in ("name", "title") and isinstance(v, str):
+                    allow.add(v)
+                walk(v)
+        elif isinstance(node, list):
+            for item in node:
+                walk(item)
+
+    walk(call.request.get("tools") or [])
+    walk(call.request.get("functions") or [])
+    return allow
+
+
+class Replacer:
+    """Makes the replacement for each value of one call, in order of first appearance."""
+
+    def __init__(self, mode: str, seed: int, call_key: str):
+        self.mode = mode
+        self.counters: Counter[str] = Counter()
+        self.mapping: dict[str, str] = {}
+        digest = hashlib.sha256(f"{seed}:{call_key}".encode()).digest()
+        self.rng = random.Random(int.from_bytes(digest[:8], "big"))
+        self._faker = None
+
+    @property
+    def faker(self):
+        if self._faker is None:
+            self._faker = _shared_faker()
+            self._faker.seed_instance(self.rng.getrandbits(32))
+        return self._faker
+
+    def add(self, value: str, entity: str, known: dict[str, str] | None = None) -> None:
+        if value in self.mapping:
+            return
+        if self.mode == "placeholder":
+            self.counters[entity] += 1
+            self.mapping[value] = f"<{entity}_{self.counters[entity]}>"
+            return
+        used = set(self.mapping.values())
+        for _ in range(20):
+            fake = self._synthetic(value, entity)
+            if fake != value and fake not in used:
+                break
+        self.mapping[value] = fake
+        parts, fake_parts = value.split(), fake.split()
+        if entity == "PERSON" and len(parts) > 1 and len(fake_parts) == len(parts) and known:
+            # "James Lee" -> "Mark Jones" makes a lone "James" elsewhere in the call "Mark".
+            for part, fake_part in zip(parts, fake_parts):
+                if known.get(part) == "PERSON" and part not in self.mapping:
+                    self.mapping[part] = fake_part
+
+    def _shape(self, value: str) -> str:
+        """Same shape, other characters: digits stay digits, letters keep their case, the rest stays."""
+        out = []
+        for ch in value:
+            if ch.isdigit():
+                out.append(self.rng.choice(string.digits))
+            elif ch.isupper() and ch.isascii():
+                out.append(self.rng.choice(string.ascii_uppercase))
+            elif ch.islower() and ch.isascii():
+                out.append(self.rng.choice(string.ascii_lowercase))
+            else:
+                out.append(ch)
+        return "".join(out)
+
+    def _person(self, value: str) -> str:
+        parts = value.split()
+        if len(parts) == 1:
+            return self.mapping.get(value) or self.faker.first_name()
+        # Reuse the fakes already chosen for the parts so "James", "Lee" and "James Lee" stay one person.
+        first = self.mapping.get(parts[0]) or self.faker.first_name()
+        last = self.mapping.get(parts[-1]) or self.faker.last_name()
+        return " ".join([first, *parts[1:-1], last]) if len(parts) > 2 else f"{first} {last}"
+
+    def _synthetic(self, value: str, entity: str) -> str:
+        f = self.faker
+        if entity == "PERSON":
+            return self._person(value)
+        if entity == "EMAIL_ADDRESS":
+            user = re.sub(r"[^a-z0-9.]", "", f.user_name().lower()) or "user"
+            return f"{user}{self.rng.randint(10, 9999)}@example.com"
+        if entity == "STREET_ADDRESS":
+            if re.match(r"(?i)(apt|apartment|suite|ste|unit|floor|#)\b", value):
+                return f.secondary_address()
+            return f.street_address()
+        if entity == "DATE_OF_BIRTH" and re.fullmatch(r"\d{4}-\d{2}-\d{2}", value):
+            return f.date_of_birth(minimum_age=18, maximum_age=90).isoformat()
+        if entity == "CREDIT_CARD":
+            return f.credit_card_number()
+        if entity == "IBAN_CODE":
+            return f.iban()
+        if entity == "US_SSN":
+            return f.ssn()
+        if entity == "IP_ADDRESS":
+            return f.ipv6() if ":" in value else f.ipv4_public()
+        if entity == "USER_ID":
+            m = re.fullmatch(r"([a-z]+(?:_[a-z]+)*)_(\d+)", value)
+            if m:
+                return f"{f.first_name().lower()}_{f.last_name().lower()}_{self._shape(m.group(2))}"
+            return self._shape(value)
+        if entity == "PAYMENT_ID":
+            m = re.fullmatch(r"([a-z_]+_)(\d+)", value)
+            return m.group(1) + self._shape(m.group(2)) if m else self._shape(value)
+        prefix = _SECRET_PREFIX.match(value)
+        if prefix:  # a fake key still looks like the kind of key it replaces
+            return prefix.group(0) + self._shape(value[prefix.end():])
+        return self._shape(value)
+
+
+_SECRET_PREFIX = re.compile(r"^(?:sk-(?:proj-|svcacct-|admin-|ant-)?|AKIA|ASIA|gh[pousr]_|github_pat_|xox[a-z]-|eyJ)")
+_FAKER = None
+
+
+def _shared_faker():
+    global _FAKER
+    if _FAKER is None:
+        from faker import Faker
+
+        _FAKER = Faker("en_US")
+    return _FAKER
+
+
+def _pattern(values: list[str]) -> re.Pattern[str]:
+    # Longest first, so an e-mail wins over the name inside it; no match inside a longer word or id.
+    alternation = "|".join(re.escape(v) for v in sorted(values, key=len, reverse=True))
+    return re.compile(rf"(?<![A-Za-z0-9_])(?:{alternation})(?![A-Za-z0-9_])")
+
+
+class CallScrubber:
+    """Scrubs calls given a filled TextAnalyzer cache. Output texts are cached per (text, replacements that
+    apply to it): calls of one session repeat history, and map it the same way turn after turn."""
+
+    def __init__(self, analyzer: TextAnalyzer, mode: str = "placeholder", seed: int = 0,
+                 allow: set[str] | frozenset[str] = frozenset(), structural: set[str] | frozenset[str] = frozenset(),
+                 tools_text: str = ""):
+        if mode not in ("placeholder", "synthetic", "off"):
+            raise ValueError(mode)
+        self.analyzer = analyzer
+        self.mode = mode
+        self.seed = seed
+        self.allow = frozenset(allow)
+        # Values seen as structure across the whole batch (see engine.STRUCT); a call's own are added per call.
+        self.structural = frozenset(structural)
+        self.tools_text = tools_text  # tool schemas of the whole batch (user-simulator calls often carry none)
+        self.last_mapping: dict[str, str] = {}
+        self._out_cache: dict[tuple[str, tuple[tuple[str, str], ...]], str] = {}
+
+    def findings(self, call: CallRecord) -> dict[str, str]:
+        """value -> entity for every value to replace in the call, in order of first appearance."""
+        allow = allow_list_of(call, self.allow)
+        # Words of the agent's own tool descriptions ("Toggles Airplane Mode ON or OFF") are not anyone's data.
+        tools_text = self.tools_text + json.dumps(call.request.get("tools") or call.request.get("functions") or [],
+                                                  ensure_ascii=False)
+        per_text = [self.analyzer.analyze(text) for text in texts_of(call)]
+        structural = set(self.structural)
+        structural.update(f.value for found in per_text for f in found if f.entity == STRUCT)
+        best: dict[str, Found] = {}
+        for found in per_text:
+            for f in found:
+                if f.entity == STRUCT or f.value in allow:
+                    continue
+                if f.source != "key" and f.entity in VETOABLE and (f.value in structural or f.value in tools_text):
+                    continue
+                old = best.get(f.value)
+                if old is None or (f.score, _PRIORITY.get(f.entity, 0)) > (old.score, _PRIORITY.get(old.entity, 0)):
+                    best[f.value] = f
+        return {v: f.entity for v, f in best.items()}
+
+    def scrub(self, call: CallRecord) -> tuple[CallRecord, dict[str, str]]:
+        """A scrubbed copy of ``call`` and value -> entity type for what was replaced; ``last_mapping`` then
+        holds value -> replacement (never store either: they hold the PII)."""
+        self.last_mapping = {}
+        if self.mode == "off":
+            return call, {}
+        found = self.findings(call)
+        if not found:
+            return call, {}
+        replacer = Replacer(self.mode, self.seed, call.id or call.content_hash)
+        # Multi-word names first in synthetic mode so single names reuse their parts' fakes.
+        order = list(found)
+        if self.mode == "synthetic":
+            order.sort(key=lambda v: -len(v.split()) if found[v] == "PERSON" else 0)
+        for value in order:
+            replacer.add(value, found[value], found)
+        mapping = self.last_mapping = replacer.mapping
+        regex = _pattern(list(mapping))
+        request = _map_messages(call.request, lambda t: self._text(t, mapping, regex))
+        response = call.response
+        if response is not None:
+            response = dict(response)
+            choices = []
+            for choice in response.get("choices") or []:
+                if isinstance(choice, dict) and isinstance(choice.get("message"), dict):
+                    choice = dict(choice)
+                    choice["message"] = _map_message(choice["message"], lambda t: self._text(t, mapping, regex))
+                choices.append(choice)
+            if "choices" in response:
+                response["choices"] = choices
+        clone = CallRecord.from_dict({**call.to_dict(), "request": request, "response": response})
+        return clone, {v: found[v] for v in mapping if v in found}
+
+    def _text(self, text: str, mapping: dict[str, str], regex: re.Pattern[str]) -> str:
+        present = tuple((v, r) for v, r in mapping.items() if v in text)
+        if not present:
+            return text
+        key = (text, present)
+        cached = self._out_cache.get(key)
+        if cached is None:
+            cached = replace_in_text(text, mapping, regex)
+            if len(self._out_cache) > 200_000:
+                self._out_cache.clear()
+            self._out_cache[key] = cached
+        return cached
+
+
+def replace_in_text(text: str, mapping: dict[str, str], regex: re.Pattern[str] | None = None) -> str:
+    regex = regex or _pattern(list(mapping))
+    obj = is_json_container(text)
+    if obj is None:
+        return regex.sub(lambda m: mapping[m.group(0)], text)
+
+    def sub(s: str) -> str:
+        return regex.sub(lambda m: mapping[m.group(0)], s)
+
+    def walk(node: Any) -> Any:
+        if isinstance(node, dict):
+            return {sub(k) if isinstance(k, str) else k: walk(v) for k, v in node.items()}
+        if isinstance(node, list):
+            return [walk(x) for x in node]
+        if isinstance(node, str):
+            return sub(node)
+        return node
+
+    ascii_only = text.isascii()
+    return json.dumps(walk(obj), ensure_ascii=ascii_only)
+
+
+def _map_message(message: dict[str, Any], fn) -> dict[str, Any]:
+    message = dict(message)
+    content = message.get("content")
+    if isinstance(content, str):
+        message["content"] = fn(content)
+    elif isinstance(content, list):
+        message["content"] = [
+            {**p, "text": fn(p["text"])} if isinstance(p, dict) and isinstance(p.get("text"), str) else p
+            for p in content
+        ]
+    if message.get("tool_calls"):
+        calls = []
+        for tc in message["tool_calls"]:
+            if isinstance(tc, dict) and isinstance((tc.get("function") or {}).get("arguments"), str):
+                tc = {**tc, "function": {**tc["function"], "arguments": fn(tc["function"]["arguments"])}}
+            calls.append(tc)
+        message["tool_calls"] = calls
+    fc = message.get("function_call")
+    if isinstance(fc, dict) and isinstance(fc.get("arguments"), str):
+        message["function_call"] = {**fc, "arguments": fn(fc["arguments"])}
+    return message
+
+
+def _map_messages(request: dict[str, Any], fn) -> dict[str, Any]:
+    request = dict(request)
+    if isinstance(request.get("messages"), list):
+        request["messages"] = [_map_message(m, fn) if isinstance(m, dict) else m for m in request["messages"]]
+    return request

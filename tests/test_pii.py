@@ -1,0 +1,293 @@
+"""PII scrubbing: recognisers, JSON handling, consistent replacement, allow-lists; real presidio in slow tests."""
+
+from __future__ import annotations
+
+import json
+import re
+import socket
+
+import pytest
+
+from slmigrate.pii import CallScrubber, scrub_calls, texts_of
+from slmigrate.pii.engine import (STRUCT, Found, TextAnalyzer, _from_results, _keep, is_json_container, json_view,
+                                  text_ranges)
+from slmigrate.pii.recognizers import (ACCOUNT_PATTERNS, ADDRESS_PATTERNS, SECRET_PATTERNS, _regex_recognizer_class,
+                                       entity_for_key)
+from slmigrate.record import CallRecord
+
+SECRETS = {
+    "OPENAI_API_KEY": "sk-proj-Ab3dEf6hIj9kLm2nOp5qRs8tUv1wXy4z",
+    "AWS_ACCESS_KEY": "AKIAIOSFODNN7EXAMPLE",
+    "GITHUB_TOKEN": "ghp_16C7e42F292c6912E7710c838347Ae178B4a",
+    "SLACK_TOKEN": "xoxb-123456789012-1234567890123-AbCdEfGhIjKlMnOpQrStUvWx",
+    "JWT": "eyJhbGciOiJIUzI1NiJ9.eyJzdWIiOiIxMjM0NTY3ODkwIn0.dozjgNryP4J3jVmNHl0w5N_XgL0n3I9PlFUP0THsR8U",
+}
+PEM = ("-----BEGIN RSA PRIVATE KEY-----\nMIIEowIBAAKCAQEA7bq9fN2Lx0\nq8w3ZyKk1e2Q==\n"
+       "-----END RSA PRIVATE KEY-----")
+
+
+def _regex_find(text: str) -> list[tuple[str, str]]:
+    cls = _regex_recognizer_class()
+    out = []
+    for name, patterns in (("s", SECRET_PATTERNS), ("a", ACCOUNT_PATTERNS), ("d", ADDRESS_PATTERNS)):
+        for r in cls(name, patterns).analyze(text, []):
+            out.append((r.entity_type, text[r.start:r.end]))
+    return out
+
+
+@pytest.mark.parametrize("entity,secret", sorted(SECRETS.items()))
+def test_each_secret_recogniser(entity, secret):
+    found = _regex_find(f"use the key {secret} for the deploy")
+    assert (entity, secret) in found
+
+
+def test_private_key_bearer_and_url_password():
+    found = _regex_find(f"key:\n{PEM}\nthen curl -H 'Authorization: Bearer abcdef0123456789ABCDEF.xyz' "
+                        "postgres://admin:hunter2@db.internal:5432/app and password=S3cr3tPass!")
+    assert ("PRIVATE_KEY", PEM) in found
+    assert ("BEARER_TOKEN", "abcdef0123456789ABCDEF.xyz") in found  # the token only; "Bearer" stays
+    assert ("URL_PASSWORD", "hunter2") in found
+    assert ("SECRET", "S3cr3tPass!") in found
+
+
+def test_account_ids_and_addresses():
+    text = ("user james_lee_6136 paid with credit_card_1234567 and gift_card_7654321, order #W4073673, "
+            "reservation number is XEWRD9; ship to 362 Spruce Street Suite 647")
+    found = _regex_find(text)
+    assert ("USER_ID", "james_lee_6136") in found
+    assert ("PAYMENT_ID", "credit_card_1234567") in found
+    assert ("PAYMENT_ID", "gift_card_7654321") in found
+    assert ("ORDER_ID", "#W4073673") in found
+    assert ("RESERVATION_ID", "XEWRD9") in found
+    assert ("STREET_ADDRESS", "362 Spruce Street Suite 647") in found
+    # tool names and ordinary words are not ids
+    assert not [f for f in _regex_find("call get_user_details then find_user_id_by_name_zip") if f[0] == "USER_ID"]
+    assert not [f for f in _regex_find("PLEASE HOLD ON, TRANSFERRED") if f[0] == "RESERVATION_ID"]
+
+
+def test_key_rules():
+    assert entity_for_key("first_name") == "PERSON"
+    assert entity_for_key("Email") == "EMAIL_ADDRESS"
+    assert entity_for_key("user_id") == "USER_ID"
+    assert entity_for_key("dob") == "DATE_OF_BIRTH"
+    assert entity_for_key("api_key") == "SECRET"
+    assert entity_for_key("flight_number") is None
+    assert entity_for_key("name") is None  # product and plan names too: not a person by key alone
+
+
+def test_json_view_keys_values_and_structure():
+    obj = {"user_id": "james_lee_6136", "name": {"first_name": "James"}, "origin": "JFK",
+           "payment_methods": {"gift_card_1712795": {"amount": 88}}, "note": "call me"}
+    view, ranges, keyed = json_view(obj)
+    values = [view[a:b] for a, b in ranges]
+    assert "james_lee_6136" in values and "gift_card_1712795" in values and "JFK" in values
+    assert "user_id" not in values  # keys are never values
+    assert Found("USER_ID", "james_lee_6136", 0.95, "key") in keyed
+    assert Found("PERSON", "James", 0.95, "key") in keyed
+    assert any(f.entity == STRUCT and f.value == "JFK" for f in keyed)
+    assert is_json_container('{"a": 1}') == {"a": 1}
+    assert is_json_container('"just a string"') is None and is_json_container("not json {") is None
+
+
+def test_text_ranges_skip_line_labels():
+    text = "Airplane Mode: OFF\nName: John Smith"
+    values = [text[a:b] for a, b in text_ranges(text)]
+    assert all("Airplane Mode" not in v for v in values)
+    assert any("John Smith" in v for v in values)
+
+
+def test_keep_rules():
+    assert not _keep(Found("PERSON", "JFK", 0.85))
+    assert not _keep(Found("PERSON", "W3189752", 0.85))
+    assert not _keep(Found("PHONE_NUMBER", "2024-05-24", 0.4))
+    assert _keep(Found("PERSON", "Mia Li", 0.85))
+
+
+class _Result:
+    def __init__(self, entity_type, start, end, score=0.85):
+        self.entity_type, self.start, self.end, self.score = entity_type, start, end, score
+
+
+def test_fragments_inside_longer_spans_are_dropped():
+    text = "pay with credit_card_4959530 at 931 Maple Drive"
+    results = [_Result("PAYMENT_ID", 9, 28, 0.95), _Result("PHONE_NUMBER", 21, 28, 0.4),
+               _Result("STREET_ADDRESS", 32, 47, 0.7), _Result("PERSON", 36, 47)]
+    values = {(f.entity, f.value) for f in _from_results(text, [(0, len(text))], results)}
+    assert values == {("PAYMENT_ID", "credit_card_4959530"), ("STREET_ADDRESS", "931 Maple Drive")}
+
+
+# --- scrubbing with a fake analyzer: regex recognisers + key rules + a fixed name list, no spaCy ---
+NAMES = ("Mia Li", "James Lee", "Mia", "James", "Lee")
+
+
+class FakeAnalyzer(TextAnalyzer):
+    def analyze_many(self, texts, progress=None):
+        cls = _regex_recognizer_class()
+        recognizers = [cls("s", SECRET_PATTERNS), cls("a", ACCOUNT_PATTERNS), cls("d", ADDRESS_PATTERNS)]
+        for text in texts:
+            if not text or text in self.cache:
+                continue
+            obj = is_json_container(text)
+            if obj is None:
+                view, ranges, keyed = text, text_ranges(text), []
+            else:
+                view, ranges, keyed = json_view(obj)
+            results = [r for rec in recognizers for r in rec.analyze(view, [])]
+            for m in re.finditer(r"[\w.]+@[\w.]+\.\w+", view):
+                results.append(_Result("EMAIL_ADDRESS", m.start(), m.end(), 1.0))
+            for name in NAMES:
+                for m in re.finditer(rf"\b{name}\b", view):
+                    results.append(_Result("PERSON", m.start(), m.end()))
+            self.cache[text] = [f for f in keyed + _from_results(view, ranges, results)
+                                if (f.entity in self.entities or f.entity == STRUCT) and _keep(f)]
+
+
+def _tau_call(extra_system: str = "") -> CallRecord:
+    tool_result = json.dumps({
+        "user_id": "mia_li_3668", "name": {"first_name": "Mia", "last_name": "Li"},
+        "address": {"address1": "975 Sunset Drive", "city": "Austin"}, "email": "mia.li3818@example.com",
+        "payment_methods": {"credit_card_4421486": {"source": "credit_card", "id": "credit_card_4421486"}},
+        "membership": "gold", "reservations": ["NO6JO3"],
+    })
+    return CallRecord(
+        request={
+            "messages": [
+                {"role": "system", "content": "You are an airline agent. " + extra_system},
+                {"role": "user", "content": "Hi, I'm Mia Li (mia_li_3668). Please book with my card."},
+                {"role": "assistant", "content": None, "tool_calls": [{"id": "c1", "type": "function", "function": {
+                    "name": "get_user_details", "arguments": json.dumps({"user_id": "mia_li_3668"})}}]},
+                {"role": "tool", "tool_call_id": "c1", "content": tool_result},
+            ],
+            "tools": [{"type": "function", "function": {
+                "name": "get_user_details", "description": "Get the details of a user.",
+                "parameters": {"type": "object", "properties": {
+                    "user_id": {"type": "string"}, "cabin": {"type": "string", "enum": ["economy", "business"]}}}}}],
+        },
+        response={"choices": [{"finish_reason": "tool_calls", "message": {
+            "role": "assistant", "content": "Thanks Mia Li, using credit_card_4421486.",
+            "tool_calls": [{"id": "c2", "type": "function", "function": {
+                "name": "book_reservation",
+                "arguments": json.dumps({"user_id": "mia_li_3668", "payment_id": "credit_card_4421486",
+                                         "cabin": "economy", "email": "mia.li3818@example.com"})}}]}}]},
+        session="s1",
+    ).finalise()
+
+
+def _all_text(call: CallRecord) -> str:
+    return json.dumps(call.request) + json.dumps(call.response)
+
+
+PII_VALUES = ("Mia", "mia_li_3668", "mia.li3818@example.com", "credit_card_4421486", "975 Sunset Drive", "NO6JO3")
+
+
+def test_placeholder_consistent_across_messages_and_tool_args():
+    [clean], replaced, _ = scrub_calls([_tau_call()], mode="placeholder", analyzer=FakeAnalyzer())
+    text = _all_text(clean)
+    for value in PII_VALUES:
+        assert value not in text
+    msgs = clean.request["messages"]
+    assert "<USER_ID_1>" in msgs[1]["content"]
+    assert json.loads(msgs[2]["tool_calls"][0]["function"]["arguments"]) == {"user_id": "<USER_ID_1>"}
+    result = json.loads(msgs[3]["content"])  # still JSON, same keys
+    assert set(result) == {"user_id", "name", "address", "email", "payment_methods", "membership", "reservations"}
+    assert result["user_id"] == "<USER_ID_1>" and result["membership"] == "gold"
+    assert result["address"]["city"] == "Austin"  # LOCATION is not scrubbed by default
+    payment_placeholder = result["payment_methods"]["<PAYMENT_ID_1>"]["id"]  # ids used as keys go too
+    assert payment_placeholder == "<PAYMENT_ID_1>"
+    answer = clean.response["choices"][0]["message"]
+    args = json.loads(answer["tool_calls"][0]["function"]["arguments"])
+    assert args["payment_id"] == "<PAYMENT_ID_1>" and args["user_id"] == "<USER_ID_1>"
+    assert args["email"] == result["email"]
+    assert args["cabin"] == "economy"  # enum values are structure
+    assert "<PERSON_1>" in answer["content"] and "<PERSON_1>" in msgs[1]["content"]
+    assert replaced[0]["<USER_ID_1>"] == "USER_ID"
+    # the original call is untouched
+    assert "mia_li_3668" in _all_text(_tau_call())
+
+
+def test_synthetic_consistent_seeded_and_natural():
+    call = _tau_call()
+    [a], _, _ = scrub_calls([call], mode="synthetic", analyzer=FakeAnalyzer(), seed=7)
+    [b], _, _ = scrub_calls([call], mode="synthetic", analyzer=FakeAnalyzer(), seed=7)
+    [c], _, _ = scrub_calls([call], mode="synthetic", analyzer=FakeAnalyzer(), seed=8)
+    assert _all_text(a) == _all_text(b)  # seeded
+    assert _all_text(a) != _all_text(c)
+    text = _all_text(a)
+    for value in PII_VALUES:
+        assert value not in text
+    assert "<" not in a.request["messages"][1]["content"]
+    result = json.loads(a.request["messages"][3]["content"])
+    args = json.loads(a.response["choices"][0]["message"]["tool_calls"][0]["function"]["arguments"])
+    assert args["user_id"] == result["user_id"] and re.fullmatch(r"[a-z]+_[a-z]+_\d{4}", args["user_id"])
+    assert args["payment_id"].startswith("credit_card_") and args["payment_id"] in result["payment_methods"]
+    assert args["email"] == result["email"] and args["email"].endswith("@example.com")
+    # "Mia Li" and the separate first/last name fields become one consistent fake person
+    full = a.request["messages"][1]["content"].split("I'm ")[1].split(" (")[0]
+    assert full == f"{result['name']['first_name']} {result['name']['last_name']}"
+
+
+def test_off_mode_and_secrets_in_system_prompt():
+    planted = " ".join(SECRETS.values()) + " db=postgres://svc:Pa55word99@db:5432/x"
+    call = _tau_call(planted)
+    [same], replaced, _ = scrub_calls([call], mode="off", analyzer=FakeAnalyzer())
+    assert same is call and replaced == [{}]
+    [clean], _, _ = scrub_calls([call], analyzer=FakeAnalyzer())
+    text = _all_text(clean)
+    for secret in [*SECRETS.values(), "Pa55word99"]:
+        assert secret not in text
+    assert "postgres://svc:<URL_PASSWORD_1>@db" in text
+
+
+def test_allow_list_and_structure_veto():
+    call = _tau_call()
+    scrubber = CallScrubber(FakeAnalyzer(), allow={"Mia"})
+    found = scrubber.findings(call)
+    assert "Mia" not in found and "get_user_details" not in found and "economy" not in found
+    assert found["mia_li_3668"] == "USER_ID"
+
+
+def test_texts_of_covers_all_roles_and_args():
+    texts = texts_of(_tau_call())
+    assert any("Mia Li (mia_li_3668)" in t for t in texts)
+    assert '{"user_id": "mia_li_3668"}' in texts
+    assert any(t.startswith("Thanks Mia Li") for t in texts)
+    assert any("book_reservation" not in t and "payment_id" in t for t in texts)
+
+
+# --- real presidio + spaCy (slow: the model takes ~15 s to load) ---
+@pytest.fixture(scope="module")
+def real_analyzer():
+    return TextAnalyzer()
+
+
+@pytest.mark.slow
+def test_real_analyzer_offline_and_finds_pii(real_analyzer, monkeypatch):
+    def no_network(*args, **kwargs):
+        raise AssertionError("network access attempted")
+
+    monkeypatch.setattr(socket, "getaddrinfo", no_network)
+    monkeypatch.setattr(socket.socket, "connect", no_network)
+    _ = real_analyzer.engine
+    text = ("Hi, I'm Richard McCray, e-mail richard.mccray@gmail.com, phone (602) 272-9781, card "
+            "4095260993934932, IBAN GB78FDMR12277801695645, from 86.121.97.248, SSN 474-49-7577, "
+            "living at 615 Benedum Drive. Token sk-proj-Ab3dEf6hIj9kLm2nOp5qRs8tUv1wXy4z")
+    found = {(f.entity, f.value) for f in real_analyzer.analyze(text)}
+    for pair in [("PERSON", "Richard McCray"), ("EMAIL_ADDRESS", "richard.mccray@gmail.com"),
+                 ("CREDIT_CARD", "4095260993934932"), ("IBAN_CODE", "GB78FDMR12277801695645"),
+                 ("IP_ADDRESS", "86.121.97.248"), ("US_SSN", "474-49-7577"),
+                 ("STREET_ADDRESS", "615 Benedum Drive"),
+                 ("OPENAI_API_KEY", "sk-proj-Ab3dEf6hIj9kLm2nOp5qRs8tUv1wXy4z")]:
+        assert pair in found, pair
+    assert any(e == "PHONE_NUMBER" and "272-9781" in v for e, v in found)
+
+
+@pytest.mark.slow
+def test_real_scrub_of_a_call(real_analyzer):
+    [clean], _, _ = scrub_calls([_tau_call(" ".join(SECRETS.values()))], analyzer=real_analyzer)
+    text = _all_text(clean)
+    for value in (*PII_VALUES, *SECRETS.values()):
+        assert value not in text, value
+    for message in clean.request["messages"]:
+        for tc in message.get("tool_calls") or []:
+            json.loads(tc["function"]["arguments"])
+    assert clean.request["messages"][2]["tool_calls"][0]["function"]["name"] == "get_user_details"
