@@ -13,8 +13,9 @@ scored and ranked:
    lowest published figure in the catalogue, so a gap never helps. The size penalty, ``SIZE_PENALTY[kind]``
    points per doubling of parameters above 100M, stands for training/serving cost and latency: narrow outputs
    (labels, JSON) are learnable by small models after fine-tuning, so size costs them more.
-3. the best ``--top`` stay as candidates; ``--probe N`` (when the evaluate stage's generator is installed)
-   runs locally available candidates on N calls and blends the measured score into the ranking.
+3. the best ``--top`` stay as candidates; ``--probe N`` runs those whose weights are on this machine on N
+   validation calls of the cluster, zero-shot and few-shot, scores them with the evaluate stage's primary
+   metric, and blends the better of the two into the score (``PROBE_WEIGHT``).
 
 The result is written to ``<workspace>/selection.json`` (schema in docs/select.md); finetune takes each
 cluster's ``choice``.
@@ -244,7 +245,7 @@ def rank_cluster(c: dict[str, Any], entries: list[cat.ModelEntry], config: Selec
 
 
 def select(ws: Workspace, config: SelectConfig | None = None, *, force: bool = False,
-           probe_runner: Callable[..., dict[str, dict[str, float]]] | None = None) -> dict[str, Any]:
+           probe_runner: Callable[..., dict[str, dict[str, Any]]] | None = None) -> dict[str, Any]:
     """Rank catalogue models per cluster, save ``selection.json`` and the ``select`` manifest, return it."""
     config = config or SelectConfig()
     started = time.time()
@@ -300,28 +301,118 @@ def _write_json(path: Path, data: Any) -> None:
 
 
 def _apply_probe(ws: Workspace, per_cluster: list[dict[str, Any]], config: SelectConfig,
-                 runner: Callable[..., dict[str, dict[str, float]]] | None) -> str:
+                 runner: Callable[..., dict[str, dict[str, Any]]] | None) -> str:
     """Blend measured zero-/few-shot scores of locally available candidates into the ranking."""
-    if runner is None:
-        from slmigrate import probe as probe_mod  # optional: needs the evaluate stage's generator and metrics
-
-        runner = probe_mod.run_probe
+    runner = runner or Prober(ws)
     measured_any = False
     for c in per_cluster:
         results = runner(ws, c, [r["name"] for r in c["candidates"]], config.probe) or {}
         for r in c["candidates"]:
             got = results.get(r["name"])
-            if not got:
+            if not got or got.get("skipped"):
+                if got:
+                    r["probe"] = got
                 continue
             measured_any = True
-            best = max(got.get("zero_shot", 0.0), got.get("few_shot", 0.0))  # both 0..1 primary metric
+            best = max(got.get("zero_shot") or 0.0, got.get("few_shot") or 0.0)  # primary metric, 0..1
             r["probe"] = got
+            r["published_score"] = r["score"]
             r["score"] = round((1 - PROBE_WEIGHT) * r["score"] + PROBE_WEIGHT * 100.0 * best, 2)
-            r["reason"] += (f"; probe on {got.get('calls', config.probe)} calls: zero-shot "
-                            f"{got.get('zero_shot', 0.0):.2f}, few-shot {got.get('few_shot', 0.0):.2f}")
+            r["reason"] += (f"; probe on {got.get('calls')} calls ({got.get('metric')}): zero-shot "
+                            f"{got.get('zero_shot') or 0.0:.2f}, few-shot {got.get('few_shot') or 0.0:.2f}")
         c["candidates"].sort(key=lambda r: (-r["score"], r["params"], r["name"]))
         for i, r in enumerate(c["candidates"], 1):
             r["rank"] = i
         c["choice"] = c["candidates"][0]["name"] if c["candidates"] else None
-    return ("probe scores blended into the ranking" if measured_any
-            else "no candidate weights available locally; ranking from published figures only")
+    return ("probe scores blended into the ranking (score = 0.5 x published + 0.5 x 100 x best probe score)"
+            if measured_any else "no candidate's weights are available locally; ranking from published figures")
+
+
+class Prober:
+    """Runs candidates on a cluster's validation calls, zero-shot and with examples from its train calls.
+
+    Only weights already on this machine are used (a local folder, the model cache, the hub cache, or the
+    built-in offline SmolLM2 GGUF); nothing is downloaded. Scoring is the evaluate stage's primary metric for
+    the cluster's output kind, through ``evaluate.evaluate_variant``.
+    """
+
+    def __init__(self, ws: Workspace, device: str = "auto"):
+        self.ws, self.device = ws, device
+        self._calls: tuple[dict[str, list[Any]], dict[str, list[Any]]] | None = None
+
+    def _by_cluster(self) -> tuple[dict[str, list[Any]], dict[str, list[Any]]]:
+        if self._calls is None:
+            from slmigrate.curated import current_version, load_curated
+
+            if not current_version(self.ws):
+                raise SlmigrateError("--probe needs the curated calls; run `slmigrate curate` (and `slmigrate "
+                                     "cluster`) first, or drop --probe")
+            calls = load_curated(self.ws)
+            assigned = self.ws.store.clusters_of([c.id for c in calls])
+            probe: dict[str, list[Any]] = {}
+            train: dict[str, list[Any]] = {}
+            for c in sorted(calls, key=lambda c: c.id):
+                cid = assigned.get(c.id)
+                if cid is None or c.answer is None:
+                    continue
+                if c.split == "train":
+                    train.setdefault(str(cid), []).append(c)
+                elif c.split == "validation":  # the test split stays unseen until evaluate
+                    probe.setdefault(str(cid), []).append(c)
+            self._calls = (probe, train)
+        return self._calls
+
+    def __call__(self, ws: Workspace, cluster: dict[str, Any], names: list[str], n: int) -> dict[str, Any]:
+        import gc
+
+        from slmigrate import evaluate as E
+        from slmigrate import metrics as M
+        from slmigrate import models
+        from slmigrate.config import EvaluateConfig, PricesConfig
+        from slmigrate.generate import max_new_tokens_for
+
+        probe, train = self._by_cluster()
+        cid = str(cluster["cluster"])
+        calls = probe.get(cid, [])[:n]
+        if not calls:  # no validation calls: probe on train calls beyond the ones used as examples
+            calls = train.get(cid, [])[3:3 + n]
+        if not calls:
+            return {name: {"skipped": True, "reason": "no curated calls in this cluster"} for name in names}
+        kind = cluster["output_kind"]
+        ecfg = EvaluateConfig(device=self.device)
+        examples = E.icl_examples([c for c in train.get(cid, []) if c not in calls], ecfg.icl_examples, ecfg.seed)
+        out: dict[str, Any] = {}
+        for name in names:
+            resolved = _local_weights(models, name)
+            if resolved is None:
+                out[name] = {"skipped": True, "reason": "weights not available locally"}
+                continue
+            model, tokenizer, _ = models.load(str(resolved), device=self.device)
+            max_new = max_new_tokens_for(tokenizer, [E.answer_text(c.answer) for c in calls],
+                                         cap=ecfg.max_new_tokens)
+            ctx = M.MetricContext([c.request for c in calls])
+            got: dict[str, Any] = {"calls": len(calls), "metric": M.primary_metric(kind, ecfg.primary)}
+            for variant, shots in (("zero_shot", ()), ("few_shot", examples)):
+                if variant == "few_shot" and not shots:
+                    got[variant] = None
+                    continue
+                res = E.evaluate_variant(model, tokenizer, calls, kind, examples=shots, config=ecfg,
+                                         prices=PricesConfig(), llm_cost=None, ctx=ctx, max_new_tokens=max_new)
+                got[variant] = res["primary"]
+            out[name] = got
+            del model, tokenizer
+            gc.collect()
+        return out
+
+
+def _local_weights(models: Any, name: str) -> Path | None:
+    """The folder of ``name``'s weights when they are on this machine (converting the built-in GGUF is local)."""
+    try:
+        return models.resolve(name, pull=False).path
+    except SlmigrateError:
+        pass
+    hub = models.hub_id_for(name)
+    source = models.BUILTIN_SOURCES.get(hub) if hub else None
+    if source is not None and models.gguf_path(source) is not None:
+        return models.resolve(name, pull=True).path
+    return None

@@ -155,3 +155,63 @@ def test_cli_select_json_and_table(ws, capsys):
     text = capsys.readouterr().out
     assert "rejected" in text and "LoRA fp32 on CPU" in text
     assert main(["select", "-w", root, "--max-params", "lots"]) == 1
+
+
+def test_probe_scores_blend_into_the_ranking(ws):
+    seen = []
+
+    def fake_probe(ws_, cluster, names, n):
+        seen.append((cluster["cluster"], tuple(names), n))
+        # pretend only the last-ranked candidate is local, and it is perfect few-shot
+        return {names[-1]: {"calls": n, "metric": "exact", "zero_shot": 0.5, "few_shot": 1.0},
+                names[0]: {"skipped": True, "reason": "weights not available locally"}}
+
+    result = select(ws, SelectConfig(cpu_only=True, license="any", top=3, probe=4), probe_runner=fake_probe)
+    assert len(seen) == 5 and all(n == 4 and len(names) == 3 for _, names, n in seen)
+    for c, (_, names, _) in zip(result["clusters"], seen):
+        probed = {r["name"]: r for r in c["candidates"]}[names[-1]]
+        assert probed["score"] == round(0.5 * probed["published_score"] + 50.0, 2)
+        assert "probe on 4 calls (exact): zero-shot 0.50, few-shot 1.00" in probed["reason"]
+        assert {r["name"]: r for r in c["candidates"]}[names[0]]["probe"]["skipped"] is True
+        assert c["choice"] == c["candidates"][0]["name"]
+        assert [r["rank"] for r in c["candidates"]] == [1, 2, 3]
+    assert "blended" in result["probe"]
+
+
+def test_probe_without_curated_calls_is_a_clear_error(ws):
+    with pytest.raises(SlmigrateError, match="needs the curated calls"):
+        select(ws, SelectConfig(cpu_only=True, probe=2))
+
+
+@pytest.mark.slow
+def test_probe_runs_the_offline_smollm2_on_validation_calls(workspace):
+    """Real probe: SmolLM2-135M (the built-in offline model) on intent calls of the example log."""
+    import importlib.util
+
+    from conftest import ROOT
+    from slmigrate.curated import to_row, write_curated
+    from slmigrate.record import CallRecord
+
+    spec = importlib.util.spec_from_file_location("agent_log", ROOT / "examples" / "agent_log.py")
+    agent_log = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(agent_log)
+    intents = [r for r in agent_log.generate(120, seed=3) if r["metadata"]["task"] == "intent"][:16]
+    rows, assign = [], {}
+    for i, r in enumerate(intents):
+        call = CallRecord(request=r["request"], response=r["response"], input_id=r["id"],
+                          timestamp=r["timestamp"], session=r["metadata"]["session"]).finalise()
+        rows.append(to_row(call, "validation" if i < 2 else "train"))
+        assign[call.id] = "1"
+    write_curated(workspace, rows, {}, {})
+    workspace.store.set_clusters(assign)
+    workspace.path("clusters", "clusters.json").write_text(json.dumps({"clusters": [
+        {"id": "1", "label": "intent", "output_kind": "label", "size": 16,
+         "tokens": {"prompt_p95": 150, "completion_p95": 5}}]}))
+    result = select(workspace, SelectConfig(cpu_only=True, top=2, probe=2, max_params=4e8))
+    cands = {r["name"]: r for r in result["clusters"][0]["candidates"]}
+    probed = cands["smollm2-135m-instruct"]["probe"]
+    assert probed["calls"] == 2 and probed["metric"] == "label_exact"
+    assert 0.0 <= probed["zero_shot"] <= 1.0 and 0.0 <= probed["few_shot"] <= 1.0
+    assert "probe on 2 calls" in cands["smollm2-135m-instruct"]["reason"]
+    others = [r for n, r in cands.items() if n != "smollm2-135m-instruct"]
+    assert all(r["probe"]["skipped"] for r in others)  # no other weights on this machine

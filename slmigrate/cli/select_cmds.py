@@ -86,6 +86,9 @@ def select(
         "--license", help="permissive (default), commercial, any, or comma-separated SPDX ids.")] = None,
     max_params: Annotated[Optional[str], typer.Option(help="Largest model to consider, e.g. 3B or 500M.")] = None,
     top: Annotated[Optional[int], typer.Option(help="Candidates kept per cluster.", min=1)] = None,
+    probe: Annotated[Optional[int], typer.Option(
+        help="Run candidates whose weights are local on N validation calls per cluster (zero- and few-shot) "
+             "and blend the measured score into the ranking.", min=0)] = None,
     force: Annotated[bool, typer.Option(help="Re-run even when clusters, catalogue and options are unchanged.")] = False,
     config_file: Annotated[Optional[Path], typer.Option("--config", help="slmigrate.toml to read.")] = None,
     workspace: WorkspaceOpt = None,
@@ -102,9 +105,15 @@ def select(
 
     cfg = load_config(config_file, {"select": {
         "gpu_memory_gb": gpu_memory, "cpu_only": cpu_only, "cpu_memory_gb": cpu_memory, "license": license,
-        "max_params": _count(max_params), "top": top}})
+        "max_params": _count(max_params), "top": top, "probe": probe}})
     ws = open_workspace(workspace, create=False)
-    result = run_select(ws, cfg.select, force=force)
+    if cfg.select.probe and not json_out:
+        from slmigrate.cli._app import err_console
+
+        with err_console.status(f"probing local candidates on {cfg.select.probe} calls per cluster"):
+            result = run_select(ws, cfg.select, force=force)
+    else:
+        result = run_select(ws, cfg.select, force=force)
     if json_out:
         print_json(result)
         return
@@ -112,6 +121,8 @@ def select(
     console.print(f"Hardware: {hw['memory_gib']:g} GiB {'GPU' if hw['device'] == 'cuda' else 'CPU'} "
                   f"({hw['policy']}); licences: {result['license_policy']}"
                   + (" [dim](unchanged since the last run)[/]" if result.get("fresh") else ""))
+    if result.get("probe"):
+        console.print(f"Probe: {result['probe']}")
     for c in result["clusters"]:
         title = (f"cluster {c['cluster']} {c.get('label') or ''} - {c['output_kind']}, {c.get('size') or '?'} "
                  f"calls, {c['seq_len']:,} tokens p95")
