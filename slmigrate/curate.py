@@ -86,6 +86,7 @@ def drop_reason(call: CallRecord, config: CurateConfig) -> str | None:
 _WS = re.compile(r"(?:\\[nrt]|\s)+")
 _ID = re.compile(r"(?<![A-Za-z0-9])(?=[A-Za-z0-9_\-#]*\d)[A-Za-z0-9_\-#]{5,}(?![A-Za-z0-9])")
 _NUM = re.compile(r"\d+(?:\.\d+)?")
+_QUOTE_WS = re.compile(r' ?" ?')
 
 
 def exact_key(call: CallRecord) -> str:
@@ -97,7 +98,8 @@ def exact_key(call: CallRecord) -> str:
 def near_key(call: CallRecord) -> str:
     """The request with whitespace collapsed, id-like tokens and numbers blanked."""
     text = canonical_json({"messages": call.request.get("messages"), "tools": call.request.get("tools")})
-    text = _NUM.sub("0", _ID.sub("<id>", _WS.sub(" ", text)))
+    text = _QUOTE_WS.sub('"', _WS.sub(" ", text))  # whitespace at the ends of strings does not count either
+    text = _NUM.sub("0", _ID.sub("<id>", text))
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 

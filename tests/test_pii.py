@@ -11,8 +11,10 @@ import pytest
 from slmigrate.pii import CallScrubber, scrub_calls, texts_of
 from slmigrate.pii.engine import (STRUCT, Found, TextAnalyzer, _from_results, _keep, is_json_container, json_view,
                                   text_ranges)
-from slmigrate.pii.recognizers import (ACCOUNT_PATTERNS, ADDRESS_PATTERNS, SECRET_PATTERNS, _regex_recognizer_class,
-                                       entity_for_key)
+from slmigrate.pii.recognizers import (ACCOUNT_PATTERNS, ADDRESS_PATTERNS, SECRET_PATTERNS, entity_for_key,
+                                       regex_findings)
+
+PATTERNS = SECRET_PATTERNS + ACCOUNT_PATTERNS + ADDRESS_PATTERNS
 from slmigrate.record import CallRecord
 
 SECRETS = {
@@ -27,12 +29,7 @@ PEM = ("-----BEGIN RSA PRIVATE KEY-----\nMIIEowIBAAKCAQEA7bq9fN2Lx0\nq8w3ZyKk1e2
 
 
 def _regex_find(text: str) -> list[tuple[str, str]]:
-    cls = _regex_recognizer_class()
-    out = []
-    for name, patterns in (("s", SECRET_PATTERNS), ("a", ACCOUNT_PATTERNS), ("d", ADDRESS_PATTERNS)):
-        for r in cls(name, patterns).analyze(text, []):
-            out.append((r.entity_type, text[r.start:r.end]))
-    return out
+    return [(e, text[a:b]) for e, a, b, _ in regex_findings(text, PATTERNS)]
 
 
 @pytest.mark.parametrize("entity,secret", sorted(SECRETS.items()))
@@ -122,8 +119,6 @@ NAMES = ("Mia Li", "James Lee", "Mia", "James", "Lee")
 
 class FakeAnalyzer(TextAnalyzer):
     def analyze_many(self, texts, progress=None):
-        cls = _regex_recognizer_class()
-        recognizers = [cls("s", SECRET_PATTERNS), cls("a", ACCOUNT_PATTERNS), cls("d", ADDRESS_PATTERNS)]
         for text in texts:
             if not text or text in self.cache:
                 continue
@@ -132,7 +127,7 @@ class FakeAnalyzer(TextAnalyzer):
                 view, ranges, keyed = text, text_ranges(text), []
             else:
                 view, ranges, keyed = json_view(obj)
-            results = [r for rec in recognizers for r in rec.analyze(view, [])]
+            results = [_Result(*r) for r in regex_findings(view, PATTERNS)]
             for m in re.finditer(r"[\w.]+@[\w.]+\.\w+", view):
                 results.append(_Result("EMAIL_ADDRESS", m.start(), m.end(), 1.0))
             for name in NAMES:

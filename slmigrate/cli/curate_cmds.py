@@ -10,11 +10,8 @@ from rich.table import Table
 
 from slmigrate.cli._app import JsonOpt, WorkspaceOpt, app, console, err_console, open_workspace, print_json
 
-curate_app = typer.Typer(
-    help="Make the stored calls safe to fine-tune on: scrub PII and secrets, drop duplicates and bad calls, "
-         "split by session.",
-    invoke_without_command=True,
-)
+# The group's help is the callback's docstring, so `slmigrate curate --help` shows the options and an example.
+curate_app = typer.Typer(invoke_without_command=True)
 app.add_typer(curate_app, name="curate")
 
 

@@ -63,7 +63,7 @@ _WORD = r"[A-ZÀ-Þa-zß-ÿ][A-Za-zÀ-ÿ'\.\-]*"
 
 ADDRESS_PATTERNS: list[tuple[str, str, float]] = [
     # 362 Spruce Street Suite 647 / 1200 N. Main St
-    ("STREET_ADDRESS", rf"\b\d{{1,6}}[A-Za-z]?(?:\s+{_WORD}){{1,4}}?\s+{_STREET_SUFFIX}\b\.?{_UNIT}", 0.7),
+    ("STREET_ADDRESS", rf"\b\d{{1,6}}[A-Za-z]?(?:\s+{_WORD}){{1,4}}?\s+{_STREET_SUFFIX}\b{_UNIT}", 0.7),
     # Koskikatu 25 / 6750 Koskikatu 25 Apt. 864 / Storgarden 52
     ("STREET_ADDRESS", rf"(?:\b\d{{1,6}}\s+)?\b{_FOREIGN_STREET}\s+\d{{1,5}}[A-Za-z]?\b{_UNIT}", 0.6),
     # Rue de Piétrain 371 / Via Roma 5
@@ -109,6 +109,24 @@ SECRET_ENTITIES = sorted({e for e, _, _ in SECRET_PATTERNS})
 ACCOUNT_ENTITIES = sorted({e for e, _, _ in ACCOUNT_PATTERNS} | {"ZIP_CODE", "DATE_OF_BIRTH", "DEVICE_ID"})
 
 
+_COMPILED: dict[str, re.Pattern[str]] = {}
+
+
+def regex_findings(text: str, patterns: list[tuple[str, str, float]],
+                   entities: list[str] | None = None) -> list[tuple[str, int, int, float]]:
+    """(entity, start, end, score) for every match; the ``v`` group, when a pattern has one, is the span."""
+    out = []
+    for entity, pattern, score in patterns:
+        if entities and entity not in entities:
+            continue
+        regex = _COMPILED.get(pattern) or _COMPILED.setdefault(pattern, re.compile(pattern))
+        for match in regex.finditer(text):
+            start, end = match.span("v") if "v" in regex.groupindex else match.span()
+            if end > start:
+                out.append((entity, start, end, score))
+    return out
+
+
 def _regex_recognizer_class():
     """Built lazily: presidio is a heavy import and only the analysis needs it."""
     from presidio_analyzer import EntityRecognizer, RecognizerResult
@@ -117,7 +135,7 @@ def _regex_recognizer_class():
         """Regexes whose optional ``v`` group is the span to report (presidio's patterns report whole matches)."""
 
         def __init__(self, name: str, patterns: list[tuple[str, str, float]]):
-            self.patterns = [(e, re.compile(p), s) for e, p, s in patterns]
+            self.patterns = patterns
             super().__init__(supported_entities=sorted({e for e, _, _ in patterns}), name=name,
                              supported_language="en")
 
@@ -125,15 +143,7 @@ def _regex_recognizer_class():
             pass
 
         def analyze(self, text: str, entities: list[str], nlp_artifacts: Any = None):
-            results = []
-            for entity, regex, score in self.patterns:
-                if entities and entity not in entities:
-                    continue
-                for match in regex.finditer(text):
-                    start, end = match.span("v") if "v" in regex.groupindex else match.span()
-                    if end > start:
-                        results.append(RecognizerResult(entity, start, end, score))
-            return results
+            return [RecognizerResult(e, a, b, s) for e, a, b, s in regex_findings(text, self.patterns, entities)]
 
     return RegexGroupRecognizer
 
