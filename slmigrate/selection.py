@@ -93,9 +93,16 @@ def cluster_needs(c: dict[str, Any]) -> tuple[str, int, bool]:
     """(output kind, tokens a call needs: p95 prompt + p95 completion, whether the tokens were known)."""
     kind = c.get("output_kind") or c.get("kind") or "text"
     kind = kind if kind in KINDS else "text"
-    tokens = c.get("tokens") if isinstance(c.get("tokens"), dict) else {}
-    prompt = _num(tokens.get("prompt_p95"), c.get("prompt_tokens_p95"), c.get("prompt_p95"))
-    completion = _num(tokens.get("completion_p95"), c.get("completion_tokens_p95"), c.get("completion_p95"))
+    def sub(key: str) -> dict[str, Any]:
+        return c.get(key) if isinstance(c.get(key), dict) else {}
+
+    # The cluster stage writes {"prompt_tokens": {"p95": ...}, "completion_tokens": {"p95": ...}}; flatter
+    # spellings (a "tokens" block, or prompt_tokens_p95) are accepted too.
+    tokens = sub("tokens")
+    prompt = _num(sub("prompt_tokens").get("p95"), tokens.get("prompt_p95"), c.get("prompt_tokens_p95"),
+                  c.get("prompt_p95"))
+    completion = _num(sub("completion_tokens").get("p95"), tokens.get("completion_p95"),
+                      c.get("completion_tokens_p95"), c.get("completion_p95"))
     if prompt is None:
         return kind, DEFAULT_SEQ_LEN, False
     return kind, max(MIN_SEQ_LEN, int(math.ceil(prompt + (completion or 0)))), True
@@ -235,7 +242,7 @@ def rank_cluster(c: dict[str, Any], entries: list[cat.ModelEntry], config: Selec
                                                       f"{len(ranked)} (score {r['score']:.1f}) below --top "
                                                       f"{config.top}"})
     return {
-        "cluster": c.get("id", c.get("cluster")), "label": c.get("label"), "output_kind": kind,
+        "cluster": c.get("id", c.get("cluster")), "label": c.get("label") or c.get("group"), "output_kind": kind,
         "size": c.get("size", c.get("calls")), "seq_len": seq_len, "tokens_known": known,
         "candidates": top, "rejected": rejected,
         "choice": top[0]["name"] if top else None,

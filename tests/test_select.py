@@ -12,18 +12,18 @@ from slmigrate.errors import SlmigrateError
 from slmigrate.selection import load_selection, select
 
 # Shaped like the tau2-bench agent calls (airline / retail / telecom agent turns, p95 prompts of 5-9k tokens,
-# short tool-call answers) plus the narrow tasks of examples/agent_log.py.
+# short tool-call answers) plus the narrow tasks of examples/agent_log.py, in the cluster stage's layout.
 TAU2_LIKE = {"clusters": [
     {"id": "0", "label": "airline agent", "output_kind": "tool_call", "size": 840,
-     "tokens": {"prompt_p50": 4100, "prompt_p95": 6900, "completion_p95": 140}},
+     "prompt_tokens": {"p50": 4100, "p95": 6900}, "completion_tokens": {"p95": 140}},
     {"id": "1", "label": "retail agent", "output_kind": "tool_call", "size": 1310,
-     "tokens": {"prompt_p50": 5200, "prompt_p95": 8100, "completion_p95": 130}},
+     "prompt_tokens": {"p50": 5200, "p95": 8100}, "completion_tokens": {"p95": 130}},
     {"id": "2", "label": "telecom agent", "output_kind": "text", "size": 1070,
-     "tokens": {"prompt_p50": 4800, "prompt_p95": 9118, "completion_p95": 133}},
+     "prompt_tokens": {"p50": 4800, "p95": 9118}, "completion_tokens": {"p95": 133}},
     {"id": "3", "label": "intent", "output_kind": "label", "size": 150,
-     "tokens": {"prompt_p95": 140, "completion_p95": 5}},
+     "prompt_tokens": {"p95": 140}, "completion_tokens": {"p95": 5}},
     {"id": "4", "label": "extract", "output_kind": "json", "size": 120,
-     "tokens": {"prompt_p95": 130, "completion_p95": 45}},
+     "prompt_tokens": {"p95": 130}, "completion_tokens": {"p95": 45}},
 ]}
 
 
@@ -137,6 +137,15 @@ def test_workspace_catalog_entry_takes_part(ws):
     result = select(ws, SelectConfig(cpu_only=True, license="any"))
     assert result["clusters"][0]["choice"] == "qwen2.5-0.5b-instruct"
     assert "BFCL 90" in result["clusters"][0]["candidates"][0]["reason"]
+
+
+def test_reads_the_cluster_stage_token_layout(workspace):
+    workspace.path("clusters", "clusters.json").write_text(json.dumps({"clusters": [
+        {"id": "c3", "group": "airline", "output_kind": "tool_call", "size": 40,
+         "prompt_tokens": {"total": 1, "p50": 4000, "p95": 9000}, "completion_tokens": {"p50": 50, "p95": 120}},
+        {"id": "-1", "output_kind": "text", "size": 3, "prompt_tokens": {"p95": 10}}]}))
+    (c,) = select(workspace, SelectConfig(cpu_only=True))["clusters"]
+    assert c["seq_len"] == 9120 and c["tokens_known"] and c["label"] == "airline"
 
 
 def test_missing_clusters_is_a_clear_error(workspace):
