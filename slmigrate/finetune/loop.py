@@ -1,0 +1,262 @@
+"""The training loop: AdamW over length-grouped batches, checkpoints, resume, early stopping, progress.
+
+A compact loop rather than ``transformers.Trainer``: batches come from ``data.length_grouped_batches`` (no
+training on padding), and a checkpoint holds everything the next step depends on - trainable weights,
+optimiser and scheduler state, the RNG state (LoRA dropout) and the step - so a resumed run continues exactly
+where the interrupted one stopped. Which batch a step trains on is a function of (seed, step) alone.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+from slmigrate.finetune.data import Example, collate, length_grouped_batches
+
+CHECKPOINTS_KEPT = 2
+
+
+@dataclass
+class LoopSettings:
+    total_steps: int
+    lr: float
+    warmup_steps: int
+    weight_decay: float
+    batch_tokens: int
+    checkpoint_every: int
+    eval_every: int
+    patience: int
+    seed: int
+    device: str
+    pad_id: int
+    bf16: bool = False  # autocast to bfloat16 (CUDA)
+
+
+@dataclass
+class History:
+    """What the loop did; saved into metrics.json and used for the loss curve."""
+
+    steps: list[int] = field(default_factory=list)
+    train_loss: list[float] = field(default_factory=list)
+    val_steps: list[int] = field(default_factory=list)
+    val_loss: list[float] = field(default_factory=list)
+    best_step: int | None = None
+    best_val_loss: float | None = None
+    evals_without_improvement: int = 0
+    tokens: int = 0  # real (non-padding) tokens trained on
+    padded_tokens: int = 0  # positions computed, padding included
+    train_seconds: float = 0.0
+    stopped_early: bool = False
+    interrupted: bool = False
+    resumed_from: int | None = None
+
+    @property
+    def tokens_per_second(self) -> float:
+        return self.tokens / self.train_seconds if self.train_seconds else 0.0
+
+
+class Schedule:
+    """Linear warm-up, then linear decay to zero at ``total_steps``."""
+
+    def __init__(self, warmup: int, total: int):
+        self.warmup, self.total = warmup, total
+
+    def __call__(self, step: int) -> float:
+        if step < self.warmup:
+            return (step + 1) / (self.warmup + 1)
+        return max(0.0, (self.total - step) / max(1, self.total - self.warmup))
+
+
+def batch_at(examples: Sequence[Example], s: LoopSettings, step: int, cache: dict[int, list[list[int]]]):
+    """The batch step ``step`` trains on: epochs of seeded length-grouped batches, laid end to end."""
+    epoch = 0
+    while True:
+        if epoch not in cache:
+            cache[epoch] = length_grouped_batches(examples, s.batch_tokens, seed=s.seed, epoch=epoch)
+        batches = cache[epoch]
+        if step < len(batches):
+            return [examples[i] for i in batches[step]], epoch
+        step -= len(batches)
+        epoch += 1
+
+
+def steps_per_epoch(examples: Sequence[Example], batch_tokens: int, seed: int) -> int:
+    return len(length_grouped_batches(examples, batch_tokens, seed=seed, epoch=0))
+
+
+def _trainable(model) -> dict[str, Any]:
+    return {n: p for n, p in model.named_parameters() if p.requires_grad}
+
+
+def _snapshot(model) -> dict[str, Any]:
+    return {n: p.detach().to("cpu", copy=True) for n, p in _trainable(model).items()}
+
+
+def load_trainable(model, state: dict[str, Any]) -> None:
+    import torch
+
+    params = _trainable(model)
+    with torch.no_grad():
+        for name, value in state.items():
+            params[name].copy_(value.to(params[name].device))
+
+
+def _forward_loss(model, batch: dict[str, Any], s: LoopSettings):
+    import torch
+
+    batch = {k: v.to(s.device) for k, v in batch.items()}
+    with torch.autocast(device_type="cuda", dtype=torch.bfloat16, enabled=s.bf16):
+        return model(**batch).loss
+
+
+def validation_loss(model, examples: Sequence[Example], s: LoopSettings) -> float | None:
+    """Mean answer-token loss over the validation examples."""
+    import torch
+
+    if not examples:
+        return None
+    model.eval()
+    total, weight = 0.0, 0
+    with torch.no_grad():
+        for idx in length_grouped_batches(examples, s.batch_tokens, seed=s.seed, epoch=-1):
+            batch = collate([examples[i] for i in idx], s.pad_id)
+            n = int((batch["labels"][:, 1:] != -100).sum())  # label positions the shifted loss counts
+            total += float(_forward_loss(model, batch, s)) * n
+            weight += n
+    model.train()
+    return total / weight if weight else None
+
+
+def save_checkpoint(folder: Path, step: int, model, optimizer, scheduler, history: History,
+                    best_state: dict[str, Any] | None) -> Path:
+    import torch
+
+    folder.mkdir(parents=True, exist_ok=True)
+    state = {
+        "step": step, "trainable": _snapshot(model), "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict(), "rng": torch.get_rng_state(),
+        "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+        "history": asdict(history), "best_state": best_state,
+    }
+    path = folder / f"step-{step:06d}.pt"
+    tmp = path.with_suffix(".tmp")
+    torch.save(state, tmp)
+    tmp.replace(path)  # a crash while saving never leaves a truncated "latest" checkpoint
+    for old in sorted(folder.glob("step-*.pt"))[:-CHECKPOINTS_KEPT]:
+        old.unlink()
+    return path
+
+
+def latest_checkpoint(folder: Path) -> Path | None:
+    found = sorted(folder.glob("step-*.pt")) if folder.is_dir() else []
+    return found[-1] if found else None
+
+
+def train(model, train_examples: Sequence[Example], val_examples: Sequence[Example], s: LoopSettings,
+          checkpoint_dir: Path, *, resume: bool = False, progress: bool = True,
+          stop_after: int | None = None, label: str = "finetune") -> tuple[History, dict[str, Any] | None]:
+    """Train ``model`` in place; return the history and the best weights by validation loss (or None).
+
+    ``stop_after`` ends the run after that many steps of this call, with a checkpoint, as an interruption
+    would; ``resume`` continues from the latest checkpoint in ``checkpoint_dir``.
+    """
+    import torch
+
+    params = list(_trainable(model).values())
+    optimizer = torch.optim.AdamW(params, lr=s.lr, weight_decay=s.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, Schedule(s.warmup_steps, s.total_steps))
+    history, best_state, start = History(), None, 0
+    torch.manual_seed(s.seed)
+
+    found = latest_checkpoint(checkpoint_dir) if resume else None
+    if found is not None:
+        state = torch.load(found, map_location="cpu", weights_only=False)
+        load_trainable(model, state["trainable"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        torch.set_rng_state(state["rng"])
+        if state.get("cuda_rng") is not None and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state["cuda_rng"])
+        history = History(**state["history"])
+        history.resumed_from, history.interrupted = state["step"], False
+        best_state, start = state["best_state"], state["step"]
+
+    model.train()
+    epochs_cache: dict[int, list[list[int]]] = {}
+    bar = _Progress(progress, label, s.total_steps, start)
+    with bar:
+        for step in range(start, s.total_steps):
+            if stop_after is not None and step - start >= stop_after:
+                history.interrupted = True
+                save_checkpoint(checkpoint_dir, step, model, optimizer, scheduler, history, best_state)
+                break
+            examples, _epoch = batch_at(train_examples, s, step, epochs_cache)
+            batch = collate(examples, s.pad_id)
+            began = time.perf_counter()
+            loss = _forward_loss(model, batch, s)
+            loss.backward()
+            loss = loss.detach()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            history.train_seconds += time.perf_counter() - began
+            history.tokens += int(batch["attention_mask"].sum())
+            history.padded_tokens += batch["input_ids"].numel()
+            history.steps.append(step + 1)
+            history.train_loss.append(round(loss.item(), 5))
+
+            done = step + 1
+            if val_examples and (done % s.eval_every == 0 or done == s.total_steps):
+                val = validation_loss(model, val_examples, s)
+                history.val_steps.append(done)
+                history.val_loss.append(round(val, 5))
+                if history.best_val_loss is None or val < history.best_val_loss - 1e-4:
+                    history.best_val_loss, history.best_step = val, done
+                    history.evals_without_improvement = 0
+                    best_state = _snapshot(model)
+                else:
+                    history.evals_without_improvement += 1
+                    if history.evals_without_improvement >= s.patience:
+                        history.stopped_early = True
+            if done % s.checkpoint_every == 0 and done < s.total_steps:
+                save_checkpoint(checkpoint_dir, done, model, optimizer, scheduler, history, best_state)
+            bar.update(done, float(loss), history.tokens_per_second)
+            if history.stopped_early:
+                break
+    return history, best_state
+
+
+class _Progress:
+    """A rich progress bar on stderr with loss, tokens/s and ETA (silent when disabled)."""
+
+    def __init__(self, enabled: bool, label: str, total: int, start: int):
+        self.enabled, self.label, self.total, self.start = enabled, label, total, start
+
+    def __enter__(self):
+        if self.enabled:
+            from rich.console import Console
+            from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
+                                       TimeRemainingColumn)
+
+            self.progress = Progress(
+                TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                TextColumn("loss {task.fields[loss]}"), TextColumn("{task.fields[tps]} tok/s"),
+                TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(),
+                console=Console(stderr=True), transient=False,
+            )
+            self.progress.__enter__()
+            self.task = self.progress.add_task(self.label, total=self.total, completed=self.start,
+                                               loss="-", tps="-")
+        return self
+
+    def update(self, done: int, loss: float, tps: float) -> None:
+        if self.enabled and math.isfinite(loss):
+            self.progress.update(self.task, completed=done, loss=f"{loss:.4f}", tps=f"{tps:,.0f}")
+
+    def __exit__(self, *exc):
+        if self.enabled:
+            self.progress.__exit__(*exc)

@@ -1,0 +1,320 @@
+"""finetune: examples and masking, padding-free batches, resume equivalence, outputs; a real SmolLM2 run.
+
+Unit tests use the tiny random Llama from tiny_model.py. The slow test trains the real SmolLM2-135M on one
+narrow cluster from the examples generator and checks that exact match on held-out calls rises to >= 0.8.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import random
+from pathlib import Path
+
+import pytest
+
+from slmigrate import chat_format
+from slmigrate.config import FinetuneConfig
+from slmigrate.curated import to_row, write_curated
+from slmigrate.errors import SlmigrateError
+from slmigrate.finetune import data as D
+from slmigrate.finetune import finetune, loop
+from slmigrate.record import CallRecord
+from tiny_model import tiny_model_dir, tiny_tokenizer
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+# --- a workspace holding curated, clustered calls (the contract curate and cluster write) ------------------
+
+def split_of(session: str) -> str:
+    bucket = int(hashlib.sha256(session.encode()).hexdigest(), 16) % 10
+    return "test" if bucket == 0 else "validation" if bucket == 1 else "train"
+
+
+def fill_workspace(ws, calls: list[dict], cluster_of) -> dict[str, list[CallRecord]]:
+    """Store ``calls`` (openai import shape), curate them unchanged with a session split, assign clusters."""
+    records = []
+    for c in calls:
+        meta = c.get("metadata", {})
+        records.append(CallRecord(request=c["request"], response=c["response"], input_id=c.get("id"),
+                                  timestamp=c.get("timestamp"), session=meta.get("session") or c.get("id"),
+                                  metadata=meta).finalise())
+    ws.store.insert_calls(records)
+    by_split: dict[str, list[CallRecord]] = {"train": [], "validation": [], "test": []}
+    for r in records:
+        by_split[split_of(r.session)].append(r)
+    write_curated(ws, [to_row(r, s) for s, rs in by_split.items() for r in rs], {}, {})
+    assignments = {r.id: cluster_of(r) for r in records}
+    ws.store.set_clusters(assignments)
+    ids = sorted({c for c in assignments.values() if c is not None})
+    ws.path("clusters", "clusters.json").write_text(json.dumps(
+        {"clusters": [{"id": i, "size": sum(v == i for v in assignments.values())} for i in ids]}))
+    return by_split
+
+
+def colour_calls(n: int, seed: int = 0, system: str = "Answer with the colour's hex code only.") -> list[dict]:
+    """A narrow synthetic task: a colour name -> its hex code (for the tiny model's plumbing tests)."""
+    colours = {"red": "#ff0000", "green": "#00ff00", "blue": "#0000ff", "black": "#000000", "white": "#ffffff"}
+    rng = random.Random(seed)
+    out = []
+    for i in range(n):
+        name = rng.choice(sorted(colours))
+        extra = " please" * rng.randint(0, 12)  # varied lengths, so batching has padding to avoid
+        out.append({
+            "id": f"c{i}", "timestamp": f"2025-01-01T00:{i // 60:02d}:{i % 60:02d}Z",
+            "request": {"model": "gpt-4o", "messages": [
+                {"role": "system", "content": system}, {"role": "user", "content": f"Colour: {name}{extra}"}]},
+            "response": {"model": "gpt-4o", "choices": [{"index": 0, "finish_reason": "stop",
+                                                         "message": {"role": "assistant", "content": colours[name]}}]},
+            "metadata": {"session": f"s{i}"},
+        })
+    return out
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """The tiny model's matrices are too small to share between threads; on a busy 2-core box a second
+    thread mostly spins and makes every step ~10x slower."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture
+def tiny(tmp_path):
+    return str(tiny_model_dir(tmp_path))
+
+
+# --- examples, masking, batching -------------------------------------------------------------------------
+
+def _call(messages, answer, tools=None, id_="x"):
+    req = {"messages": messages, **({"tools": tools} if tools else {})}
+    return CallRecord(request=req, response={"choices": [{"message": answer}]}, id=id_)
+
+
+def test_examples_mask_everything_but_the_answer():
+    tok = tiny_tokenizer()
+    call = _call([{"role": "user", "content": "Colour: red"}], {"role": "assistant", "content": "#ff0000"})
+    examples, report = D.build_examples(tok, [call], max_length=512)
+    (ex,) = examples
+    answer_ids = [t for t, lab in zip(ex.input_ids, ex.labels) if lab != D.IGNORE]
+    assert tok.decode(answer_ids) == "#ff0000<|im_end|>\n"
+    prompt_ids = ex.input_ids[: ex.labels.index(answer_ids[0])]
+    assert tok.decode(prompt_ids).endswith("<|im_start|>assistant\n")
+    assert all(lab == D.IGNORE for lab in ex.labels[: len(prompt_ids)])
+    assert report.examples == 1 and report.answer_tokens == len(answer_ids)
+
+
+def test_tool_call_answers_train_on_the_parseable_form():
+    tok = tiny_tokenizer()
+    answer = {"role": "assistant", "content": None, "tool_calls": [
+        {"id": "c1", "type": "function", "function": {"name": "refund", "arguments": '{"order": "#1"}'}}]}
+    (ex,), _ = D.build_examples(tok, [_call([{"role": "user", "content": "refund #1"}], answer)], max_length=512)
+    target = tok.decode([t for t, lab in zip(ex.input_ids, ex.labels) if lab != D.IGNORE])
+    parsed = chat_format.parse_answer(target.replace("<|im_end|>", ""))
+    assert parsed["tool_calls"][0]["function"] == {"name": "refund", "arguments": '{"order": "#1"}'}
+
+
+def test_too_long_calls_are_cut_or_counted():
+    tok = tiny_tokenizer()
+    history = []
+    for i in range(10):
+        history += [{"role": "user", "content": f"old question {i} " + "x" * 50},
+                    {"role": "assistant", "content": "old answer"}]
+    long_call = _call([{"role": "system", "content": "SYS"}] + history + [{"role": "user", "content": "now?"}],
+                      {"role": "assistant", "content": "ok"}, id_="long")
+    huge_answer = _call([{"role": "user", "content": "hi"}], {"role": "assistant", "content": "y" * 400}, id_="huge")
+    failed = CallRecord(request={"messages": [{"role": "user", "content": "hi"}]}, response=None, id="failed")
+    examples, report = D.build_examples(tok, [long_call, huge_answer, failed], max_length=300)
+    assert [e.call_id for e in examples] == ["long"] and len(examples[0]) <= 300
+    assert report.prompts_cut == 1 and report.messages_dropped > 0
+    assert report.too_long == 1 and report.no_answer == 1 and report.dropped_ids == ["huge"]
+
+
+def test_length_grouped_batches_cover_everything_once_with_little_padding():
+    rng = random.Random(0)
+    examples = [D.Example(str(i), [1] * n, [1] * n) for i, n in enumerate(rng.randint(20, 400) for _ in range(300))]
+    batches = D.length_grouped_batches(examples, 2048, seed=0, epoch=0)
+    assert sorted(i for b in batches for i in b) == list(range(300))
+    for b in batches:
+        assert len(b) == 1 or max(len(examples[i]) for i in b) * len(b) <= 2048
+    grouped = D.padding_share(examples, batches)
+    order = list(range(300))
+    rng.shuffle(order)
+    random_batches = [order[i:i + 8] for i in range(0, 300, 8)]
+    assert grouped < 0.05 < D.padding_share(examples, random_batches)
+    # reproducible per (seed, epoch), different across epochs
+    assert batches == D.length_grouped_batches(examples, 2048, seed=0, epoch=0)
+    assert batches != D.length_grouped_batches(examples, 2048, seed=0, epoch=1)
+
+
+def test_collate_pads_without_labels_or_attention():
+    a, b = D.Example("a", [5, 6, 7], [-100, 6, 7]), D.Example("b", [8], [8])
+    batch = D.collate([a, b], pad_id=0)
+    assert batch["input_ids"].tolist() == [[5, 6, 7], [8, 0, 0]]
+    assert batch["labels"].tolist() == [[-100, 6, 7], [8, -100, -100]]
+    assert batch["attention_mask"].tolist() == [[1, 1, 1], [1, 0, 0]]
+
+
+def test_defaults_scale_with_data():
+    small = loop_defaults(50)
+    big = loop_defaults(20000)
+    assert small["epochs"] > big["epochs"] and small["lora_r"] < big["lora_r"]
+    assert small["lora_alpha"] == 2 * small["lora_r"]
+
+
+def loop_defaults(n):
+    from slmigrate.finetune import defaults
+
+    return defaults(FinetuneConfig(), n, 135_000_000, "cpu", steps_per_epoch=max(1, n // 16))
+
+
+# --- the whole stage on the tiny model -------------------------------------------------------------------
+
+def _config(tiny, **kw):
+    base = dict(model=tiny, device="cpu", max_steps=12, batch_tokens=512, checkpoint_every=4, eval_every=4,
+                lr=5e-3, seed=3, patience=100)
+    return FinetuneConfig(**{**base, **kw})
+
+
+def test_finetune_writes_a_loadable_adapter_and_its_records(workspace, tiny):
+    fill_workspace(workspace, colour_calls(80), lambda r: "colours")
+    result = finetune(workspace, _config(tiny), progress=False)
+    (res,) = result["adapters"]
+    assert res["status"] == "trained" and res["steps"] == 12
+    out = Path(res["path"])
+    assert out == workspace.path("adapters", "colours", "tiny-llama")
+    for name in ("adapter_config.json", "adapter_model.safetensors", "finetune_config.json", "data.json",
+                 "metrics.json", "loss.png"):
+        assert (out / name).exists(), name
+    assert not (out / "checkpoints").exists()
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["tokens_per_second"] > 0 and metrics["padding_share"] < 0.1
+    assert metrics["history"]["train_loss"][-1] < metrics["history"]["train_loss"][0]
+    assert len(metrics["history"]["val_loss"]) == 3
+
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    adapter_cfg = json.loads((out / "adapter_config.json").read_text())
+    assert adapter_cfg["base_model_name_or_path"] == str(Path(tiny).resolve())
+    assert {"q_proj", "v_proj", "down_proj"} <= set(adapter_cfg["target_modules"])  # all linear layers
+    loaded = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny), str(out))
+    assert any("lora_A" in n for n, _ in loaded.named_parameters())
+
+    manifest = workspace.manifest("finetune")
+    assert manifest["counts"]["trained"] == 1
+    again = finetune(workspace, _config(tiny), progress=False)
+    assert again["adapters"][0]["status"] == "fresh"  # unchanged data and config: nothing to redo
+
+
+def test_resume_after_interruption_matches_an_uninterrupted_run(tmp_path, tiny):
+    from slmigrate.workspace import Workspace
+
+    def adapter_weights(ws):
+        from safetensors.torch import load_file
+
+        return load_file(str(ws.path("adapters", "colours", "tiny-llama", "adapter_model.safetensors")))
+
+    runs = {}
+    for name in ("straight", "interrupted"):
+        ws = Workspace.open(tmp_path / name)
+        fill_workspace(ws, colour_calls(80), lambda r: "colours")
+        cfg = _config(tiny, lora_dropout=0.1)  # dropout draws random numbers: the RNG state must resume too
+        if name == "interrupted":
+            first = finetune(ws, cfg, progress=False, stop_after=6)
+            assert first["adapters"][0]["status"] == "interrupted"
+            assert first["adapters"][0]["step"] == 6
+            result = finetune(ws, cfg, progress=False, resume=True)
+            assert result["adapters"][0]["resumed_from"] == 6
+        else:
+            result = finetune(ws, cfg, progress=False)
+        runs[name] = (adapter_weights(ws), result["adapters"][0])
+    (a, ra), (b, rb) = runs["straight"], runs["interrupted"]
+    assert ra["history"]["train_loss"] == rb["history"]["train_loss"]
+    # Tolerance: CPU float32 kernels are deterministic run to run; allow rounding noise only.
+    for key in a:
+        assert (a[key] - b[key]).abs().max().item() < 1e-6, key
+
+
+def test_resume_without_checkpoint_or_with_changed_data_is_a_user_error(workspace, tiny):
+    fill_workspace(workspace, colour_calls(40), lambda r: "colours")
+    with pytest.raises(SlmigrateError, match="no checkpoint"):
+        finetune(workspace, _config(tiny), progress=False, resume=True)
+    finetune(workspace, _config(tiny), progress=False, stop_after=5)
+    with pytest.raises(SlmigrateError, match="changed since the checkpoint"):
+        finetune(workspace, _config(tiny, lr=1e-3), progress=False, resume=True)
+
+
+def test_early_stopping_keeps_the_best_validation_weights(workspace, tiny):
+    fill_workspace(workspace, colour_calls(80), lambda r: "colours")
+    # A learning rate this high diverges after a few steps, so validation loss stops improving.
+    res = finetune(workspace, _config(tiny, lr=0.5, max_steps=40, eval_every=2, patience=2),
+                   progress=False)["adapters"][0]
+    assert res["stopped_early"] and res["steps"] < 40
+    assert res["best_val_loss"] == pytest.approx(min(res["history"]["val_loss"]), abs=1e-4)
+
+
+def test_static_prefix_pruning_reports_the_saving(workspace, tiny):
+    system = "You are the colour desk of ACME Paints. " * 4 + "Answer with the hex code only."
+    calls = colour_calls(60, system=system)
+    for i, c in enumerate(calls):
+        c["request"]["messages"][0]["content"] += f" Ticket {i}."
+    fill_workspace(workspace, calls, lambda r: "colours")
+    res = finetune(workspace, _config(tiny, prune_static_prefix=True, max_steps=2), progress=False)["adapters"][0]
+    out = Path(res["path"])
+    prefix = (out / "static_prefix.txt").read_text()
+    assert prefix.startswith("You are the colour desk") and prefix.endswith("Ticket ")  # the number varies
+    data = json.loads((out / "data.json").read_text())
+    assert data["static_prefix"]["tokens_per_call"] > 100 and res["prefix_tokens_saved"] > 0
+    assert 0.3 < data["static_prefix"]["share_of_prompt_tokens"] < 1
+
+
+def test_bad_requests_are_user_errors(workspace, tiny):
+    fill_workspace(workspace, colour_calls(20), lambda r: "colours")
+    with pytest.raises(SlmigrateError, match="unknown cluster"):
+        finetune(workspace, _config(tiny), clusters=["nope"], progress=False)
+    with pytest.raises(SlmigrateError, match="select"):
+        finetune(workspace, _config(tiny), selected=True, progress=False)
+    import torch
+
+    if not torch.cuda.is_available():
+        with pytest.raises(SlmigrateError, match="qlora needs a CUDA GPU"):
+            finetune(workspace, _config(tiny, method="qlora"), progress=False)
+
+
+def test_full_finetuning_saves_a_whole_model(workspace, tiny):
+    fill_workspace(workspace, colour_calls(40), lambda r: "colours")
+    res = finetune(workspace, _config(tiny, method="full", max_steps=3, lr=1e-3), progress=False)["adapters"][0]
+    out = Path(res["path"])
+    assert (out / "config.json").exists() and (out / "model.safetensors").exists()
+    assert (out / "tokenizer.json").exists() and not (out / "adapter_config.json").exists()
+
+
+def test_cli_finetune_json(workspace, tiny, capsys):
+    from slmigrate.cli import main
+
+    fill_workspace(workspace, colour_calls(40), lambda r: "colours")
+    code = main(["finetune", "--workspace", str(workspace.root), "--model", tiny, "--device", "cpu",
+                 "--max-steps", "2", "--cluster", "colours", "--json"])
+    assert code == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["adapters"][0]["status"] == "trained"
+
+
+# --- GPU paths -------------------------------------------------------------------------------------------
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("method", ["lora", "qlora"])
+def test_cuda_bf16_and_qlora_train(workspace, tiny, method):
+    fill_workspace(workspace, colour_calls(80), lambda r: "colours")
+    res = finetune(workspace, _config(tiny, device="cuda", method=method, max_steps=8, lr=1e-3),
+                   progress=False)["adapters"][0]
+    assert res["status"] == "trained" and res["history"]["train_loss"][-1] < res["history"]["train_loss"][0]
+    cfg = json.loads((Path(res["path"]) / "finetune_config.json").read_text())
+    assert cfg["resolved"]["dtype"] == "bfloat16"
