@@ -32,6 +32,8 @@ from pathlib import Path
 import httpx
 
 ROOT = Path(__file__).resolve().parents[2]
+# One bearer token for every target: the stub and slmigrate ignore/forward it; LiteLLM requires a master key.
+TOKEN = "sk-bench-" + "0123456789abcdef" * 4
 
 
 def free_port() -> int:
@@ -72,7 +74,7 @@ def start_litellm(venv: Path, upstream: str, workdir: Path) -> tuple[subprocess.
         "  telemetry: false\n"
     )
     env = {**os.environ, "LITELLM_LOG": "ERROR", "LITELLM_TELEMETRY": "False", "DISABLE_SCHEMA_UPDATE": "true",
-           "LITELLM_LOCAL_MODEL_COST_MAP": "True", "NO_DOCS": "True"}
+           "LITELLM_LOCAL_MODEL_COST_MAP": "True", "NO_DOCS": "True", "LITELLM_MASTER_KEY": TOKEN}
     log = open(workdir / "litellm.log", "wb")
     proc = subprocess.Popen([str(exe), "--config", str(config), "--host", "127.0.0.1", "--port", str(port),
                              "--num_workers", "1"], stdout=log, stderr=subprocess.STDOUT, env=env, cwd=workdir)
@@ -80,6 +82,7 @@ def start_litellm(venv: Path, upstream: str, workdir: Path) -> tuple[subprocess.
         wait_http(f"http://127.0.0.1:{port}/health/liveliness", proc)
     except RuntimeError:
         proc.kill()
+        sys.stderr.write((workdir / "litellm.log").read_text()[-3000:])
         return None
     return proc, f"http://127.0.0.1:{port}/v1"
 
@@ -95,7 +98,7 @@ async def run_load(base: str, n: int, concurrency: int) -> dict:
     latencies: list[float] = []
     failures = 0
     limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
-    async with httpx.AsyncClient(limits=limits, timeout=60, headers={"Authorization": "Bearer sk-bench"}) as client:
+    async with httpx.AsyncClient(limits=limits, timeout=60, headers={"Authorization": f"Bearer {TOKEN}"}) as client:
         counter = iter(range(n))
 
         async def worker() -> None:
