@@ -117,7 +117,8 @@ def batch_tokens(config: FinetuneConfig, device: str) -> int:
 
 def finetune_cluster(ws: Workspace, cluster: str, model_name: str, train_calls: Sequence[Any],
                      val_calls: Sequence[Any], config: FinetuneConfig, *, resume: bool = False,
-                     force: bool = False, progress: bool = True, stop_after: int | None = None) -> dict[str, Any]:
+                     force: bool = False, progress: bool = True, stop_after: int | None = None,
+                     init_adapter: str | Path | None = None) -> dict[str, Any]:
     import torch
 
     started = time.time()
@@ -141,7 +142,7 @@ def finetune_cluster(ws: Workspace, cluster: str, model_name: str, train_calls: 
     per_epoch = loop.steps_per_epoch(train, batch_tokens(config, device), config.seed)
     hp = defaults(config, len(train), n_params, device, per_epoch)
     fingerprint = fingerprint_of(_examples_digest(train), _examples_digest(val), config.model_dump(), hp,
-                                 str(resolved.path))
+                                 str(resolved.path), str(init_adapter or ""))
     if not force and not resume and _finished(out, fingerprint):
         return {**json.loads((out / "metrics.json").read_text()), "status": "fresh"}
     checkpoints = out / "checkpoints"
@@ -149,7 +150,7 @@ def finetune_cluster(ws: Workspace, cluster: str, model_name: str, train_calls: 
 
     # 2. wrap: adapters on every linear projection (LoRA/QLoRA), or all weights trainable (full).
     torch.manual_seed(config.seed)
-    model = _wrap(base, config, hp)
+    model = _wrap(base, config, hp, init_adapter)
 
     # 3. train.
     settings = loop.LoopSettings(
@@ -193,7 +194,7 @@ def _load_base(path: Path, config: FinetuneConfig, device: str):
     return model
 
 
-def _wrap(model, config: FinetuneConfig, hp: dict[str, Any]):
+def _wrap(model, config: FinetuneConfig, hp: dict[str, Any], init_adapter: str | Path | None = None):
     if config.method == "full":
         if config.gradient_checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -207,6 +208,12 @@ def _wrap(model, config: FinetuneConfig, hp: dict[str, Any]):
     elif config.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()  # frozen embeddings would otherwise cut the gradient path
+    if init_adapter is not None:
+        # Warm start (refine): continue from the cluster's current adapter, keeping its rank and targets.
+        from peft import PeftModel
+
+        hp["warm_start"] = str(init_adapter)
+        return PeftModel.from_pretrained(model, str(init_adapter), is_trainable=True)
     targets = hp["target_modules"]
     if targets == "all-linear":
         targets = linear_module_names(model)
@@ -327,8 +334,11 @@ def _plot(path: Path, history: loop.History, title: str) -> None:
 
 def finetune(ws: Workspace, config: FinetuneConfig | None = None, clusters: Sequence[str] | None = None,
              selected: bool = False, *, resume: bool = False, force: bool = False, progress: bool = True,
-             stop_after: int | None = None) -> dict[str, Any]:
-    """Fine-tune one model per cluster; returns one result per cluster and writes the ``finetune`` manifest."""
+             stop_after: int | None = None, init_adapters: dict[str, str] | None = None) -> dict[str, Any]:
+    """Fine-tune one model per cluster; returns one result per cluster and writes the ``finetune`` manifest.
+
+    ``init_adapters`` (cluster -> adapter folder) warm-starts those clusters from an existing adapter (refine).
+    """
     from slmigrate.curated import load_curated
 
     config = config or FinetuneConfig()
@@ -341,7 +351,8 @@ def finetune(ws: Workspace, config: FinetuneConfig | None = None, clusters: Sequ
         train = [c for c in train_calls if membership.get(c.id) == cluster]
         val = [c for c in val_calls if membership.get(c.id) == cluster]
         results.append(finetune_cluster(ws, cluster, model_name, train, val, config, resume=resume, force=force,
-                                        progress=progress, stop_after=stop_after))
+                                        progress=progress, stop_after=stop_after,
+                                        init_adapter=(init_adapters or {}).get(cluster)))
     counts = {s: sum(r["status"] == s for r in results) for s in ("trained", "fresh", "skipped", "interrupted")}
     if not counts["interrupted"]:
         ws.write_manifest("finetune", fingerprint=fingerprint_of([r.get("fingerprint") for r in results]),
