@@ -197,12 +197,20 @@ def slm_figures(gen: Any, prices: PricesConfig, llm_cost: float | None) -> dict[
 
 def evaluate_variant(model: Any, tokenizer: Any, calls: Sequence[CuratedCall], kind: str, *,
                      examples: Sequence[CuratedCall] = (), config: EvaluateConfig, prices: PricesConfig,
-                     llm_cost: float | None, ctx: M.MetricContext, max_new_tokens: int,
+                     llm_cost: float | None, ctx: M.MetricContext, max_new_tokens: int, prefix: str = "",
                      progress: Callable[[int], None] | None = None) -> dict[str, Any]:
-    """Generate for ``calls`` with one model variant and score the answers. Reusable by ``select --probe``."""
+    """Generate for ``calls`` with one model variant and score the answers. Reusable by ``select --probe``.
+
+    ``prefix``: the static system-prompt prefix an adapter was trained without (removed here as in training
+    and in the router).
+    """
+    from slmigrate import chat_format
     from slmigrate.generate import generate
 
     requests = [with_examples(c.request, examples) if examples else c.request for c in calls]
+    if prefix:
+        requests = [{**r, "messages": chat_format.prune_prefix(list(r.get("messages") or []), prefix)}
+                    for r in requests]
     budget = context_budget(model, tokenizer, max_new_tokens)
     prompts = [render(tokenizer, r, budget) for r in requests]
     gen = generate(model, tokenizer, prompts, batch_size=config.batch_size, max_new_tokens=max_new_tokens,
@@ -287,7 +295,9 @@ def evaluate(ws: Workspace, config: EvaluateConfig | None = None, clusters: Sequ
         raise SlmigrateError(f"unknown variant(s) {', '.join(bad)}; choose from {', '.join(VARIANTS)}")
     started = time.time()
     known = load_clusters(ws)
-    wanted = list(clusters) if clusters else sorted(known)
+    # The noise bucket (one-off calls) is no task: nothing to migrate there unless asked for by id.
+    wanted = list(clusters) if clusters else sorted(c for c, info in known.items()
+                                                    if not info.get("noise") and c != "-1")
     missing = [c for c in wanted if c not in known]
     if missing:
         raise SlmigrateError(f"unknown cluster(s) {', '.join(missing)}; see `slmigrate cluster --json` for ids "
@@ -397,13 +407,20 @@ def _evaluate_cluster(ws, cid, info, calls, train, variants, adapter, model_name
         max_new = G.max_new_tokens_for(tokenizer, [answer_text(c.answer) for c in calls],
                                        cap=config.max_new_tokens)
         examples = icl_examples(train, config.icl_examples, config.seed) if variant == "icl" else ()
+        prefix_file = adapter / "static_prefix.txt" if adapter is not None else None
+        prefix = prefix_file.read_text(encoding="utf-8") if (variant == "finetuned" and prefix_file is not None
+                                                             and prefix_file.exists()) else ""
         task = bar.add(f"{cid} {variant}", len(calls))
         out["variants"][variant] = evaluate_variant(
             model, tokenizer, calls, kind, examples=examples, config=config, prices=prices,
-            llm_cost=llm["cost_per_1k_usd"], ctx=ctx, max_new_tokens=max_new,
+            llm_cost=llm["cost_per_1k_usd"], ctx=ctx, max_new_tokens=max_new, prefix=prefix,
             progress=lambda done, t=task: bar.update(t, done))
         if examples:
             out["variants"][variant]["examples"] = [e.id for e in examples]
+    if adapter is not None and (adapter / "metrics.json").exists():
+        trained = json.loads((adapter / "metrics.json").read_text())
+        out["training"] = {k: trained.get(k) for k in ("method", "base_model", "examples", "steps", "epochs",
+                                                       "best_val_loss", "final_train_loss", "seconds")}
     out["decision"] = decide(kind, len(calls), out["variants"].get("finetuned"), metric, threshold,
                              config.min_test_calls)
     return out

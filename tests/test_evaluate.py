@@ -269,3 +269,52 @@ def test_judge_unreachable_endpoint_is_a_user_error():
     judge = Judge("http://127.0.0.1:9/v1", "judge", api_key="k", timeout=2)
     with pytest.raises(SlmigrateError, match="--judge"):
         judge.score(["a"], ["b"], [None])
+
+
+# --- BFCL as a cluster -------------------------------------------------------------------------------------
+
+def test_bfcl_questions_become_openai_requests_with_ground_truth_calls():
+    from conftest import shared_file
+
+    from slmigrate import bfcl
+    from slmigrate import metrics as M
+
+    root = shared_file("bfcl/BFCL_v4_simple_python.json").parent
+    records = bfcl.load(root)
+    assert len(records) == 400 + 200
+    by_id = {r.input_id: r for r in records}
+    first = by_id["simple_python_0"]
+    fn = first.request["tools"][0]["function"]
+    assert fn["name"] == "calculate_triangle_area" and fn["parameters"]["type"] == "object"
+    assert fn["parameters"]["properties"]["base"]["type"] == "integer"
+    call = first.answer["tool_calls"][0]["function"]
+    assert call["name"] == "calculate_triangle_area"
+    assert json.loads(call["arguments"]) == {"base": 10, "height": 5, "unit": "units"}
+    # "z": ["", 0] - the first acceptable value is "may be omitted"
+    assert json.loads(by_id["simple_python_2"].answer["tool_calls"][0]["function"]["arguments"]) == {"x": 4, "y": 5}
+    assert len(by_id["multiple_0"].request["tools"]) == 2
+    # a property literally named "type" keeps its schema; BFCL's Python type names become JSON Schema ones
+    kinds = {json.dumps(t) for r in records for t in r.request["tools"]}
+    assert not any('"type": "dict"' in k or '"type": "float"' in k or '"type": "tuple"' in k for k in kinds)
+    # the reference scores perfectly against itself
+    answers = [r.answer for r in records]
+    s = M.score("tool_call", answers, answers, M.MetricContext([r.request for r in records]))
+    assert s.means["exact"] == 1.0 and s.means["valid_call"] == 1.0
+
+
+def test_bfcl_prepare_makes_a_workspace_finetune_and_evaluate_read(tmp_path):
+    from conftest import shared_file
+
+    from slmigrate import bfcl
+    from slmigrate.curated import load_curated
+    from slmigrate.workspace import Workspace
+
+    root = shared_file("bfcl/BFCL_v4_multiple.json").parent
+    ws = Workspace.open(tmp_path / "ws")
+    info = bfcl.prepare(ws, root, limit=60)
+    assert info["calls"] == 60 and sum(info["splits"].values()) == 60 and info["splits"]["test"] > 5
+    assert {c.split for c in load_curated(ws)} == {"train", "validation", "test"}
+    assert set(ws.store.clusters_of().values()) == {"bfcl"}
+    assert E.load_clusters(ws)["bfcl"]["output_kind"] == "tool_call"
+    again = bfcl.split_of("simple_python_7", 0.3, 0.1, 0)
+    assert again == bfcl.split_of("simple_python_7", 0.3, 0.1, 0)
