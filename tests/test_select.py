@@ -121,22 +121,53 @@ def test_ranking_follows_the_task(ws):
 
 
 def test_selection_is_saved_with_manifest_and_rerun_is_skipped(ws):
-    first = select(ws, SelectConfig(cpu_only=True))
+    everywhere = lambda name: "local"  # noqa: E731 - every model's weights on this machine
+    first = select(ws, SelectConfig(cpu_only=True), weights_of=everywhere)
     saved = load_selection(ws)
     assert saved["clusters"][0]["choice"] == saved["clusters"][0]["candidates"][0]["name"]
+    assert saved["clusters"][0]["choice_reason"] == "rank 1, weights local"
     assert saved["config"]["cpu_only"] is True and ws.manifest("select")["counts"]["clusters"] == 5
-    again = select(ws, SelectConfig(cpu_only=True))
+    again = select(ws, SelectConfig(cpu_only=True), weights_of=everywhere)
     assert again["fresh"] is True and again["created"] == first["created"]
-    changed = select(ws, SelectConfig(cpu_only=True, top=1))
+    changed = select(ws, SelectConfig(cpu_only=True, top=1), weights_of=everywhere)
     assert changed["fresh"] is False and all(len(c["candidates"]) <= 1 for c in changed["clusters"])
 
 
 def test_workspace_catalog_entry_takes_part(ws):
     ws.path("catalog.json").write_text(json.dumps([
         {"name": "qwen2.5-0.5b-instruct", "scores": {"bfcl": {"value": 90.0, "source": "https://example.org/x"}}}]))
-    result = select(ws, SelectConfig(cpu_only=True, license="any"))
+    result = select(ws, SelectConfig(cpu_only=True, license="any"), weights_of=lambda name: "hub")
     assert result["clusters"][0]["choice"] == "qwen2.5-0.5b-instruct"
     assert "BFCL 90" in result["clusters"][0]["candidates"][0]["reason"]
+
+
+def test_choice_falls_back_to_a_model_whose_weights_are_here(ws):
+    offline = {"smollm2-135m-instruct": "builtin"}.get  # the offline machine: only the built-in GGUF
+    result = select(ws, SelectConfig(cpu_only=True, license="any", top=2), weights_of=offline)
+    by_id = {c["cluster"]: c for c in result["clusters"]}
+    intent = by_id["3"]  # SmolLM2 is in the top 2 for the label task
+    assert intent["choice"] == "smollm2-135m-instruct"
+    extract = by_id["4"]
+    assert extract["choice"] == "smollm2-135m-instruct"
+    for c in (intent, extract):
+        chosen = next(r for r in c["candidates"] if r["name"] == c["choice"])
+        assert chosen["weights"] == "builtin"
+        if chosen["rank"] > 1:
+            assert "ranks higher but its weights are not on this machine" in c["choice_reason"]
+    # telecom prompts (9K tokens) exceed SmolLM2's context: nothing obtainable, so the top model stays the
+    # choice and the reason says how to get it
+    telecom = by_id["2"]
+    assert telecom["choice"] == telecom["candidates"][0]["name"]
+    assert "models pull" in telecom["choice_reason"]
+    # a fallback beyond --top is added to the candidates and leaves the rejections
+    narrow = select(ws, SelectConfig(cpu_only=True, license="any", top=1), weights_of=offline, force=True)
+    fallbacks = 0
+    for c in narrow["clusters"]:
+        if c["choice"] == "smollm2-135m-instruct" and c["candidates"][0]["name"] != c["choice"]:
+            assert c["candidates"][-1]["fallback"] is True and len(c["candidates"]) == 2
+            assert "smollm2-135m-instruct" not in {r["name"] for r in c["rejected"]}
+            fallbacks += 1
+    assert fallbacks >= 1  # the airline agent turns (retail needs 8,230 tokens: beyond SmolLM2's 8K window)
 
 
 def test_reads_the_cluster_stage_token_layout(workspace):
@@ -158,7 +189,8 @@ def test_cli_select_json_and_table(ws, capsys):
     assert main(["select", "-w", root, "--gpu-memory", "24", "--license", "any", "--max-params", "4B",
                  "--top", "2", "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
-    assert out["hardware"]["device"] == "cuda" and all(len(c["candidates"]) == 2 for c in out["clusters"])
+    assert out["hardware"]["device"] == "cuda"
+    assert all(len([r for r in c["candidates"] if not r.get("fallback")]) == 2 for c in out["clusters"])
     assert out["config"]["max_params"] == 4e9
     assert main(["select", "-w", root, "--cpu-only", "--force"]) == 0
     text = capsys.readouterr().out
@@ -175,7 +207,8 @@ def test_probe_scores_blend_into_the_ranking(ws):
         return {names[-1]: {"calls": n, "metric": "exact", "zero_shot": 0.5, "few_shot": 1.0},
                 names[0]: {"skipped": True, "reason": "weights not available locally"}}
 
-    result = select(ws, SelectConfig(cpu_only=True, license="any", top=3, probe=4), probe_runner=fake_probe)
+    result = select(ws, SelectConfig(cpu_only=True, license="any", top=3, probe=4), probe_runner=fake_probe,
+                    weights_of=lambda name: "local")
     assert len(seen) == 5 and all(n == 4 and len(names) == 3 for _, names, n in seen)
     for c, (_, names, _) in zip(result["clusters"], seen):
         probed = {r["name"]: r for r in c["candidates"]}[names[-1]]

@@ -130,6 +130,8 @@ def select(
         for r in c["candidates"]:
             console.print(f"  {r['rank']}. [bold]{r['name']}[/] ({r['method']}, train {r['train_memory_gib']:.1f} "
                           f"GiB, score {r['score']:.1f}): {r['reason']}", highlight=False)
+        if c.get("choice"):
+            console.print(f"  -> trains [bold]{c['choice']}[/] ({c['choice_reason']})", highlight=False)
         if not c["candidates"]:
             console.print(f"  [yellow]no candidate[/]: {c['note']}")
         for rej in c["rejected"]:
