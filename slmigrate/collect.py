@@ -395,6 +395,7 @@ def import_calls(
                     continue
                 report.records += 1
                 ctx.line = line
+                ctx.problems = []
                 try:
                     records = plan.fmt.convert(value, ctx)
                 except FormatError as exc:
@@ -406,6 +407,9 @@ def import_calls(
                     report.skipped += 1
                     result.add_error(str(src.path), line, f"unexpected record shape ({type(exc).__name__}: {exc})")
                     continue
+                for reason in ctx.problems:
+                    report.skipped += 1
+                    result.add_error(str(src.path), line, reason)
                 for rec in records:
                     if not rec.source or rec.source == "import":
                         rec.source = f"import:{plan.fmt.name}"

@@ -231,3 +231,19 @@ def test_stream_merge_and_sse_errors():
 def test_malformed_records_raise_format_error(name, obj):
     with pytest.raises(FormatError):
         formats.get(name).convert(obj, ConvertContext(file="x.jsonl", line=1))
+
+
+def test_otel_bad_span_skips_only_itself(workspace, tmp_path):
+    doc = json.loads((F / "otel.jsonl").read_text().splitlines()[1])
+    spans = doc["resourceSpans"][0]["scopeSpans"][0]["spans"]
+    broken = json.loads(json.dumps(spans[1]))
+    broken["spanId"] = "badbadbadbadbad0"
+    for attr in broken["attributes"]:
+        if attr["key"] == "gen_ai.request.model":
+            attr["key"], attr["value"] = "gen_ai.input.messages", {"stringValue": "[not json"}
+    spans.append(broken)
+    path = tmp_path / "otel.json"
+    path.write_text(json.dumps(doc))
+    result = import_calls(workspace, [path])
+    assert (result.imported, result.skipped) == (2, 1)
+    assert "gen_ai.input.messages" in result.errors[0]["reason"] and result.errors[0]["line"] == 1

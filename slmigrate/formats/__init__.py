@@ -32,6 +32,12 @@ class ConvertContext:
     agent: str | None = None  # --agent: tag for records that carry none
     tools: list[dict[str, Any]] | None = None  # --tools FILE, already in OpenAI form
     extra: dict[str, Any] = field(default_factory=dict)
+    # Parts of a multi-call record (a span in an OTLP batch) that could not be used; the importer reports each
+    # as a skipped record at this record's line, and keeps the record's other calls.
+    problems: list[str] = field(default_factory=list)
+
+    def skip(self, reason: str) -> None:
+        self.problems.append(reason)
 
 
 @runtime_checkable

@@ -242,8 +242,15 @@ class OtelFormat:
         if not isinstance(obj, dict):
             raise FormatError(f"expected an OTLP JSON object, got {type(obj).__name__}")
         records = []
-        for span, resource in _spans(obj):
-            rec = convert_span(span, resource, ctx)
+        spans = list(_spans(obj))
+        for span, resource in spans:
+            try:
+                rec = convert_span(span, resource, ctx)
+            except FormatError as exc:
+                if len(spans) == 1:
+                    raise
+                ctx.skip(str(exc))  # one bad span must not cost the rest of its batch
+                continue
             if rec is not None:
                 records.append(rec)
         return records
