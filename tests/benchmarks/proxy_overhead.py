@@ -87,6 +87,26 @@ def start_litellm(venv: Path, upstream: str, workdir: Path) -> tuple[subprocess.
     return proc, f"http://127.0.0.1:{port}/v1"
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process and its children (Linux /proc); steadier than latency on a busy box."""
+    total = 0.0
+    for p in [pid] + _children(pid):
+        try:
+            fields = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return total
+
+
+def _children(pid: int) -> list[int]:
+    try:
+        kids = [int(k) for k in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+    except OSError:
+        return []
+    return kids + [g for k in kids for g in _children(k)]
+
+
 def body(i: int) -> dict:
     payload = {"model": "stub", "messages": [{"role": "user", "content": f"benchmark request {i} " + "x " * 20}]}
     if i % 2:
@@ -159,11 +179,13 @@ def main() -> None:
         procs.append(proxy)
         wait_http(f"http://127.0.0.1:{proxy_port}/slmigrate/health", proxy)
         targets = {"direct": direct, "slmigrate": f"http://127.0.0.1:{proxy_port}/v1"}
+        pids = {"direct": stub.pid, "slmigrate": proxy.pid}
         litellm = start_litellm(Path(args.litellm), direct, work)
         litellm_note = "not run: no litellm venv at " + args.litellm
         if litellm is not None:
             procs.append(litellm[0])
             targets["litellm"] = litellm[1]
+            pids["litellm"] = litellm[0].pid
             litellm_note = "ran"
         elif (Path(args.litellm) / "bin" / "litellm").exists():
             litellm_note = f"installed but did not start; see {work / 'litellm.log'}"
@@ -176,11 +198,15 @@ def main() -> None:
             per: dict[str, list[dict]] = {name: [] for name in targets}
             for _ in range(args.rounds):
                 for name, base in targets.items():
-                    per[name].append(asyncio.run(run_load(base, args.requests, concurrency)))
+                    # CPU spent by the target itself (the stub's own cost is in every row, so subtract "direct").
+                    before = cpu_seconds(pids[name])
+                    run = asyncio.run(run_load(base, args.requests, concurrency))
+                    run["cpu_ms_per_req"] = (cpu_seconds(pids[name]) - before) * 1000 / args.requests
+                    per[name].append(run)
             row = {}
             for name, runs in per.items():
                 row[name] = {key: round(statistics.median(r[key] for r in runs), 2)
-                             for key in ("p50_ms", "p99_ms", "rps")}
+                             for key in ("p50_ms", "p99_ms", "rps", "cpu_ms_per_req")}
                 row[name]["failures"] = sum(r["failures"] for r in runs)
             for name in targets:
                 if name != "direct":
