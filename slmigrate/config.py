@@ -86,7 +86,7 @@ class ClusterConfig(Section):
     by: Literal["none", "agent"] = Field("none", description="Cluster within each agent tag.")
     threshold: float | None = Field(
         None, gt=0, le=2,
-        description="Average-linkage cut in the weighted task-view space (default: 0.6 coarse, 0.45 fine).")
+        description="Average-linkage cut in the weighted task-view space (default: 0.6 coarse, 0.55 fine).")
     core_ratio: float = Field(
         0.7, gt=0, le=1,
         description="A call is a one-off unless it has min_size similar calls within threshold x core_ratio.")

@@ -1,0 +1,74 @@
+"""`slmigrate cluster`: discover the agent's recurring tasks in the curated calls."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.table import Table
+
+from slmigrate.cli._app import JsonOpt, WorkspaceOpt, app, console, open_workspace, print_json
+
+
+@app.command("cluster")
+def cluster_cmd(
+    min_size: Annotated[Optional[int], typer.Option(
+        "--min-size", min=2, help="Smallest number of calls that counts as a recurring task (default 5).")] = None,
+    granularity: Annotated[Optional[str], typer.Option(
+        "--granularity", help="coarse (which job) or fine (which step of a job: tool called, JSON, reply).")]
+    = None,
+    by: Annotated[Optional[str], typer.Option(
+        "--by", help="'agent': cluster each agent tag's calls separately ('none' to turn off).")] = None,
+    threshold: Annotated[Optional[float], typer.Option(
+        "--threshold", help="Cluster radius in the task-view space (default 0.6 coarse, 0.55 fine).")] = None,
+    force: Annotated[bool, typer.Option("--force", help="Run even when nothing changed since the last run.")]
+    = False,
+    config: Annotated[Optional[Path], typer.Option(
+        "--config", "-c", help="Config file (default ./slmigrate.toml when present).")] = None,
+    workspace: WorkspaceOpt = None,
+    json_out: JsonOpt = False,
+) -> None:
+    """Cluster the curated calls into recurring tasks; show each task's size, cost, output kind and an estimate
+    of how replaceable it is by a small model. Writes clusters/ (clusters.json, model, map.png).
+
+    Example: slmigrate cluster --granularity fine --min-size 10
+    """
+    from slmigrate.cluster import cluster
+    from slmigrate.config import load_config
+    from slmigrate.errors import SlmigrateError
+
+    if granularity not in (None, "coarse", "fine"):
+        raise SlmigrateError(f"--granularity {granularity!r} is not known; use coarse or fine")
+    if by not in (None, "agent", "none"):
+        raise SlmigrateError(f"--by {by!r} is not known; use agent (or none)")
+    cfg = load_config(config, {"cluster": {"min_size": min_size, "granularity": granularity, "by": by,
+                                           "threshold": threshold}})
+    ws = open_workspace(workspace, create=False)
+    result = cluster(ws, cfg, force=force, progress=not json_out)
+    if json_out:
+        print_json(result)
+        return
+    _print(result)
+
+
+def _print(result: dict) -> None:
+    table = Table(title=f"{len(result['clusters'])} tasks in {result['calls']:,} calls"
+                        + (" (unchanged, not re-run)" if result.get("skipped") else ""), title_justify="left")
+    for col in ("cluster", "label", "kind", "calls", "share", "cost $", "prompt p50/p95", "compl. p50/p95",
+                "replaceable"):
+        table.add_column(col, justify="left" if col in ("cluster", "label", "kind") else "right")
+    for c in result["clusters"]:
+        p, q = c["prompt_tokens"], c["completion_tokens"]
+        score = f"{c['replaceability']:.2f}" + (" [green]yes[/]" if c["likely_replaceable"] else "")
+        table.add_row(c["id"], c["label"][:40], c["output_kind"], f"{c['size']:,}", f"{c['share']:.1%}",
+                      f"{c['cost_usd']:.2f}", f"{p['p50']}/{p['p95']}", f"{q['p50']}/{q['p95']}", score)
+    u = result["unclustered"]
+    table.add_row("-", "unclustered (one-off calls)", "", f"{u['size']:,}", f"{u['share']:.1%}",
+                  f"{u['cost_usd']:.2f}", "", "", "")
+    console.print(table)
+    o = result["overall"]
+    console.print(f"Likely replaceable by small models: [bold]{o['call_share']:.0%}[/] of calls, "
+                  f"[bold]{o['cost_share']:.0%}[/] of cost ({len(o['replaceable_clusters'])} clusters).")
+    if result.get("map"):
+        console.print(f"Map: {result['map']}")

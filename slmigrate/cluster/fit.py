@@ -1,0 +1,98 @@
+"""Finding the tasks: average-linkage clustering of distinct task views, with a one-off filter.
+
+Why this recipe:
+- Calls are first collapsed to distinct task views (with their call counts). Agent logs repeat views heavily, so
+  this is what makes 100k calls affordable; when even the distinct views exceed ``max_points``, a deterministic
+  hash-ordered sample of them is clustered and the rest are assigned to the nearest centroid afterwards (average
+  linkage needs the pairwise distances, O(n^2) memory).
+- Average linkage cut at a distance threshold lets the number of clusters come from the data, is deterministic
+  (the input is put in a canonical order first), and gives a radius with a meaning: in the weighted space a
+  distance of ``d`` means the calls' views differ by a weighted cosine distance of ``d^2 / 2``.
+- A recurring task has dense structure inside it; a handful of unrelated one-off requests that happen to share
+  a generic system prompt do not. So a call is kept only if, cut again at ``core_ratio`` times the radius, it
+  still sits in a group of at least ``min_size`` calls; the rest are "unclustered".
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+
+import numpy as np
+
+
+@dataclass
+class Fitted:
+    """The clusters of one group of calls (all calls, or one agent's)."""
+
+    labels: np.ndarray  # per fitted row: cluster index (0..k-1) or -1
+    centroids: np.ndarray  # (k, width)
+    radius: np.ndarray  # (k,) largest member distance in the full space
+    request_radius: np.ndarray  # (k,) the same over the request blocks only (routing before the answer exists)
+
+
+def canonical_order(keys: list[str]) -> np.ndarray:
+    """An order that depends only on the content, so shuffled input gives the same clusters."""
+    return np.argsort(np.array([hashlib.sha1(k.encode("utf-8")).hexdigest() for k in keys]), kind="stable")
+
+
+def fit_group(x: np.ndarray, counts: np.ndarray, *, threshold: float, core_ratio: float, min_size: int,
+              request_mask: np.ndarray) -> Fitted:
+    """Cluster the rows of ``x`` (distinct views; ``counts`` calls each)."""
+    n = len(x)
+    width = x.shape[1]
+    if n == 0:
+        return Fitted(np.zeros(0, int), np.zeros((0, width), np.float32), np.zeros(0), np.zeros(0))
+    if n == 1:
+        cut = fine = np.zeros(1, dtype=int)
+    else:
+        from scipy.cluster.hierarchy import fcluster, linkage
+        from scipy.spatial.distance import pdist
+
+        tree = linkage(pdist(x.astype(np.float64)), method="average")
+        cut = fcluster(tree, threshold, criterion="distance") - 1
+        fine = fcluster(tree, threshold * core_ratio, criterion="distance") - 1
+    size = np.bincount(cut, weights=counts)
+    fine_size = np.bincount(fine, weights=counts)
+    keep = (size[cut] >= min_size) & (fine_size[fine] >= min_size)
+    # After the one-off filter a cluster may have shrunk below min_size: drop it too.
+    kept_size = np.bincount(cut[keep], weights=counts[keep], minlength=len(size))
+    keep &= kept_size[cut] >= min_size
+    # Number the clusters by size (largest first); ties by first row, which is canonical.
+    ids = [c for c in dict.fromkeys(cut[keep].tolist())]
+    ids.sort(key=lambda c: (-kept_size[c], int(np.flatnonzero(cut == c)[0])))
+    remap = {c: i for i, c in enumerate(ids)}
+    labels = np.array([remap[c] if k else -1 for c, k in zip(cut.tolist(), keep.tolist())], dtype=int)
+    k = len(ids)
+    centroids = np.zeros((k, width), dtype=np.float32)
+    radius = np.zeros(k)
+    request_radius = np.zeros(k)
+    for i in range(k):
+        rows = labels == i
+        w = counts[rows].astype(np.float64)
+        members = x[rows].astype(np.float64)
+        centroid = (members * w[:, None]).sum(axis=0) / w.sum()
+        centroids[i] = centroid
+        radius[i] = float(np.sqrt(((members - centroid) ** 2).sum(axis=1)).max())
+        request_radius[i] = float(np.sqrt(((members[:, request_mask] - centroid[request_mask]) ** 2).sum(axis=1)).max())
+    return Fitted(labels, centroids, radius, request_radius)
+
+
+def nearest(x: np.ndarray, centroids: np.ndarray, radius: np.ndarray, mask: np.ndarray | None = None,
+            slack: float = 1.0) -> np.ndarray:
+    """Index of the nearest centroid within its radius (times ``slack``), or -1; rows of ``x`` at a time."""
+    if len(centroids) == 0 or len(x) == 0:
+        return np.full(len(x), -1, dtype=int)
+    if mask is not None:
+        x, centroids = x[:, mask], centroids[:, mask]
+    out = np.empty(len(x), dtype=int)
+    # Chunked so 100k rows x k centroids never materialise a huge distance matrix at once.
+    for start in range(0, len(x), 4096):
+        part = x[start:start + 4096].astype(np.float64)
+        d2 = (part ** 2).sum(1)[:, None] - 2 * part @ centroids.T.astype(np.float64) + \
+            (centroids.astype(np.float64) ** 2).sum(1)[None, :]
+        d = np.sqrt(np.maximum(d2, 0.0))
+        best = d.argmin(axis=1)
+        within = d[np.arange(len(part)), best] <= radius[best] * slack + 1e-6
+        out[start:start + 4096] = np.where(within, best, -1)
+    return out

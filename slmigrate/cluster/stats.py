@@ -1,0 +1,126 @@
+"""What each cluster is and what it costs: label, output kind, tokens, cost, replaceability."""
+
+from __future__ import annotations
+
+from collections import Counter
+from typing import Any
+
+import numpy as np
+
+from slmigrate.cluster.views import OUTPUT_KINDS, TaskView
+from slmigrate.config import PricesConfig
+from slmigrate.record import CallRecord
+
+
+# Words of the task view's own scaffolding (views.py), which say nothing about the task.
+_VIEW_WORDS = {"tools", "offered", "calls", "tool", "result", "user", "free", "text", "reply", "short", "label",
+               "answer", "json", "object", "keys", "array", "failed", "prompt", "system", "turn"}
+
+
+def keywords(docs: list[str], top: int = 6) -> list[list[str]]:
+    """c-TF-IDF: per class, the words frequent in it and rare across the classes (one document per class)."""
+    if not docs:
+        return []
+    from sklearn.feature_extraction.text import ENGLISH_STOP_WORDS, CountVectorizer
+
+    try:
+        vec = CountVectorizer(stop_words=list(ENGLISH_STOP_WORDS | _VIEW_WORDS), token_pattern=r"(?u)\b[a-zA-Z][a-zA-Z_]{2,}\b",
+                              max_features=50_000)
+        counts = vec.fit_transform(docs).astype(np.float64)
+    except ValueError:  # no words at all
+        return [[] for _ in docs]
+    words = vec.get_feature_names_out()
+    tf = counts.multiply(1.0 / np.maximum(counts.sum(axis=1), 1.0)).tocsr()
+    avg_words = counts.sum() / counts.shape[0]
+    idf = np.log(1.0 + avg_words / np.maximum(np.asarray(counts.sum(axis=0)).ravel(), 1.0))
+    scores = tf.multiply(idf).toarray()
+    return [[words[j] for j in np.argsort(-row, kind="stable")[:top] if row[j] > 0] for row in scores]
+
+
+def _pct(values: list[int], q: float) -> int | None:
+    return int(round(float(np.percentile(values, q)))) if values else None
+
+
+def replaceability(kind: str, size: int, completion_p50: int | None, prompt_p95: int | None,
+                   shape_share: float, system_share: float) -> tuple[float, list[str]]:
+    """An up-front guess (0-1) of how well a small fine-tuned model could take over, with the reasons.
+
+    Follows the paper's argument: narrow, repetitive calls with structured, short outputs are what SLMs do well;
+    open-ended long generation is not. ``evaluate`` measures it for real later.
+    """
+    score, reasons = 0.0, []
+    if kind in ("tool_call", "json", "label"):
+        score += 0.3
+        reasons.append(f"structured output ({kind})")
+    else:
+        reasons.append("free-text output (harder to match)")
+    if completion_p50 is not None and completion_p50 <= 50:
+        score += 0.2
+        reasons.append(f"short answers (p50 {completion_p50} tokens)")
+    elif completion_p50 is not None and completion_p50 <= 200:
+        score += 0.1
+        reasons.append(f"medium answers (p50 {completion_p50} tokens)")
+    else:
+        reasons.append(f"long answers (p50 {completion_p50} tokens)")
+    if shape_share >= 0.8:
+        score += 0.2
+        reasons.append(f"one answer shape in {shape_share:.0%} of calls")
+    elif shape_share >= 0.5:
+        score += 0.1
+        reasons.append(f"a few answer shapes (top one {shape_share:.0%})")
+    else:
+        reasons.append(f"varied answer shapes (top one {shape_share:.0%})")
+    if system_share >= 0.8:
+        score += 0.15
+        reasons.append("one fixed instruction set (narrow task)")
+    else:
+        reasons.append(f"varied instructions (top one {system_share:.0%})")
+    if size >= 100:
+        score += 0.15
+        reasons.append(f"{size} examples to learn from")
+    elif size >= 30:
+        score += 0.08
+        reasons.append(f"only {size} examples")
+    else:
+        reasons.append(f"few examples ({size})")
+    if prompt_p95 is not None and prompt_p95 > 8000:
+        score -= 0.1
+        reasons.append(f"long context (p95 {prompt_p95} prompt tokens) needs a long-context SLM")
+    return round(min(max(score, 0.0), 1.0), 3), reasons
+
+
+def cluster_stats(cid: str, members: list[int], calls: list[CallRecord], views: list[TaskView],
+                  prices: PricesConfig, total_calls: int, total_cost: float, representative: int,
+                  replaceable_at: float, group: str | None, source: str) -> dict[str, Any]:
+    size = len(members)
+    kinds = Counter(views[i].kind for i in members)
+    kind = max(OUTPUT_KINDS, key=lambda k: (kinds.get(k, 0), -OUTPUT_KINDS.index(k)))
+    prompt = [calls[i].prompt_tokens for i in members if calls[i].prompt_tokens is not None]
+    completion = [calls[i].completion_tokens for i in members if calls[i].completion_tokens is not None]
+    cost = sum(prices.cost(calls[i].model, calls[i].prompt_tokens, calls[i].completion_tokens) for i in members)
+    shapes = Counter(views[i].answer for i in members)
+    systems = Counter(views[i].system_chunks for i in members)
+    tools = Counter(views[i].tool_name for i in members if views[i].tool_name)
+    score, reasons = replaceability(kind, size, _pct(completion, 50), _pct(prompt, 95),
+                                    shapes.most_common(1)[0][1] / size, systems.most_common(1)[0][1] / size)
+    rep = calls[representative]
+    return {
+        "id": cid,
+        "group": group,
+        "source": source,  # "clustered" or "task_tag"
+        "size": size,
+        "share": round(size / max(total_calls, 1), 4),
+        "output_kind": kind,
+        "output_kinds": dict(kinds),
+        "tools_called": dict(tools.most_common(10)),
+        "models": dict(Counter(calls[i].model or "unknown" for i in members).most_common(5)),
+        "prompt_tokens": {"total": int(sum(prompt)), "p50": _pct(prompt, 50), "p95": _pct(prompt, 95)},
+        "completion_tokens": {"total": int(sum(completion)), "p50": _pct(completion, 50),
+                              "p95": _pct(completion, 95)},
+        "cost_usd": round(cost, 6),
+        "cost_share": round(cost / total_cost, 4) if total_cost > 0 else 0.0,
+        "replaceability": score,
+        "likely_replaceable": score >= replaceable_at,
+        "reasons": reasons,
+        "representative": {"id": rep.id, "view": views[representative].text()[:600]},
+    }

@@ -1,0 +1,174 @@
+"""The task view of a call: the few parts of a request/response that say *which job* the call does.
+
+A call's task is set by its instructions (system prompt), the tools it may use, the turn it answers (the latest
+user message or tool result) and the shape of what it produced (which tool it called, which JSON keys, a short
+label or free text). Names, numbers and ids inside those parts vary from call to call without changing the task,
+so digits are masked: this makes more views identical, which both sharpens clusters and lets the embedder skip
+repeats. Metadata (agent tags, task tags, domains) is deliberately not part of the view.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import Any
+
+from slmigrate.record import CallRecord
+
+OUTPUT_KINDS = ("tool_call", "json", "label", "text")
+# Chunks of a long system prompt are embedded separately and averaged, so a prompt whose task-defining part sits
+# at the end (a scenario after generic guidelines) is still told apart from its siblings.
+SYSTEM_CHUNK_CHARS = 480
+SYSTEM_MAX_CHUNKS = 48
+TURN_CHARS = 320
+LABEL_MAX_WORDS = 4
+
+_DIGITS = re.compile(r"\d+")
+_HEXISH = re.compile(r"\b(?=[0-9a-f]*\d)[0-9a-f]{12,}\b", re.IGNORECASE)
+_SPACE = re.compile(r"\s+")
+
+
+def mask(text: str) -> str:
+    """Collapse the parts of a text that vary per call (numbers, hex ids, whitespace)."""
+    text = _HEXISH.sub("<id>", text)
+    text = _DIGITS.sub("0", text)
+    return _SPACE.sub(" ", text).strip()
+
+
+# System prompts repeat across thousands of calls and can be tens of kilobytes: mask each distinct one once.
+_mask_system = lru_cache(maxsize=4096)(mask)
+
+
+def content_text(content: Any) -> str:
+    """The text of a message's ``content`` (a string, or a list of OpenAI content parts)."""
+    if content is None:
+        return ""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        parts = []
+        for part in content:
+            if isinstance(part, dict):
+                parts.append(str(part.get("text") or part.get("input_text") or f"[{part.get('type', 'part')}]"))
+            else:
+                parts.append(str(part))
+        return " ".join(parts)
+    return json.dumps(content, ensure_ascii=False, default=str)
+
+
+@dataclass(frozen=True)
+class TaskView:
+    system_chunks: tuple[str, ...]
+    tools: str
+    turn: str
+    answer: str
+    kind: str  # output kind of this call's answer
+    tool_name: str | None  # the first tool called, if any
+
+    def text(self) -> str:
+        """One readable string (for keywords and for showing a representative call)."""
+        system = " ".join(self.system_chunks)[:400]
+        return f"{system} | {self.tools} | {self.turn} | {self.answer}"
+
+
+def system_prompt(messages: list[dict[str, Any]]) -> str:
+    """The leading system/developer messages (the agent's instructions for this call)."""
+    parts = []
+    for message in messages:
+        if message.get("role") in ("system", "developer"):
+            parts.append(content_text(message.get("content")))
+        else:
+            break
+    return "\n".join(p for p in parts if p)
+
+
+def latest_turn(messages: list[dict[str, Any]]) -> str:
+    """The latest user message or tool result, which is what this call responds to."""
+    for message in reversed(messages):
+        role = message.get("role")
+        if role in ("user", "tool", "function"):
+            label = "user" if role == "user" else "tool result"
+            return f"{label}: {content_text(message.get('content'))}"
+    return "no user turn"
+
+
+def output_kind(message: dict[str, Any] | None) -> str:
+    """tool_call | json | label (a few words, no sentence) | text."""
+    if not message:
+        return "text"
+    if message.get("tool_calls") or message.get("function_call"):
+        return "tool_call"
+    text = content_text(message.get("content")).strip()
+    if _json_value(text) is not None:
+        return "json"
+    words = text.split()
+    if 0 < len(words) <= LABEL_MAX_WORDS and not re.search(r"[.!?]\s*$", text) and "\n" not in text:
+        return "label"
+    return "text"
+
+
+def _json_value(text: str) -> Any:
+    stripped = text.strip()
+    if stripped.startswith("```"):
+        stripped = stripped.strip("`")
+        stripped = (stripped[4:] if stripped.lower().startswith("json") else stripped).strip()
+    if not stripped or stripped[0] not in "[{":
+        return None
+    try:
+        return json.loads(stripped)
+    except ValueError:
+        return None
+
+
+def answer_shape(message: dict[str, Any] | None) -> tuple[str, str, str | None]:
+    """(shape text, output kind, tool name): what the call produced, without its particular values."""
+    kind = output_kind(message)
+    if message is None:
+        return "no answer (failed call)", kind, None
+    if kind == "tool_call":
+        calls = message.get("tool_calls") or [{"function": message.get("function_call") or {}}]
+        described = []
+        for call in calls:
+            fn = call.get("function") or {}
+            try:
+                keys = sorted(json.loads(fn.get("arguments") or "{}"))
+            except (ValueError, TypeError):
+                keys = []
+            described.append(f"{fn.get('name') or '?'}({', '.join(map(str, keys))})")
+        first = (calls[0].get("function") or {}).get("name")
+        return "calls tool " + "; ".join(described), kind, first
+    text = content_text(message.get("content"))
+    if kind == "json":
+        value = _json_value(text)
+        if isinstance(value, dict):
+            return "JSON object with keys " + ", ".join(sorted(map(str, value))), kind, None
+        return "JSON array", kind, None
+    if kind == "label":
+        return "short label answer", kind, None
+    return "free-text reply", kind, None
+
+
+def task_view(call: CallRecord) -> TaskView:
+    messages = call.messages
+    system = _mask_system(system_prompt(messages))
+    chunks = tuple(system[i:i + SYSTEM_CHUNK_CHARS]
+                   for i in range(0, min(len(system), SYSTEM_CHUNK_CHARS * SYSTEM_MAX_CHUNKS), SYSTEM_CHUNK_CHARS))
+    names = sorted({(t.get("function") or {}).get("name") or t.get("name") or "?" for t in call.tools})
+    tools = ("tools offered: " + ", ".join(names)) if names else "no tools offered"
+    shape, kind, tool_name = answer_shape(call.answer)
+    return TaskView(
+        system_chunks=chunks or ("no system prompt",),
+        tools=tools,
+        turn=mask(latest_turn(messages))[:TURN_CHARS],
+        answer=shape,
+        kind=kind,
+        tool_name=tool_name,
+    )
+
+
+def next_action(call: CallRecord) -> str:
+    """What the model did: the tool it called, or ``text`` (used to score fine clusters)."""
+    shape = answer_shape(call.answer)
+    return shape[2] or "text"

