@@ -152,7 +152,9 @@ def build_analyzer(score_threshold: float = DEFAULT_THRESHOLD):
 
 
 _ISO_DATE = re.compile(r"\d{4}-\d{2}-\d{2}(?:[ T]\d{2}:\d{2}(?::\d{2})?)?")
-_LABEL = re.compile(r"^[ \t]*[A-Za-z][A-Za-z0-9 /()_\-]{0,40}:(?=[ \t])", re.MULTILINE)
+# "Airplane Mode: OFF", "Status Bar: ..." - a label of two or more words before a colon. One-word labels stay
+# analysable: in chat transcripts they are speakers' names ("Mary: ...").
+_LABEL = re.compile(r"^[ \t]*[A-Za-z][A-Za-z0-9/()_\-]*(?: [A-Za-z0-9/()_\-]+){1,5}:(?=[ \t])", re.MULTILINE)
 
 
 def _keep(found: Found) -> bool:

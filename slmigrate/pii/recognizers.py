@@ -37,6 +37,11 @@ ACCOUNT_PATTERNS: list[tuple[str, str, float]] = [
     # firstname_lastname_1234
     ("USER_ID", r"\b[a-z]+(?:_[a-z]+){1,3}_\d{3,6}\b", 0.85),
     ("ORDER_ID", r"#W\d{6,8}\b", 0.9),
+    # International numbers written with their "+" prefix; phonenumbers rejects some valid-looking ones.
+    ("PHONE_NUMBER", r"(?<![\w+])\+\d{1,3}(?:[ \-.]?\(?\d{1,4}\)?){2,5}[ \-.]?\d{2,4}\b", 0.5),
+    # Card numbers right after the word "card", whatever their issuer prefix (presidio's own recogniser wants a
+    # known prefix and a Luhn check).
+    ("CREDIT_CARD", r"(?i:card)(?:\s*(?i:number|no\.?|num|#|:))*\s*(?P<v>\d(?:[ \-]?\d){11,18})\b", 0.7),
     # Six-character booking codes only next to a word that says so: bare upper-case words are too common.
     ("RESERVATION_ID",
      r"(?i:reservation|booking|confirmation|pnr)(?:\s+(?i:id|number|code|no\.?))?(?:\s+(?i:is|was|:))?\s*[:#]?\s*"
@@ -69,6 +74,7 @@ ADDRESS_PATTERNS: list[tuple[str, str, float]] = [
     # Rue de Piétrain 371 / Via Roma 5
     ("STREET_ADDRESS", rf"(?:\b\d{{1,6}},?\s+)?\b{_FOREIGN_PREFIX}(?:\s+{_WORD}){{1,4}}(?:,?\s+\d{{1,5}}[A-Za-z]?)?\b{_UNIT}",
      0.6),
+    ("STREET_ADDRESS", r"\b(?:Apt\.?|Apartment|Suite|Ste\.?)\s*#?\d{1,5}[A-Za-z]?\b", 0.5),
     # PO boxes and military addresses
     ("STREET_ADDRESS", r"\b(?:P\.?\s?O\.?\s?Box|PSC|Unit|USNS|USS|USNV|USCGC)\s+\d{1,6}(?:,?\s+Box\s+\d{1,6})?", 0.6),
 ]
@@ -163,10 +169,95 @@ def _offline_email_recognizer():
     return OfflineEmailRecognizer(), extractor
 
 
+# Locales whose name lists feed the gazetteer: the small spaCy model misses many non-English names.
+_NAME_LOCALES = ("en_US", "en_GB", "en_IN", "de_DE", "fr_FR", "es_ES", "it_IT", "fi_FI", "hu_HU", "sv_SE", "no_NO",
+                 "da_DK", "pl_PL", "pt_PT", "pt_BR", "nl_NL", "cs_CZ", "sk_SK", "hr_HR", "sl_SI", "et_EE", "is_IS",
+                 "tr_TR", "lv_LV", "lt_LT", "ro_RO", "uk_UA", "ru_RU")
+# Names that are also everyday English words; only taken when spaCy's NER says PERSON.
+_COMMON_WORDS = {
+    "may", "mark", "will", "grant", "bill", "rose", "lane", "park", "page", "case", "long", "young", "white",
+    "black", "brown", "green", "king", "price", "rich", "hope", "joy", "faith", "summer", "winter", "june", "april",
+    "august", "art", "major", "chase", "hunter", "miles", "ray", "sky", "dawn", "star", "bay", "hill", "wood",
+    "stone", "ford", "holiday", "love", "cash", "penny", "sale", "jack", "pat", "sue", "bell", "best", "cook",
+    "cross", "day", "dean", "fair", "field", "fisher", "gold", "silver", "golden", "hall", "house", "just", "key",
+    "lord", "low", "march", "mason", "more", "north", "south", "east", "west", "page", "post", "power", "rice",
+    "ring", "road", "rock", "rule", "sharp", "short", "street", "trust", "wall", "ward", "waters", "well", "wells",
+    "wise", "hand", "free", "frank", "earnest", "bright", "can", "car", "carry", "doctor", "early", "easy", "echo",
+    "else", "ever", "fine", "gift", "glass", "good", "gray", "grey", "guard", "home", "honey", "human", "lucky",
+    "mobile", "money", "new", "order", "plan", "premium", "basic", "data", "service", "status", "mode", "pro",
+    "max", "plus", "line", "bar", "call", "test", "wifi", "network", "sim", "air", "bottle", "kettle", "lamp",
+    "mouse", "puzzle", "watch", "speaker", "mat", "set", "kit", "shoes", "boots", "hose", "chair", "grill",
+    "user", "agent", "customer", "assistant", "system", "tool", "policy", "domain", "business", "economy",
+}
+_NAMES: set[str] | None = None
+
+
+def person_names() -> set[str]:
+    """First and last names (lower case) from Faker's locale data, shipped with the faker wheel: offline."""
+    global _NAMES
+    if _NAMES is None:
+        import importlib
+
+        names: set[str] = set()
+        for locale in _NAME_LOCALES:
+            try:
+                provider = importlib.import_module(f"faker.providers.person.{locale}").Provider
+            except (ImportError, AttributeError):
+                continue
+            for attr in ("first_names", "last_names", "first_names_male", "first_names_female",
+                         "last_names_male", "last_names_female"):
+                names.update(n.lower() for n in (getattr(provider, attr, None) or ()) if len(n) > 1)
+        _NAMES = names - _COMMON_WORDS
+    return _NAMES
+
+
+def _name_recognizer():
+    from presidio_analyzer import EntityRecognizer, RecognizerResult
+
+    class NameGazetteerRecognizer(EntityRecognizer):
+        """Capitalised proper nouns found in name lists, joined with their neighbours into full names
+        ("Faina D. Yefremova"). Needs spaCy's tokens and tags, which the NLP pass already made."""
+
+        def __init__(self):
+            super().__init__(supported_entities=["PERSON"], name="NameGazetteerRecognizer",
+                             supported_language="en")
+
+        def load(self) -> None:
+            self.names = person_names()
+
+        def analyze(self, text: str, entities: list[str], nlp_artifacts: Any = None):
+            doc = getattr(nlp_artifacts, "tokens", None)
+            if doc is None or (entities and "PERSON" not in entities):
+                return []
+            results = []
+            i, n = 0, len(doc)
+            while i < n:
+                tok = doc[i]
+                # A listed name, capitalised; the tagger must call it a proper noun unless it is mid-sentence
+                # (sentence-initial capitals are ordinary words as often as names).
+                if not (tok.is_title and tok.lower_ in self.names
+                        and (tok.pos_ == "PROPN" or (not tok.is_sent_start and tok.pos_ in ("NOUN", "ADJ", "X")))):
+                    i += 1
+                    continue
+                start, j = i, i + 1
+                # extend over middle initials and following capitalised proper nouns (surnames not in the lists)
+                while j < n and ((doc[j].is_title and doc[j].pos_ == "PROPN" and doc[j].is_alpha)
+                                 or (len(doc[j].text.rstrip(".")) == 1 and doc[j].text[:1].isupper()
+                                     and j + 1 < n and doc[j + 1].is_title)):
+                    j += 1
+                span = doc[start:j]
+                results.append(RecognizerResult("PERSON", span.start_char, span.end_char, 0.6))
+                i = j
+            return results
+
+    return NameGazetteerRecognizer()
+
+
 def extra_recognizers() -> list[Any]:
     cls = _regex_recognizer_class()
     return [
         cls("SecretRecognizer", SECRET_PATTERNS),
         cls("AccountIdRecognizer", ACCOUNT_PATTERNS),
         cls("StreetAddressRecognizer", ADDRESS_PATTERNS),
+        _name_recognizer(),
     ]
