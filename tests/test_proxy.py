@@ -470,3 +470,17 @@ def test_sigterm_during_load_loses_no_answered_call(tmp_path):
     assert results["ok"] <= set(stored), "an answered call was not stored"
     assert set(stored) <= results["ok"] | set(results["failed"])
     assert json.loads(out)["dropped"] == 0
+
+
+def test_proxy_encrypts_payloads_when_a_key_is_set(make_proxy, monkeypatch):
+    from slmigrate import crypto
+
+    monkeypatch.setenv("SLMIGRATE_ENCRYPTION_KEY", crypto.generate_key())
+    p = make_proxy()
+    p.client().chat.completions.create(model="stub", messages=[{"role": "user", "content": "mail eve@corp.example"}])
+    (rec,) = p.records()
+    assert rec.answer["content"] == "Echo: mail eve@corp.example"
+    raw = b"".join(f.read_bytes() for f in p.db.parent.glob(p.db.name + "*"))
+    assert b"eve@corp.example" not in raw
+    with Store(p.db) as store:
+        assert set(crypto.codec_counts(store)) == {crypto.AesGcmCodec(crypto.configured_key()).name}
