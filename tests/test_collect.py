@@ -59,7 +59,7 @@ def test_json_list_gzipped_and_single_object(workspace, tmp_path):
     doc.write_text(json.dumps(json.loads((F / "otel.jsonl").read_text().splitlines()[0]), indent=2))
     result = import_calls(workspace, [listed, doc])
     assert result.to_dict()["format"] == {str(listed): "anthropic", str(doc): "otel"}
-    assert (result.imported, result.skipped) == (3, 0)
+    assert (result.imported, result.skipped) == (4, 0)
 
 
 def test_streaming_list_parser_across_buffer_edges():
@@ -108,7 +108,7 @@ def test_folder_import_agent_tag_and_progress(workspace, tmp_path):
     (folder / "notes.txt").write_text("ignored")
     seen = []
     result = import_calls(workspace, [folder], agent="support-bot", progress=lambda f, d, t: seen.append((f, d, t)))
-    assert result.imported == 5 and len(result.files) == 2
+    assert result.imported == 6 and len(result.files) == 2
     assert seen and seen[-1][1] == seen[-1][2]
     agents = {c.input_id: c.agent for c in workspace.store.iter_calls()}
     assert agents["call-003"] == "tracker"  # the log's own agent wins over --agent
@@ -121,10 +121,10 @@ def test_export_then_import_round_trips(workspace, tmp_path):
         import_calls(workspace, [F / name])
     out = tmp_path / "export.jsonl"
     counts = export_calls(workspace, "openai", out)
-    assert counts["written"] == workspace.store.count_calls() == 22
+    assert counts["written"] == workspace.store.count_calls() == 23
     again = Workspace.open(tmp_path / "ws2")
     result = import_calls(again, [out])
-    assert result.files[0].format == "openai" and (result.imported, result.skipped) == (22, 0)
+    assert result.files[0].format == "openai" and (result.imported, result.skipped) == (23, 0)
     assert _payloads(again) == _payloads(workspace)  # same hashes, same requests and responses
     before = {c.content_hash: (c.input_id, c.session, c.agent, c.outcome, c.metadata, c.prompt_tokens)
               for c in workspace.store.iter_calls()}

@@ -33,7 +33,7 @@ def _calls(answer):
     ("conversation.json", "conversation", 4),
     ("otel.jsonl", "otel", 3),
     ("langfuse.jsonl", "langfuse", 2),
-    ("anthropic.jsonl", "anthropic", 2),
+    ("anthropic.jsonl", "anthropic", 3),
     ("toolbench_answer.json", "toolbench", 2),
 ])
 def test_auto_detects_every_format(workspace, name, expected, calls):
@@ -194,6 +194,10 @@ def test_anthropic_blocks_become_openai(workspace):
     assert [m["role"] for m in second.messages] == ["system", "user", "assistant", "tool"]
     assert second.messages[3] == {"role": "tool", "tool_call_id": "toolu_01", "content": "in transit"}
     assert second.finish_reason == "stop"
+    streamed = calls["msg-log-3"]  # raw SSE events, tool input streamed as partial JSON
+    assert streamed.answer["content"] == "Checking now."
+    assert _calls(streamed.answer) == [("toolu_03", "lookup_order", '{"order_id": "C-9"}')]
+    assert (streamed.prompt_tokens, streamed.completion_tokens, streamed.finish_reason) == (120, 40, "tool_calls")
 
 
 def test_toolbench_answer_file(workspace):

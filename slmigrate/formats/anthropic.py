@@ -5,7 +5,8 @@ content: [...], stop_reason, usage: {input_tokens, output_tokens}}, id?, timesta
 
 ``text`` blocks become message content, ``tool_use`` blocks OpenAI ``tool_calls`` (arguments serialised to a
 JSON string), ``tool_result`` blocks ``tool`` messages, images ``image_url`` parts with a data URL; ``thinking``
-blocks are dropped (the OpenAI form has no place for them).
+blocks are dropped (the OpenAI form has no place for them). A streamed response (the list of events, or the
+raw SSE text) is merged first: text deltas concatenate, ``input_json_delta`` pieces form the tool input.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from typing import Any
 
 from slmigrate.formats import ConvertContext, FormatError, register
 from slmigrate.formats._common import (
-    as_float, as_int, as_outcome, completion, content_string, fill_from_metadata, normalise_tools, share,
+    as_float, as_int, as_outcome, completion, content_string, fill_from_metadata, normalise_tools, parse_sse, share,
 )
 from slmigrate.record import CallRecord, parse_timestamp
 
@@ -37,6 +38,10 @@ def _is_anthropic(o: dict[str, Any]) -> bool:
     if not isinstance(req, dict) or not isinstance(req.get("messages"), list):
         return False
     if isinstance(resp, dict) and resp.get("type") == "message" and isinstance(resp.get("content"), list):
+        return True
+    if isinstance(resp, list) and resp and isinstance(resp[0], dict) and resp[0].get("type") == "message_start":
+        return True
+    if isinstance(resp, str) and "message_start" in resp[:200]:
         return True
     return "system" in req or _has_blocks(req["messages"]) or (
         isinstance(resp, dict) and resp.get("type") == "error")
@@ -127,9 +132,55 @@ def convert_request(req: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def merge_stream(events: list[Any]) -> dict[str, Any]:
+    """Streamed Messages API events (message_start, content_block_*, message_delta) as one message object.
+
+    Text deltas concatenate; a tool_use block's ``input_json_delta`` pieces concatenate into its input.
+    """
+    if not any(isinstance(ev, dict) and ev.get("type") in ("message_start", "error") for ev in events):
+        raise FormatError("the streamed response has no message_start event (not an Anthropic event stream)")
+    message: dict[str, Any] = {"type": "message", "role": "assistant", "content": []}
+    blocks: dict[int, dict[str, Any]] = {}
+    partial: dict[int, list[str]] = {}
+    for ev in events:
+        if not isinstance(ev, dict):
+            raise FormatError(f"stream event is not an object: {ev!r:.60}")
+        kind = ev.get("type")
+        if kind == "message_start":
+            start = ev.get("message") or {}
+            message.update({k: v for k, v in start.items() if k != "content"})
+        elif kind == "content_block_start":
+            blocks[ev.get("index", len(blocks))] = dict(ev.get("content_block") or {})
+        elif kind == "content_block_delta":
+            idx, delta = ev.get("index", 0), ev.get("delta") or {}
+            block = blocks.setdefault(idx, {"type": "text", "text": ""})
+            if delta.get("type") == "text_delta":
+                block["text"] = block.get("text", "") + delta.get("text", "")
+            elif delta.get("type") == "input_json_delta":
+                partial.setdefault(idx, []).append(delta.get("partial_json", ""))
+        elif kind == "message_delta":
+            message.update({k: v for k, v in (ev.get("delta") or {}).items() if v is not None})
+            if ev.get("usage"):
+                message["usage"] = {**(message.get("usage") or {}), **ev["usage"]}
+        elif kind == "error":
+            return {"type": "error", "error": ev.get("error")}
+    for idx, pieces in partial.items():
+        text = "".join(pieces)
+        try:
+            blocks[idx]["input"] = json.loads(text) if text else {}
+        except ValueError as exc:
+            raise FormatError(f"streamed tool input of block {idx} is not JSON") from exc
+    message["content"] = [blocks[i] for i in sorted(blocks)]
+    return message
+
+
 def convert_response(resp: Any) -> tuple[dict[str, Any] | None, str | None]:
     if resp is None:
         return None, None
+    if isinstance(resp, str) and resp.lstrip().startswith(("event:", "data:")):
+        resp = merge_stream(parse_sse(resp))
+    elif isinstance(resp, list):
+        resp = merge_stream(resp)
     if not isinstance(resp, dict):
         raise FormatError(f"the response is a {type(resp).__name__}, expected an Anthropic message object")
     if resp.get("type") == "error" or (resp.get("error") and "content" not in resp):
