@@ -262,16 +262,24 @@ def migration_plan(ws: Workspace, results: list[dict[str, Any]], clusters: dict[
             moved["cost_usd"] += cost
     measured = {k: {"total": totals[k], "migrate": moved[k], "share": moved[k] / totals[k] if totals[k] else 0.0}
                 for k in ("calls", "tokens", "cost_usd")}
-    estimate = {cid: info.get("replaceability", info.get("estimate")) for cid, info in clusters.items()}
+    estimate = {cid: cluster_estimate(info) for cid, info in clusters.items() if cid in {r["cluster"] for r in results}}
     return {"migrating_clusters": sorted(migrating), "measured": measured, "estimate_per_cluster": estimate,
             "estimate": _overall_estimate(ws)}
+
+
+def cluster_estimate(info: dict[str, Any]) -> Any:
+    """``slmigrate cluster``'s up-front replaceability guess for one cluster (score, verdict, reasons)."""
+    score = info.get("replaceability", info.get("estimate"))
+    if isinstance(score, dict) or score is None:
+        return score
+    return {"score": score, "likely_replaceable": info.get("likely_replaceable"), "reasons": info.get("reasons")}
 
 
 def _overall_estimate(ws: Workspace) -> Any:
     path = ws.path("clusters", "clusters.json")
     data = json.loads(path.read_text()) if path.exists() else {}
     if isinstance(data, dict):
-        for key in ("estimate", "replaceability", "summary"):
+        for key in ("overall", "estimate", "replaceability"):
             if key in data:
                 return data[key]
     return None
@@ -386,7 +394,7 @@ def _evaluate_cluster(ws, cid, info, calls, train, variants, adapter, model_name
     out: dict[str, Any] = {
         "cluster": cid, "label": info.get("label"), "kind": kind, "primary_metric": metric,
         "threshold": threshold, "test_calls": len(calls), "adapter": str(adapter) if adapter else None,
-        "llm": llm, "variants": {}, "estimate": info.get("replaceability", info.get("estimate")),
+        "llm": llm, "variants": {}, "estimate": cluster_estimate(info),
     }
     order = [v for v in VARIANTS if v in variants]  # finetuned last: peft injects its layers into the base
     model = tokenizer = None

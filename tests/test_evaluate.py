@@ -140,9 +140,11 @@ def two_cluster_ws(tmp_path_factory):
     write_curated(ws, rows, {}, {})
     ws.store.set_clusters({**{c.id: "c0" for c in label_calls}, **{c.id: "c1" for c in text_calls}})
     (ws.path("clusters") / "clusters.json").write_text(json.dumps({"clusters": [
-        {"id": "c0", "label": "route ticket", "output_kind": "label", "replaceability": {"score": 0.9}},
-        {"id": "c1", "label": "write reply", "output_kind": "text", "replaceability": {"score": 0.3}},
-    ]}))
+        {"id": "c0", "label": "route ticket", "output_kind": "label", "replaceability": 0.9,
+         "likely_replaceable": True, "reasons": ["short answers"]},
+        {"id": "c1", "label": "write reply", "output_kind": "text", "replaceability": 0.3,
+         "likely_replaceable": False, "reasons": ["long free text"]},
+    ], "overall": {"replaceable_clusters": ["c0"], "call_share": 0.6667, "cost_share": 0.5}}))
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(base)
@@ -179,7 +181,9 @@ def test_evaluate_end_to_end(two_cluster_ws):
     assert plan["migrating_clusters"] == ["c0"]
     assert plan["measured"]["calls"]["share"] == pytest.approx(LABELS / (LABELS + TEXTS))
     assert plan["measured"]["tokens"]["share"] == pytest.approx(LABELS * 42 / (LABELS * 42 + TEXTS * 75))
-    assert plan["estimate_per_cluster"]["c0"] == {"score": 0.9}
+    assert plan["estimate_per_cluster"]["c0"] == {"score": 0.9, "likely_replaceable": True,
+                                                  "reasons": ["short answers"]}
+    assert plan["estimate"]["call_share"] == 0.6667
     # stored for report and refine
     latest = json.loads(ws.path("evals", "latest.json").read_text())
     assert latest["run"] == res["run"]

@@ -75,16 +75,18 @@ def show(result: dict) -> None:
     if result.get("skipped_unchanged"):
         console.print(f"[dim]Nothing changed since run {result['run']}; showing it (use --force to re-run).[/]")
     quality = Table(title="quality on held-out test calls (primary metric per variant)", title_justify="left")
-    for col in ("cluster", "kind", "calls", "metric", "base", "icl", "finetuned", "threshold", "decision"):
-        quality.add_column(col, justify="right" if col in ("calls", "base", "icl", "finetuned", "threshold")
-                           else "left")
+    numeric = ("calls", "base", "icl", "finetuned", "threshold", "estimate")
+    for col in ("cluster", "kind", "calls", "metric", "base", "icl", "finetuned", "threshold", "decision",
+                "estimate"):
+        quality.add_column(col, justify="right" if col in numeric else "left")
     for r in result["clusters"]:
         v = r["variants"]
         d = r["decision"]
         quality.add_row(
             f"{r['cluster']} {r.get('label') or ''}".strip()[:40], r["kind"], str(r["test_calls"]),
             r["primary_metric"], *[_fmt((v.get(x) or {}).get("primary")) for x in ("base", "icl", "finetuned")],
-            f"{r['threshold']:.2f}", ("[green]migrate[/]" if d["migrate"] else "[yellow]stay on LLM[/]"))
+            f"{r['threshold']:.2f}", ("[green]migrate[/]" if d["migrate"] else "[yellow]stay on LLM[/]"),
+            _fmt((r.get("estimate") or {}).get("score"), ".2f"))
     console.print(quality)
     eff = Table(title="efficiency (small model vs recorded LLM)", title_justify="left")
     for col in ("cluster", "variant", "p50 ms", "p95 ms", "tok/s", "peak MB", "$/1k calls", "LLM $/1k",
@@ -111,6 +113,8 @@ def show(result: dict) -> None:
         f"{plan['cost_usd']['share']:.0%} of LLM cost (measured)."
     )
     est = result["plan"].get("estimate")
-    if est is not None:
-        console.print(f"  up-front estimate from `slmigrate cluster`: {est}")
+    if isinstance(est, dict) and "call_share" in est:
+        console.print(f"  up-front estimate from `slmigrate cluster`: {est['call_share']:.0%} of calls, "
+                      f"{est.get('cost_share', 0):.0%} of cost in {len(est.get('replaceable_clusters', []))} "
+                      "likely-replaceable cluster(s)")
     console.print(f"[dim]results: evals/{result['run']}/results.json and evals/latest.json[/]")
