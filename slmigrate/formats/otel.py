@@ -19,7 +19,7 @@ from typing import Any
 
 from slmigrate.formats import ConvertContext, FormatError, register
 from slmigrate.formats._common import (
-    args_string, as_float, as_int, completion, content_string, normalise_tools, share, upgrade_messages,
+    args_string, as_int, completion, content_string, normalise_tools, share, upgrade_messages,
 )
 from slmigrate.record import CallRecord, parse_timestamp
 
