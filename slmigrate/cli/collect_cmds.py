@@ -21,7 +21,7 @@ def import_cmd(
         "--format", "-f", help="auto (detect per file), openai, openai-ft, conversation, otel, langfuse, "
         "anthropic, toolbench, or a plug-in's name. See docs/formats.md.")] = "auto",
     agent: Annotated[Optional[str], typer.Option(
-        "--agent", help="Agent tag for calls whose log does not name one (default: [collect] agent).")] = None,
+        "--agent", help="Agent tag for calls whose log does not name one (default: collect.agent in slmigrate.toml).")] = None,
     tools: Annotated[Optional[Path], typer.Option(
         "--tools", help="JSON file of tool schemas for records that carry none (e.g. conversation logs).")] = None,
     config: Annotated[Optional[Path], typer.Option(
