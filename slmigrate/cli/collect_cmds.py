@@ -64,7 +64,8 @@ def import_cmd(
     else:
         table = Table(title=f"imported into {ws.root}", title_justify="left")
         for col in ("file", "format", "calls", "new", "duplicates", "skipped"):
-            table.add_column(col, justify="left" if col in ("file", "format") else "right")
+            table.add_column(col, justify="left" if col in ("file", "format") else "right",
+                             overflow="fold" if col == "file" else "ellipsis")
         for f in result.files:
             fmt = f"{f.format} (detected)" if f.detected else f.format
             table.add_row(f.path, fmt, f"{f.calls:,}", f"{f.imported:,}", f"{f.duplicates:,}", f"{f.skipped:,}")
