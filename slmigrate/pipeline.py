@@ -171,7 +171,7 @@ def _run_curate(ctx: _Context) -> dict[str, Any]:
 def _run_cluster(ctx: _Context) -> dict[str, Any]:
     from slmigrate.cluster import cluster
 
-    cluster(ctx.ws, ctx.config.cluster, prices=ctx.config.prices)
+    cluster(ctx.ws, ctx.config, progress=ctx.bar is not None)  # reads [cluster] and [prices]
     return _manifest_counts(ctx.ws, "cluster")
 
 
@@ -194,8 +194,7 @@ def _clusters_json(ws: Workspace) -> list[dict[str, Any]]:
 
 
 def _likely(cluster: dict[str, Any]) -> bool:
-    rep = cluster.get("replaceability")
-    return bool(rep.get("likely")) if isinstance(rep, dict) else False
+    return bool(cluster.get("likely_replaceable"))
 
 
 def train_clusters(ws: Workspace, config: Config) -> list[str] | None:
@@ -255,7 +254,8 @@ def _curate_inputs(ctx: _Context) -> Any:
 
 STAGES: dict[str, Stage] = {
     s.name: s for s in (
-        Stage("import", "slmigrate.collect", "run", (), _run_import, extra=_import_inputs,
+        # Only [run] inputs/format/tools (in _import_inputs) feed import: a new report path must not re-import.
+        Stage("import", "slmigrate.collect", None, (), _run_import, extra=_import_inputs,
               runner_writes_manifest=True),
         Stage("curate", "slmigrate.curate", "curate", ("import",), _run_curate, extra=_curate_inputs),
         Stage("cluster", "slmigrate.cluster", "cluster", ("curate",), _run_cluster,
@@ -418,8 +418,9 @@ def run(
         if stage.runner_writes_manifest or own is None:
             # A stage module that writes no manifest of its own (import, report) gets one from the runner, so
             # the stages after it have an identity to depend on.
+            section = getattr(config, stage.section).model_dump(mode="json") if stage.section else {}
             own = ws.write_manifest(stage.manifest or name, fingerprint=fingerprint_of(parts), counts=counts,
-                                    config=getattr(config, stage.section).model_dump(mode="json"), started=t_wall)
+                                    config=section, started=t_wall)
         duration = round(time.monotonic() - t0, 2)
         # Recompute after the run: the stage's own inputs (e.g. the store for curate) may be what it changed.
         records.put(name, {"started": records.get(name)["started"], "finished": now_iso(),

@@ -201,12 +201,13 @@ def populate(ws) -> None:
              ("open", "open-ended writing requests", "text", 0.22, False)]
     ws.store.set_clusters({c.id: tasks[i % 3][0] for i, c in enumerate(calls)})
     clusters = [{"id": cid, "label": label, "output_kind": kind, "size": 30, "share": 1 / 3,
-                 "cost": 0.01 * (i + 1), "tokens": {"prompt_p50": 110, "prompt_p95": 140, "completion_p95": 40},
-                 "replaceability": {"score": score, "likely": likely,
-                                    "reasons": ["short answers" if likely else "long free text"]}}
+                 "cost_usd": 0.01 * (i + 1), "prompt_tokens": {"p50": 110, "p95": 140},
+                 "completion_tokens": {"p50": 20, "p95": 40}, "replaceability": score,
+                 "likely_replaceable": likely, "reasons": ["short answers" if likely else "long free text"]}
                 for i, (cid, label, kind, score, likely) in enumerate(tasks)]
     (ws.path("clusters") / "clusters.json").write_text(json.dumps(
-        {"clusters": clusters, "estimate": {"calls_share": 2 / 3, "cost_share": 0.5}}))
+        {"clusters": clusters, "unclustered": {"size": 0, "share": 0, "cost_usd": 0},
+         "overall": {"call_share": 2 / 3, "cost_share": 0.5}}))
     _map_png(ws.path("clusters", "map.png"))
     select(ws, SelectConfig(cpu_only=True))
     for cid in ("intent", "extract"):

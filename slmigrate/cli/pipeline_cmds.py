@@ -19,6 +19,7 @@ def _quiet_libraries() -> None:
     import os
 
     os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # transformers' "Loading weights" bars too
 
 
 class _Feedback:
@@ -34,6 +35,8 @@ class _Feedback:
         err_console.print(f"[dim]›[/] {message}", highlight=False)
 
     def bar(self, what: str, done: int, total: int) -> None:
+        if not err_console.is_terminal:
+            return  # a log file or CI: the stage lines are enough
         if self.progress is None:
             from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 

@@ -41,7 +41,7 @@ def _svg(fig) -> str:
     return re.sub(r'(<svg[^>]*?)\swidth="([^"]+)"\sheight="[^"]+"', r'\1 style="max-width:\2"', text, count=1)
 
 
-def _short(label: str, width: int = 28) -> str:
+def _short(label: str, width: int = 34) -> str:
     return label if len(label) <= width else label[: width - 1] + "…"
 
 

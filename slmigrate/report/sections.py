@@ -36,6 +36,16 @@ def _count(value: float) -> str:
     return f"{value:,.0f}"
 
 
+def _cost(cluster: dict[str, Any]) -> float:
+    return float(cluster.get("cost_usd") or 0)
+
+
+def _label(cluster: dict[str, Any]) -> str:
+    """Id and label: the id ties a row to the map's legend, the label (keywords) says what the task is."""
+    cid, label = cluster.get("id"), cluster.get("label")
+    return f"{cid} · {label}" if label and label != cid else str(cid)
+
+
 def _pct(value: float | None) -> str:
     return "–" if value is None else f"{value:.0%}"
 
@@ -117,7 +127,7 @@ class Facts:
     def cluster_label(self, cid: Any) -> str:
         for c in self.cluster_rows():
             if str(c.get("id")) == str(cid):
-                return str(c.get("label") or cid)
+                return _label(c)
         return str(cid)
 
     def eval_clusters(self) -> list[dict[str, Any]]:
@@ -144,9 +154,9 @@ def overview(f: Facts) -> Section:
     clusters = f.cluster_rows()
     if clusters:
         tiles.append(("recurring tasks found", str(len(clusters))))
-        est = (f.clusters or {}).get("estimate") or {}
-        if est.get("calls_share") is not None:
-            tiles.append(("estimated replaceable (calls)", _pct(est["calls_share"])))
+        est = (f.clusters or {}).get("overall") or {}
+        if est.get("call_share") is not None:
+            tiles.append(("estimated replaceable (calls)", _pct(est["call_share"])))
         if est.get("cost_share") is not None:
             tiles.append(("estimated replaceable (cost)", _pct(est["cost_share"])))
     measured = ((f.evals or {}).get("plan") or {}).get("measured") or {}
@@ -174,16 +184,24 @@ def calls_and_cost(f: Facts) -> Section:
         s.missing("Per-task breakdown", "slmigrate cluster")
         return s
     rows, labels, costs, calls = [], [], [], []
-    for c in sorted(clusters, key=lambda c: -(c.get("cost") or 0)):
-        tokens = c.get("tokens") or {}
-        labels.append(str(c.get("label") or c.get("id")))
-        costs.append(float(c.get("cost") or 0))
-        calls.append(int(c.get("size") or c.get("calls") or 0))
-        rows.append([labels[-1], c.get("output_kind") or c.get("kind") or "", num(calls[-1]),
+    for c in sorted(clusters, key=lambda c: -_cost(c)):
+        prompt, completion = c.get("prompt_tokens") or {}, c.get("completion_tokens") or {}
+        labels.append(_label(c))
+        costs.append(_cost(c))
+        calls.append(int(c.get("size") or 0))
+        rows.append([Cell(f"<b>{esc(c.get('id'))}</b> {esc(c.get('label') or '')}",
+                          f"**{c.get('id')}** {c.get('label') or ''}"),
+                     c.get("output_kind") or "", num(calls[-1]),
                      Cell(_pct(c.get("share")), _pct(c.get("share")), True),
-                     num(tokens.get("prompt_p50")), num(tokens.get("prompt_p95")),
-                     num(tokens.get("completion_p95")), Cell(_usd(c.get("cost")), _usd(c.get("cost")), True)])
-    s.table(["task (cluster)", "output", "calls", "share", "prompt p50", "prompt p95", "answer p95", "cost"], rows)
+                     num(prompt.get("p50"), "{:,.0f}"), num(prompt.get("p95"), "{:,.0f}"),
+                     num(completion.get("p95"), "{:,.0f}"), Cell(_usd(costs[-1]), _usd(costs[-1]), True)])
+    un = (f.clusters or {}).get("unclustered") or {}
+    if un.get("size"):
+        rows.append([Cell("<i>unclustered (one-off calls)</i>", "*unclustered (one-off calls)*"), "",
+                     num(un["size"]), Cell(_pct(un.get("share")), _pct(un.get("share")), True), "", "", "",
+                     Cell(_usd(un.get("cost_usd")), _usd(un.get("cost_usd")), True)])
+    s.table(["task (cluster)", "output", "calls", "share", "prompt p50", "prompt p95", "answer p95", "cost"], rows,
+            caption="Token columns are per call (p50 = median, p95 = 95th percentile), for context-window needs.")
     s.columns_start()
     s.chart(Chart("cost_per_cluster", "LLM cost per task over the logged calls (USD)",
                   svg=charts.barh(labels, costs, xlabel="USD", fmt=_usd)))
@@ -237,14 +255,13 @@ def replaceability(f: Facts) -> Section:
     measured = {str(e.get("cluster")): e for e in f.eval_clusters()}
     labels, est, meas, rows = [], [], [], []
     for c in clusters:
-        rep = c.get("replaceability") or {}
-        score = rep.get("score") if isinstance(rep, dict) else rep
+        score = c.get("replaceability")
         m = measured.get(str(c.get("id")))
         mscore = _finetuned_score(m) if m else None
-        labels.append(str(c.get("label") or c.get("id")))
+        labels.append(_label(c))
         est.append(None if score is None else float(score))
         meas.append(None if mscore is None else float(mscore))
-        reasons = rep.get("reasons") if isinstance(rep, dict) else None
+        reasons = c.get("reasons")
         rows.append([labels[-1], num(score, "{:.2f}"), num(mscore, "{:.2f}"), "; ".join(reasons or [])])
     s.chart(Chart("replaceability", "Estimated replaceability vs measured score of the fine-tuned model",
                   svg=charts.paired_bars(labels, est, meas, names=("estimated", "measured"), xlabel="score (0-1)")))
@@ -415,16 +432,15 @@ def plan(f: Facts) -> Section:
     move = stay = slm = 0.0
     slm_known = True
     rows, stays = [], []
-    for c in sorted(clusters, key=lambda c: -(c.get("cost") or 0)):
-        cid, label, cost = str(c.get("id")), str(c.get("label") or c.get("id")), float(c.get("cost") or 0)
+    for c in sorted(clusters, key=lambda c: -_cost(c)):
+        cid, label, cost = str(c.get("id")), _label(c), _cost(c)
         m = measured.get(cid)
-        rep = c.get("replaceability") if isinstance(c.get("replaceability"), dict) else {}
         if m is not None and m.get("decision") is not None:
             migrate = bool(m["decision"].get("migrate"))
             basis, why = "measured", m["decision"].get("reason") or ""
         else:
-            migrate = bool(rep.get("likely"))
-            basis, why = "estimated", "; ".join(rep.get("reasons") or [])
+            migrate = bool(c.get("likely_replaceable"))
+            basis, why = "estimated", "; ".join(c.get("reasons") or [])
         slm_cost = None
         if migrate:
             move += cost
@@ -441,8 +457,8 @@ def plan(f: Facts) -> Section:
                      pill(basis, "good" if basis == "measured" else "warn"),
                      Cell(_usd(cost), _usd(cost), True),
                      Cell(_usd(slm_cost), _usd(slm_cost), True) if migrate else Cell("", "", True), why])
-    unclustered = f.totals["cost"] - move - stay
-    if unclustered > 1e-9:
+    unclustered = float(((f.clusters or {}).get("unclustered") or {}).get("cost_usd") or 0)
+    if unclustered > 0:
         stay += unclustered
         stays.append(f"one-off calls that belong to no recurring task ({_usd(unclustered)}): nothing to "
                      "specialise a small model on")

@@ -26,7 +26,7 @@ th, td { text-align:left; padding:6px 8px; border-bottom:1px solid var(--line); 
 th { color:var(--muted); font-weight:600; font-size:12px; text-transform:uppercase; letter-spacing:0.03em; }
 td.n, th.n { text-align:right; font-variant-numeric:tabular-nums; white-space:nowrap; }
 tr:hover td { background:#f1f5f9; }
-.pill { display:inline-block; padding:1px 8px; border-radius:999px; font-size:12px; font-weight:600; }
+.pill { display:inline-block; white-space:nowrap; padding:1px 8px; border-radius:999px; font-size:12px; font-weight:600; }
 .pill.good { background:var(--goodbg); color:var(--good); }
 .pill.warn { background:var(--warnbg); color:var(--warn); }
 .pill.bad { background:var(--badbg); color:var(--bad); }
@@ -36,7 +36,7 @@ tr:hover td { background:#f1f5f9; }
 figure.chart { margin:10px 0 16px; }
 figure.chart svg, figure.chart img { width:100%; height:auto; display:block; }
 figure.chart figcaption { color:var(--muted); font-size:12px; margin-top:4px; }
-.grid2 { display:grid; grid-template-columns:repeat(auto-fit,minmax(420px,1fr)); gap:16px; }
+.grid2 { display:grid; grid-template-columns:repeat(auto-fit,minmax(420px,1fr)); gap:16px; align-items:start; }
 .reasons { margin:0; padding-left:18px; color:#334155; }
 .small { font-size:12px; color:var(--muted); }
 footer { color:var(--muted); font-size:12px; text-align:center; padding:10px 0 30px; }
