@@ -390,7 +390,8 @@ def _evaluate_cluster(ws, cid, info, calls, train, variants, adapter, model_name
     metric = M.primary_metric(kind, config.primary)
     threshold = config.threshold.get(kind, 0.9)
     llm = llm_figures(ws, calls, prices)
-    base_name = model_name or (adapter_base_model(adapter) if adapter else None) or config.model
+    # An adapter only works on the base it was trained on; --model names the base for clusters without one.
+    base_name = (adapter_base_model(adapter) if adapter else None) or model_name or config.model
     out: dict[str, Any] = {
         "cluster": cid, "label": info.get("label"), "kind": kind, "primary_metric": metric,
         "threshold": threshold, "test_calls": len(calls), "adapter": str(adapter) if adapter else None,
