@@ -484,3 +484,21 @@ def test_proxy_encrypts_payloads_when_a_key_is_set(make_proxy, monkeypatch):
     assert b"eve@corp.example" not in raw
     with Store(p.db) as store:
         assert set(crypto.codec_counts(store)) == {crypto.AesGcmCodec(crypto.configured_key()).name}
+
+
+@pytest.mark.slow
+def test_hard_kill_loses_at_most_the_last_flush_interval(tmp_path):
+    stub = subprocess.Popen([sys.executable, str(ROOT / "tests" / "stub_llm.py"), "--port", str(port := free_port())])
+    ws = tmp_path / "ws"
+    proc, base = _start_cli_proxy(f"http://127.0.0.1:{port}/v1", ws)
+    try:
+        client = openai.OpenAI(base_url=base + "/v1", api_key="k", max_retries=0)
+        for i in range(40):
+            client.chat.completions.create(**{k: v for k, v in _request(i).items() if k != "stream"})
+        time.sleep(0.5)  # more than the 200 ms bound: everything answered by now must be committed
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(30)
+    finally:
+        proc.kill()
+        stub.kill()
+    assert sorted(_stored_numbers(ws)) == list(range(40))
