@@ -117,10 +117,15 @@ class HashEmbedder(Embedder):
     def __init__(self, dim: int = 128) -> None:
         super().__init__()
         self.dim = dim
+        self._words: dict[str, np.ndarray] = {}
 
     def _word_vector(self, word: str) -> np.ndarray:
-        seed = int.from_bytes(hashlib.sha256(word.encode("utf-8")).digest()[:8], "little")
-        return np.random.default_rng(seed).choice((-1.0, 1.0), size=self.dim).astype(np.float32)
+        vec = self._words.get(word)
+        if vec is None:
+            seed = int.from_bytes(hashlib.sha256(word.encode("utf-8")).digest()[:8], "little")
+            vec = np.random.default_rng(seed).choice((-1.0, 1.0), size=self.dim).astype(np.float32)
+            self._words[word] = vec
+        return vec
 
     def _encode_unique(self, texts: list[str], *, progress: bool, desc: str) -> np.ndarray:
         out = np.zeros((len(texts), self.dim), dtype=np.float32)

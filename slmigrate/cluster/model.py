@@ -25,6 +25,7 @@ from slmigrate.record import CallRecord
 from slmigrate.workspace import Workspace
 
 MODEL_FILE = "model.npz"
+UNKNOWN_AGENT = "unknown"  # the --by agent group of calls without an agent tag
 CLUSTERS_FILE = "clusters.json"
 
 
@@ -117,7 +118,7 @@ class ClusterModel:
             call = calls[i]
             candidates = np.arange(len(self.ids))
             if self.by == "agent":
-                mine = np.flatnonzero(groups == (call.agent or ""))
+                mine = np.flatnonzero(groups == (call.agent or UNKNOWN_AGENT))
                 candidates = mine if len(mine) else candidates
             answered = call.answer is not None
             hit = nearest(x[j:j + 1], self.centroids[candidates],

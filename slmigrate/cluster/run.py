@@ -12,7 +12,7 @@ import numpy as np
 from slmigrate import curated
 from slmigrate.cluster.features import WEIGHTS, featurize
 from slmigrate.cluster.fit import Fitted, canonical_order, fit_group, nearest
-from slmigrate.cluster.model import CLUSTERS_FILE, ClusterModel, slug, task_tag
+from slmigrate.cluster.model import CLUSTERS_FILE, UNKNOWN_AGENT, ClusterModel, slug, task_tag
 from slmigrate.cluster.stats import cluster_stats, keywords
 from slmigrate.cluster.views import TaskView, task_view
 from slmigrate.config import ClusterConfig, Config, PricesConfig
@@ -33,7 +33,7 @@ def _groups(calls: list[CallRecord], cfg: ClusterConfig) -> dict[str | None, lis
     for i, call in enumerate(calls):
         if task_tag(call, cfg.task_tag_key) is not None:
             continue
-        groups[(call.agent or "unknown") if cfg.by == "agent" else None].append(i)
+        groups[(call.agent or UNKNOWN_AGENT) if cfg.by == "agent" else None].append(i)
     return dict(sorted(groups.items(), key=lambda kv: (kv[0] is None, kv[0] or "")))
 
 
@@ -124,9 +124,9 @@ def _summary(calls, views, members, assignment, model: ClusterModel, cfg: Cluste
     costs = [prices.cost(c.model, c.prompt_tokens, c.completion_tokens) for c in calls]
     total_cost = float(sum(costs))
     order = sorted(members, key=lambda c: (-len(members[c]), c))
-    # Keywords: one document per cluster from its distinct views (a view repeated 1000 times counts once per
-    # call, which is what c-TF-IDF's term frequency wants).
-    docs = [" ".join(views[i].text() for i in members[c]) for c in order]
+    # Keywords: one document per cluster made of its distinct views (at most 2000): a view repeated a thousand
+    # times would otherwise swamp the term counts and cost time on large logs without changing the top words.
+    docs = [" ".join(list(dict.fromkeys(views[i].text() for i in members[c]))[:2000]) for c in order]
     words = keywords(docs)
     centroid_of = {cid: i for i, cid in enumerate(model.ids)}
     clusters = []
