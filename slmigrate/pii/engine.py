@@ -152,9 +152,9 @@ def build_analyzer(score_threshold: float = DEFAULT_THRESHOLD):
 
 
 _ISO_DATE = re.compile(r"\d{4}-\d{2}-\d{2}(?:[ T]\d{2}:\d{2}(?::\d{2})?)?")
-# "Airplane Mode: OFF", "Status Bar: ..." - a label of two or more words before a colon. One-word labels stay
+# "Airplane Mode: OFF", "SIM Card Status: ..." - a label of two to four capitalised words before a colon. One-word labels stay
 # analysable: in chat transcripts they are speakers' names ("Mary: ...").
-_LABEL = re.compile(r"^[ \t]*[A-Za-z][A-Za-z0-9/()_\-]*(?: [A-Za-z0-9/()_\-]+){1,5}:(?=[ \t])", re.MULTILINE)
+_LABEL = re.compile(r"^[ \t]*[A-Z][A-Za-z0-9/()_\-]*(?: [A-Z0-9][A-Za-z0-9/()_\-]*){1,3}:(?=[ \t])", re.MULTILINE)
 
 
 def _keep(found: Found) -> bool:

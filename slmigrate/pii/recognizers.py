@@ -26,7 +26,7 @@ SECRET_PATTERNS: list[tuple[str, str, float]] = [
     # scheme://user:password@host - the password only; the URL stays a URL.
     ("URL_PASSWORD", r"\b[a-zA-Z][a-zA-Z0-9+.\-]*://[^\s:/@]+:(?P<v>[^\s@/]+)@", 1.0),
     ("SECRET",
-     r"(?i)\b(?:api[_\-]?key|apikey|secret(?:[_\-]?key)?|access[_\-]?token|auth[_\-]?token|password|passwd|pwd)"
+     r"(?i)\b(?:api[_\-]?key|apikey|secret(?:[_\-]?key)?|(?:access[_\-]?|auth[_\-]?)?token|password|passwd|pwd)"
      r"\b['\"]?\s*(?:[:=]|\bis\b)\s*['\"]?(?P<v>[^\s'\",;]{6,})", 0.8),
 ]
 
