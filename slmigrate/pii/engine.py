@@ -37,9 +37,9 @@ DEFAULT_THRESHOLD = 0.4
 THRESHOLDS = {"US_DRIVER_LICENSE": 0.6, "US_BANK_NUMBER": 0.6, "US_PASSPORT": 0.6, "PHONE_NUMBER": 0.4}
 
 # Words spaCy sometimes tags as names in agent chatter; never worth replacing.
-_STOP_VALUES = {"suite", "apt", "apartment", "unit", "hi", "hello", "thanks", "thank you", "yes", "no", "ok", "okay", "sure", "please", "user",
-                "assistant", "system", "tool", "agent", "customer", "sir", "madam", "dear", "null", "none", "true",
-                "false"}
+_STOP_VALUES = {"suite", "apt", "apartment", "unit", "hi", "hello", "thanks", "thank you", "yes", "no", "ok",
+                "okay", "sure", "please", "user", "assistant", "system", "tool", "agent", "customer", "sir",
+                "madam", "dear", "null", "none", "true", "false"}
 
 
 class Found(NamedTuple):
@@ -152,8 +152,8 @@ def build_analyzer(score_threshold: float = DEFAULT_THRESHOLD):
 
 
 _ISO_DATE = re.compile(r"\d{4}-\d{2}-\d{2}(?:[ T]\d{2}:\d{2}(?::\d{2})?)?")
-# "Airplane Mode: OFF", "SIM Card Status: ..." - a label of two to four capitalised words before a colon. One-word labels stay
-# analysable: in chat transcripts they are speakers' names ("Mary: ...").
+# "Airplane Mode: OFF", "SIM Card Status: ..." - a label of two to four capitalised words before a colon.
+# One-word labels stay analysable: in chat transcripts they are speakers' names ("Mary: ...").
 _LABEL = re.compile(r"^[ \t]*[A-Z][A-Za-z0-9/()_\-]*(?: [A-Z0-9][A-Za-z0-9/()_\-]*){1,3}:(?=[ \t])", re.MULTILINE)
 
 

@@ -18,7 +18,8 @@ SECRET_PATTERNS: list[tuple[str, str, float]] = [
     ("OPENAI_API_KEY", r"\bsk-(?:proj-|svcacct-|admin-|ant-)?[A-Za-z0-9_\-]{20,}", 1.0),
     ("AWS_ACCESS_KEY", r"\b(?:AKIA|ASIA|AGPA|AIDA|AROA|ANPA)[0-9A-Z]{16}\b", 1.0),
     ("AWS_SECRET_KEY",
-     r"(?i)aws.{0,20}?(?:secret|private).{0,20}?['\"]?\s*[:=]\s*['\"]?(?P<v>[A-Za-z0-9/+=]{40})(?![A-Za-z0-9/+=])", 0.9),
+     r"(?i)aws.{0,20}?(?:secret|private).{0,20}?['\"]?\s*[:=]\s*['\"]?"
+     r"(?P<v>[A-Za-z0-9/+=]{40})(?![A-Za-z0-9/+=])", 0.9),
     ("GITHUB_TOKEN", r"\b(?:gh[pousr]_[A-Za-z0-9]{30,}|github_pat_[A-Za-z0-9_]{22,})\b", 1.0),
     ("SLACK_TOKEN", r"\bxox[abposr]-[A-Za-z0-9\-]{10,}", 1.0),
     ("JWT", r"\beyJ[A-Za-z0-9_\-]{5,}\.eyJ[A-Za-z0-9_\-]{5,}\.[A-Za-z0-9_\-]{8,}", 1.0),
@@ -72,8 +73,8 @@ ADDRESS_PATTERNS: list[tuple[str, str, float]] = [
     # Koskikatu 25 / 6750 Koskikatu 25 Apt. 864 / Storgarden 52
     ("STREET_ADDRESS", rf"(?:\b\d{{1,6}}\s+)?\b{_FOREIGN_STREET}\s+\d{{1,5}}[A-Za-z]?\b{_UNIT}", 0.6),
     # Rue de Piétrain 371 / Via Roma 5
-    ("STREET_ADDRESS", rf"(?:\b\d{{1,6}},?\s+)?\b{_FOREIGN_PREFIX}(?:\s+{_WORD}){{1,4}}(?:,?\s+\d{{1,5}}[A-Za-z]?)?\b{_UNIT}",
-     0.6),
+    ("STREET_ADDRESS",
+     rf"(?:\b\d{{1,6}},?\s+)?\b{_FOREIGN_PREFIX}(?:\s+{_WORD}){{1,4}}(?:,?\s+\d{{1,5}}[A-Za-z]?)?\b{_UNIT}", 0.6),
     ("STREET_ADDRESS", r"\b(?:Apt\.?|Apartment|Suite|Ste\.?)\s*#?\d{1,5}[A-Za-z]?\b", 0.5),
     # PO boxes and military addresses
     ("STREET_ADDRESS", r"\b(?:P\.?\s?O\.?\s?Box|PSC|Unit|USNS|USS|USNV|USCGC)\s+\d{1,6}(?:,?\s+Box\s+\d{1,6})?", 0.6),
