@@ -288,7 +288,8 @@ def test_tau_bench_fine_clusters_separate_next_action():
     h_in = homogeneity_score([truth[i] for i in clustered], [assignment[i] for i in clustered])
     print(f"tau-bench fine ({len(calls)} calls): {len(body['clusters'])} clusters, coverage "
           f"{len(clustered) / len(calls):.3f}, homogeneity all {h_all:.3f}, clustered {h_in:.3f}")
-    assert h_in >= 0.85 and h_all >= 0.6 and len(clustered) / len(calls) >= 0.6
+    # Measured: 15 clusters, coverage 0.695, homogeneity 0.619 overall and 0.942 over the clustered turns.
+    assert h_in >= 0.9 and h_all >= 0.55 and len(clustered) / len(calls) >= 0.6
 
 
 @pytest.mark.slow

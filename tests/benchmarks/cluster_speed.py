@@ -140,11 +140,13 @@ def main() -> None:
     tau2 = None if args.no_tau2 else load_tau2()
     if tau2 is not None:
         out["tau2"] = measure(tau2, fresh())
+        print(json.dumps({"partial": "tau2", **out["tau2"]}), file=sys.stderr, flush=True)
     for size in (int(s) for s in args.sizes.split(",") if s):
         start = time.perf_counter()
         calls = generate(size)
         gen = time.perf_counter() - start
         out[f"gen_{size}"] = {**measure(calls, fresh()), "generate_s": round(gen, 2)}
+        print(json.dumps({"partial": size, **out[f"gen_{size}"]}), file=sys.stderr, flush=True)
     sizes = [int(s) for s in args.sizes.split(",") if s]
     if len(sizes) == 2:
         a, b = (out[f"gen_{s}"] for s in sizes)
