@@ -26,8 +26,6 @@ def serve(
     on_ready: Any = None,
 ) -> dict[str, Any]:
     """Run the proxy until SIGTERM/SIGINT; drain every pending record; return the final capture counters."""
-    import uvicorn
-
     from slmigrate import env
     from slmigrate.errors import SlmigrateError
     from slmigrate.proxy.app import ProxySettings, create_app
@@ -44,19 +42,29 @@ def serve(
         raise SlmigrateError(f"--flush-interval {flush_interval} must be between 0 and 0.2 seconds")
     writer = RecordWriter(lambda: Store(db_path), flush_interval=flush_interval, name="slmigrate-proxy-writer")
     app = create_app(settings, writer)
-    _Server = _server_class()
+    try:
+        run_server(app, host=host, port=port, graceful_timeout=graceful_timeout,
+                   on_ready=None if on_ready is None else (lambda: on_ready(settings)))
+    finally:
+        writer.close()  # idempotent; covers a server that failed before the lifespan ran
+    return writer.stats()
+
+
+def run_server(app: Any, *, host: str, port: int, graceful_timeout: float = 30.0, on_ready: Any = None) -> None:
+    """Serve ``app`` with uvicorn until SIGTERM/SIGINT (shared by the proxy and the router)."""
+    import uvicorn
+
+    from slmigrate.errors import SlmigrateError
+
     config = uvicorn.Config(app, host=host, port=port, log_level="warning", access_log=False, lifespan="on",
                             timeout_graceful_shutdown=graceful_timeout, timeout_keep_alive=30)
-    server = _Server(config)
+    server = _server_class()(config)
     if on_ready is not None:
-        _call_when_started(server, on_ready, settings)
+        _call_when_started(server, on_ready)
     try:
         server.run()
     except OSError as exc:
         raise SlmigrateError(f"cannot listen on {host}:{port}: {exc.strerror}; pick another --port") from exc
-    finally:
-        writer.close()  # idempotent; covers a server that failed before the lifespan ran
-    return writer.stats()
 
 
 def _server_class() -> Any:
@@ -78,7 +86,7 @@ def _server_class() -> Any:
     return Server
 
 
-def _call_when_started(server: Any, callback: Any, settings: Any) -> None:
+def _call_when_started(server: Any, callback: Any) -> None:
     import threading
     import time
 
@@ -86,6 +94,6 @@ def _call_when_started(server: Any, callback: Any, settings: Any) -> None:
         while not server.started and not server.should_exit:
             time.sleep(0.02)
         if server.started:
-            callback(settings)
+            callback()
 
     threading.Thread(target=wait, daemon=True).start()

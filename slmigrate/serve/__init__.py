@@ -60,20 +60,11 @@ def build_app(ws: Workspace, settings: RouterSettings, *, device: str = "auto", 
 def serve(ws: Workspace, settings: RouterSettings, *, host: str = "127.0.0.1", port: int = 8788,
           device: str = "auto", on_ready: Any = None) -> dict[str, Any]:
     """Run the router until SIGTERM/SIGINT; returns the final routing counters."""
-    import uvicorn
-
-    from slmigrate.errors import SlmigrateError
-    from slmigrate.proxy import _call_when_started, _server_class
+    from slmigrate.proxy import run_server
 
     app, router = build_app(ws, settings, device=device)
-    config = uvicorn.Config(app, host=host, port=port, log_level="warning", access_log=False, lifespan="on")
-    server = _server_class()(config)
-    if on_ready is not None:
-        _call_when_started(server, on_ready, settings)
     try:
-        server.run()
-    except OSError as exc:
-        raise SlmigrateError(f"cannot listen on {host}:{port}: {exc.strerror}; pick another --port") from exc
+        run_server(app, host=host, port=port, on_ready=None if on_ready is None else (lambda: on_ready(settings)))
     finally:
         app.proxy_app.state.writer.close()
     return router.metrics.snapshot()
