@@ -327,7 +327,7 @@ def _why_run(stage: Stage, ctx: _Context, record: dict[str, Any] | None, parts: 
         return "ran outside `slmigrate run` since"
     old = record.get("parts") or {}
     if old.get("config") != parts["config"]:
-        return f"[{stage.section}] config changed"
+        return f"[{stage.section}] config changed" if stage.section else "its settings changed"
     changed = [name for name, ident in parts["upstream"].items() if (old.get("upstream") or {}).get(name) != ident]
     if changed:
         return f"{', '.join(changed)} changed"

@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
+from rich.markup import escape
 from rich.table import Table
 
 from slmigrate.cli._app import JsonOpt, WorkspaceOpt, app, console, err_console, open_workspace, print_json
@@ -32,7 +33,7 @@ class _Feedback:
 
     def say(self, message: str) -> None:
         self.close()
-        err_console.print(f"[dim]›[/] {message}", highlight=False)
+        err_console.print(f"[dim]›[/] {escape(message)}", highlight=False)
 
     def bar(self, what: str, done: int, total: int) -> None:
         if not err_console.is_terminal:
@@ -67,10 +68,10 @@ def _print_summary(summary, title: str) -> None:
     for s in summary.stages:
         counts = ", ".join(f"{k}={v:,}" if isinstance(v, int) else f"{k}={v}" for k, v in s.counts.items()
                            if not isinstance(v, (dict, list)))
-        table.add_row(s.stage, f"[{_STYLE.get(s.status, '')}]{s.status}[/]", s.reason,
-                      f"{s.duration_s:.1f}s" if s.status == "ran" else "", counts)
+        table.add_row(s.stage, f"[{_STYLE.get(s.status, '')}]{s.status}[/]", escape(s.reason),
+                      f"{s.duration_s:.1f}s" if s.status == "ran" else "", escape(counts))
     console.print(table)
-    console.print(("[green]" if summary.ok else "[red]") + summary.headline + "[/]", highlight=False)
+    console.print(("[green]" if summary.ok else "[red]") + escape(summary.headline) + "[/]", highlight=False)
     if summary.report:
         console.print(f"Report: [bold]{summary.report}[/] (and {Path(summary.report).with_suffix('.md').name})")
 

@@ -90,6 +90,14 @@ class Section:
         lines += ["| " + " | ".join(c.md for c in row) + " |" for row in cells]
         self.md.append((f"*{caption}*\n\n" if caption else "") + "\n".join(lines))
 
+    def details(self, items: list[tuple[str, str]], title: str) -> None:
+        """Collapsed examples (summary, body): HTML <details> needs no script; Markdown gets a list."""
+        if not items:
+            return
+        self.html.append(f'<p class="small">{esc(title)}</p>' + "".join(
+            f"<details><summary>{esc(k)}</summary><pre>{esc(v)}</pre></details>" for k, v in items))
+        self.md.append(f"*{title}*\n\n" + "\n".join(f"- **{k}**: `{md_cell(v)[:300]}`" for k, v in items))
+
     def columns_start(self) -> None:
         """Put what follows side by side (HTML only), until columns_end()."""
         self.html.append('<div class="grid2">')

@@ -202,6 +202,10 @@ def calls_and_cost(f: Facts) -> Section:
                      Cell(_usd(un.get("cost_usd")), _usd(un.get("cost_usd")), True)])
     s.table(["task (cluster)", "output", "calls", "share", "prompt p50", "prompt p95", "answer p95", "cost"], rows,
             caption="Token columns are per call (p50 = median, p95 = 95th percentile), for context-window needs.")
+    s.details([(_label(c), str((c.get("representative") or {}).get("view") or ""))
+               for c in clusters if (c.get("representative") or {}).get("view")],
+              "What a typical call of each task looks like (its task view: instructions | tools | latest turn | "
+              "answer; PII already scrubbed):")
     s.columns_start()
     s.chart(Chart("cost_per_cluster", "LLM cost per task over the logged calls (USD)",
                   svg=charts.barh(labels, costs, xlabel="USD", fmt=_usd)))

@@ -39,6 +39,10 @@ figure.chart figcaption { color:var(--muted); font-size:12px; margin-top:4px; }
 .grid2 { display:grid; grid-template-columns:repeat(auto-fit,minmax(420px,1fr)); gap:16px; align-items:start; }
 .reasons { margin:0; padding-left:18px; color:#334155; }
 .small { font-size:12px; color:var(--muted); }
+details { margin:2px 0; font-size:13px; }
+details summary { cursor:pointer; color:var(--accent); }
+details pre { white-space:pre-wrap; word-break:break-word; background:var(--bg); border:1px solid var(--line);
+              border-radius:6px; padding:8px 10px; font-size:12px; margin:6px 0 10px; }
 footer { color:var(--muted); font-size:12px; text-align:center; padding:10px 0 30px; }
 @media print { nav.toc { position:static; } section { break-inside:avoid; } }
 """
