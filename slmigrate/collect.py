@@ -15,7 +15,10 @@ from __future__ import annotations
 
 import gzip
 import io
+import itertools
 import json
+import multiprocessing as mp
+import os
 import time
 import zlib
 from collections import deque
@@ -43,6 +46,8 @@ SUFFIXES = (".jsonl", ".ndjson", ".json")
 SAMPLE = 20  # values sampled per file for format detection
 MAX_ERRORS = 1000  # detailed errors kept in the result; the rest are only counted
 BATCH = 500  # calls per insert transaction
+# Smaller files import in-process: starting worker processes costs more than they save (~0.1 s).
+PARALLEL_MIN_BYTES = 4 << 20
 
 Progress = Callable[[str, int, int], None]  # (file, bytes read, file size)
 
@@ -189,10 +194,25 @@ def _json_reason(exc: ValueError) -> str:
     return f"not valid JSON: {exc}"
 
 
+def _raw_lines(fh: io.BufferedIOBase, chunk: int = 1 << 20) -> Iterator[tuple[int, bytes]]:
+    """(line number, bytes) of every non-blank line; reads big blocks, as line-by-line gzip reads cost more."""
+    number, rest = 0, b""
+    while True:
+        block = fh.read(chunk)
+        if not block:
+            break
+        lines = (rest + block).split(b"\n")
+        rest = lines.pop()
+        for raw in lines:
+            number += 1
+            if raw.strip():
+                yield number, raw
+    if rest.strip():
+        yield number + 1, rest
+
+
 def _iter_lines(fh: io.BufferedIOBase) -> Iterator[tuple[int, Any]]:
-    for number, raw in enumerate(fh, 1):
-        if not raw.strip():
-            continue
+    for number, raw in _raw_lines(fh):
         try:
             yield number, _loads(raw)
         except ValueError as exc:
@@ -346,6 +366,122 @@ def load_tools(path: str | Path) -> list[dict[str, Any]]:
 
 # --- importing ---
 
+def _import_workers() -> int:
+    """Worker processes for big JSON Lines files: one per CPU this process may use, none without ``fork``."""
+    if "fork" not in mp.get_all_start_methods():
+        return 0
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover - not Linux
+        cpus = os.cpu_count() or 1
+    return cpus if cpus > 1 else 0
+
+
+@dataclass
+class _Converted:
+    """What one batch of values turned into: records (or encoded rows) and what was skipped, in file order."""
+
+    records: int = 0
+    calls: int = 0
+    errors: list[tuple[int, str]] = field(default_factory=list)
+    items: list[Any] = field(default_factory=list)  # CallRecords, or rows once encoded
+    unstamped: list[int] = field(default_factory=list)  # positions of calls without a timestamp (need a clock id)
+
+
+def _convert(fmt: formats.Format, ctx: ConvertContext, values: Iterator[tuple[int, Any]]) -> _Converted:
+    out = _Converted()
+    name = fmt.name
+    for line, value in values:
+        if isinstance(value, _Bad):
+            out.errors.append((line, value.reason))
+            continue
+        out.records += 1
+        ctx.line = line
+        ctx.problems = []
+        try:
+            records = fmt.convert(value, ctx)
+        except FormatError as exc:
+            out.errors.append((line, str(exc)))
+            continue
+        except (KeyError, TypeError, AttributeError, IndexError, ValueError) as exc:
+            # A record shaped unlike anything the format expects: skip it, say what broke.
+            out.errors.append((line, f"unexpected record shape ({type(exc).__name__}: {exc})"))
+            continue
+        for reason in ctx.problems:
+            out.errors.append((line, reason))
+        for rec in records:
+            if not rec.source or rec.source == "import":
+                rec.source = f"import:{name}"
+            if rec.latency_ms is not None:  # float noise from subtracting epoch seconds
+                rec.latency_ms = round(rec.latency_ms, 3)
+            if rec.ttft_ms is not None:
+                rec.ttft_ms = round(rec.ttft_ms, 3)
+            if rec.timestamp is None and not rec.id:
+                rec.content_hash = rec.content_hash or rec.compute_hash()
+                out.unstamped.append(len(out.items))
+            out.items.append(rec)
+        out.calls += len(records)
+    return out
+
+
+def _parse_lines(raw_lines: list[tuple[int, bytes]]) -> Iterator[tuple[int, Any]]:
+    for number, raw in raw_lines:
+        try:
+            yield number, _loads(raw)
+        except ValueError as exc:
+            yield number, _Bad(_json_reason(exc))
+
+
+# Set in the importing process just before the worker pool forks; the workers inherit it (nothing is pickled, so
+# plug-in formats and encrypting codecs work as they do in-process).
+_FORKED: dict[str, Any] = {}
+
+
+def _work(plan_index: int, raw_lines: list[tuple[int, bytes]]) -> _Converted:
+    """In a worker process: parse, convert, hash and encode one batch of raw JSON lines into store rows."""
+    plan = _FORKED["plans"][plan_index]
+    ctx = ConvertContext(file=str(plan.source.path), agent=_FORKED["agent"], tools=_FORKED["tools"])
+    out = _convert(plan.fmt, ctx, _parse_lines(raw_lines))
+    out.items = _FORKED["store"].encode_rows(out.items)
+    return out
+
+
+def _import_parallel(pool: Any, workers: int, plan_index: int, src: _Source, batch_size: int, report: FileReport,
+                     account: Callable, insert: Callable, stamp_row: Callable, result: ImportResult) -> None:
+    """This process reads raw lines and writes rows; the pool parses, converts and encodes, batches in order."""
+    pending: deque[Any] = deque()
+
+    def drain(keep: int) -> None:
+        while len(pending) > keep:
+            conv = pending.popleft().get()
+            account(report, conv)
+            rows = conv.items
+            for pos in conv.unstamped:
+                rows[pos] = stamp_row(rows[pos])
+            insert(report, src, rows)
+
+    fh = src.open()
+    read_error = None
+    try:
+        batch: list[tuple[int, bytes]] = []
+        for item in _raw_lines(fh):
+            batch.append(item)
+            if len(batch) >= batch_size:
+                pending.append(pool.apply_async(_work, (plan_index, batch)))
+                batch = []
+                drain(keep=2 * workers)  # bounded: memory stays flat however big the file
+        if batch:
+            pending.append(pool.apply_async(_work, (plan_index, batch)))
+    except (OSError, EOFError, zlib.error) as exc:
+        read_error = f"the file could not be read to the end: {exc}"
+    finally:
+        src.close(fh)
+    drain(keep=0)
+    if read_error:
+        report.skipped += 1
+        result.add_error(report.path, 0, read_error)
+
+
 def import_calls(
     ws: Workspace,
     paths: list[str | Path],
@@ -354,8 +490,14 @@ def import_calls(
     tools_file: str | Path | None = None,
     progress: Progress | None = None,
     batch_size: int = BATCH,
+    workers: int | None = None,
 ) -> ImportResult:
-    """Import log files into ``ws``; returns counts, per-file formats and the skipped records with reasons."""
+    """Import log files into ``ws``; returns counts, per-file formats and the skipped records with reasons.
+
+    ``workers``: processes that parse, convert and encode JSON Lines files of ``PARALLEL_MIN_BYTES`` or more
+    while this process reads the file and writes the store; None picks one per usable CPU, 0 imports in-process.
+    The result (ids, hashes, rows, errors) is the same either way.
+    """
     started = time.time()
     if format != "auto":
         formats.get(format)  # unknown names fail before any file is touched
@@ -364,74 +506,78 @@ def import_calls(
 
     store = ws.store
     result = ImportResult()
+    for plan in plans:
+        src = plan.source
+        result.files.append(FileReport(path=str(src.path), format=plan.fmt.name, detected=plan.detected))
     # Calls without their own timestamp get ids in file order from one import clock (their content hash,
     # which decides duplicates, leaves the timestamp out so a re-import still matches).
     clock = int(started * 1000)
     seq = 0
-    # Encoding (hash + JSON + zlib) runs in a worker thread while the main thread parses the next batch; zlib
-    # and sha256 release the GIL, so this uses a second core. SQLite writes stay on this thread.
-    pending: deque[tuple[FileReport, _Source, Future]] = deque()
-    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="slmigrate-encode") as pool:
 
-        def drain(keep: int) -> None:
-            while len(pending) > keep:
-                report, src, future = pending.popleft()
-                inserted, dups = store.insert_rows(future.result())
-                report.imported += inserted
-                report.duplicates += dups
-                if progress:
-                    progress(str(src.path), src.position(), src.size)
+    def stamp(rec: CallRecord) -> None:
+        nonlocal seq
+        rec.id = new_id(clock + seq, bytes.fromhex(rec.content_hash[:20]))
+        seq += 1
 
-        for plan in plans:
+    def stamp_row(row: tuple) -> tuple:
+        nonlocal seq
+        row = (new_id(clock + seq, bytes.fromhex(row[1][:20])),) + row[1:]
+        seq += 1
+        return row
+
+    def account(report: FileReport, conv: _Converted) -> None:
+        report.records += conv.records
+        report.calls += conv.calls
+        report.skipped += len(conv.errors)
+        for line, reason in conv.errors:
+            result.add_error(report.path, line, reason)
+
+    def insert(report: FileReport, src: _Source, rows: list[tuple]) -> None:
+        inserted, dups = store.insert_rows(rows)
+        report.imported += inserted
+        report.duplicates += dups
+        if progress:
+            progress(str(src.path), src.position(), src.size)
+
+    if workers is None:
+        workers = _import_workers()
+    parallel = [p.source.mode == "lines" and p.source.size >= PARALLEL_MIN_BYTES for p in plans] if workers > 0 \
+        else [False] * len(plans)
+    pool = None
+    if any(parallel):
+        # fork: the children start in milliseconds and inherit the plans, formats and codec as they are here.
+        _FORKED.update(plans=plans, agent=agent, tools=tools, store=store)
+        pool = mp.get_context("fork").Pool(workers)
+        _FORKED.clear()
+    try:
+        for i, (plan, report) in enumerate(zip(plans, result.files)):
             src = plan.source
-            report = FileReport(path=str(src.path), format=plan.fmt.name, detected=plan.detected)
-            result.files.append(report)
+            if parallel[i]:
+                _import_parallel(pool, workers, i, src, batch_size, report, account, insert, stamp_row, result)
+                continue
             ctx = ConvertContext(file=str(src.path), agent=agent, tools=tools)
-            batch: list[CallRecord] = []
-            for line, value in src.values():
-                if isinstance(value, _Bad):
-                    report.skipped += 1
-                    result.add_error(str(src.path), line, value.reason)
-                    continue
-                report.records += 1
-                ctx.line = line
-                ctx.problems = []
-                try:
-                    records = plan.fmt.convert(value, ctx)
-                except FormatError as exc:
-                    report.skipped += 1
-                    result.add_error(str(src.path), line, str(exc))
-                    continue
-                except (KeyError, TypeError, AttributeError, IndexError, ValueError) as exc:
-                    # A record shaped unlike anything the format expects: skip it, say what broke.
-                    report.skipped += 1
-                    result.add_error(str(src.path), line, f"unexpected record shape ({type(exc).__name__}: {exc})")
-                    continue
-                for reason in ctx.problems:
-                    report.skipped += 1
-                    result.add_error(str(src.path), line, reason)
-                for rec in records:
-                    if not rec.source or rec.source == "import":
-                        rec.source = f"import:{plan.fmt.name}"
-                    if rec.latency_ms is not None:  # float noise from subtracting epoch seconds
-                        rec.latency_ms = round(rec.latency_ms, 3)
-                    if rec.ttft_ms is not None:
-                        rec.ttft_ms = round(rec.ttft_ms, 3)
-                    if rec.timestamp is None and not rec.id:
-                        rec.content_hash = rec.content_hash or rec.compute_hash()
-                        rec.id = new_id(clock + seq, bytes.fromhex(rec.content_hash[:20]))
-                        seq += 1
-                    batch.append(rec)
-                report.calls += len(records)
-                if len(batch) >= batch_size:
-                    pending.append((report, src, pool.submit(store.encode_rows, batch)))
-                    batch = []
-                    drain(keep=1)  # at most one batch encoding while this thread parses: memory stays flat
-            if batch:
-                pending.append((report, src, pool.submit(store.encode_rows, batch)))
-            drain(keep=0)
+            # Encoding (hash + JSON + zlib) runs in a worker thread while this thread parses the next batch; zlib
+            # and sha256 release the GIL. SQLite writes stay on this thread.
+            pending: deque[Future] = deque()
+            with ThreadPoolExecutor(max_workers=1, thread_name_prefix="slmigrate-encode") as encoder:
+                values = src.values()
+                while True:
+                    conv = _convert(plan.fmt, ctx, itertools.islice(values, batch_size))
+                    account(report, conv)
+                    for pos in conv.unstamped:
+                        stamp(conv.items[pos])
+                    if conv.items:
+                        pending.append(encoder.submit(store.encode_rows, conv.items))
+                    while len(pending) > (1 if conv.records or conv.errors else 0):
+                        insert(report, src, pending.popleft().result())
+                    if not (conv.records or conv.errors):
+                        break
             if progress:
                 progress(str(src.path), src.size, src.size)
+    finally:
+        if pool is not None:
+            pool.close()
+            pool.join()
     for report in result.files:
         result.imported += report.imported
         result.duplicates += report.duplicates
