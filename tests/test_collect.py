@@ -229,3 +229,37 @@ def test_toolbench_legacy_traces(workspace):
     finishing = [c for c in calls if any(t["function"]["name"] == "Finish" for t in c.answer.get("tool_calls") or [])]
     assert finishing and all(isinstance(t["function"]["arguments"], str) for c in finishing
                              for t in c.answer["tool_calls"])
+
+
+def test_worker_processes_import_exactly_what_in_process_import_does(tmp_path, monkeypatch):
+    # Big JSON Lines files go through worker processes; with the size floor at 0 a small file does too, so the two
+    # paths can be compared row for row: same ids (clock ids for calls without a timestamp included), hashes,
+    # payloads, counts and errors by line, over many small batches.
+    from slmigrate import collect
+
+    monkeypatch.setattr(collect, "PARALLEL_MIN_BYTES", 0)
+    monkeypatch.setattr(collect.time, "time", lambda: 1_750_000_000.0)
+    good = [json.loads(line) for line in (F / "openai.jsonl").read_text().splitlines() if line.strip()]
+    lines = []
+    for i in range(40):
+        rec = dict(good[i % len(good)], id=f"call-{i}")
+        if i % 7 == 3:
+            rec.pop("timestamp", None)
+        lines.append(json.dumps(rec))
+        if i % 9 == 4:
+            lines += ["", "{not json", json.dumps({"request": {"no": "messages"}, "response": None})]
+    lines.append(json.dumps(dict(good[0], id="call-0")))  # a duplicate within the file
+    path = tmp_path / "calls.jsonl.gz"
+    path.write_bytes(gzip.compress("\n".join(lines).encode()))  # no final newline
+
+    def run(workers):
+        ws = Workspace.open(tmp_path / f"ws{workers}")
+        res = import_calls(ws, [path], workers=workers, batch_size=4)
+        rows = [(c.id, c.content_hash, c.timestamp is not None, c.request, c.response, c.metadata)
+                for c in ws.store.iter_calls()]
+        return (res.imported, res.duplicates, res.skipped, res.errors, res.files[0].records,
+                res.files[0].calls), rows
+
+    in_process, forked = run(0), run(2)
+    assert in_process[0][:3] == (40, 1, 8) and len(in_process[1]) == 40
+    assert forked == in_process
