@@ -97,7 +97,8 @@ def run_trainer(path, examples, cfg, hp, tokenizer, batch: int) -> dict:
         trainer.train()
         seconds = time.perf_counter() - started
     tokens = sum(len(e) for e in examples)
-    return {"tokens": tokens, "seconds": seconds, "steps": hp["trainer_steps"], "padding_share": 1 - tokens / padded["n"]}
+    return {"tokens": tokens, "seconds": seconds, "steps": hp["trainer_steps"],
+            "padding_share": 1 - tokens / padded["n"]}
 
 
 def main() -> None:
