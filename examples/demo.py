@@ -62,8 +62,9 @@ def main(argv: list[str] | None = None) -> int:
     minutes = (time.monotonic() - started) / 60
     report = ws / "reports" / "report.html"
     if code != 0:
-        print(f"slmigrate run failed (exit code {code}) after {minutes:.1f} min; see the error above. "
-              f"Run `make demo` again to resume where it stopped.", file=sys.stderr)
+        what = "was interrupted" if code == 130 else f"failed (exit code {code}); see the error above"
+        print(f"slmigrate run {what} after {minutes:.1f} min. Run `make demo` again to resume: finished stages "
+              "are skipped.", file=sys.stderr)
         return code
     print(f"\nDone in {minutes:.1f} min. Open the report: {report}")
     print(f"(Markdown version: {report.with_suffix('.md')}; workspace: {ws}; `slmigrate --workspace {ws} status`)")

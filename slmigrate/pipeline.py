@@ -320,7 +320,7 @@ def _why_run(stage: Stage, ctx: _Context, record: dict[str, Any] | None, parts: 
     if record is None:
         return "never ran" if own is None else "not run by `slmigrate run` before"
     if record.get("finished") is None:
-        return "did not finish last time"
+        return "failed last time" if record.get("failed") else "did not finish last time"
     if own is None:
         return "its output is missing"
     if own["created"] != record.get("manifest_created"):
@@ -405,11 +405,13 @@ def run(
             say(f"{name}: skipped (inputs and config unchanged)")
             continue
         say(f"{name}: running ({reason})")
+        before = ws.manifest(stage.manifest or name)
         records.put(name, {"started": now_iso(), "finished": None, "parts": parts})
         t0, t_wall = time.monotonic(), time.time()
         try:
             counts = stage.execute(ctx)
         except SlmigrateError as exc:
+            records.put(name, {**records.get(name), "failed": str(exc)})
             results.append(StageResult(name, "failed", str(exc), round(time.monotonic() - t0, 2)))
             error = f"{name} failed: {exc}"
             blocked_by = name
@@ -425,6 +427,13 @@ def run(
         # Recompute after the run: the stage's own inputs (e.g. the store for curate) may be what it changed.
         records.put(name, {"started": records.get(name)["started"], "finished": now_iso(),
                            "parts": _parts(stage, ctx), "manifest_created": own["created"]})
+        if before is not None and before["created"] == own["created"] and not stage.runner_writes_manifest:
+            # The stage module checked its own fingerprint and found nothing new (e.g. curate after a re-import
+            # that added no calls): it did no work, and the stages after it see the same input.
+            results.append(StageResult(name, "skipped", f"{reason}, but it found nothing new to do", duration,
+                                       counts))
+            say(f"{name}: nothing new to do")
+            continue
         results.append(StageResult(name, "ran", reason, duration, counts))
         say(f"{name}: done in {duration:.1f}s")
     report = report_path(ws, config) if "report" in chosen else None

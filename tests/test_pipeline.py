@@ -29,6 +29,7 @@ class FakeStages:
 
     def __init__(self, interrupt_in: str | None = None, fail_in: str | None = None):
         self.executed: list[str] = []
+        self.up_to_date: set[str] = set()  # stages that find their own inputs unchanged and write nothing
         self.interrupt_in = interrupt_in
         self.fail_in = fail_in
         real = pipeline.STAGES
@@ -45,7 +46,7 @@ class FakeStages:
                 raise KeyboardInterrupt  # as if the user pressed Ctrl-C half way through the stage
             if name == self.fail_in:
                 raise SlmigrateError(f"{name} needs something it did not get")
-            if not (self.registry[name].runner_writes_manifest):
+            if not (self.registry[name].runner_writes_manifest) and name not in self.up_to_date:
                 ctx.ws.write_manifest(name, fingerprint=fingerprint_of(name, len(self.executed)),
                                       counts={"items": len(self.executed)})
             return {"items": len(self.executed)}
@@ -157,6 +158,7 @@ def test_failed_stage_stops_what_needs_it_and_reports(workspace):
     fake.executed.clear()
     summary = run(workspace, config=Config(), registry=fake.registry)
     assert summary.ok and fake.executed == ["select", "finetune", "evaluate", "report"]
+    assert summary.stages[3].reason == "failed last time"
 
 
 def test_unavailable_stage_blocks_the_rest(workspace):
@@ -183,6 +185,24 @@ def test_import_reruns_when_an_input_file_changes(workspace, tmp_path):
     config.run.inputs = [str(tmp_path / "missing.jsonl")]
     with pytest.raises(SlmigrateError, match="missing.jsonl"):
         run(workspace, config=config, registry=fake.registry, to_stage="curate")
+
+
+def test_stage_that_finds_nothing_new_counts_as_skipped(workspace, tmp_path):
+    # e.g. a re-import that added no calls: curate is called, sees the same store and config, writes nothing.
+    log = tmp_path / "calls.jsonl"
+    log.write_text("{}\n")
+    config = Config()
+    config.run.inputs = [str(log)]
+    fake = FakeStages()
+    run(workspace, config=config, registry=fake.registry)
+    log.write_text("{}\n\n")
+    fake.executed.clear()
+    fake.up_to_date = {"curate"}
+    summary = run(workspace, config=config, registry=fake.registry)
+    assert fake.executed == ["import", "curate", "report"]
+    st = {s.stage: (s.status, s.reason) for s in summary.stages}
+    assert st["curate"] == ("skipped", "import changed, but it found nothing new to do")
+    assert st["cluster"] == ("skipped", "inputs and config unchanged")
 
 
 def test_config_inputs_resolve_against_the_config_file(workspace, tmp_path):
