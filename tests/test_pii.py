@@ -286,3 +286,16 @@ def test_real_scrub_of_a_call(real_analyzer):
         for tc in message.get("tool_calls") or []:
             json.loads(tc["function"]["arguments"])
     assert clean.request["messages"][2]["tool_calls"][0]["function"]["name"] == "get_user_details"
+
+
+@pytest.mark.slow
+def test_worker_processes_find_the_same(real_analyzer):
+    from slmigrate.pii.engine import analyze_parallel
+
+    texts = [f"Ticket {i}: Mia Li (mia_li_{3000 + i}) wrote from mia{i}@example.com about order #W{4000000 + i}."
+             for i in range(140)]
+    parallel = TextAnalyzer()
+    analyze_parallel(parallel, texts, workers=2, chunk=32)
+    real_analyzer.analyze_many(texts)
+    assert all(parallel.cache[t] == real_analyzer.cache[t] for t in texts)
+    assert ("USER_ID", "mia_li_3005") in {(f.entity, f.value) for f in parallel.cache[texts[5]]}
