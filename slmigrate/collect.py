@@ -482,6 +482,28 @@ def _import_parallel(pool: Any, workers: int, plan_index: int, src: _Source, bat
         result.add_error(report.path, 0, read_error)
 
 
+def _import_in_process(plan: _Plan, ctx: ConvertContext, batch_size: int, report: FileReport, account: Callable,
+                       encode: Callable, insert: Callable, stamp: Callable) -> None:
+    """Small files, lists and documents: this thread parses and converts; a worker thread hashes and compresses
+    (zlib and sha256 release the GIL) while the next batch is parsed. SQLite writes stay on this thread."""
+    src = plan.source
+    pending: deque[Future] = deque()
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="slmigrate-encode") as encoder:
+        values = src.values()
+        while True:
+            conv = _convert(plan.fmt, ctx, itertools.islice(values, batch_size))
+            account(report, conv)
+            for pos in conv.unstamped:
+                stamp(conv.items[pos])
+            if conv.items:
+                pending.append(encoder.submit(encode, conv.items))
+            more = bool(conv.records or conv.errors)
+            while len(pending) > (1 if more else 0):
+                insert(report, src, pending.popleft().result())
+            if not more:
+                return
+
+
 def import_calls(
     ws: Workspace,
     paths: list[str | Path],
@@ -548,36 +570,25 @@ def import_calls(
         # fork: the children start in milliseconds and inherit the plans, formats and codec as they are here.
         _FORKED.update(plans=plans, agent=agent, tools=tools, store=store)
         pool = mp.get_context("fork").Pool(workers)
-        _FORKED.clear()
     try:
         for i, (plan, report) in enumerate(zip(plans, result.files)):
             src = plan.source
             if parallel[i]:
                 _import_parallel(pool, workers, i, src, batch_size, report, account, insert, stamp_row, result)
-                continue
-            ctx = ConvertContext(file=str(src.path), agent=agent, tools=tools)
-            # Encoding (hash + JSON + zlib) runs in a worker thread while this thread parses the next batch; zlib
-            # and sha256 release the GIL. SQLite writes stay on this thread.
-            pending: deque[Future] = deque()
-            with ThreadPoolExecutor(max_workers=1, thread_name_prefix="slmigrate-encode") as encoder:
-                values = src.values()
-                while True:
-                    conv = _convert(plan.fmt, ctx, itertools.islice(values, batch_size))
-                    account(report, conv)
-                    for pos in conv.unstamped:
-                        stamp(conv.items[pos])
-                    if conv.items:
-                        pending.append(encoder.submit(store.encode_rows, conv.items))
-                    while len(pending) > (1 if conv.records or conv.errors else 0):
-                        insert(report, src, pending.popleft().result())
-                    if not (conv.records or conv.errors):
-                        break
+            else:
+                _import_in_process(plan, ConvertContext(file=str(src.path), agent=agent, tools=tools), batch_size,
+                                   report, account, store.encode_rows, insert, stamp)
             if progress:
                 progress(str(src.path), src.size, src.size)
+    except BaseException:
+        if pool is not None:
+            pool.terminate()  # an error (or Ctrl-C) stops the workers now rather than after their queued batches
+        raise
     finally:
         if pool is not None:
             pool.close()
             pool.join()
+            _FORKED.clear()  # kept until now: a worker that dies is replaced by a new fork, which needs it
     for report in result.files:
         result.imported += report.imported
         result.duplicates += report.duplicates

@@ -8,6 +8,9 @@ format never means editing the importer.
 ``detect`` sees the first few parsed JSON values of a file and returns a score in [0, 1]; ``auto`` picks the
 highest. ``convert`` raises ``FormatError`` for a record it cannot use: the importer reports it with file:line
 and goes on with the rest.
+
+``convert`` sees one record at a time and must keep no state between records: the batches of a big JSON Lines
+file are converted in separate worker processes, each with its own ``ConvertContext``.
 """
 
 from __future__ import annotations
