@@ -162,6 +162,31 @@ def test_collate_pads_without_labels_or_attention():
     assert batch["attention_mask"].tolist() == [[1, 1, 1], [1, 0, 0]]
 
 
+def test_answer_only_head_gives_the_models_own_loss_and_gradients():
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    from tiny_model import tiny_model
+
+    tok = tiny_tokenizer()
+    model = get_peft_model(tiny_model(tok), LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
+    for p in model.parameters():
+        if p.requires_grad:
+            torch.nn.init.normal_(p, std=0.02)  # lora_B starts at zero; make every gradient non-trivial
+    batch = D.collate([D.Example("a", [5, 6, 7, 8, 9], [-100, -100, 7, 8, 9]), D.Example("b", [1, 2, 3], [-100, 2, 3])],
+                      tok.pad_token_id)
+    settings = loop.LoopSettings(1, 1e-3, 0, 0.0, 512, 1, 1, 1, 0, "cpu", tok.pad_token_id)
+    ours = loop._forward_loss(model, batch, settings)
+    ours.backward()
+    ours_grads = [p.grad.clone() for p in model.parameters() if p.requires_grad]
+    model.zero_grad()
+    reference = model(**batch).loss
+    reference.backward()
+    assert ours.item() == pytest.approx(reference.item(), abs=1e-6)
+    for a, b in zip(ours_grads, (p.grad for p in model.parameters() if p.requires_grad)):
+        assert torch.allclose(a, b, atol=1e-6)
+
+
 def test_defaults_scale_with_data():
     small = loop_defaults(50)
     big = loop_defaults(20000)

@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
-from slmigrate.finetune.data import Example, collate, length_grouped_batches
+from slmigrate.finetune.data import IGNORE, Example, collate, length_grouped_batches
 
 CHECKPOINTS_KEPT = 2
 
@@ -104,12 +104,38 @@ def load_trainable(model, state: dict[str, Any]) -> None:
             params[name].copy_(value.to(params[name].device))
 
 
+# Architectures whose logits are exactly ``lm_head(last hidden state)``: no soft-capping or logit scaling.
+ANSWER_ONLY_HEAD = {"llama", "mistral", "qwen2", "qwen3", "phi3"}
+
+
+def _body_and_head(model):
+    """(decoder, output head) when the head may be applied to answer positions only, else (None, None)."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    if getattr(base.config, "model_type", None) not in ANSWER_ONLY_HEAD:
+        return None, None
+    return base.get_decoder(), base.get_output_embeddings()
+
+
 def _forward_loss(model, batch: dict[str, Any], s: LoopSettings):
+    """Mean cross-entropy over the answer tokens.
+
+    The output head (hidden -> vocabulary) is ~20% of a small model's forward pass and its logits the largest
+    tensor in memory, yet only positions that predict an answer token need it: the decoder runs over the whole
+    sequence, the head over those positions only. LoRA layers live inside the decoder's modules, so they
+    are trained the same. Other architectures take the plain full-logits path.
+    """
     import torch
 
     batch = {k: v.to(s.device) for k, v in batch.items()}
+    body, head = _body_and_head(model)
     with torch.autocast(device_type="cuda", dtype=torch.bfloat16, enabled=s.bf16):
-        return model(**batch).loss
+        if body is None:
+            return model(**batch).loss
+        hidden = body(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
+        targets = batch["labels"][:, 1:]
+        keep = targets != IGNORE  # position t predicts token t+1
+        logits = head(hidden[:, :-1][keep])
+    return torch.nn.functional.cross_entropy(logits.float(), targets[keep])
 
 
 def validation_loss(model, examples: Sequence[Example], s: LoopSettings) -> float | None:
@@ -123,7 +149,7 @@ def validation_loss(model, examples: Sequence[Example], s: LoopSettings) -> floa
     with torch.no_grad():
         for idx in length_grouped_batches(examples, s.batch_tokens, seed=s.seed, epoch=-1):
             batch = collate([examples[i] for i in idx], s.pad_id)
-            n = int((batch["labels"][:, 1:] != -100).sum())  # label positions the shifted loss counts
+            n = int((batch["labels"][:, 1:] != IGNORE).sum())  # label positions the shifted loss counts
             total += float(_forward_loss(model, batch, s)) * n
             weight += n
     model.train()
