@@ -212,6 +212,9 @@ def person_names() -> set[str]:
     return _NAMES
 
 
+_PLACE_ENTS = {"GPE", "LOC", "FAC", "ORG", "NORP", "PRODUCT"}
+
+
 def _name_recognizer():
     from presidio_analyzer import EntityRecognizer, RecognizerResult
 
@@ -236,7 +239,8 @@ def _name_recognizer():
                 tok = doc[i]
                 # A listed name, capitalised; the tagger must call it a proper noun unless it is mid-sentence
                 # (sentence-initial capitals are ordinary words as often as names).
-                if not (tok.is_title and tok.lower_ in self.names
+                # Skip tokens spaCy put in a place or organisation ("New York", "Jacksonville University").
+                if not (tok.is_title and tok.lower_ in self.names and tok.ent_type_ not in _PLACE_ENTS
                         and (tok.pos_ == "PROPN" or (not tok.is_sent_start and tok.pos_ in ("NOUN", "ADJ", "X")))):
                     i += 1
                     continue

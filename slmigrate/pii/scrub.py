@@ -169,6 +169,8 @@ class Replacer:
             if m:
                 return f"{f.first_name().lower()}_{f.last_name().lower()}_{self._shape(m.group(2))}"
             return self._shape(value)
+        if entity in ("ORDER_ID", "RESERVATION_ID") and value[:2] == "#W":
+            return "#W" + self._shape(value[2:])  # the order-number format stays recognisable
         if entity == "PAYMENT_ID":
             m = re.fullmatch(r"([a-z_]+_)(\d+)", value)
             return m.group(1) + self._shape(m.group(2)) if m else self._shape(value)
