@@ -345,11 +345,14 @@ def training(f: Facts) -> Section:
                           svg=charts.lines(series, xlabel="step", ylabel="loss", title=title)))
         elif a["png"]:
             s.chart(Chart(name, f"Loss curve: {title}", png=a["png"]))
-        rows.append([f.cluster_label(a["cluster"]), a["model"], num(m.get("steps") or m.get("global_step")),
-                     num(m.get("train_examples")), num(m.get("final_loss") or m.get("train_loss"), "{:.3f}"),
-                     num(m.get("eval_loss"), "{:.3f}"), num(m.get("duration_s"), "{:,.0f}s")])
+        rows.append([f.cluster_label(a["cluster"]), a["model"], m.get("method") or "", num(m.get("steps")),
+                     num(m.get("examples")), num(m.get("final_train_loss"), "{:.3f}"),
+                     num(m.get("best_val_loss"), "{:.3f}"), num(m.get("tokens_per_second"), "{:,.0f}"),
+                     num(m.get("seconds"), "{:,.0f}s")])
     s.columns_end()
-    s.table(["task", "model", "steps", "examples", "train loss", "val loss", "time"], rows)
+    s.table(["task", "model", "method", "steps", "examples", "last train loss", "best val loss", "tokens/s",
+             "time"], rows, caption="Loss is on the answer tokens only; the adapter kept is the one with the best "
+                                     "validation loss.")
     return s
 
 
