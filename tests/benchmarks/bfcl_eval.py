@@ -29,7 +29,8 @@ def main() -> None:
     parser.add_argument("--max-steps", type=int, default=None)
     parser.add_argument("--eval-limit", type=int, default=None, help="test calls evaluated")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
-    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--batch-size", type=int, default=8, help="evaluation batch size")
+    parser.add_argument("--batch-tokens", type=int, default=1024, help="training tokens per step (memory)")
     parser.add_argument("--device", default="auto")
     args = parser.parse_args()
 
@@ -47,7 +48,8 @@ def main() -> None:
     ws = Workspace.open(args.workspace)
     t0 = time.time()
     info = bfcl.prepare(ws, args.data, limit=args.limit)
-    ft = finetune(ws, FinetuneConfig(device=args.device, epochs=args.epochs, max_steps=args.max_steps),
+    ft = finetune(ws, FinetuneConfig(device=args.device, epochs=args.epochs, max_steps=args.max_steps,
+                                     batch_tokens=args.batch_tokens),
                   progress=False)
     t1 = time.time()
     res = evaluate(ws, EvaluateConfig(device=args.device, batch_size=args.batch_size, embedder="none"),
@@ -57,6 +59,7 @@ def main() -> None:
     out = {
         "benchmark": "bfcl_eval", "categories": list(bfcl.CATEGORIES), "questions": info["calls"],
         "splits": info["splits"], "test_calls": cluster["test_calls"], "threads": torch.get_num_threads(),
+        "batch_tokens": args.batch_tokens,
         "finetune": {k: ft["adapters"][0].get(k) for k in ("status", "examples", "steps", "epochs",
                                                             "best_val_loss", "tokens_per_second", "seconds")},
         "finetune_s": round(t1 - t0, 1), "evaluate_s": round(t2 - t1, 1),
