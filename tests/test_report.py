@@ -315,3 +315,18 @@ def test_real_pipeline_report_in_chromium(tmp_path):
     assert {"cost_per_cluster", "cluster_map", "replaceability", "savings"} <= names
     # An audit trains nothing: those sections say what to run.
     assert "Fine-tuning" in result["missing"] and "Evaluation per variant" in result["missing"]
+
+
+def test_cli_report_and_audit_errors(workspace, tmp_path, capsys):
+    from slmigrate.cli import main
+
+    workspace.store.insert_calls(_calls(12))
+    out = tmp_path / "team.html"
+    assert main(["report", "--workspace", str(workspace.root), "--out", str(out), "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["html"] == str(out) and out.exists() and Path(info["markdown"]).exists()
+    assert main(["report", "--workspace", str(workspace.root), "--no-markdown"]) == 0
+    assert (workspace.root / "reports" / "report.html").exists()
+    assert not (workspace.root / "reports" / "report.md").exists()
+    assert main(["audit", str(tmp_path / "nope.jsonl"), "--out", str(tmp_path / "a")]) == 1
+    assert "nope.jsonl does not exist" in capsys.readouterr().err
