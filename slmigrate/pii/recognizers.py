@@ -212,7 +212,7 @@ def person_names() -> set[str]:
     return _NAMES
 
 
-_PLACE_ENTS = {"GPE", "LOC", "FAC", "ORG", "NORP", "PRODUCT"}
+_PLACE_ENTS = {"GPE", "LOC", "FAC"}  # not ORG: the small model calls many full names ORG
 
 
 def _name_recognizer():
@@ -239,7 +239,7 @@ def _name_recognizer():
                 tok = doc[i]
                 # A listed name, capitalised; the tagger must call it a proper noun unless it is mid-sentence
                 # (sentence-initial capitals are ordinary words as often as names).
-                # Skip tokens spaCy put in a place or organisation ("New York", "Jacksonville University").
+                # Skip tokens spaCy put in a place ("New York").
                 if not (tok.is_title and tok.lower_ in self.names and tok.ent_type_ not in _PLACE_ENTS
                         and (tok.pos_ == "PROPN" or (not tok.is_sent_start and tok.pos_ in ("NOUN", "ADJ", "X")))):
                     i += 1
