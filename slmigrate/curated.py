@@ -75,6 +75,8 @@ def write_curated(ws: Workspace, rows: list[dict[str, Any]], report: dict[str, A
     """Save a new version and only then point CURRENT at it, so a crash never leaves a half-written current."""
     import datasets
 
+    # Our own commands draw the progress; the library's "Saving the dataset" bars would only clutter stderr.
+    datasets.disable_progress_bars()
     root = _root(ws)
     root.mkdir(parents=True, exist_ok=True)
     existing = sorted(p.name for p in root.glob("v[0-9]*") if p.is_dir())
@@ -100,6 +102,7 @@ def write_curated(ws: Workspace, rows: list[dict[str, Any]], report: dict[str, A
 def load_dataset(ws: Workspace, version: str | None = None):
     import datasets
 
+    datasets.disable_progress_bars()
     return datasets.load_from_disk(str(version_dir(ws, version) / "dataset"))
 
 
