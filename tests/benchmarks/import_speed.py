@@ -111,6 +111,9 @@ def main() -> None:
                  "load_avg_start": os.getloadavg()}
     with tempfile.TemporaryDirectory(prefix="slmigrate-bench-") as tmp_name:
         tmp = Path(tmp_name)
+        from slmigrate import formats
+
+        formats.names()  # load the format modules now, so the first timed run does not pay for it
         runs: dict[str, list[dict]] = {m: [] for m in MODES}
         for r in range(args.rounds):
             for mode, workers in MODES.items():
