@@ -448,6 +448,9 @@ def plan(f: Facts) -> Section:
         else:
             migrate = bool(c.get("likely_replaceable"))
             basis, why = "estimated", "; ".join(c.get("reasons") or [])
+            score = c.get("replaceability")
+            if not migrate and isinstance(score, (int, float)):
+                why = f"estimated replaceability {score:.2f} is below the bar for training; {why}"
         slm_cost = None
         if migrate:
             move += cost
