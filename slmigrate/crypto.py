@@ -10,15 +10,13 @@ from __future__ import annotations
 import base64
 import binascii
 import hashlib
-import json
 import os
-import zlib
 from pathlib import Path
 from typing import Any
 
 from slmigrate import env
 from slmigrate.errors import SlmigrateError
-from slmigrate.store import PayloadCodec
+from slmigrate.store import PLAIN_CODECS, PayloadCodec, codec_for, dumps_compact, loads, pack, unpack
 
 _NONCE = 12
 
@@ -62,7 +60,7 @@ class AesGcmCodec(PayloadCodec):
         self.name = f"aesgcm:{key_id(key)}"
 
     def encode(self, obj: Any) -> bytes:
-        plain = zlib.compress(json.dumps(obj, ensure_ascii=False, separators=(",", ":")).encode("utf-8"), 1)
+        plain = pack(dumps_compact(obj))
         nonce = os.urandom(_NONCE)
         return nonce + self._aead.encrypt(nonce, plain, self.name.encode())
 
@@ -73,7 +71,7 @@ class AesGcmCodec(PayloadCodec):
             plain = self._aead.decrypt(blob[:_NONCE], blob[_NONCE:], self.name.encode())
         except InvalidTag as exc:
             raise SlmigrateError("a stored payload failed authentication: the data was altered") from exc
-        return json.loads(zlib.decompress(plain))
+        return loads(unpack(plain))
 
 
 def use_key_file(path: str | Path | None) -> None:
@@ -155,7 +153,7 @@ def rotate(store: Any, new_key: bytes, old_key: bytes | None, batch: int = 500) 
     key cannot recover anything from the file afterwards.
     """
     new = AesGcmCodec(new_key)
-    readers: dict[str, PayloadCodec] = {"json": PayloadCodec()}
+    readers: dict[str, PayloadCodec] = {name: codec_for(name) for name in PLAIN_CODECS}
     if old_key is not None:
         old = AesGcmCodec(old_key)
         readers[old.name] = old

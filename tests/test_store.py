@@ -86,3 +86,18 @@ def test_codec_handles_values_orjson_cannot():
     codec = PayloadCodec()
     value = {"big": 2**70, "text": "ünïcode"}
     assert codec.decode(codec.encode(value)) == value
+
+
+def test_rows_written_with_the_older_zlib_codec_still_read(tmp_path):
+    """Stores written before the zstd codec keep their "json" (zlib) rows readable."""
+    from slmigrate.store import ZlibPayloadCodec
+
+    call = CallRecord(request={"messages": [{"role": "user", "content": "old row"}]},
+                      response={"choices": []}, timestamp="2025-01-01T00:00:00Z")
+    old = Store(tmp_path / "s.sqlite", codec=ZlibPayloadCodec())
+    old.insert_calls([call])
+    old.close()
+    new = Store(tmp_path / "s.sqlite")
+    assert new.codec.name == "zjson"
+    (rec,) = list(new.iter_calls())
+    assert rec.request["messages"][0]["content"] == "old row"

@@ -76,6 +76,7 @@ def status(workspace: WorkspaceOpt = None, json_out: JsonOpt = False) -> None:
     Example: slmigrate keys status --json
     """
     from slmigrate import crypto
+    from slmigrate.store import PLAIN_CODECS
 
     ws = open_workspace(workspace, create=False)
     key = crypto.configured_key()
@@ -85,6 +86,6 @@ def status(workspace: WorkspaceOpt = None, json_out: JsonOpt = False) -> None:
         print_json(info)
         return
     for codec, n in info["rows_by_codec"].items():
-        label = "not encrypted" if codec == "json" else f"encrypted, key {codec.split(':', 1)[1]}"
+        label = "not encrypted" if codec in PLAIN_CODECS else f"encrypted, key {codec.split(':', 1)[1]}"
         console.print(f"{n:,} calls {label}")
     console.print(f"configured key: {info['configured_key_id'] or 'none'}")
