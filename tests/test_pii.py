@@ -113,6 +113,85 @@ def test_fragments_inside_longer_spans_are_dropped():
     assert values == {("PAYMENT_ID", "credit_card_4959530"), ("STREET_ADDRESS", "931 Maple Drive")}
 
 
+@pytest.mark.parametrize("text,address", [
+    ("send it to 4821 Birchwood Lane Apt 12 please", "4821 Birchwood Lane Apt 12"),
+    ("deliver to 31 87 Old Mill Road, Leeds", "31 87 Old Mill Road"),  # postcode or second number first
+    ("his address: 2207 Lindenallee 14, Bonn", "2207 Lindenallee 14"),
+    ("we moved to 518 Kowalska 9\nKraków", "518 Kowalska 9"),  # name-then-number, after a building number
+    ("she lives at Tammikatu 7, Tampere", "Tammikatu 7"),
+    ("the office is on Brauerstrasse 22", "Brauerstrasse 22"),
+    ("2150 rue des lilas 14\napt. 3", "2150 rue des lilas 14"),  # lower-case foreign prefix
+    ("PO Box 4471, Springfield", "PO Box 4471"),
+    ("USNS Harlow\nFPO AE 09512", "FPO AE 09512"),
+    ("Dayton\n, OH\n 45402", "OH\n 45402"),  # "<City>, <ST> <ZIP>" tail, split over lines
+])
+def test_address_shapes(text, address):
+    from slmigrate.pii.recognizers import address_patterns
+
+    found = [text[a:b] for e, a, b, _ in regex_findings(text, address_patterns()) if e == "STREET_ADDRESS"]
+    assert any(address in f or f in address for f in found), found
+
+
+def test_address_country_postcode_tail_and_non_addresses():
+    from slmigrate.pii.recognizers import address_patterns
+
+    def found(text):
+        return [text[a:b] for e, a, b, _ in regex_findings(text, address_patterns()) if e == "STREET_ADDRESS"]
+
+    assert "40112" in found("12 Main Street\nBologna\nItaly 40112")
+    for text in ("During 2019, sales grew", "I bought 100 Widgets 20 times", "Flight 1234 departs at 10",
+                 "Spring 2024 collection", "order 5512 Items 3 and 4 shipped", "Italy 2-1 Spain"):
+        assert found(text) == [], text
+
+
+@pytest.mark.parametrize("text,name", [
+    ("hello, my name is tamsin and I need help", "tamsin"),
+    ("My name is Oskar Lindqvist.", "Oskar Lindqvist"),
+    ("What is your last name? Okonkwo", "Okonkwo"),
+    ("everyone calls me Benny", "Benny"),
+    ("Dear Mrs. Halvorsen, thank you", "Halvorsen"),
+    ("Dr Anna K. Berg will see you", "Anna K. Berg"),
+])
+def test_name_cues(text, name):
+    from slmigrate.pii.recognizers import NAME_CUES
+
+    assert [text[a:b] for _, a, b, _ in regex_findings(text, NAME_CUES)] == [name]
+
+
+def test_name_cues_stop_at_function_words():
+    from slmigrate.pii.recognizers import NAME_CUES
+
+    text = "my name is nadia and I lost my card"
+    assert [text[a:b] for _, a, b, _ in regex_findings(text, NAME_CUES)] == ["nadia"]
+    assert regex_findings("the file name is: and then", NAME_CUES) == []
+
+
+def test_cue_names_kept_without_capitals_but_plain_lower_case_names_not():
+    assert _keep(Found("PERSON", "nadia", 0.7, "cue"))
+    assert not _keep(Found("PERSON", "nadia", 0.85))
+    assert not _keep(Found("PERSON", "4711", 0.7, "cue"))
+
+
+def test_list_mates_of_names_are_names():
+    text = "Guests: Ilse, Tobin, Marguerite and Quill arrived; Apples, Pears and Plums were served."
+    people = [(m.start(), m.end()) for m in re.finditer(r"Tobin|Marguerite", text)]
+    results = [_Result("PERSON", a, b) for a, b in people]
+    values = {f.value for f in _from_results(text, [(0, len(text))], results) if f.entity == "PERSON"}
+    assert values == {"Ilse", "Tobin", "Marguerite", "Quill"}  # fruit lists have no named item: untouched
+
+
+def test_parts_of_a_full_name_used_alone_are_replaced():
+    analyzer = FakeAnalyzer()
+    call = CallRecord(request={"messages": [
+        {"role": "user", "content": "I am James Lee."},
+        {"role": "assistant", "content": "Thanks Lee, and Ferdinand Okafor called; Okafor will ring back."}]})
+    analyzer.cache["Thanks Lee, and Ferdinand Okafor called; Okafor will ring back."] = [
+        Found("PERSON", "Ferdinand Okafor", 0.85)]
+    found = CallScrubber(analyzer).findings(call)
+    assert found.get("Okafor") == "PERSON"  # used alone later in the call
+    assert "Ferdinand" not in found  # never alone: no separate finding
+
+
 # --- scrubbing with a fake analyzer: regex recognisers + key rules + a fixed name list, no spaCy ---
 NAMES = ("Mia Li", "James Lee", "Mia", "James", "Lee")
 

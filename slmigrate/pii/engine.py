@@ -163,13 +163,17 @@ def _keep(found: Found) -> bool:
         return bool(value) and value.lower() not in _STOP_VALUES
     if len(value) < 2 or value.lower() in _STOP_VALUES or not any(c.isalnum() for c in value):
         return False
-    if found.entity == "PERSON":
+    if found.entity == "PERSON" and found.source == "cue":
+        # Named by the words around it ("my name is borna"): case says nothing more, but it must be a word.
+        if len(value) < 2 or any(c.isdigit() for c in value) or value.isupper() and len(value) <= 3:
+            return False
+    elif found.entity == "PERSON":
         # Names have a capital and no digits; short all-caps words are codes (JFK, LTE), not people.
         if (len(value) < 3 or any(c.isdigit() for c in value) or not any(c.isupper() for c in value)
                 or (value.isupper() and len(value) <= 5)):
             return False
-    if found.entity == "PHONE_NUMBER" and _ISO_DATE.fullmatch(value):
-        return False
+    if found.entity == "PHONE_NUMBER" and (_ISO_DATE.fullmatch(value) or sum(c.isdigit() for c in value) < 7):
+        return False  # a date, or too few digits for a phone number anywhere (postcodes, house numbers)
     return found.score >= THRESHOLDS.get(found.entity, 0.0)
 
 
@@ -185,6 +189,11 @@ def text_ranges(text: str) -> list[tuple[int, int]]:
 
 
 _NER_TYPES = {"PERSON", "LOCATION", "ORGANIZATION", "NRP"}
+# Recognisers whose evidence is the words around a name, not its capital letter (see recognizers.NAME_CUES).
+# Their scores (0.9) sit above spaCy's 0.85 on purpose: presidio keeps one result per span, the highest, and the
+# cue must survive to waive the capital-letter check.
+CUE_RECOGNIZERS = {"NameCueRecognizer", "LowerCaseNameRecognizer", "NameContext"}
+OWN_TAG_CHECK = CUE_RECOGNIZERS
 
 
 def _plausible_name(view: str, start: int, end: int, doc: Any) -> bool:
@@ -199,6 +208,26 @@ def _plausible_name(view: str, start: int, end: int, doc: Any) -> bool:
     return span is None or any(t.pos_ == "PROPN" for t in span)
 
 
+# Numbers the text names as something else just before them
+_NOT_PHONE = re.compile(r"(?i)\b(?:licen[cs]e|zip|postal|post\s?code|passport|invoice)\b[^\n\d]*$")
+_NAME_LIST = re.compile(r"[A-ZÀ-ÞĀ-Ž][\w'’\-]+(?:(?:,[ \t]+|,?[ \t]+and[ \t]+)[A-ZÀ-ÞĀ-Ž][\w'’\-]+)+")
+
+
+def _list_mates(view: str, spans: list[tuple[int, int, str, float, str]],
+                doc: Any = None) -> list[tuple[int, int, str, float, str]]:
+    """Single capitalised words listed alongside names ("Romi, Erik, Amy and Kristen"): when at least two items
+    of a comma/and list are names, the other items are too."""
+    people = [(s, e) for s, e, t, _, _ in spans if t == "PERSON"]
+    out = []
+    for m in _NAME_LIST.finditer(view):
+        items = [(i.start() + m.start(), i.end() + m.start())
+                 for i in re.finditer(r"[^\s,]+", m.group()) if i.group() != "and"]
+        named = [any(s < b and a < e for s, e in people) for a, b in items]
+        if len(items) >= 3 and sum(named) >= 2:
+            out.extend((a, b, "PERSON", 0.5, "nlp") for (a, b), hit in zip(items, named) if not hit)
+    return out
+
+
 def _from_results(view: str, ranges: list[tuple[int, int]], results: Iterable[Any], doc: Any = None) -> list[Found]:
     spans = []
     for r in results:
@@ -211,19 +240,31 @@ def _from_results(view: str, ranges: list[tuple[int, int]], results: Iterable[An
         if r.entity_type in _NER_TYPES:
             newline = view.find("\n", start, end)
             end = end if newline < 0 else newline
-            if r.entity_type == "PERSON" and not _plausible_name(view, start, end, doc):
+        meta = getattr(r, "recognition_metadata", None) or {}
+        if r.entity_type in _NER_TYPES:
+            # the gazetteer already checked the tags its own way (a listed subject may be tagged NOUN)
+            own = None if meta.get("recognizer_name") in OWN_TAG_CHECK else doc
+            if r.entity_type == "PERSON" and not _plausible_name(view, start, end, own):
                 continue
-        spans.append((start, end, r.entity_type, float(r.score)))
+        if r.entity_type == "PHONE_NUMBER" and _NOT_PHONE.search(view, max(0, start - 30), start):
+            continue
+        source = "cue" if meta.get("recognizer_name") in CUE_RECOGNIZERS else "nlp"
+        spans.append((start, end, r.entity_type, float(r.score), source))
+    spans.extend(_list_mates(view, spans, doc))
+    # digit groups of an address ("3747 3911 Fourth Avenue") are not a phone number
+    addresses = [(s, e) for s, e, t, _, _ in spans if t == "STREET_ADDRESS"]
+    spans = [sp for sp in spans if sp[2] != "PHONE_NUMBER"
+             or not any(s < sp[1] and sp[0] < e and e - s > sp[1] - sp[0] for s, e in addresses)]
     out = []
-    for start, end, entity, score in spans:
+    for start, end, entity, score, source in spans:
         # A span strictly inside a longer one of another type is a fragment: "Maple Drive" (PERSON) inside
         # "931 Maple Drive", "4959530" (PHONE) inside "credit_card_4959530".
-        if any(s <= start and end <= e and (e - s) > (end - start) and t != entity for s, e, t, _ in spans):
+        if any(s <= start and end <= e and (e - s) > (end - start) and t != entity for s, e, t, _, _ in spans):
             continue
         value = view[start:end].strip().strip(",;()[]{}'\"").strip()
         if entity == "PERSON" and value.endswith(("'s", "’s")):
             value = value[:-2]
-        out.append(Found(entity, value, score))
+        out.append(Found(entity, value, score, source))
     return out
 
 

@@ -58,27 +58,77 @@ _STREET_SUFFIX = (
 # Street words of other languages, as the word's ending (Koskikatu, Semperweg, Hauptstrasse, Storgatan).
 _FOREIGN_STREET = (
     r"[A-Za-zÀ-ÿ\-]*(?:katu|tie|vägen|gatan|gata|gade|vej|veien|vegen|weg|straße|strasse|str\.|gasse|laan|straat|"
-    r"plein|utca|ulica|cesta|ul\.|allee|platz|ring|damm|kuja|polku|torget|stræde|gränd)"
+    r"plein|utca|ulica|cesta|ul\.|allee|platz|damm|kuja|polku|torget|stræde|gränd|braut|vegur|centret)"
 )
 _FOREIGN_PREFIX = (
-    r"(?:Rue|Via|Viale|Calle|Avenida|Av\.|Rua|Carrer|Piazza|Plaza|Paseo|Camino|Boulevard|Chemin|Place|Allée|Corso|"
-    r"Travessa|Largo|Ulica|Strada|Calea|Ul\.)"
+    r"(?:Rue|Via|Viale|Calle|Avenida|Av\.?|Rua|Carrer|Piazza|Plaza|Paseo|Camino|Boulevard|Chemin|Place|Allée|Corso|"
+    r"Travessa|Largo|Ulica|Strada|Calea|Ul\.|ul\.)"
 )
 _UNIT = r"(?:[,\s]+(?:Apt\.?|Apartment|Suite|Ste\.?|Unit|Floor|Fl\.?|#)\s*[A-Za-z0-9\-]+)*"
 _WORD = r"[A-ZÀ-Þa-zß-ÿ][A-Za-zÀ-ÿ'\.\-]*"
+_CAP = r"[A-ZÀ-ÞĀ-Ž][A-Za-zÀ-ÿĀ-ž'\-]*\.?"  # a capitalised word, Latin letters of any European language
+# A building number, optionally after a postcode or second number ("66029 138 Consul Place").
+_NUM = r"\b(?:\d{1,6},?\s+)?\d{1,6}[A-Za-z]?"
+# Words that say an address follows ("lives at", "address:", "the corner of").
+_ADDR_CUE = (r"(?i:address(?:\s+is)?\s*:?|lives?\s+(?:at|on)|located\s+at|is\s+on|corner\s+of|sent\s+to|"
+             r"deliver(?:ed)?\s+to|ship(?:ped)?\s+to|return\s+to|drops?\s+you\s+off\s+at|moved\s+to|"
+             r"meet\s+\w+\s+at|live\s+(?:at|on))")
+_COUNTRIES: list[str] | None = None
+
+
+def countries() -> list[str]:
+    """Country names from Faker's English address data (bundled in the wheel: offline)."""
+    global _COUNTRIES
+    if _COUNTRIES is None:
+        try:
+            from faker.providers.address.en import Provider
+
+            _COUNTRIES = sorted({c for c in Provider.countries if "," not in c and "(" not in c}, key=len,
+                                reverse=True)
+        except ImportError:  # faker is a dependency; stay usable without it
+            _COUNTRIES = []
+    return _COUNTRIES
+
 
 ADDRESS_PATTERNS: list[tuple[str, str, float]] = [
     # 362 Spruce Street Suite 647 / 1200 N. Main St
-    ("STREET_ADDRESS", rf"\b\d{{1,6}}[A-Za-z]?(?:\s+{_WORD}){{1,4}}?\s+{_STREET_SUFFIX}\b{_UNIT}", 0.7),
+    ("STREET_ADDRESS", rf"{_NUM}(?:\s+{_WORD}){{1,4}}?\s+{_STREET_SUFFIX}\b{_UNIT}", 0.7),
     # Koskikatu 25 / 6750 Koskikatu 25 Apt. 864 / Storgarden 52
-    ("STREET_ADDRESS", rf"(?:\b\d{{1,6}}\s+)?\b{_FOREIGN_STREET}\s+\d{{1,5}}[A-Za-z]?\b{_UNIT}", 0.6),
-    # Rue de Piétrain 371 / Via Roma 5
+    ("STREET_ADDRESS", rf"(?:{_NUM}\s+)?\b{_FOREIGN_STREET}\s+\d{{1,5}}[A-Za-z]?\b{_UNIT}", 0.6),
+    # Rue de Piétrain 371 / Via Roma 5 / 688 rue du centre 320
     ("STREET_ADDRESS",
-     rf"(?:\b\d{{1,6}},?\s+)?\b{_FOREIGN_PREFIX}(?:\s+{_WORD}){{1,4}}(?:,?\s+\d{{1,5}}[A-Za-z]?)?\b{_UNIT}", 0.6),
+     rf"(?:{_NUM},?\s+)?\b{_FOREIGN_PREFIX}(?:\s+{_WORD}){{1,4}}(?:,?\s+\d{{1,5}}[A-Za-z]?)?\b{_UNIT}", 0.6),
+    ("STREET_ADDRESS", rf"(?:{_NUM},?\s+)?\b(?i:{_FOREIGN_PREFIX})\s+\w[\w'\-]*(?:\s+\w[\w'\-]*){{0,3}}"
+                       rf"\s+\d{{1,5}}\b(?=\s*(?:,|\n|$|(?i:apt|suite|unit)\b))", 0.6),
+    # European order, name then number, after a building number or postcode: "450 Præstevænget 15",
+    # "808 Kálmán Imre u. 12.", "772 ul. Narewska 94". The tail must end the line or the clause, or lead into a
+    # unit, so "100 Widgets 20 times" stays ordinary text.
+    ("STREET_ADDRESS",
+     rf"\b\d{{3,6}}[ \t]+(?:ul\.[ \t]+)?{_CAP}(?:[ \t]+(?:{_CAP}|u\.|út|útja|utca|de|da|do|di|del|della|van|von|der|den))"
+     rf"{{0,3}}[ \t]+\d{{1,4}}[A-Za-z]?\.?(?=\s*(?:[,\n]|$|(?i:apt|suite|unit|st)\b\.?))", 0.55),
+    # The same shape without a building number, when the text says an address follows: "lives at Jahu 80".
+    ("STREET_ADDRESS",
+     rf"{_ADDR_CUE}[ \t]+(?:the[ \t]+corner[ \t]+of[ \t]+)?(?P<v>(?:\d{{1,6}}[ \t]+)?(?:ul\.[ \t]+)?{_CAP}(?:[ \t]+{_CAP}){{0,3}}[ \t]+"
+     rf"\d{{1,5}}[A-Za-z]?\.?)(?=\W|$)", 0.55),
     ("STREET_ADDRESS", r"\b(?:Apt\.?|Apartment|Suite|Ste\.?)\s*#?\d{1,5}[A-Za-z]?\b", 0.5),
-    # PO boxes and military addresses
+    # PO boxes and military addresses (USNS Bergman / FPO AP 93757)
     ("STREET_ADDRESS", r"\b(?:P\.?\s?O\.?\s?Box|PSC|Unit|USNS|USS|USNV|USCGC)\s+\d{1,6}(?:,?\s+Box\s+\d{1,6})?", 0.6),
+    ("STREET_ADDRESS", r"\b(?:USNS|USNV|USCGC)\s+[A-Z][a-z]+\b", 0.6),
+    ("STREET_ADDRESS", r"\b(?:FPO|APO|DPO)\s+(?:AA|AE|AP)\s+\d{5}\b", 0.7),
+    # "<City>, <ST> <ZIP>" tails of US-style addresses, the state and ZIP possibly on their own lines.
+    ("STREET_ADDRESS", r"(?<=,)\s*(?P<v>[A-Z]{2}\s+\d{5}(?:-\d{4})?)\b", 0.5),
 ]
+
+
+def address_patterns() -> list[tuple[str, str, float]]:
+    """ADDRESS_PATTERNS plus "<Country> <postcode>" at the end of an address block ("Denmark 35018")."""
+    names = "|".join(re.escape(c) for c in countries())
+    if not names:
+        return ADDRESS_PATTERNS
+    return ADDRESS_PATTERNS + [
+        ("STREET_ADDRESS", rf"(?im:^[ \t>?]*(?:{names})[ \t]+(?P<v>\d{{4,6}})[ \t]*$)", 0.5),
+    ]
+
 
 # JSON fields whose key names what the value is: (key pattern, entity). Keys are matched case-insensitively
 # after the whole key; the value (string, or each string of a list) is the entity.
@@ -150,7 +200,9 @@ def _regex_recognizer_class():
             pass
 
         def analyze(self, text: str, entities: list[str], nlp_artifacts: Any = None):
-            return [RecognizerResult(e, a, b, s) for e, a, b, s in regex_findings(text, self.patterns, entities)]
+            meta = {"recognizer_name": self.name, "recognizer_identifier": self.id}
+            return [RecognizerResult(e, a, b, s, recognition_metadata=dict(meta))
+                    for e, a, b, s in regex_findings(text, self.patterns, entities)]
 
     return RegexGroupRecognizer
 
@@ -193,6 +245,11 @@ _COMMON_WORDS = {
 _NAMES: set[str] | None = None
 
 
+def common_words() -> set[str]:
+    """Names that are also everyday English words (only taken as names with more evidence than a list)."""
+    return _COMMON_WORDS
+
+
 def person_names() -> set[str]:
     """First and last names (lower case) from Faker's locale data, shipped with the faker wheel: offline."""
     global _NAMES
@@ -212,7 +269,95 @@ def person_names() -> set[str]:
     return _NAMES
 
 
+# Words that introduce a name, so the word after them is one whatever its case ("my name is vitoria").
+_FUNCTION_WORDS = (r"(?:and|but|or|is|was|i|im|i'm|from|the|a|an|to|of|in|on|at|for|with|please|thanks|thank|"
+                   r"here|there|not|so|by|as|if|it|my|your|his|her|and|which|who|that|this|when|since)")
+_ANY_WORD = r"[^\W\d_][\w'’\-]*[^\W\d_]"
+_CAP_NAME = r"[A-ZÀ-ÞĀ-Ž][\w'’\-]*[^\W\d_]"
+NAME_CUES: list[tuple[str, str, float]] = [
+    # "my name is X Y", "everyone calls me X", "her maiden name is X", "What's your last name? X"
+    ("PERSON",
+     rf"(?i:\bname\s+is|\bcalls?\s+me|\bi\s+am\s+called|\b(?:last|first|family|maiden|sur)\s*name\s*(?:is|\?|:)|"
+     rf"\bname\s*:)\s*(?P<v>(?!{_FUNCTION_WORDS}\b){_ANY_WORD}(?:[ \t]+(?!(?i:{_FUNCTION_WORDS})\b){_ANY_WORD})?)"
+     rf"(?=\W|$)", 0.9),
+    # Titles and salutations: "Mr. Ogasahara", "Dear Ms Lantos", "Dr Anna Berg"
+    ("PERSON",
+     rf"\b(?:(?i:dear)[ \t]+)?(?i:mr|mrs|ms|mx|miss|dr|prof|dear)\.?[ \t]+"
+     rf"(?P<v>{_CAP_NAME}(?:[ \t]+[A-Z]\.?)?(?:[ \t]+{_CAP_NAME}){{0,2}})", 0.9),
+]
+
+
 _PLACE_ENTS = {"GPE", "LOC", "FAC"}  # not ORG: the small model calls many full names ORG
+
+
+def _initial_shape(doc: Any, i: int) -> bool:
+    """"Faina D. Yefremova", "Mijail C Adomo": two capitalised proper nouns around a one-letter middle initial,
+    the shape of a full name whether or not any part is in the lists."""
+    if i + 2 >= len(doc):
+        return False
+    first, mid = doc[i], doc[i + 1]
+    last = doc[i + 3] if mid.text.isupper() and len(mid.text) == 1 and i + 3 < len(doc) and doc[i + 2].text == "." \
+        else doc[i + 2]
+    initial = len(mid.text.rstrip(".")) == 1 and mid.text[:1].isupper()
+    return (initial and all(t.is_title and t.is_alpha and len(t) > 1 and t.pos_ == "PROPN"
+                            and t.ent_type_ not in _PLACE_ENTS and t.lower_ not in _COMMON_WORDS for t in (first, last)))
+
+
+# Line labels that are not speakers: "Phone: ...", "Note: ...".
+_LABEL_WORDS = {
+    "phone", "fax", "mobile", "desk", "email", "e-mail", "website", "web", "address", "name", "note", "notes",
+    "example", "question", "answer", "q", "a", "input", "output", "error", "warning", "info", "status", "date",
+    "time", "subject", "from", "to", "cc", "bcc", "re", "title", "summary", "description", "type", "result",
+    "response", "request", "reason", "total", "price", "order", "step", "task", "goal", "rules", "rule", "policy",
+    "instructions", "context", "observation", "thought", "action", "tip", "important", "update", "office",
+    "company", "position", "role", "location", "city", "country", "state", "zip", "tel", "id", "ref", "source",
+    "yes", "no", "ok", "done", "details", "account", "reservation", "booking", "flight", "payment", "user",
+    "assistant", "system", "tool", "agent", "customer", "human", "ai", "bot", "caller", "operator", "support",
+}
+_SPEAKER = re.compile(r"(?m)^[ \t>]*([A-Za-zÀ-ÿĀ-ž][a-zà-ÿā-ž]+):[ \t]*\S")
+
+
+def _speakers(text: str, doc: Any, names: set[str]) -> list[tuple[int, int]]:
+    """Speakers of a dialogue transcript ("Ella: What a wife.\nDestiny: ..."): two or more lines opened by one
+    capitalised word and a colon; the words must not be common line labels, and each must be a listed name or
+    a proper noun to the tagger."""
+    found = [m for m in _SPEAKER.finditer(text) if m.group(1).lower() not in _LABEL_WORDS]
+    if len(found) < 2:
+        return []
+    out = []
+    lower_text = text == text.lower()
+    for m in found:
+        word = m.group(1)
+        if word[0].islower() and not lower_text:
+            continue
+        span = doc.char_span(m.start(1), m.end(1)) if doc is not None else None
+        if word.lower() in names or (span is not None and len(span) and span[0].pos_ == "PROPN" and not lower_text):
+            out.append((m.start(1), m.end(1)))
+    return out
+
+
+# Metadata of names found from their context (subject of a verb, transcript speaker, e-mail match) rather than
+# from the tagger calling them proper nouns; the engine then trusts them without its PROPN check.
+CONTEXT_META = {"recognizer_name": "NameContext"}
+_EMAIL = re.compile(r"\b([A-Za-z][A-Za-z0-9._\-]*)@[A-Za-z0-9\-]+\.[A-Za-z0-9.\-]+")
+
+
+def _email_names(doc: Any) -> list[tuple[int, int]]:
+    """Runs of two or three capitalised words that spell the local part of an e-mail address in the same text
+    ("Layla Gairbekov" ... "LaylaGairbekov@rhyta.com", "anna.berg@..."): the address names its owner."""
+    locals_ = {re.sub(r"[^a-z]", "", m.group(1).lower()) for m in _EMAIL.finditer(doc.text)}
+    locals_ = {x for x in locals_ if len(x) >= 6}
+    if not locals_:
+        return []
+    out, n = [], len(doc)
+    for i in range(n):
+        for k in (3, 2):
+            toks = doc[i:i + k]
+            if len(toks) == k and all(t.is_title and t.is_alpha for t in toks) \
+                    and "".join(t.lower_ for t in toks) in locals_:
+                out.append((toks.start_char, toks.end_char))
+                break
+    return out
 
 
 def _name_recognizer():
@@ -240,8 +385,16 @@ def _name_recognizer():
                 # A listed name, capitalised; the tagger must call it a proper noun unless it is mid-sentence
                 # (sentence-initial capitals are ordinary words as often as names).
                 # Skip tokens spaCy put in a place ("New York").
-                if not (tok.is_title and tok.lower_ in self.names and tok.ent_type_ not in _PLACE_ENTS
-                        and (tok.pos_ == "PROPN" or (not tok.is_sent_start and tok.pos_ in ("NOUN", "ADJ", "X")))):
+                listed = (tok.is_title and tok.lower_ in self.names and tok.ent_type_ not in _PLACE_ENTS
+                          and (tok.pos_ == "PROPN" or (not tok.is_sent_start and tok.pos_ in ("NOUN", "ADJ", "X"))
+                               # "Megan lives on ...": a listed name as the subject of the verb after it
+                               or (tok.dep_ in ("nsubj", "nsubjpass") and i + 1 < n
+                                   and doc[i + 1].pos_ in ("VERB", "AUX") and doc[i + 1].is_lower)))
+                # Evidence beyond the tagger's PROPN: the engine then skips its own PROPN check for the span.
+                context = not listed and _initial_shape(doc, i)
+                if listed and tok.pos_ != "PROPN" and tok.dep_ in ("nsubj", "nsubjpass") and tok.is_sent_start:
+                    context = True
+                if not listed and not context:
                     i += 1
                     continue
                 start, j = i, i + 1
@@ -250,12 +403,62 @@ def _name_recognizer():
                                  or (len(doc[j].text.rstrip(".")) == 1 and doc[j].text[:1].isupper()
                                      and j + 1 < n and doc[j + 1].is_title)):
                     j += 1
+                # a capitalised proper noun right before a listed name is its first name ("Irenke Sörös")
+                if (start > 0 and doc[start - 1].is_title and doc[start - 1].is_alpha and doc[start - 1].pos_ == "PROPN"
+                        and not doc[start - 1].is_sent_start and doc[start - 1].lower_ not in _COMMON_WORDS
+                        and doc[start - 1].ent_type_ not in _PLACE_ENTS):
+                    start -= 1
                 span = doc[start:j]
-                results.append(RecognizerResult("PERSON", span.start_char, span.end_char, 0.6))
+                results.append(RecognizerResult("PERSON", span.start_char, span.end_char, 0.6,
+                                                recognition_metadata=dict(CONTEXT_META) if context else None))
                 i = j
+            spans = _speakers(doc.text, doc, self.names) + _email_names(doc)
+            results.extend(RecognizerResult("PERSON", a, b, 0.9, recognition_metadata=dict(CONTEXT_META))
+                           for a, b in spans)
             return results
 
     return NameGazetteerRecognizer()
+
+
+def _lower_case_name_recognizer():
+    from presidio_analyzer import EntityRecognizer, RecognizerResult
+
+    class LowerCaseNameRecognizer(EntityRecognizer):
+        """In a text written without any capital letter, case cannot mark names: take runs of two or three
+        words that are all in the name lists ("follow up with monika žilková")."""
+
+        def __init__(self):
+            super().__init__(supported_entities=["PERSON"], name="LowerCaseNameRecognizer", supported_language="en")
+
+        def load(self) -> None:
+            self.names = person_names()
+
+        def analyze(self, text: str, entities: list[str], nlp_artifacts: Any = None):
+            if (entities and "PERSON" not in entities) or text != text.lower() or not any(c.isalpha() for c in text):
+                return []
+            words = list(re.finditer(r"[^\W\d_][\w'\-]*", text))
+            meta = {"recognizer_name": self.name, "recognizer_identifier": self.id}
+            results, i = [], 0
+            # lists of single words, most of them listed names: all of them are ("silvana, adam and chad")
+            for m in re.finditer(r"[^\W\d_]+(?:(?:,[ \t]+|,?[ \t]+and[ \t]+)[^\W\d_]+){2,}", text):
+                items = [w for w in re.finditer(r"[^\W\d_]+", m.group()) if w.group() != "and"]
+                if sum(w.group() in self.names for w in items) * 2 > len(items):
+                    results.extend(RecognizerResult("PERSON", m.start() + w.start(), m.start() + w.end(), 0.9,
+                                                    recognition_metadata=dict(meta)) for w in items)
+            while i < len(words):
+                j = i
+                while j < len(words) and j - i < 3 and words[j].group().lower() in self.names \
+                        and (j == i or text[words[j - 1].end():words[j].start()] == " "):
+                    j += 1
+                if j - i >= 2:
+                    results.append(RecognizerResult("PERSON", words[i].start(), words[j - 1].end(), 0.9,
+                                                    recognition_metadata=dict(meta)))
+                    i = j
+                else:
+                    i += 1
+            return results
+
+    return LowerCaseNameRecognizer()
 
 
 def extra_recognizers() -> list[Any]:
@@ -263,6 +466,8 @@ def extra_recognizers() -> list[Any]:
     return [
         cls("SecretRecognizer", SECRET_PATTERNS),
         cls("AccountIdRecognizer", ACCOUNT_PATTERNS),
-        cls("StreetAddressRecognizer", ADDRESS_PATTERNS),
+        cls("StreetAddressRecognizer", address_patterns()),
+        cls("NameCueRecognizer", NAME_CUES),
         _name_recognizer(),
+        _lower_case_name_recognizer(),
     ]

@@ -199,6 +199,27 @@ def _pattern(values: list[str]) -> re.Pattern[str]:
     return re.compile(rf"(?<![A-Za-z0-9_])(?:{alternation})(?![A-Za-z0-9_])")
 
 
+def _name_parts(found: dict[str, str], texts: list[str], skip: set[str], tools_text: str) -> dict[str, str]:
+    """Parts of a full name found in a call that also stand alone in it ("Asya Godina" ... "Asya said"): the
+    same person, referred to by first or last name later in the conversation."""
+    from slmigrate.pii.recognizers import common_words
+
+    parts: dict[str, str] = {}
+    for value, entity in found.items():
+        if entity != "PERSON" or " " not in value.strip():
+            continue
+        for part in re.split(r"\s+", value.strip()):
+            part = part.strip(".,")
+            if (len(part) < 3 or not part[0].isalpha() or part in found or part in skip or part in tools_text
+                    or part.lower() in common_words()):
+                continue
+            standalone = re.compile(rf"(?<![\w\-]){re.escape(part)}(?![\w\-])")
+            # standalone somewhere, not only inside the full name itself
+            if any(len(standalone.findall(t)) > t.count(value) for t in texts):
+                parts[part] = "PERSON"
+    return parts
+
+
 class CallScrubber:
     """Scrubs calls given a filled TextAnalyzer cache. Output texts are cached per (text, replacements that
     apply to it): calls of one session repeat history, and map it the same way turn after turn."""
@@ -237,7 +258,9 @@ class CallScrubber:
                 old = best.get(f.value)
                 if old is None or (f.score, _PRIORITY.get(f.entity, 0)) > (old.score, _PRIORITY.get(old.entity, 0)):
                     best[f.value] = f
-        return {v: f.entity for v, f in best.items()}
+        found = {v: f.entity for v, f in best.items()}
+        found.update(_name_parts(found, texts_of(call), allow | structural, tools_text))
+        return found
 
     def scrub(self, call: CallRecord) -> tuple[CallRecord, dict[str, str]]:
         """A scrubbed copy of ``call`` and value -> entity type for what was replaced; ``last_mapping`` then
