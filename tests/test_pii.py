@@ -164,6 +164,9 @@ def test_name_cues_stop_at_function_words():
     text = "my name is nadia and I lost my card"
     assert [text[a:b] for _, a, b, _ in regex_findings(text, NAME_CUES)] == ["nadia"]
     assert regex_findings("the file name is: and then", NAME_CUES) == []
+    # a name of a thing, not of the speaker; tool names are no names either
+    assert regex_findings("the product name is Water Bottle", NAME_CUES) == []
+    assert regex_findings("my name is get_user_details", NAME_CUES) == []
 
 
 def test_cue_names_kept_without_capitals_but_plain_lower_case_names_not():

@@ -272,13 +272,13 @@ def person_names() -> set[str]:
 # Words that introduce a name, so the word after them is one whatever its case ("my name is vitoria").
 _FUNCTION_WORDS = (r"(?:and|but|or|is|was|i|im|i'm|from|the|a|an|to|of|in|on|at|for|with|please|thanks|thank|"
                    r"here|there|not|so|by|as|if|it|my|your|his|her|and|which|who|that|this|when|since)")
-_ANY_WORD = r"[^\W\d_][\w'’\-]*[^\W\d_]"
+_ANY_WORD = r"[^\W\d_](?:[^\W_]|['’\-])*[^\W\d_]"  # no underscores: "get_user_details" is no name
 _CAP_NAME = r"[A-ZÀ-ÞĀ-Ž][\w'’\-]*[^\W\d_]"
 NAME_CUES: list[tuple[str, str, float]] = [
     # "my name is X Y", "everyone calls me X", "her maiden name is X", "What's your last name? X"
     ("PERSON",
-     rf"(?i:\bname\s+is|\bcalls?\s+me|\bi\s+am\s+called|\b(?:last|first|family|maiden|sur)\s*name\s*(?:is|\?|:)|"
-     rf"\bname\s*:)\s*(?P<v>(?!{_FUNCTION_WORDS}\b){_ANY_WORD}(?:[ \t]+(?!(?i:{_FUNCTION_WORDS})\b){_ANY_WORD})?)"
+     rf"(?i:\b(?:my|his|her|their|your|our)\s+(?:full\s+|real\s+|legal\s+)?name\s+is|\bcalls?\s+me|\bi\s+am\s+called|\b(?:last|first|family|maiden|sur)\s*name\s*(?:is|\?|:))"
+     rf"\s*(?P<v>(?!(?i:{_FUNCTION_WORDS})\b){_ANY_WORD}(?:[ \t]+(?!(?i:{_FUNCTION_WORDS})\b){_ANY_WORD})?)"
      rf"(?=\W|$)", 0.9),
     # Titles and salutations: "Mr. Ogasahara", "Dear Ms Lantos", "Dr Anna Berg"
     ("PERSON",
@@ -313,6 +313,8 @@ _LABEL_WORDS = {
     "company", "position", "role", "location", "city", "country", "state", "zip", "tel", "id", "ref", "source",
     "yes", "no", "ok", "done", "details", "account", "reservation", "booking", "flight", "payment", "user",
     "assistant", "system", "tool", "agent", "customer", "human", "ai", "bot", "caller", "operator", "support",
+    "steps", "format", "guidelines", "constraints", "objective", "background", "hint", "remember", "caution",
+    "output", "tools", "available", "required", "optional", "returns", "args", "parameters", "usage", "todo",
 }
 _SPEAKER = re.compile(r"(?m)^[ \t>]*([A-Za-zÀ-ÿĀ-ž][a-zà-ÿā-ž]+):[ \t]*\S")
 
