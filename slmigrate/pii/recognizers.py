@@ -104,11 +104,13 @@ ADDRESS_PATTERNS: list[tuple[str, str, float]] = [
     # "808 Kálmán Imre u. 12.", "772 ul. Narewska 94". The tail must end the line or the clause, or lead into a
     # unit, so "100 Widgets 20 times" stays ordinary text.
     ("STREET_ADDRESS",
-     rf"\b\d{{3,6}}[ \t]+(?:ul\.[ \t]+)?{_CAP}(?:[ \t]+(?:{_CAP}|u\.|út|útja|utca|de|da|do|di|del|della|van|von|der|den))"
+     rf"\b\d{{3,6}}[ \t]+(?:ul\.[ \t]+)?{_CAP}"
+     rf"(?:[ \t]+(?:{_CAP}|u\.|út|útja|utca|de|da|do|di|del|della|van|von|der|den))"
      rf"{{0,3}}[ \t]+\d{{1,4}}[A-Za-z]?\.?(?=\s*(?:[,\n]|$|(?i:apt|suite|unit|st)\b\.?))", 0.55),
     # The same shape without a building number, when the text says an address follows: "lives at Jahu 80".
     ("STREET_ADDRESS",
-     rf"{_ADDR_CUE}[ \t]+(?:the[ \t]+corner[ \t]+of[ \t]+)?(?P<v>(?:\d{{1,6}}[ \t]+)?(?:ul\.[ \t]+)?{_CAP}(?:[ \t]+{_CAP}){{0,3}}[ \t]+"
+     rf"{_ADDR_CUE}[ \t]+(?:the[ \t]+corner[ \t]+of[ \t]+)?"
+     rf"(?P<v>(?:\d{{1,6}}[ \t]+)?(?:ul\.[ \t]+)?{_CAP}(?:[ \t]+{_CAP}){{0,3}}[ \t]+"
      rf"\d{{1,5}}[A-Za-z]?\.?)(?=\W|$)", 0.55),
     ("STREET_ADDRESS", r"\b(?:Apt\.?|Apartment|Suite|Ste\.?)\s*#?\d{1,5}[A-Za-z]?\b", 0.5),
     # PO boxes and military addresses (USNS Bergman / FPO AP 93757)
@@ -277,7 +279,8 @@ _CAP_NAME = r"[A-ZÀ-ÞĀ-Ž][\w'’\-]*[^\W\d_]"
 NAME_CUES: list[tuple[str, str, float]] = [
     # "my name is X Y", "everyone calls me X", "her maiden name is X", "What's your last name? X"
     ("PERSON",
-     rf"(?i:\b(?:my|his|her|their|your|our)\s+(?:full\s+|real\s+|legal\s+)?name\s+is|\bcalls?\s+me|\bi\s+am\s+called|\b(?:last|first|family|maiden|sur)\s*name\s*(?:is|\?|:))"
+     rf"(?i:\b(?:my|his|her|their|your|our)\s+(?:full\s+|real\s+|legal\s+)?name\s+is|\bcalls?\s+me|"
+     rf"\bi\s+am\s+called|\b(?:last|first|family|maiden|sur)\s*name\s*(?:is|\?|:))"
      rf"\s*(?P<v>(?!(?i:{_FUNCTION_WORDS})\b){_ANY_WORD}(?:[ \t]+(?!(?i:{_FUNCTION_WORDS})\b){_ANY_WORD})?)"
      rf"(?=\W|$)", 0.9),
     # Titles and salutations: "Mr. Ogasahara", "Dear Ms Lantos", "Dr Anna Berg"
@@ -299,8 +302,9 @@ def _initial_shape(doc: Any, i: int) -> bool:
     last = doc[i + 3] if mid.text.isupper() and len(mid.text) == 1 and i + 3 < len(doc) and doc[i + 2].text == "." \
         else doc[i + 2]
     initial = len(mid.text.rstrip(".")) == 1 and mid.text[:1].isupper()
-    return (initial and all(t.is_title and t.is_alpha and len(t) > 1 and t.pos_ == "PROPN"
-                            and t.ent_type_ not in _PLACE_ENTS and t.lower_ not in _COMMON_WORDS for t in (first, last)))
+    return initial and all(t.is_title and t.is_alpha and len(t) > 1 and t.pos_ == "PROPN"
+                           and t.ent_type_ not in _PLACE_ENTS and t.lower_ not in _COMMON_WORDS
+                           for t in (first, last))
 
 
 # Line labels that are not speakers: "Phone: ...", "Note: ...".
