@@ -36,6 +36,9 @@ WorkspaceOpt = Annotated[
                  show_default=False),
 ]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print machine-readable JSON instead of tables.")]
+ConfigOpt = Annotated[Optional[Path], typer.Option(
+    "--config", "-c", help="Config file (default ./slmigrate.toml when present).")]
+ForceOpt = Annotated[bool, typer.Option("--force", help="Run even when nothing changed since the last run.")]
 
 
 def _version(value: bool) -> None:

@@ -8,7 +8,7 @@ from typing import Annotated, Optional
 import typer
 from rich.table import Table
 
-from slmigrate.cli._app import JsonOpt, WorkspaceOpt, app, console, open_workspace, print_json
+from slmigrate.cli._app import ConfigOpt, ForceOpt, JsonOpt, WorkspaceOpt, app, console, open_workspace, print_json
 
 
 @app.command("cluster")
@@ -22,10 +22,8 @@ def cluster_cmd(
         "--by", help="'agent': cluster each agent tag's calls separately ('none' to turn off).")] = None,
     threshold: Annotated[Optional[float], typer.Option(
         "--threshold", help="Cluster radius in the task-view space (default 0.6 coarse, 0.55 fine).")] = None,
-    force: Annotated[bool, typer.Option("--force", help="Run even when nothing changed since the last run.")]
-    = False,
-    config: Annotated[Optional[Path], typer.Option(
-        "--config", "-c", help="Config file (default ./slmigrate.toml when present).")] = None,
+    force: ForceOpt = False,
+    config: ConfigOpt = None,
     workspace: WorkspaceOpt = None,
     json_out: JsonOpt = False,
 ) -> None:

@@ -8,7 +8,7 @@ from typing import Annotated, Optional
 import typer
 from rich.table import Table
 
-from slmigrate.cli._app import JsonOpt, WorkspaceOpt, collect_app, console, err_console, open_workspace, print_json
+from slmigrate.cli._app import ConfigOpt, JsonOpt, WorkspaceOpt, collect_app, console, err_console, open_workspace, print_json
 
 _BAR_MIN_BYTES = 4 << 20  # smaller imports finish before a bar is worth drawing
 
@@ -24,8 +24,7 @@ def import_cmd(
         "--agent", help="Agent tag for calls whose log does not name one (default: collect.agent in slmigrate.toml).")] = None,
     tools: Annotated[Optional[Path], typer.Option(
         "--tools", help="JSON file of tool schemas for records that carry none (e.g. conversation logs).")] = None,
-    config: Annotated[Optional[Path], typer.Option(
-        "--config", "-c", help="Config file (default ./slmigrate.toml when present).")] = None,
+    config: ConfigOpt = None,
     workspace: WorkspaceOpt = None,
     json_out: JsonOpt = False,
 ) -> None:

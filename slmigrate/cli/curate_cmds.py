@@ -8,7 +8,7 @@ from typing import Annotated, Optional
 import typer
 from rich.table import Table
 
-from slmigrate.cli._app import JsonOpt, WorkspaceOpt, app, console, err_console, open_workspace, print_json
+from slmigrate.cli._app import ConfigOpt, ForceOpt, JsonOpt, WorkspaceOpt, app, console, err_console, open_workspace, print_json
 
 # The group's help is the callback's docstring, so `slmigrate curate --help` shows the options and an example.
 curate_app = typer.Typer(invoke_without_command=True)
@@ -33,10 +33,8 @@ def curate_cmd(
     workers: Annotated[Optional[int], typer.Option("--workers", help="Processes for PII analysis.", min=1)] = None,
     min_outcome: Annotated[Optional[float], typer.Option(
         "--min-outcome", help="Drop calls from workflows whose outcome (e.g. tau reward) is below this.")] = None,
-    force: Annotated[bool, typer.Option("--force", help="Run even when nothing changed since the last run.")]
-    = False,
-    config: Annotated[Optional[Path], typer.Option(
-        "--config", "-c", help="Config file (default ./slmigrate.toml when present).")] = None,
+    force: ForceOpt = False,
+    config: ConfigOpt = None,
     workspace: WorkspaceOpt = None,
     json_out: JsonOpt = False,
 ) -> None:

@@ -9,7 +9,7 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
-from slmigrate.cli._app import JsonOpt, WorkspaceOpt, app, console, err_console, open_workspace, print_json
+from slmigrate.cli._app import ConfigOpt, JsonOpt, WorkspaceOpt, app, console, err_console, open_workspace, print_json
 from slmigrate.errors import SlmigrateError
 
 _STYLE = {"ran": "green", "skipped": "dim", "failed": "bold red", "unavailable": "yellow", "blocked": "yellow"}
@@ -87,8 +87,7 @@ def _finish(summary, json_out: bool, title: str) -> None:
 
 @app.command("run")
 def run_cmd(
-    config: Annotated[Optional[Path], typer.Option(
-        "--config", "-c", help="Config file (default ./slmigrate.toml when present).")] = None,
+    config: ConfigOpt = None,
     from_stage: Annotated[Optional[str], typer.Option(
         "--from", help="Start at this stage and run it even if unchanged: "
         "import, curate, cluster, select, finetune, evaluate, report.")] = None,

@@ -8,7 +8,7 @@ from typing import Annotated, Optional
 import typer
 from rich.table import Table
 
-from slmigrate.cli._app import JsonOpt, WorkspaceOpt, app, console, err_console, open_workspace, print_json
+from slmigrate.cli._app import ConfigOpt, JsonOpt, WorkspaceOpt, app, console, err_console, open_workspace, print_json
 
 export_app = typer.Typer(help="Hand the specialists to production serving (vLLM multi-LoRA, merged weights).",
                          no_args_is_help=True)
@@ -64,7 +64,7 @@ def serve(
 @app.command()
 def refine(
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the plan; change nothing.")] = False,
-    config: Annotated[Optional[Path], typer.Option("--config", "-c", help="Config file.")] = None,
+    config: ConfigOpt = None,
     workspace: WorkspaceOpt = None,
     json_out: JsonOpt = False,
 ) -> None:
