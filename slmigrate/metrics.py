@@ -333,55 +333,46 @@ def json_valid(preds, refs, ctx):
     return [float(parse_json_text(content_of(p)) is not _MISSING) for p in preds]
 
 
-@register_metric("json", "same_keys", description=(
-    "Same top-level keys as the reference object (for non-objects: same JSON type)."))
-def same_keys(preds, refs, ctx):
+def _json_scores(preds, refs, score: Callable[[Any, Any], float]) -> list[float | None]:
+    """``score(pred, ref)`` per pair whose reference parses as JSON (None otherwise); ``pred`` may be _MISSING."""
     out: list[float | None] = []
     for p, r in zip(preds, refs):
         ref = parse_json_text(content_of(r))
-        if ref is _MISSING:
-            out.append(None)
-            continue
-        pred = parse_json_text(content_of(p))
-        if isinstance(ref, dict):
-            out.append(float(isinstance(pred, dict) and set(pred) == set(ref)))
-        else:
-            out.append(float(pred is not _MISSING and type(normalise_value(pred)) is type(normalise_value(ref))))
+        out.append(None if ref is _MISSING else score(parse_json_text(content_of(p)), ref))
     return out
+
+
+def _same_keys(pred: Any, ref: Any) -> float:
+    if isinstance(ref, dict):
+        return float(isinstance(pred, dict) and set(pred) == set(ref))
+    return float(pred is not _MISSING and type(normalise_value(pred)) is type(normalise_value(ref)))
+
+
+def _field_accuracy(pred: Any, ref: Any) -> float:
+    if pred is _MISSING:
+        return 0.0
+    rf, pf = _flatten(ref), _flatten(pred)
+    paths = set(rf) | set(pf)
+    return sum(1 for k in paths if rf.get(k) is not None and rf.get(k) == pf.get(k)) / len(paths)
+
+
+@register_metric("json", "same_keys", description=(
+    "Same top-level keys as the reference object (for non-objects: same JSON type)."))
+def same_keys(preds, refs, ctx):
+    return _json_scores(preds, refs, _same_keys)
 
 
 @register_metric("json", "json_exact", primary=True, description=(
     "The parsed answer equals the reference (key order and formatting ignored, 1 == 1.0, \"1\" != 1)."))
 def json_exact(preds, refs, ctx):
-    out: list[float | None] = []
-    for p, r in zip(preds, refs):
-        ref = parse_json_text(content_of(r))
-        if ref is _MISSING:
-            out.append(None)
-            continue
-        pred = parse_json_text(content_of(p))
-        out.append(float(pred is not _MISSING and values_equal(pred, ref)))
-    return out
+    return _json_scores(preds, refs, lambda pred, ref: float(pred is not _MISSING and values_equal(pred, ref)))
 
 
 @register_metric("json", "field_accuracy", description=(
     "Share of leaf fields (union of both answers' paths) holding the same value; extra or missing fields "
     "count against it."))
 def field_accuracy(preds, refs, ctx):
-    out: list[float | None] = []
-    for p, r in zip(preds, refs):
-        ref = parse_json_text(content_of(r))
-        if ref is _MISSING:
-            out.append(None)
-            continue
-        pred = parse_json_text(content_of(p))
-        if pred is _MISSING:
-            out.append(0.0)
-            continue
-        rf, pf = _flatten(ref), _flatten(pred)
-        paths = set(rf) | set(pf)
-        out.append(sum(1 for k in paths if rf.get(k) is not None and rf.get(k) == pf.get(k)) / len(paths))
-    return out
+    return _json_scores(preds, refs, _field_accuracy)
 
 
 # --- short labels ------------------------------------------------------------------------------------------
