@@ -104,9 +104,13 @@ def propose_clusters(model: Any, pool: Sequence[CallRecord], min_size: int) -> l
     from slmigrate.cluster.views import task_view
 
     views = [task_view(c) for c in pool]
-    distinct = list(dict.fromkeys(views))
-    counts = np.array([Counter(views)[v] for v in distinct], dtype=float)
-    x = model.vectors([pool[views.index(v)] for v in distinct])
+    tally = Counter(views)
+    first = {}  # each distinct view's first call
+    for call, view in zip(pool, views):
+        first.setdefault(view, call)
+    distinct = list(first)
+    counts = np.array([tally[v] for v in distinct], dtype=float)
+    x = model.vectors([first[v] for v in distinct])
     # The same cut as the existing clusters: the median radius of the clusters found from the original data.
     threshold = float(np.median(model.radius)) if len(model.radius) else 1.0
     fitted = fit_group(x, counts, threshold=max(threshold, 1e-3), core_ratio=1.0, min_size=min_size,
@@ -115,7 +119,7 @@ def propose_clusters(model: Any, pool: Sequence[CallRecord], min_size: int) -> l
     for k in range(len(fitted.centroids)):
         members = [v for v, label in zip(distinct, fitted.labels) if label == k]
         size = int(sum(counts[i] for i, label in enumerate(fitted.labels) if label == k))
-        example = pool[views.index(members[0])]
+        example = first[members[0]]
         last_user = next((m.get("content") for m in reversed(example.messages) if m.get("role") == "user"), "")
         proposals.append({"size": size, "distinct_views": len(members), "example_call": example.id,
                           "example": str(last_user)[:160]})
