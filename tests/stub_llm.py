@@ -240,3 +240,22 @@ if __name__ == "__main__":
     parser.add_argument("--port", type=int, default=9000)
     args = parser.parse_args()
     uvicorn.run(create_stub_app(None), host="127.0.0.1", port=args.port, log_level="warning", access_log=False)
+
+
+def stored_calls(writer, db, expect: int = 1, timeout: float = 10.0) -> list:
+    """The calls a proxy or router has logged into ``db``, once at least ``expect`` of them are there.
+
+    A streamed call is logged when the server's generator finishes, which can be a moment *after* the client
+    has read the last chunk - so a test cannot just flush once and read; it waits for the count it expects
+    (``expect=0`` reads at once, for tests that check nothing was logged).
+    """
+    from slmigrate.store import Store
+
+    deadline = time.monotonic() + timeout
+    while True:
+        assert writer.flush(timeout)
+        with Store(db) as store:
+            calls = list(store.iter_calls())
+        if len(calls) >= expect or time.monotonic() > deadline:
+            return calls
+        time.sleep(0.02)

@@ -27,7 +27,7 @@ from slmigrate.streaming import chunks_from_sse, merge_chunks, merge_timed_sse
 from slmigrate.writer import RecordWriter
 
 sys.path.insert(0, str(Path(__file__).parent))
-from stub_llm import ServerThread, StubLLM, expected_completion, free_port, stream_chunks  # noqa: E402
+from stub_llm import ServerThread, StubLLM, expected_completion, free_port, stored_calls, stream_chunks  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 TOOLS = [{"type": "function", "function": {"name": "lookup_order", "description": "Find an order",
@@ -53,10 +53,8 @@ class Proxy:
     def client(self, **kwargs) -> openai.OpenAI:
         return openai.OpenAI(base_url=self.url, api_key="sk-test-SECRET-123", max_retries=0, **kwargs)
 
-    def records(self):
-        assert self.writer.flush(10)
-        with Store(self.db) as store:
-            return list(store.iter_calls())
+    def records(self, expect: int = 1):
+        return stored_calls(self.writer, self.db, expect)
 
     def stop(self):
         self.server.stop()
@@ -205,7 +203,7 @@ def test_async_client_plain_and_streaming(proxy):
         return plain.choices[0].message.content, text
 
     assert asyncio.run(run()) == ("Echo: one", "Echo: two words")
-    recs = {r.messages[0]["content"]: r for r in proxy.records()}
+    recs = {r.messages[0]["content"]: r for r in proxy.records(expect=2)}
     assert recs["one"].answer["content"] == "Echo: one" and recs["one"].ttft_ms is None
     assert recs["two words"].answer["content"] == "Echo: two words" and recs["two words"].ttft_ms > 0
 
@@ -233,7 +231,7 @@ def test_other_v1_paths_pass_through_unlogged(proxy):
     assert [m.id for m in client.models.list().data] == ["stub"]
     emb = client.embeddings.create(model="e", input=["a", "b"])
     assert len(emb.data) == 2 and len(emb.data[0].embedding) == 8
-    assert proxy.records() == []
+    assert proxy.records(expect=0) == []
     assert httpx.get(proxy.base + "/elsewhere").status_code == 404
 
 
@@ -324,7 +322,7 @@ def test_locked_store_does_not_block_traffic_and_catches_up(make_proxy):
     assert "locked" in health["capture"]["last_error"]
     locker.execute("ROLLBACK")
     locker.close()
-    assert len(p.records()) == 5 and p.writer.stats()["dropped"] == 0
+    assert len(p.records(expect=5)) == 5 and p.writer.stats()["dropped"] == 0
 
 
 def test_read_only_store_drops_are_counted_and_traffic_flows(make_proxy, tmp_path):

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import openai
 import pytest
-from stub_llm import ServerThread, StubLLM, expected_completion
+from stub_llm import ServerThread, StubLLM, expected_completion, stored_calls
 
 from slmigrate.serve import RouterSettings, build_app
 from slmigrate.serve.deployment import Deployment
@@ -82,10 +82,8 @@ class Running:
         self.server = ServerThread(self.app).start()
         self.client = openai.OpenAI(base_url=self.server.base + "/v1", api_key="sk-test", max_retries=0)
 
-    def records(self):
-        assert self.writer.flush(10)
-        with Store(self.db) as store:
-            return list(store.iter_calls())
+    def records(self, expect: int = 1):
+        return stored_calls(self.writer, self.db, expect)
 
     def stop(self):
         self.server.stop()
@@ -169,7 +167,7 @@ def test_slm_error_and_timeout_fall_back(router):
     r.engine.script["intent"] = ("sleep", 1.0)
     out = r.client.chat.completions.create(model="gpt-4o", messages=_ask("label", "hello again"))
     assert out.choices[0].message.content.startswith("Echo:")
-    reasons = [rec.metadata["route"]["fallback"] for rec in r.records()]
+    reasons = [rec.metadata["route"]["fallback"] for rec in r.records(expect=2)]
     assert reasons[0].startswith("slm error") and reasons[1].startswith("slm timeout")
 
 
