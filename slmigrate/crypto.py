@@ -172,27 +172,27 @@ def rotate(store: Any, new_key: bytes, old_key: bytes | None, batch: int = 500) 
         conn.execute("PRAGMA secure_delete = ON")
         try:
             with conn:  # one transaction: all rows move to the new key, or none do
-                last = -1
+                last = ""  # paged by id, which both SQLite and PostgreSQL stores have (no rowid there)
                 while True:
                     rows = conn.execute(
-                        "SELECT rowid, codec, request, response FROM calls WHERE rowid > ? AND codec != ? "
-                        "ORDER BY rowid LIMIT ?", (last, new.name, batch),
+                        "SELECT id, codec, request, response FROM calls WHERE id > ? AND codec != ? "
+                        "ORDER BY id LIMIT ?", (last, new.name, batch),
                     ).fetchall()
                     if not rows:
                         break
                     updates = []
-                    for rowid, codec, request, response in rows:
+                    for call_id, codec, request, response in rows:
                         reader = readers[codec]
                         updates.append((
                             new.name, new.encode(reader.decode(request)),
-                            None if response is None else new.encode(reader.decode(response)), rowid,
+                            None if response is None else new.encode(reader.decode(response)), call_id,
                         ))
-                        last = rowid
-                    conn.executemany("UPDATE calls SET codec = ?, request = ?, response = ? WHERE rowid = ?",
+                        last = call_id
+                    conn.executemany("UPDATE calls SET codec = ?, request = ?, response = ? WHERE id = ?",
                                      updates)
                     changed += len(updates)
         finally:
             conn.execute("PRAGMA secure_delete = OFF")
-        conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        store.purge_freed()  # SQLite: truncate the WAL; PostgreSQL: VACUUM FULL drops the old row versions
     return {"rotated": changed, "key_id": new.name.split(":", 1)[1], "before": counts,
             "after": codec_counts(store)}

@@ -11,7 +11,7 @@ def status(ws: Workspace) -> dict[str, Any]:
     store = ws.store
     totals = store.conn.execute(
         "SELECT COUNT(*), COALESCE(SUM(prompt_tokens),0), COALESCE(SUM(completion_tokens),0), "
-        "SUM(status != 'ok'), COUNT(DISTINCT session) FROM calls"
+        "SUM(CASE WHEN status != 'ok' THEN 1 ELSE 0 END), COUNT(DISTINCT session) FROM calls"
     ).fetchone()
     stages: dict[str, Any] = {}
     previous_created: str | None = None

@@ -29,21 +29,32 @@ def resolve_root(path: str | Path | None) -> Path:
     return Path(path or env.get(env.WORKSPACE) or env.DEFAULT_WORKSPACE).expanduser()
 
 
+def resolve_store(store: str | Path | None) -> str | None:
+    """The store URL from --store or SLMIGRATE_STORE; None means the workspace's own SQLite file."""
+    value = store if store not in (None, "") else env.get(env.STORE)
+    return None if value is None else str(value)
+
+
 @dataclass
 class Workspace:
     root: Path
+    # Where the calls and stage tables live: a postgresql:// URL, a sqlite:///PATH or a file path. None: the
+    # default ROOT/slmigrate.sqlite. Artifacts (curated/, adapters/, ...) stay under root either way.
+    store_url: str | None = None
 
     @classmethod
-    def open(cls, path: str | Path | None = None, *, create: bool = True) -> "Workspace":
+    def open(cls, path: str | Path | None = None, *, create: bool = True,
+             store: str | Path | None = None) -> "Workspace":
         root = resolve_root(path)
+        store_url = resolve_store(store)
         if root.exists() and not root.is_dir():
             raise SlmigrateError(f"workspace {root} is a file, expected a folder; pass --workspace DIR")
-        if not create and not (root / DB_NAME).exists():
+        if not create and store_url is None and not (root / DB_NAME).exists():
             raise SlmigrateError(
                 f"no slmigrate workspace at {root}; run `slmigrate init` or `slmigrate collect import FILE` "
                 "first, or pass --workspace DIR"
             )
-        ws = cls(root)
+        ws = cls(root, store_url)
         if create:
             ws.init()
         return ws
@@ -58,7 +69,7 @@ class Workspace:
 
     @cached_property
     def store(self) -> Store:
-        return Store(self.root / DB_NAME)
+        return Store(self.store_url or self.root / DB_NAME)
 
     def path(self, *parts: str) -> Path:
         return self.root.joinpath(*parts)

@@ -16,7 +16,6 @@ from __future__ import annotations
 import atexit
 import collections
 import logging
-import sqlite3
 import threading
 import time
 from collections.abc import Callable
@@ -174,7 +173,7 @@ class RecordWriter:
             self._store = self._store_factory()
             try:
                 # Fail fast on a locked database and retry next cycle, instead of blocking for the store's 30 s.
-                self._store.conn.execute(f"PRAGMA busy_timeout = {int(self.busy_timeout_ms)}")
+                self._store.set_write_timeout(self.busy_timeout_ms)
             except Exception:
                 pass
         return self._store
@@ -183,7 +182,8 @@ class RecordWriter:
         batch = self._retained + records
         try:
             inserted, duplicates = self._open().insert_calls(batch)
-        except (sqlite3.Error, OSError, Exception) as exc:  # noqa: B014 - any store failure is survivable
+        except Exception as exc:  # any store failure is survivable: keep the batch, retry next cycle
+            self._drop_broken_store()
             with self._done:
                 self.store_failures += 1
                 self.last_error = f"{type(exc).__name__}: {exc}"
@@ -203,6 +203,19 @@ class RecordWriter:
             self.last_flush_at = now_iso()
             self._done.notify_all()
         return True
+
+    def _drop_broken_store(self) -> None:
+        # A PostgreSQL connection dies with a server restart or failover; reconnect on the next cycle.
+        try:
+            broken = self._store is not None and bool(getattr(self._store, "broken", False))
+        except Exception:
+            broken = True
+        if broken:
+            try:
+                self._store.close()
+            except Exception:
+                pass
+            self._store = None
 
     def _final_drain(self) -> None:
         # On shutdown give a failing store a few more chances before counting what is left as lost.
@@ -227,19 +240,20 @@ class RecordWriter:
 
 
 # --- one writer per store per process, for the SDK wrapper ---
-_shared: dict[Path, RecordWriter] = {}
+_shared: dict[Path | str, RecordWriter] = {}
 _shared_lock = threading.Lock()
 
 
-def shared_writer(db_path: Path) -> RecordWriter:
-    """The process-wide writer for a store file; drained at interpreter exit."""
-    from slmigrate.store import Store
+def shared_writer(db_path: Path | str) -> RecordWriter:
+    """The process-wide writer for a store (a SQLite file or a PostgreSQL URL); drained at interpreter exit."""
+    from slmigrate.store import PG_SCHEMES, Store
 
-    key = Path(db_path).resolve()
+    key: Path | str = db_path if str(db_path).startswith(PG_SCHEMES) else Path(db_path).resolve()
     with _shared_lock:
         writer = _shared.get(key)
         if writer is None or writer._closed:
-            writer = RecordWriter(lambda: Store(key), name=f"slmigrate-writer:{key.parent.name}")
+            label = "postgresql" if isinstance(key, str) else key.parent.name
+            writer = RecordWriter(lambda: Store(key), name=f"slmigrate-writer:{label}")
             _shared[key] = writer
         return writer
 

@@ -28,11 +28,17 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 
-_state: dict[str, Any] = {"workspace": None}
+_state: dict[str, Any] = {"workspace": None, "store": None}
 
 WorkspaceOpt = Annotated[
     Optional[Path],
     typer.Option("--workspace", "-w", help="Workspace folder (env SLMIGRATE_WORKSPACE, default ./.slmigrate).",
+                 show_default=False),
+]
+StoreOpt = Annotated[
+    Optional[str],
+    typer.Option("--store", help="Where calls are stored: postgresql://USER@HOST/DB (several proxies into one "
+                 "database), sqlite:///PATH or a file path (env SLMIGRATE_STORE, default WORKSPACE/slmigrate.sqlite).",
                  show_default=False),
 ]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print machine-readable JSON instead of tables.")]
@@ -50,6 +56,7 @@ def _version(value: bool) -> None:
 @app.callback()
 def _root(
     workspace: WorkspaceOpt = None,
+    store: StoreOpt = None,
     key_file: Annotated[Optional[Path], typer.Option(
         "--key-file", help="File holding the payload encryption key (instead of SLMIGRATE_ENCRYPTION_KEY)."
     )] = None,
@@ -57,6 +64,7 @@ def _root(
                                           help="Show the version and exit.")] = False,
 ) -> None:
     _state["workspace"] = workspace
+    _state["store"] = store
     if key_file is not None:
         from slmigrate import crypto
 
@@ -68,10 +76,11 @@ def workspace_path(local: Optional[Path] = None) -> Optional[Path]:
     return local or _state["workspace"]
 
 
-def open_workspace(local: Optional[Path] = None, *, create: bool = True):
+def open_workspace(local: Optional[Path] = None, *, create: bool = True, store: Optional[str] = None):
+    """The workspace of --workspace, with its calls in --store (per-command wins over global, then the env)."""
     from slmigrate.workspace import Workspace
 
-    return Workspace.open(workspace_path(local), create=create)
+    return Workspace.open(workspace_path(local), create=create, store=store or _state["store"])
 
 
 def print_json(data: Any) -> None:

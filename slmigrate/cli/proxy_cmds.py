@@ -6,7 +6,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from slmigrate.cli._app import JsonOpt, WorkspaceOpt, collect_app, err_console, open_workspace, print_json
+from slmigrate.cli._app import JsonOpt, StoreOpt, WorkspaceOpt, collect_app, err_console, open_workspace, print_json
 
 
 @collect_app.command("proxy")
@@ -26,6 +26,7 @@ def proxy(
     flush_interval: Annotated[float, typer.Option(
         help="Seconds between store commits (at most 0.2); a hard kill loses at most about this much.")] = 0.1,
     workspace: WorkspaceOpt = None,
+    store: StoreOpt = None,
     json_out: JsonOpt = False,
 ) -> None:
     """Run an OpenAI-compatible proxy that logs every chat completion to the workspace.
@@ -35,17 +36,18 @@ def proxy(
     /slmigrate/metrics (Bearer $SLMIGRATE_ADMIN_TOKEN when set).
 
     Example: slmigrate collect proxy --upstream https://api.openai.com/v1 --port 8787 --agent support-bot
+    Example (many proxies, one database): slmigrate collect proxy --upstream URL --store postgresql://slm@db/calls
     """
     from slmigrate.config import load_config
     from slmigrate.proxy import serve
 
-    ws = open_workspace(workspace)
+    ws = open_workspace(workspace, store=store)
     if agent is None:
         agent = load_config().collect.agent  # [collect] agent in ./slmigrate.toml
 
     def ready(settings) -> None:
         err_console.print(
-            f"slmigrate proxy on http://{host}:{port}/v1 -> {settings.upstream_base}, logging to {ws.root} "
+            f"slmigrate proxy on http://{host}:{port}/v1 -> {settings.upstream_base}, logging to {ws.store.display} "
             f"({'origins kept' if keep_origin else 'origins anonymised'}). Ctrl-C to stop."
         )
 

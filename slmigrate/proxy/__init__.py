@@ -7,7 +7,6 @@ the ASGI application for embedding or tests. Starlette and uvicorn are imported 
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 
@@ -29,18 +28,17 @@ def serve(
     from slmigrate import env
     from slmigrate.errors import SlmigrateError
     from slmigrate.proxy.app import ProxySettings, create_app
-    from slmigrate.store import Store
     from slmigrate.writer import RecordWriter
 
     settings = ProxySettings(upstream=upstream, agent=agent, keep_origin=keep_origin, timeout=timeout,
                              admin_token=admin_token if admin_token is not None else env.get(env.ADMIN_TOKEN))
-    db_path = Path(workspace.store.path)
-    # Open once here so a bad workspace or key is reported before traffic arrives; the writer then opens its
-    # own connection on its thread.
-    workspace.store  # noqa: B018
+    # Open once here so a bad workspace, store URL or key is reported before traffic arrives; the writer then
+    # opens its own connection on its thread (to the same SQLite file or PostgreSQL database: several proxies
+    # on several hosts can share one database, see docs/scaling.md).
+    opener = workspace.store.opener()
     if not 0 < flush_interval <= 0.2:
         raise SlmigrateError(f"--flush-interval {flush_interval} must be between 0 and 0.2 seconds")
-    writer = RecordWriter(lambda: Store(db_path), flush_interval=flush_interval, name="slmigrate-proxy-writer")
+    writer = RecordWriter(opener, flush_interval=flush_interval, name="slmigrate-proxy-writer")
     app = create_app(settings, writer)
     try:
         run_server(app, host=host, port=port, graceful_timeout=graceful_timeout,

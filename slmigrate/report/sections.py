@@ -79,7 +79,8 @@ class Facts:
         store = ws.store
         row = store.conn.execute(
             "SELECT COUNT(*), COUNT(DISTINCT session), COALESCE(SUM(prompt_tokens),0), "
-            "COALESCE(SUM(completion_tokens),0), MIN(timestamp), MAX(timestamp), COALESCE(SUM(status != 'ok'),0) "
+            "COALESCE(SUM(completion_tokens),0), MIN(timestamp), MAX(timestamp), "
+            "COALESCE(SUM(CASE WHEN status != 'ok' THEN 1 ELSE 0 END),0) "
             "FROM calls"
         ).fetchone()
         by_model = [dict(r) for r in store.conn.execute(

@@ -7,7 +7,6 @@ the same application in-process; ``serve`` runs it under uvicorn until SIGTERM/S
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 from slmigrate.serve.deployment import Deployment, load_deployments
@@ -36,12 +35,10 @@ def build_app(ws: Workspace, settings: RouterSettings, *, device: str = "auto", 
     from slmigrate.serve.app import RouterApp
     from slmigrate.serve.engine import SlmEngine
     from slmigrate.serve.router import Router
-    from slmigrate.store import Store
     from slmigrate.writer import RecordWriter
 
     if writer is None:
-        db_path = Path(ws.store.path)
-        writer = RecordWriter(lambda: Store(db_path), name="slmigrate-router-writer")
+        writer = RecordWriter(ws.store.opener(), name="slmigrate-router-writer")
     if engine is None:
         engine = SlmEngine(load_deployments(ws), device=device)
     if assign is None:

@@ -1,49 +1,41 @@
-"""The call store: SQLite in WAL mode, schema migrations applied on open.
+"""The call store: SQLite in WAL mode by default, or PostgreSQL by URL; schema migrations applied on open.
 
 Indexable fields (agent, model, tokens, timestamps, status) are plain columns so counts and filters stay
 readable; the request and response payloads go through a ``PayloadCodec`` so they can be encrypted at rest
-(see ``slmigrate.crypto``) without any other stage knowing.
+(see ``slmigrate.crypto``) without any other stage knowing. SQL here is written once for both engines; what
+differs between them lives in ``backends.py``.
 """
 
 from __future__ import annotations
 
 import json
-import sqlite3
 import threading
-import zlib
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
-from slmigrate.errors import SlmigrateError
 from slmigrate.record import CallRecord
+from slmigrate.store.backends import PG_SCHEMES, backend_for, mask_password
+from slmigrate.store.codecs import (
+    PLAIN_CODECS,
+    PayloadCodec,
+    ZlibPayloadCodec,
+    codec_for,
+    default_codec,
+    dumps_compact,
+    loads,
+    pack,
+    register_codec,
+    unpack,
+)
 
-try:  # JSON of large payloads on every insert and read: orjson is several times faster
-    import orjson
-except ImportError:  # pragma: no cover - orjson is a declared dependency
-    orjson = None  # type: ignore[assignment]
+__all__ = [
+    "MIGRATIONS", "PG_SCHEMES", "PLAIN_CODECS", "PayloadCodec", "Store", "ZlibPayloadCodec", "codec_for",
+    "default_codec", "dumps_compact", "loads", "mask_password", "pack", "register_codec", "unpack",
+]
 
-
-def dumps_compact(obj: Any) -> bytes:
-    """Compact UTF-8 JSON (what PayloadCodec stores before packing)."""
-    if orjson is not None:
-        try:
-            return orjson.dumps(obj, option=orjson.OPT_NON_STR_KEYS)
-        except TypeError:  # e.g. integers beyond 64 bits
-            pass
-    return json.dumps(obj, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
-
-
-def loads(data: bytes) -> Any:
-    if orjson is not None:
-        try:
-            return orjson.loads(data)
-        except ValueError:
-            pass
-    return json.loads(data)
-
-# Each entry is applied once, in order; PRAGMA user_version remembers how many ran. Never edit a released
-# migration: append a new one.
+# Each entry is applied once, in order; the store's schema version remembers how many ran (see backends.py).
+# Never edit a released migration: append a new one. Write them in SQLite's types; backends.pg_ddl maps them.
 MIGRATIONS: list[str] = [
     """
     CREATE TABLE calls (
@@ -87,53 +79,6 @@ MIGRATIONS: list[str] = [
 ]
 
 
-_local = threading.local()
-
-
-def pack(data: bytes) -> bytes:
-    """zstd level 1: about 2.5x less CPU than zlib level 1 on logged calls, at a slightly better ratio. Import
-    spends a third of its time compressing, so this is where the codec choice shows."""
-    compressor = getattr(_local, "zstd_c", None)
-    if compressor is None:  # zstd contexts are not thread-safe: one per thread
-        import zstandard
-
-        compressor = _local.zstd_c = zstandard.ZstdCompressor(level=1)
-    return compressor.compress(data)
-
-
-def unpack(blob: bytes) -> bytes:
-    decompressor = getattr(_local, "zstd_d", None)
-    if decompressor is None:
-        import zstandard
-
-        decompressor = _local.zstd_d = zstandard.ZstdDecompressor()
-    return decompressor.decompress(blob)
-
-
-class PayloadCodec:
-    """Turns a JSON payload into stored bytes and back: compact UTF-8 JSON, zstd-packed."""
-
-    name = "zjson"
-
-    def encode(self, obj: Any) -> bytes:
-        return pack(dumps_compact(obj))
-
-    def decode(self, blob: bytes) -> Any:
-        return loads(unpack(blob))
-
-
-class ZlibPayloadCodec(PayloadCodec):
-    """Rows written before zstd (codec "json"): read-only support."""
-
-    name = "json"
-
-    def encode(self, obj: Any) -> bytes:
-        return zlib.compress(dumps_compact(obj), 1)
-
-    def decode(self, blob: bytes) -> Any:
-        return loads(zlib.decompress(blob))
-
-
 _COLUMNS = (
     "id, content_hash, input_id, timestamp, latency_ms, ttft_ms, agent, session, model, prompt_tokens, "
     "completion_tokens, status, error, source, outcome, metadata, n_tool_calls, codec, request, response"
@@ -141,47 +86,53 @@ _COLUMNS = (
 
 
 class Store:
-    """One workspace's database. Thread-safe for the proxy's writer thread plus readers."""
+    """One workspace's database. Thread-safe for the proxy's writer thread plus readers.
 
-    def __init__(self, path: Path, codec: PayloadCodec | None = None, readonly: bool = False):
-        self.path = Path(path)
+    ``location`` is a SQLite file path (or ``sqlite:///PATH``) or a ``postgresql://`` URL. ``conn`` behaves
+    like a ``sqlite3.Connection`` on both (``?`` placeholders, rows by index or name, ``with conn:`` commits).
+    """
+
+    def __init__(self, location: str | Path, codec: PayloadCodec | None = None, readonly: bool = False):
+        self.backend = backend_for(location)
+        self.path = self.backend.location  # the SQLite file, or the PostgreSQL URL
         self.codec = codec or default_codec()
         self._lock = threading.RLock()
-        try:
-            if readonly:
-                uri = f"file:{self.path}?mode=ro"
-                self.conn = sqlite3.connect(uri, uri=True, check_same_thread=False)
-            else:
-                self.path.parent.mkdir(parents=True, exist_ok=True)
-                self.conn = sqlite3.connect(self.path, check_same_thread=False, timeout=30)
-                self.conn.execute("PRAGMA journal_mode=WAL")
-                self.conn.execute("PRAGMA synchronous=NORMAL")
-            self.conn.row_factory = sqlite3.Row
-            if not readonly:
-                self._migrate()
-        except sqlite3.DatabaseError as exc:
-            raise SlmigrateError(
-                f"cannot open the store {self.path}: {exc}; expected an slmigrate SQLite database; "
-                "point --workspace at another folder or run `slmigrate init` in an empty one"
-            ) from exc
+        self.conn: Any = self.backend.connect(readonly)
+        if not readonly:
+            self._migrate()
+
+    @property
+    def display(self) -> str:
+        """Where the store is, for messages (a PostgreSQL password is masked)."""
+        return self.backend.display
+
+    def opener(self) -> Any:
+        """A zero-argument callable opening another connection to this store (for the writer thread)."""
+        location = self.path
+        return lambda: Store(location)
 
     # --- schema ---
     def _migrate(self) -> None:
         with self._lock:
-            version = self.conn.execute("PRAGMA user_version").fetchone()[0]
-            if version > len(MIGRATIONS):
-                raise SlmigrateError(
-                    f"the store {self.path} has schema version {version}, newer than this slmigrate knows "
-                    f"({len(MIGRATIONS)}); upgrade slmigrate"
-                )
-            for number in range(version, len(MIGRATIONS)):
-                with self.conn:
-                    self.conn.executescript(MIGRATIONS[number])
-                    self.conn.execute(f"PRAGMA user_version = {number + 1}")
+            self.backend.migrate(self.conn, MIGRATIONS)
 
     @property
     def schema_version(self) -> int:
-        return self.conn.execute("PRAGMA user_version").fetchone()[0]
+        return self.backend.schema_version(self.conn)
+
+    @property
+    def broken(self) -> bool:
+        """True when the connection cannot be used any more (a PostgreSQL server restart): open a new Store."""
+        return self.backend.is_broken(self.conn)
+
+    def set_write_timeout(self, ms: int) -> None:
+        """Fail a write that waits on another writer's lock longer than ``ms`` instead of blocking."""
+        self.backend.set_write_timeout(self.conn, ms)
+
+    def purge_freed(self) -> None:
+        """Drop superseded row versions from disk (after rewriting payloads, e.g. a key rotation)."""
+        with self._lock:
+            self.backend.purge_freed(self.conn)
 
     def close(self) -> None:
         with self._lock:
@@ -219,18 +170,18 @@ class Store:
         if not rows:
             return 0, 0
         with self._lock, self.conn:
-            before = self.conn.total_changes
+            self.backend.serialise_inserts(self.conn)
             seq = self.conn.execute("SELECT COALESCE(MAX(inserted_seq), 0) FROM calls").fetchone()[0] + 1
-            self.conn.executemany(
-                f"INSERT OR IGNORE INTO calls ({_COLUMNS}, inserted_seq) VALUES "
-                f"({', '.join('?' * 20)}, {seq})",
+            inserted = self.backend.insert_many(
+                self.conn,
+                f"INSERT INTO calls ({_COLUMNS}, inserted_seq) VALUES ({', '.join('?' * 20)}, {seq}) "
+                "ON CONFLICT DO NOTHING",
                 rows,
             )
-            inserted = self.conn.total_changes - before
         return inserted, len(rows) - inserted
 
     # --- reading ---
-    def _record(self, row: sqlite3.Row, decode: bool = True) -> CallRecord:
+    def _record(self, row: Any, decode: bool = True) -> CallRecord:
         request: dict[str, Any] = {}
         response = None
         if decode:
@@ -265,19 +216,24 @@ class Store:
             params.extend(ids)
         cols = "*" if decode else "id, content_hash, input_id, timestamp, latency_ms, ttft_ms, agent, session, " \
             "model, prompt_tokens, completion_tokens, status, error, source, outcome, metadata, codec"
-        sql = f"SELECT {cols} FROM calls" + (f" WHERE {' AND '.join(where)}" if where else "") + " ORDER BY id"
-        if limit is not None:
-            sql += f" LIMIT {int(limit)}"
-        # A separate cursor per iteration, fetched in batches, so a long export does not hold everything in memory.
-        cursor = self.conn.cursor()
-        cursor.execute(sql, params)
-        while True:
+        # Pages by id (keyset), each its own short query: memory stays at one page, and no cursor or
+        # transaction stays open between pages (a PostgreSQL client cursor would fetch the whole result).
+        last: str | None = None
+        left = limit
+        while left is None or left > 0:
+            size = batch if left is None else min(batch, int(left))
+            page_where = where + ([] if last is None else ["id > ?"])
+            sql = f"SELECT {cols} FROM calls" + (f" WHERE {' AND '.join(page_where)}" if page_where else "")
             with self._lock:
-                rows = cursor.fetchmany(batch)
-            if not rows:
-                break
+                rows = self.conn.execute(f"{sql} ORDER BY id LIMIT {size}",
+                                         params + ([] if last is None else [last])).fetchall()
             for row in rows:
                 yield self._record(row, decode=decode)
+            if len(rows) < size:
+                break
+            last = rows[-1]["id"]
+            if left is not None:
+                left -= len(rows)
 
     def get_call(self, call_id: str) -> CallRecord | None:
         row = self.conn.execute(
@@ -322,7 +278,8 @@ class Store:
     def put_manifest(self, stage: str, fingerprint: str, body: dict[str, Any], created: str) -> None:
         with self._lock, self.conn:
             self.conn.execute(
-                "INSERT OR REPLACE INTO manifests (stage, created, fingerprint, body) VALUES (?, ?, ?, ?)",
+                "INSERT INTO manifests (stage, created, fingerprint, body) VALUES (?, ?, ?, ?) ON CONFLICT (stage) "
+                "DO UPDATE SET created = excluded.created, fingerprint = excluded.fingerprint, body = excluded.body",
                 (stage, created, fingerprint, json.dumps(body, ensure_ascii=False, default=str)),
             )
 
@@ -334,29 +291,3 @@ class Store:
                 **json.loads(row["body"])}
 
 
-_CODECS: dict[str, Any] = {"zjson": PayloadCodec, "json": ZlibPayloadCodec}
-PLAIN_CODECS = tuple(_CODECS)  # unencrypted row codecs
-
-
-def register_codec(name: str, factory: Any) -> None:
-    _CODECS[name] = factory
-
-
-def codec_for(name: str) -> PayloadCodec:
-    if name in _CODECS:
-        return _CODECS[name]()
-    if name.startswith("aesgcm"):
-        # Encrypted rows need the key; slmigrate.crypto knows how to find it and says clearly when it is absent.
-        from slmigrate import crypto
-
-        return crypto.codec_from_environment(required=True, row_codec=name)
-    raise SlmigrateError(f"stored payloads use codec {name!r}, which this slmigrate does not know; upgrade it")
-
-
-def default_codec() -> PayloadCodec:
-    """Encrypt new payloads when a key is configured (SLMIGRATE_ENCRYPTION_KEY), else plain JSON."""
-    try:
-        from slmigrate import crypto
-    except ImportError:
-        return PayloadCodec()
-    return crypto.codec_from_environment(required=False) or PayloadCodec()
