@@ -71,6 +71,11 @@ class CurateConfig(Section):
     near_duplicates: bool = Field(True, description="Drop calls whose request equals an earlier one up to "
                                   "whitespace, ids and numbers.")
     examples: int = Field(3, ge=0, description="Scrubbed examples shown in the report.")
+    engine: Literal["local", "ray"] = Field(
+        "local", description="Where the PII pass runs: local (--workers processes here) or ray (--workers Ray "
+        "actors; needs `pip install 'slmigrate[ray]'`).")
+    ray_address: str | None = Field(None, description="Ray cluster address for engine ray (default: a local Ray "
+                                    "with --workers CPUs).")
 
     @field_validator("split")
     @classmethod
@@ -96,6 +101,12 @@ class ClusterConfig(Section):
         "task_tag", description="Metadata key of a user's own task tag; tagged calls form their own clusters.")
     replaceable_at: float = Field(0.6, ge=0, le=1, description="Replaceability score counted as likely replaceable.")
     map: bool = Field(True, description="Draw the 2-D map (clusters/map.png).")
+    engine: Literal["local", "ray"] = Field(
+        "local", description="Where the embedding pass runs: local (this process, or --workers processes) or ray "
+        "(--workers Ray actors; needs `pip install 'slmigrate[ray]'`).")
+    ray_address: str | None = Field(None, description="Ray cluster address for engine ray (default: a local Ray).")
+    workers: int | None = Field(None, ge=1, description="Embedding workers (default: local 1, in this process; "
+                                "ray: every CPU of the Ray cluster).")
 
 
 class SelectConfig(Section):

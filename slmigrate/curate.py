@@ -120,9 +120,12 @@ def session_key(call: CallRecord) -> str:
 
 
 # --- the stage ---
+# Where and on how many workers the PII pass runs changes speed, not output.
+RUN_ONLY_KEYS = {"workers", "engine", "ray_address"}
+
+
 def fingerprint(ws: Workspace, config: CurateConfig) -> str:
-    # Worker count changes speed, not output.
-    settings = config.model_dump(mode="json", exclude={"workers"})
+    settings = config.model_dump(mode="json", exclude=RUN_ONLY_KEYS)
     return fingerprint_of("curate", CURATE_LOGIC_VERSION, settings, ws.store.fingerprint())
 
 
@@ -130,6 +133,11 @@ def curate(ws: Workspace, config: CurateConfig | None = None, progress: Progress
            force: bool = False) -> dict[str, Any]:
     """Run the curate stage; returns its report (``skipped`` is True when nothing changed since the last run)."""
     config = config or CurateConfig()
+    from slmigrate import engines
+
+    engines.check_engine(config.engine, config.ray_address)
+    if config.engine == "ray" and config.pii != "off":
+        engines.require_ray()  # before loading the calls: a missing Ray should fail fast
     started = time.time()
     fp = fingerprint(ws, config)
     if not force and ws.is_fresh("curate", fp) and curated.current_version(ws):
@@ -174,9 +182,12 @@ def curate(ws: Workspace, config: CurateConfig | None = None, progress: Progress
         else:
             kept.append(call)
 
+    analyzer = None
+    if config.engine != "local" and config.pii != "off":
+        analyzer = analyse_on_engine(kept, entities, config, progress)
     scrubbed, replaced, analyzer = scrub_calls(
         kept, mode=config.pii, entities=entities, workers=config.workers, seed=config.seed, allow=config.allow,
-        score_threshold=config.score_threshold, progress=progress,
+        score_threshold=config.score_threshold, analyzer=analyzer, progress=progress,
     )
     entity_counts: Counter[str] = Counter()
     for r in replaced:
@@ -215,6 +226,48 @@ def curate(ws: Workspace, config: CurateConfig | None = None, progress: Progress
                       counts={"calls_in": len(calls), "calls_out": len(rows), **report["splits"]},
                       started=started, extra={"store_fingerprint": ws.store.fingerprint(), "version": version})
     return report
+
+
+def _pii_pass(entities: list[str], score_threshold: float):
+    """One engine worker's PII pass: presidio + spaCy loaded once, then texts -> findings."""
+    from slmigrate.pii import TextAnalyzer
+
+    analyzer = TextAnalyzer(entities, score_threshold)
+    _ = analyzer.engine
+
+    def run(texts: list[str]) -> list[list[Any]]:
+        analyzer.analyze_many(texts)
+        # pop: a worker sees each distinct text once, so its cache would only grow
+        return [analyzer.cache.pop(t, []) for t in texts]
+
+    return run
+
+
+def analyse_on_engine(calls: list[CallRecord], entities: list[str], config: CurateConfig,
+                      progress: Progress | None = None):
+    """The PII analysis of every distinct text of ``calls`` on ``config.engine``; returns a TextAnalyzer whose
+    cache holds the findings, so the scrubbing (whole-batch vetoes, consistent replacement) runs here unchanged."""
+    import functools
+
+    from slmigrate import engines
+    from slmigrate.pii import TextAnalyzer, texts_of
+
+    analyzer = TextAnalyzer(entities, config.score_threshold)
+    # Longest first, as the local pool does: the slowest batches start early instead of finishing last.
+    todo = sorted(dict.fromkeys(t for c in calls for t in texts_of(c)), key=len, reverse=True)
+    done = 0
+
+    def tick(n: int) -> None:
+        nonlocal done
+        done += n
+        if progress:
+            progress("analyse", done, len(todo))
+
+    found = engines.map_batches(todo, functools.partial(_pii_pass, entities, config.score_threshold),
+                                engine=config.engine, workers=config.workers, address=config.ray_address,
+                                batch_size=32, progress=tick)
+    analyzer.cache.update(zip(todo, found))
+    return analyzer
 
 
 def _examples(calls: list[CallRecord], replaced: list[dict[str, str]], limit: int) -> list[dict[str, Any]]:

@@ -22,6 +22,14 @@ def cluster_cmd(
         "--by", help="'agent': cluster each agent tag's calls separately ('none' to turn off).")] = None,
     threshold: Annotated[Optional[float], typer.Option(
         "--threshold", help="Cluster radius in the task-view space (default 0.6 coarse, 0.55 fine).")] = None,
+    engine: Annotated[Optional[str], typer.Option(
+        "--engine", help="local, or ray: the embedding pass as Ray Data over --workers actors "
+        "(pip install 'slmigrate[ray]').")] = None,
+    ray_address: Annotated[Optional[str], typer.Option(
+        "--ray-address", help="Ray cluster to use with --engine ray (default: start a local Ray).")] = None,
+    workers: Annotated[Optional[int], typer.Option(
+        "--workers", min=1, help="Embedding workers: processes (local; default 1, in this process) or Ray actors "
+        "(ray; default every CPU).")] = None,
     force: ForceOpt = False,
     config: ConfigOpt = None,
     workspace: WorkspaceOpt = None,
@@ -31,6 +39,8 @@ def cluster_cmd(
     of how replaceable it is by a small model. Writes clusters/ (clusters.json, model, map.png).
 
     Example: slmigrate cluster --granularity fine --min-size 10
+
+    Example: slmigrate cluster --engine ray --workers 2
     """
     from slmigrate.cluster import cluster
     from slmigrate.config import load_config
@@ -41,7 +51,8 @@ def cluster_cmd(
     if by not in (None, "agent", "none"):
         raise SlmigrateError(f"--by {by!r} is not known; use agent (or none)")
     cfg = load_config(config, {"cluster": {"min_size": min_size, "granularity": granularity, "by": by,
-                                           "threshold": threshold}})
+                                           "threshold": threshold, "engine": engine,
+                                           "ray_address": ray_address, "workers": workers}})
     ws = open_workspace(workspace, create=False)
     result = cluster(ws, cfg, force=force, progress=not json_out)
     if json_out:

@@ -30,7 +30,13 @@ def curate_cmd(
     entities: Annotated[Optional[str], typer.Option(
         "--entities", help="Comma-separated entity types to scrub (DEFAULT = the default set, e.g. "
         "DEFAULT,LOCATION). See docs/curate.md.")] = None,
-    workers: Annotated[Optional[int], typer.Option("--workers", help="Processes for PII analysis.", min=1)] = None,
+    workers: Annotated[Optional[int], typer.Option(
+        "--workers", help="Workers for PII analysis: processes (local) or Ray actors (ray).", min=1)] = None,
+    engine: Annotated[Optional[str], typer.Option(
+        "--engine", help="local, or ray: the PII pass as Ray Data over --workers actors "
+        "(pip install 'slmigrate[ray]').")] = None,
+    ray_address: Annotated[Optional[str], typer.Option(
+        "--ray-address", help="Ray cluster to use with --engine ray (default: start a local Ray).")] = None,
     min_outcome: Annotated[Optional[float], typer.Option(
         "--min-outcome", help="Drop calls from workflows whose outcome (e.g. tau reward) is below this.")] = None,
     force: ForceOpt = False,
@@ -42,6 +48,8 @@ def curate_cmd(
     session, and save a new version of the curated dataset with a report.
 
     Example: slmigrate curate --pii synthetic --workers 2 --min-outcome 1.0
+
+    Example: slmigrate curate --engine ray --ray-address ray://head:10001 --workers 32
     """
     if ctx.invoked_subcommand is not None:
         return
@@ -50,7 +58,8 @@ def curate_cmd(
 
     ent_list = [e for e in entities.split(",") if e.strip()] if entities else None
     cfg = load_config(config, {"curate": {"pii": pii, "entities": ent_list, "workers": workers,
-                                          "min_outcome": min_outcome}}).curate
+                                          "min_outcome": min_outcome, "engine": engine,
+                                          "ray_address": ray_address}}).curate
     ws = open_workspace(workspace, create=False)
     if json_out:
         report = curate(ws, cfg, force=force)

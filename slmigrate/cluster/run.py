@@ -47,6 +47,8 @@ def cluster_calls(calls: list[CallRecord], cfg: ClusterConfig, prices: PricesCon
     threshold = cfg.threshold or DEFAULT_THRESHOLD[cfg.granularity]
     started = time.time()
     views: list[TaskView] = [task_view(c) for c in calls]
+    if cfg.engine != "local" or (cfg.workers or 1) > 1:
+        embed_on_engine([views[i] for idx in _groups(calls, cfg).values() for i in idx], embedder, cfg, progress)
     assignment: list[str | None] = [None] * len(calls)
     ids: list[str] = []
     groups_of: list[str | None] = []
@@ -116,6 +118,31 @@ def cluster_calls(calls: list[CallRecord], cfg: ClusterConfig, prices: PricesCon
     map_data = {"x": np.concatenate(map_rows) if map_rows else np.zeros((0, width)), "labels": map_labels,
                 "counts": map_counts}
     return body, model, assignment, map_data
+
+
+def _embed_pass(embedder: Embedder):
+    """One engine worker's embedding pass: the driver's embedder, loaded once per worker."""
+    return lambda texts: list(embedder.encode(texts))
+
+
+def embed_on_engine(views: list[TaskView], embedder: Embedder, cfg: ClusterConfig, progress: bool = False) -> None:
+    """Embed every distinct text that ``featurize`` will ask for on ``cfg.engine`` and put the vectors in the
+    embedder's cache; the fit, which depends on order, then runs here unchanged."""
+    import functools
+
+    from slmigrate import engines
+
+    distinct = list(dict.fromkeys(views))
+    texts = dict.fromkeys(c for v in distinct for c in v.system_chunks)
+    for part in ("tools", "answer", "turn"):
+        texts.update(dict.fromkeys(getattr(v, part) for v in distinct))
+    # Shortest first, as the embedder batches: little padding per batch.
+    todo = sorted(embedder.missing(list(texts)), key=len)
+    with engines.progress_bar(progress, f"embedding ({cfg.engine})", len(todo)) as advance:
+        vectors = engines.map_batches(todo, functools.partial(_embed_pass, embedder), engine=cfg.engine,
+                                      workers=cfg.workers, address=cfg.ray_address, batch_size=64,
+                                      progress=advance)
+    embedder.prime(todo, vectors)
 
 
 def _summary(calls, views, members, assignment, model: ClusterModel, cfg: ClusterConfig, prices: PricesConfig,
@@ -204,10 +231,17 @@ def cluster(ws: Workspace, config: Config | None = None, *, embedder: Embedder |
     """Cluster the workspace's curated calls; skipped when the curated data and config are unchanged."""
     config = config or Config()
     cfg = config.cluster
+    from slmigrate import engines
+
+    engines.check_engine(cfg.engine, cfg.ray_address)
+    if cfg.engine == "ray":
+        engines.require_ray()
     version = curated.current_version(ws)
     if version is None:
         raise SlmigrateError(f"no curated data in {ws.root}; run `slmigrate curate` first, then `slmigrate cluster`")
-    fingerprint = fingerprint_of(version, cfg.model_dump(), config.prices.model_dump(), METHOD_VERSION,
+    # Engine and worker count change speed, not clusters.
+    settings = cfg.model_dump(exclude={"engine", "ray_address", "workers"})
+    fingerprint = fingerprint_of(version, settings, config.prices.model_dump(), METHOD_VERSION,
                                  embedder.name if embedder else cfg.embedder)
     out = ws.path("clusters")
     if not force and ws.is_fresh("cluster", fingerprint) and (out / CLUSTERS_FILE).exists():
