@@ -93,9 +93,12 @@ class PgServer:
         argv = [str(self.bin_dir / argv[0]), *argv[1:]]
         if self.as_user:
             argv = ["runuser", "-u", self.as_user, "--", *argv]
-        done = subprocess.run(argv, capture_output=True, text=True, timeout=120, cwd=self.base)
-        if done.returncode != 0:
-            raise RuntimeError(f"{' '.join(argv)} failed: {done.stderr.strip() or done.stdout.strip()}")
+        # Output to a file, never a pipe: a server started by pg_ctl inherits it and would hold a pipe open.
+        with tempfile.TemporaryFile("w+") as out:
+            done = subprocess.run(argv, stdout=out, stderr=subprocess.STDOUT, text=True, timeout=120, cwd=self.base)
+            if done.returncode != 0:
+                out.seek(0)
+                raise RuntimeError(f"{' '.join(argv)} failed: {out.read().strip()}")
 
     def url(self, database: str = "postgres") -> str:
         return f"postgresql://slm@127.0.0.1:{self.port}/{database}"
@@ -118,7 +121,8 @@ class PgServer:
         shutil.rmtree(self.base, ignore_errors=True)
 
     def restart(self) -> None:
-        self._run(["pg_ctl", "-D", str(self.data), "-m", "fast", "-w", "restart"])
+        self._run(["pg_ctl", "-D", str(self.data), "-l", str(self.base / "server.log"), "-m", "fast", "-w",
+                   "restart"])
 
     def __enter__(self) -> "PgServer":
         return self
