@@ -149,6 +149,15 @@ def _wait_http(url: str, proc: subprocess.Popen, timeout: float = 120) -> None:
     raise RuntimeError(f"{url} did not come up")
 
 
+def _cpu_seconds(pid: int) -> float | None:
+    """User + system CPU seconds of a running process (Linux /proc), or None elsewhere."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        return None
+
+
 def text_of(proxy: int, i: int) -> str:
     return f"proxy {proxy} call {i}: what is the status of order {proxy * 1_000_000 + i}?"
 
@@ -207,6 +216,7 @@ def run_proxies(store: str, workdir: Path, *, proxies: int = 4, calls: int = 20_
         per_proxy_s = asyncio.run(drive_all())
         wall = time.perf_counter() - start
         client_cpu = sum(os.times()[:2]) - sum(cpu0[:2])
+        proxy_cpu = [_cpu_seconds(proc.pid) for proc in procs]  # includes start-up (~1-2 s of imports each)
         stats = []
         for proc in procs:
             proc.send_signal(signal.SIGTERM)
@@ -217,7 +227,8 @@ def run_proxies(store: str, workdir: Path, *, proxies: int = 4, calls: int = 20_
             stats.append(json.loads(out))
         drained = time.perf_counter() - start
         return {"calls": per_proxy * proxies, "per_proxy": per_proxy, "wall_s": wall, "drained_s": drained,
-                "per_proxy_s": per_proxy_s, "wrong_answers": wrong, "proxy_stats": stats, "client_cpu_s": client_cpu}
+                "per_proxy_s": per_proxy_s, "wrong_answers": wrong, "proxy_stats": stats, "client_cpu_s": client_cpu,
+                "proxy_cpu_s": proxy_cpu, "stub_cpu_s": _cpu_seconds(stub.pid)}
     finally:
         for proc in [*procs, stub]:
             if proc.poll() is None:
