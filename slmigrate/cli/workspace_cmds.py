@@ -14,7 +14,7 @@ def init(workspace: WorkspaceOpt = None, json_out: JsonOpt = False) -> None:
     Example: slmigrate init --workspace ./migration
     """
     ws = open_workspace(workspace)
-    info = {"workspace": str(ws.root), "store": str(ws.store.path), "schema_version": ws.store.schema_version}
+    info = {"workspace": str(ws.root), "store": ws.store.display, "schema_version": ws.store.schema_version}
     if json_out:
         print_json(info)
     else:
