@@ -48,41 +48,27 @@ def replaceability(kind: str, size: int, completion_p50: int | None, prompt_p95:
     Follows the paper's argument: narrow, repetitive calls with structured, short outputs are what SLMs do well;
     open-ended long generation is not. ``evaluate`` measures it for real later.
     """
+    short = completion_p50 is not None and completion_p50 <= 50
+    medium = completion_p50 is not None and completion_p50 <= 200
+    graded = (  # per signal: (met, points, reason) tiers best first, then the reason when none is met
+        ([(kind in ("tool_call", "json", "label"), 0.3, f"structured output ({kind})")],
+         "free-text output (harder to match)"),
+        ([(short, 0.2, f"short answers (p50 {completion_p50} tokens)"),
+          (medium, 0.1, f"medium answers (p50 {completion_p50} tokens)")],
+         f"long answers (p50 {completion_p50} tokens)"),
+        ([(shape_share >= 0.8, 0.2, f"one answer shape in {shape_share:.0%} of calls"),
+          (shape_share >= 0.5, 0.1, f"a few answer shapes (top one {shape_share:.0%})")],
+         f"varied answer shapes (top one {shape_share:.0%})"),
+        ([(system_share >= 0.8, 0.15, "one fixed instruction set (narrow task)")],
+         f"varied instructions (top one {system_share:.0%})"),
+        ([(size >= 100, 0.15, f"{size} examples to learn from"), (size >= 30, 0.08, f"only {size} examples")],
+         f"few examples ({size})"),
+    )
     score, reasons = 0.0, []
-    if kind in ("tool_call", "json", "label"):
-        score += 0.3
-        reasons.append(f"structured output ({kind})")
-    else:
-        reasons.append("free-text output (harder to match)")
-    if completion_p50 is not None and completion_p50 <= 50:
-        score += 0.2
-        reasons.append(f"short answers (p50 {completion_p50} tokens)")
-    elif completion_p50 is not None and completion_p50 <= 200:
-        score += 0.1
-        reasons.append(f"medium answers (p50 {completion_p50} tokens)")
-    else:
-        reasons.append(f"long answers (p50 {completion_p50} tokens)")
-    if shape_share >= 0.8:
-        score += 0.2
-        reasons.append(f"one answer shape in {shape_share:.0%} of calls")
-    elif shape_share >= 0.5:
-        score += 0.1
-        reasons.append(f"a few answer shapes (top one {shape_share:.0%})")
-    else:
-        reasons.append(f"varied answer shapes (top one {shape_share:.0%})")
-    if system_share >= 0.8:
-        score += 0.15
-        reasons.append("one fixed instruction set (narrow task)")
-    else:
-        reasons.append(f"varied instructions (top one {system_share:.0%})")
-    if size >= 100:
-        score += 0.15
-        reasons.append(f"{size} examples to learn from")
-    elif size >= 30:
-        score += 0.08
-        reasons.append(f"only {size} examples")
-    else:
-        reasons.append(f"few examples ({size})")
+    for tiers, otherwise in graded:
+        points, reason = next(((pts, why) for met, pts, why in tiers if met), (0.0, otherwise))
+        score += points
+        reasons.append(reason)
     if prompt_p95 is not None and prompt_p95 > 8000:
         score -= 0.1
         reasons.append(f"long context (p95 {prompt_p95} prompt tokens) needs a long-context SLM")

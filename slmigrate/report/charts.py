@@ -63,29 +63,6 @@ def barh(labels: Sequence[str], values: Sequence[float], *, xlabel: str, fmt: st
     return _svg(fig)
 
 
-def paired_bars(labels: Sequence[str], first: Sequence[float | None], second: Sequence[float | None], *,
-                names: tuple[str, str], xlabel: str, threshold: float | None = None) -> str:
-    """Two bars per row (e.g. estimated vs measured); a missing value is simply not drawn."""
-    plt = _plt()
-    n = len(labels)
-    fig, ax = plt.subplots(figsize=(6.4, 0.55 * n + 1.0))
-    ys = list(range(n))[::-1]
-    h = 0.36
-    for offset, values, name, color in ((h / 2, first, names[0], MUTED), (-h / 2, second, names[1], PALETTE[0])):
-        pts = [(y + offset, v) for y, v in zip(ys, values) if v is not None]
-        if pts:
-            ax.barh([p[0] for p in pts], [p[1] for p in pts], height=h, color=color, label=name)
-            for y, v in pts:
-                ax.text(v + 0.01, y, f"{v:.2f}", va="center", fontsize=7.5, color=INK)
-    if threshold is not None:
-        ax.axvline(threshold, color=PALETTE[3], lw=1, ls="--", label=f"migrate threshold {threshold:g}")
-    ax.set_yticks(ys, [_short(str(x)) for x in labels])
-    ax.set_xlim(0, 1.12)
-    ax.set_xlabel(xlabel)
-    ax.legend(loc="lower right", fontsize=7.5, frameon=False)
-    return _svg(fig)
-
-
 def lines(series: dict[str, tuple[Sequence[float], Sequence[float]]], *, xlabel: str, ylabel: str,
           title: str | None = None) -> str:
     """One line per named series of (x, y); used for training and validation loss."""
@@ -130,14 +107,15 @@ def stacked_share(parts: Sequence[tuple[str, float]], *, title: str) -> str:
 
 
 def grouped_bars(labels: Sequence[str], series: dict[str, Sequence[float | None]], *, xlabel: str,
-                 threshold: float | None = None) -> str:
-    """One group of horizontal bars per label, one bar per named series (e.g. model variants)."""
+                 threshold: float | None = None, colors: dict[str, str] | None = None) -> str:
+    """One group of horizontal bars per label, one bar per named series (model variants, or estimated vs
+    measured); a missing value is simply not drawn."""
     plt = _plt()
     n, k = len(labels), max(len(series), 1)
     fig, ax = plt.subplots(figsize=(6.4, (0.22 * k + 0.25) * n + 1.0))
     ys = list(range(n))[::-1]
     h = 0.8 / k
-    colors = {"base": MUTED, "icl": PALETTE[1], "finetuned": PALETTE[0]}
+    colors = colors or {"base": MUTED, "icl": PALETTE[1], "finetuned": PALETTE[0]}
     for i, (name, values) in enumerate(series.items()):
         offset = (k - 1) / 2 * h - i * h
         pts = [(y + offset, v) for y, v in zip(ys, values) if v is not None]

@@ -269,7 +269,8 @@ def replaceability(f: Facts) -> Section:
         reasons = c.get("reasons")
         rows.append([labels[-1], num(score, "{:.2f}"), num(mscore, "{:.2f}"), "; ".join(reasons or [])])
     s.chart(Chart("replaceability", "Estimated replaceability vs measured score of the fine-tuned model",
-                  svg=charts.paired_bars(labels, est, meas, names=("estimated", "measured"), xlabel="score (0-1)")))
+                  svg=charts.grouped_bars(labels, {"estimated": est, "measured": meas}, xlabel="score (0-1)",
+                                          colors={"estimated": charts.MUTED, "measured": charts.PALETTE[0]})))
     s.table(["task", "estimated", "measured", "why (estimate)"], rows)
     if not measured:
         s.missing("Measured scores", "slmigrate finetune && slmigrate evaluate")
