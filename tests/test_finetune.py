@@ -187,6 +187,50 @@ def test_answer_only_head_gives_the_models_own_loss_and_gradients():
         assert torch.allclose(a, b, atol=1e-6)
 
 
+def test_frozen_bottom_cache_gives_the_same_loss_and_gradients():
+    """LoRA on the top layer only: cached bottom-layer states must reproduce the plain forward exactly."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    from tiny_model import tiny_model
+
+    tok = tiny_tokenizer()
+    model = get_peft_model(tiny_model(tok, layers=3), LoraConfig(r=4, target_modules=["q_proj", "down_proj"],
+                                                                 layers_to_transform=[2], lora_dropout=0.0))
+    for p in model.parameters():
+        if p.requires_grad:
+            torch.nn.init.normal_(p, std=0.02)
+    examples = [D.Example("a", [5, 6, 7, 8, 9], [-100, -100, 7, 8, 9]), D.Example("b", [1, 2, 3], [-100, 2, 3])]
+    batch = D.collate(examples, tok.pad_token_id)
+    settings = loop.LoopSettings(1, 1e-3, 0, 0.0, 512, 1, 1, 1, 0, "cpu", tok.pad_token_id)
+    frozen = loop.FrozenBottom.of(model)
+    assert frozen is not None and frozen.split == 2  # layers 0 and 1 hold no trainable weight
+    frozen.fill(examples, settings)
+    cached = loop._forward_loss(model, batch, settings, frozen, examples)
+    cached.backward()
+    cached_grads = [p.grad.clone() for p in model.parameters() if p.requires_grad]
+    model.zero_grad()
+    plain = loop._forward_loss(model, batch, settings)
+    plain.backward()
+    assert cached.item() == pytest.approx(plain.item(), abs=1e-5)
+    for a, b in zip(cached_grads, (p.grad for p in model.parameters() if p.requires_grad)):
+        assert torch.allclose(a, b, atol=1e-5)
+    # Every layer trainable: nothing to cache.
+    full = get_peft_model(tiny_model(tok, layers=3), LoraConfig(r=4, target_modules=["q_proj"]))
+    assert loop.FrozenBottom.of(full) is None
+
+
+def test_lora_layers_adapts_only_the_top_layers(workspace, tiny):
+    from safetensors.torch import load_file
+
+    fill_workspace(workspace, colour_calls(40), lambda r: "colours")
+    res = finetune(workspace, _config(tiny, lora_layers=1, max_steps=4), progress=False)["adapters"][0]
+    assert res["frozen_layers"] == 1  # the tiny model has 2 layers: the bottom one ran once per example
+    weights = load_file(str(Path(res["path"]) / "adapter_model.safetensors"))
+    assert weights and all(".layers.1." in name for name in weights)
+    assert res["final_train_loss"] is not None and res["tokens_per_second"] > 0
+
+
 def test_defaults_scale_with_data():
     small = loop_defaults(50)
     big = loop_defaults(20000)

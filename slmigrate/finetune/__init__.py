@@ -218,8 +218,15 @@ def _wrap(model, config: FinetuneConfig, hp: dict[str, Any], init_adapter: str |
     if targets == "all-linear":
         targets = linear_module_names(model)
         hp["target_modules"] = targets
+    extra: dict[str, Any] = {}
+    layers = model.config.num_hidden_layers
+    if config.lora_layers and config.lora_layers < layers:
+        # The top layers only: the answer format and copying live mostly there, and a frozen bottom needs no
+        # backward pass (and is computed once per example by loop.FrozenBottom).
+        extra["layers_to_transform"] = list(range(layers - config.lora_layers, layers))
+        hp["lora_layers"] = config.lora_layers
     lora = LoraConfig(r=hp["lora_r"], lora_alpha=hp["lora_alpha"], lora_dropout=hp["lora_dropout"],
-                      target_modules=targets, bias="none", task_type="CAUSAL_LM")
+                      target_modules=targets, bias="none", task_type="CAUSAL_LM", **extra)
     return get_peft_model(model, lora)
 
 
@@ -300,6 +307,7 @@ def _save(out: Path, model, tokenizer, resolved: models.ResolvedModel, config: F
         "best_val_loss": history.best_val_loss, "best_step": history.best_step,
         "stopped_early": history.stopped_early, "resumed_from": history.resumed_from,
         "tokens_trained": history.tokens, "tokens_per_second": round(history.tokens_per_second, 1),
+        "frozen_layers": history.frozen_layers,
         "padding_share": data["padding_share"], "prompts_cut": train_report.prompts_cut + val_report.prompts_cut,
         "too_long": train_report.too_long + val_report.too_long,
         "prefix_tokens_saved": train_report.prefix_tokens_saved, "seconds": round(time.time() - started, 1),

@@ -52,6 +52,7 @@ class History:
     stopped_early: bool = False
     interrupted: bool = False
     resumed_from: int | None = None
+    frozen_layers: int = 0  # bottom decoder layers computed once per example (FrozenBottom), not per step
 
     @property
     def tokens_per_second(self) -> float:
@@ -116,13 +117,86 @@ def _body_and_head(model):
     return base.get_decoder(), base.get_output_embeddings()
 
 
-def _forward_loss(model, batch: dict[str, Any], s: LoopSettings):
+class FrozenBottom:
+    """Hidden states after the decoder's frozen bottom layers, computed once per example and reused.
+
+    When LoRA adapts only the top layers, the layers below have nothing to learn and no dropout, so their
+    output for an example is the same in every epoch: computing it once (no autograd) and running only the top
+    layers per step makes each later epoch cost a fraction of a full forward and backward pass. Used for
+    Llama-architecture models (SmolLM2, Llama), whose decoder layers all take the same full causal mask.
+    """
+
+    ARCHITECTURES = {"llama"}
+
+    def __init__(self, decoder, split: int):
+        self.decoder, self.split = decoder, split
+        self.hidden: dict[int, Any] = {}  # id(example) -> [length, hidden] tensor
+
+    @classmethod
+    def of(cls, model) -> "FrozenBottom | None":
+        """The cache for ``model`` when its bottom layers are frozen and the architecture allows it, else None."""
+        body, head = _body_and_head(model)
+        if body is None or getattr(body.config, "model_type", None) not in cls.ARCHITECTURES:
+            return None
+        layers = getattr(body, "layers", None)
+        if layers is None or any(p.requires_grad for p in body.embed_tokens.parameters()):
+            return None
+        split = 0
+        for layer in layers:
+            if any(p.requires_grad for p in layer.parameters()):
+                break
+            split += 1
+        return cls(body, split) if 0 < split < len(layers) else None
+
+    def _run(self, hidden, attention_mask, layers):
+        import torch
+        from transformers.masking_utils import create_causal_mask
+
+        position_ids = torch.arange(hidden.shape[1], device=hidden.device).unsqueeze(0)
+        mask = create_causal_mask(config=self.decoder.config, inputs_embeds=hidden, attention_mask=attention_mask,
+                                  past_key_values=None, position_ids=position_ids)
+        rotary = self.decoder.rotary_emb(hidden, position_ids=position_ids)
+        for layer in layers:
+            hidden = layer(hidden, attention_mask=mask, position_embeddings=rotary, position_ids=position_ids)
+        return hidden
+
+    def fill(self, examples: Sequence[Example], s: LoopSettings) -> None:
+        """Run the frozen layers once over every example not cached yet."""
+        import torch
+
+        todo = [e for e in examples if id(e) not in self.hidden]
+        with torch.no_grad():
+            for idx in length_grouped_batches(todo, s.batch_tokens, seed=s.seed, epoch=-1):
+                batch = collate([todo[i] for i in idx], s.pad_id)
+                ids, mask = batch["input_ids"].to(s.device), batch["attention_mask"].to(s.device)
+                with torch.autocast(device_type="cuda", dtype=torch.bfloat16, enabled=s.bf16):
+                    out = self._run(self.decoder.embed_tokens(ids), mask, self.decoder.layers[: self.split])
+                for row, i in enumerate(idx):
+                    self.hidden[id(todo[i])] = out[row, : len(todo[i])].clone()
+
+    def top(self, examples: Sequence[Example], attention_mask):
+        """The final hidden states of a batch: cached bottom output, right-padded, through the top layers."""
+        import torch
+
+        first = self.hidden[id(examples[0])]
+        width = attention_mask.shape[1]
+        hidden = first.new_zeros((len(examples), width, first.shape[-1]))
+        for row, e in enumerate(examples):
+            h = self.hidden[id(e)]
+            hidden[row, : h.shape[0]] = h
+        out = self._run(hidden, attention_mask.to(first.device), self.decoder.layers[self.split:])
+        return self.decoder.norm(out)
+
+
+def _forward_loss(model, batch: dict[str, Any], s: LoopSettings, frozen: FrozenBottom | None = None,
+                  examples: Sequence[Example] | None = None):
     """Mean cross-entropy over the answer tokens.
 
     The output head (hidden -> vocabulary) is ~20% of a small model's forward pass and its logits the largest
     tensor in memory, yet only positions that predict an answer token need it: the decoder runs over the whole
     sequence, the head over those positions only. LoRA layers live inside the decoder's modules, so they
-    are trained the same. Other architectures take the plain full-logits path.
+    are trained the same. Other architectures take the plain full-logits path. With ``frozen`` (and the batch's
+    ``examples``), the decoder's frozen bottom layers are read from that cache instead of being run again.
     """
     import torch
 
@@ -131,14 +205,18 @@ def _forward_loss(model, batch: dict[str, Any], s: LoopSettings):
     with torch.autocast(device_type="cuda", dtype=torch.bfloat16, enabled=s.bf16):
         if body is None:
             return model(**batch).loss
-        hidden = body(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
+        if frozen is not None and examples is not None:
+            hidden = frozen.top(examples, batch["attention_mask"])
+        else:
+            hidden = body(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
         targets = batch["labels"][:, 1:]
         keep = targets != IGNORE  # position t predicts token t+1
         logits = head(hidden[:, :-1][keep])
     return torch.nn.functional.cross_entropy(logits.float(), targets[keep])
 
 
-def validation_loss(model, examples: Sequence[Example], s: LoopSettings) -> float | None:
+def validation_loss(model, examples: Sequence[Example], s: LoopSettings,
+                    frozen: FrozenBottom | None = None) -> float | None:
     """Mean answer-token loss over the validation examples."""
     import torch
 
@@ -148,9 +226,10 @@ def validation_loss(model, examples: Sequence[Example], s: LoopSettings) -> floa
     total, weight = 0.0, 0
     with torch.no_grad():
         for idx in length_grouped_batches(examples, s.batch_tokens, seed=s.seed, epoch=-1):
-            batch = collate([examples[i] for i in idx], s.pad_id)
+            group = [examples[i] for i in idx]
+            batch = collate(group, s.pad_id)
             n = int((batch["labels"][:, 1:] != IGNORE).sum())  # label positions the shifted loss counts
-            total += float(_forward_loss(model, batch, s)) * n
+            total += float(_forward_loss(model, batch, s, frozen, group)) * n
             weight += n
     model.train()
     return total / weight if weight else None
@@ -210,6 +289,12 @@ def train(model, train_examples: Sequence[Example], val_examples: Sequence[Examp
         history.resumed_from, history.interrupted = state["step"], False
         best_state, start = state["best_state"], state["step"]
 
+    frozen = FrozenBottom.of(model)
+    if frozen is not None:
+        began = time.perf_counter()
+        frozen.fill(list(train_examples) + list(val_examples), s)
+        history.frozen_layers = frozen.split
+        history.train_seconds += time.perf_counter() - began  # part of training's cost: tokens/s stays honest
     model.train()
     epochs_cache: dict[int, list[list[int]]] = {}
     bar = _Progress(progress, label, s.total_steps, start)
@@ -222,7 +307,7 @@ def train(model, train_examples: Sequence[Example], val_examples: Sequence[Examp
             examples, _epoch = batch_at(train_examples, s, step, epochs_cache)
             batch = collate(examples, s.pad_id)
             began = time.perf_counter()
-            loss = _forward_loss(model, batch, s)
+            loss = _forward_loss(model, batch, s, frozen, examples)
             loss.backward()
             loss = loss.detach()
             torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -237,7 +322,7 @@ def train(model, train_examples: Sequence[Example], val_examples: Sequence[Examp
 
             done = step + 1
             if val_examples and (done % s.eval_every == 0 or done == s.total_steps):
-                val = validation_loss(model, val_examples, s)
+                val = validation_loss(model, val_examples, s, frozen)
                 history.val_steps.append(done)
                 history.val_loss.append(round(val, 5))
                 if history.best_val_loss is None or val < history.best_val_loss - 1e-4:
