@@ -133,6 +133,9 @@ class FinetuneConfig(Section):
     lora_alpha: int | None = Field(None, ge=1, description="LoRA alpha (default 2 x rank).")
     lora_dropout: float = Field(0.05, ge=0, lt=1, description="Dropout on the LoRA path.")
     target_modules: list[str] | str = Field("all-linear", description="Modules LoRA adapts (peft names).")
+    lora_layers: int | None = Field(None, ge=1, description=(
+        "Adapt only the top N decoder layers (default all): the backward pass stops there and, on Llama-type "
+        "models, the frozen layers below run once per example instead of once per step."))
     batch_tokens: int | None = Field(None, ge=64, description="Tokens per batch (default 4096 CPU, 16384 CUDA).")
     max_length: int = Field(2048, ge=32, description="Longest example in tokens; longer prompts lose old turns.")
     gradient_checkpointing: bool = Field(False, description="Recompute activations to save memory.")
