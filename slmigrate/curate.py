@@ -13,7 +13,7 @@ import json
 import re
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -155,77 +155,95 @@ def curate(ws: Workspace, config: CurateConfig | None = None, progress: Progress
     if total == 0:
         raise SlmigrateError(f"the workspace {ws.root} holds no calls; import some first with "
                              "`slmigrate collect import FILE`")
-    calls: list[CallRecord] = []
+    dropped: Counter[str] = Counter()
+    calls_in = [0]
+    kept_calls = _kept(ws, config, total, dropped, calls_in, progress)
+    if config.pii == "off":
+        # Nothing needs the whole set at once: calls stream from the store through the filters into the dataset.
+        scrubbed: Iterable[CallRecord] = kept_calls
+        replaced: list[dict[str, str]] = []
+        analyzer = None
+    else:
+        # The scrubber's whole-batch vetoes and consistent replacements need every kept call in memory.
+        kept = list(kept_calls)
+        analyzer = None
+        if config.engine != "local":
+            analyzer = analyse_on_engine(kept, entities, config, progress)
+        scrubbed, replaced, analyzer = scrub_calls(
+            kept, mode=config.pii, entities=entities, workers=config.workers, seed=config.seed,
+            allow=config.allow, score_threshold=config.score_threshold, analyzer=analyzer, progress=progress,
+        )
+    entity_counts: Counter[str] = Counter()
+    for r in replaced:
+        entity_counts.update(r.values())
+
+    splits: Counter[str] = Counter()
+    sessions: dict[str, set[str]] = {s: set() for s in curated.SPLITS}
+
+    def rows() -> Iterator[dict[str, Any]]:
+        for call in scrubbed:
+            key = session_key(call)
+            split = split_of(key, config.split, config.seed)
+            splits[split] += 1
+            sessions[split].add(key)
+            yield curated.to_row(call, split)
+
+    report: dict[str, Any] = {}
+
+    def finish_report() -> dict[str, Any]:  # after the last row: only then are the counts known
+        calls_out = sum(splits.values())
+        report.update({
+            "calls_in": calls_in[0],
+            "calls_out": calls_out,
+            "dropped": {r: dropped.get(r, 0) for r in DROP_REASONS},
+            "splits": {s: splits.get(s, 0) for s in curated.SPLITS},
+            "sessions": {s: len(v) for s, v in sessions.items()},
+            "pii": config.pii,
+            "entities": dict(entity_counts.most_common()),
+            "distinct_texts_analysed": len(analyzer.cache) if analyzer else 0,
+            "examples": _examples(scrubbed, replaced, config.examples) if replaced else [],
+            "store_fingerprint": ws.store.fingerprint(),
+            "duration_s": round(time.time() - started, 2),
+            "skipped": False,
+        })
+        return report
+
+    version = curated.write_curated(ws, rows(), finish_report, config.model_dump(mode="json"))
+    report["version"] = version
+    # The version lives in the report file too, for `skipped` re-runs that return it.
+    (curated.version_dir(ws, version) / "report.json").write_text(
+        json.dumps(report, indent=2, ensure_ascii=False, default=str))
+    ws.write_manifest("curate", fingerprint=fp, config=config.model_dump(mode="json"),
+                      counts={"calls_in": report["calls_in"], "calls_out": report["calls_out"], **report["splits"]},
+                      started=started, extra={"store_fingerprint": ws.store.fingerprint(), "version": version})
+    return report
+
+
+def _kept(ws: Workspace, config: CurateConfig, total: int, dropped: Counter[str], calls_in: list[int],
+          progress: Progress | None) -> Iterator[CallRecord]:
+    """The stored calls that pass the filters and are no (near-)duplicate of an earlier one, streamed page by page
+    from the store. Only 16-byte digests of the keys are remembered (about 100 bytes per call), never the calls."""
+    seen_exact: set[bytes] = set()
+    seen_near: set[bytes] = set()
     for i, call in enumerate(ws.store.iter_calls()):
-        calls.append(call)
+        calls_in[0] = i + 1
         if progress and (i % 200 == 0 or i == total - 1):
             progress("load", i + 1, total)
-
-    dropped: Counter[str] = Counter()
-    kept: list[CallRecord] = []
-    seen_exact: set[str] = set()
-    seen_near: set[str] = set()
-    for call in calls:
         reason = drop_reason(call, config)
         if reason is None:
-            key = exact_key(call)
+            key = bytes.fromhex(exact_key(call))[:16]
             if key in seen_exact:
                 reason = "duplicate"
             seen_exact.add(key)
         if reason is None and config.near_duplicates:
-            key = near_key(call)
+            key = bytes.fromhex(near_key(call))[:16]
             if key in seen_near:
                 reason = "near_duplicate"
             seen_near.add(key)
         if reason:
             dropped[reason] += 1
         else:
-            kept.append(call)
-
-    analyzer = None
-    if config.engine != "local" and config.pii != "off":
-        analyzer = analyse_on_engine(kept, entities, config, progress)
-    scrubbed, replaced, analyzer = scrub_calls(
-        kept, mode=config.pii, entities=entities, workers=config.workers, seed=config.seed, allow=config.allow,
-        score_threshold=config.score_threshold, analyzer=analyzer, progress=progress,
-    )
-    entity_counts: Counter[str] = Counter()
-    for r in replaced:
-        entity_counts.update(r.values())
-
-    rows = []
-    splits: Counter[str] = Counter()
-    sessions: dict[str, set[str]] = {s: set() for s in curated.SPLITS}
-    for call in scrubbed:
-        key = session_key(call)
-        split = split_of(key, config.split, config.seed)
-        splits[split] += 1
-        sessions[split].add(key)
-        rows.append(curated.to_row(call, split))
-
-    report: dict[str, Any] = {
-        "calls_in": len(calls),
-        "calls_out": len(rows),
-        "dropped": {r: dropped.get(r, 0) for r in DROP_REASONS},
-        "splits": {s: splits.get(s, 0) for s in curated.SPLITS},
-        "sessions": {s: len(v) for s, v in sessions.items()},
-        "pii": config.pii,
-        "entities": dict(entity_counts.most_common()),
-        "distinct_texts_analysed": len(analyzer.cache) if analyzer else 0,
-        "examples": _examples(scrubbed, replaced, config.examples),
-        "store_fingerprint": ws.store.fingerprint(),
-        "duration_s": round(time.time() - started, 2),
-        "skipped": False,
-    }
-    version = curated.write_curated(ws, rows, report, config.model_dump(mode="json"))
-    report["version"] = version
-    # The version lives in the report file too, for `skipped` re-runs that return it.
-    (curated.version_dir(ws, version) / "report.json").write_text(
-        json.dumps(report, indent=2, ensure_ascii=False, default=str))
-    ws.write_manifest("curate", fingerprint=fp, config=config.model_dump(mode="json"),
-                      counts={"calls_in": len(calls), "calls_out": len(rows), **report["splits"]},
-                      started=started, extra={"store_fingerprint": ws.store.fingerprint(), "version": version})
-    return report
+            yield call
 
 
 def _pii_pass(entities: list[str], score_threshold: float):

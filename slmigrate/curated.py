@@ -13,8 +13,10 @@ arbitrary nested JSON of varying shape); ``split`` is train | validation | test,
 
 from __future__ import annotations
 
+import itertools
 import json
 import shutil
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,6 +28,7 @@ from slmigrate.workspace import Workspace
 SPLITS = ("train", "validation", "test")
 COLUMNS = ("id", "input_id", "session", "agent", "model", "timestamp", "split", "request", "response",
            "prompt_tokens", "completion_tokens", "outcome", "metadata")
+WRITE_BATCH = 2000  # rows per Arrow record batch when writing a version
 
 
 @dataclass
@@ -70,10 +73,15 @@ def from_row(row: dict[str, Any]) -> CuratedCall:
     )
 
 
-def write_curated(ws: Workspace, rows: list[dict[str, Any]], report: dict[str, Any],
-                  config: dict[str, Any]) -> str:
-    """Save a new version and only then point CURRENT at it, so a crash never leaves a half-written current."""
+def write_curated(ws: Workspace, rows: Iterable[dict[str, Any]],
+                  report: dict[str, Any] | Callable[[], dict[str, Any]], config: dict[str, Any]) -> str:
+    """Save a new version and only then point CURRENT at it, so a crash never leaves a half-written current.
+
+    ``rows`` may be a generator: they are written WRITE_BATCH at a time, so a million calls never sit in memory
+    at once. ``report`` may be a function, called after the last row (when a streamed run knows its counts).
+    """
     import datasets
+    from datasets.arrow_writer import ArrowWriter
 
     # Our own commands draw the progress; the library's "Saving the dataset" bars would only clutter stderr.
     datasets.disable_progress_bars()
@@ -85,13 +93,27 @@ def write_curated(ws: Workspace, rows: list[dict[str, Any]], report: dict[str, A
     tmp = root / f".{version}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
-    columns = {c: [r.get(c) for r in rows] for c in COLUMNS}
     features = datasets.Features({
         c: datasets.Value("float64") if c == "outcome" else
         datasets.Value("int64") if c.endswith("_tokens") else datasets.Value("string")
         for c in COLUMNS
     })
-    datasets.Dataset.from_dict(columns, features=features).save_to_disk(str(tmp / "dataset"))
+    # Rows go to one Arrow file batch by batch; save_to_disk then copies it (memory-mapped) into its layout.
+    staging = tmp / "rows.arrow"
+    written = 0
+    with ArrowWriter(features=features, path=str(staging)) as writer:
+        rows = iter(rows)
+        while batch := list(itertools.islice(rows, WRITE_BATCH)):
+            writer.write_batch({c: [r.get(c) for r in batch] for c in COLUMNS})
+            written += len(batch)
+        writer.finalize()
+    # An empty file-backed dataset saves as zero shards, which load_from_disk cannot read back.
+    dataset = datasets.Dataset.from_file(str(staging)) if written else \
+        datasets.Dataset.from_dict({c: [] for c in COLUMNS}, features=features)
+    dataset.save_to_disk(str(tmp / "dataset"))
+    del dataset
+    staging.unlink()
+    report = report() if callable(report) else report
     (tmp / "report.json").write_text(json.dumps(report, indent=2, ensure_ascii=False, default=str))
     (tmp / "config.json").write_text(json.dumps(config, indent=2, default=str))
     tmp.rename(target)
