@@ -227,6 +227,55 @@ def draw_map(path, map_data: dict[str, Any], title: str) -> None:
     plt.close(fig)
 
 
+def _trim_request(request: dict[str, Any], shared: dict[str, Any]) -> dict[str, Any]:
+    """The parts of a request that clustering reads (leading system messages, the latest user/tool turn, tools,
+    response_format), with repeated system prompts and tool lists shared between calls instead of copied."""
+    messages = request.get("messages") or []
+    lead = []
+    for message in messages:
+        if not isinstance(message, dict) or message.get("role") not in ("system", "developer"):
+            break
+        lead.append(message)
+    turn = next((m for m in reversed(messages) if isinstance(m, dict) and m.get("role") in ("user", "tool", "function")),
+                None)
+    out: dict[str, Any] = {"messages": [_shared(m, shared) for m in lead] + ([turn] if turn is not None else [])}
+    for key in ("tools", "functions", "response_format"):
+        if request.get(key):
+            out[key] = _shared(request[key], shared)
+    return out
+
+
+def _shared(value: Any, shared: dict[str, Any]) -> Any:
+    return shared.setdefault(json.dumps(value, sort_keys=True, ensure_ascii=False), value)
+
+
+def load_compact(ws: Workspace, task_tag_key: str | None = None, batch: int = 2000) -> list[curated.CuratedCall]:
+    """The curated calls trimmed to what clustering reads, read from the dataset ``batch`` rows at a time.
+
+    A full call (whole history, every message, usage, metadata) costs several KB as Python objects; a million of
+    them would not fit in memory. Trimmed, a call keeps its id, model, agent, token counts, task tag, its latest
+    turn and its answer, and shares its system prompt and tool list with every call that has the same ones.
+    """
+    ds = curated.load_dataset(ws).select_columns(["id", "agent", "model", "prompt_tokens", "completion_tokens",
+                                                  "request", "response", "metadata"])
+    shared: dict[str, Any] = {}
+    out: list[curated.CuratedCall] = []
+    for part in ds.iter(batch_size=batch):
+        for i in range(len(part["id"])):
+            response = json.loads(part["response"][i]) or {}
+            choices = response.get("choices") or []
+            metadata = json.loads(part["metadata"][i] or "{}")
+            tag = {task_tag_key: metadata[task_tag_key]} if task_tag_key and task_tag_key in metadata else {}
+            out.append(curated.CuratedCall(
+                request=_trim_request(json.loads(part["request"][i]), shared),
+                response={"choices": [{"message": c.get("message"), "finish_reason": c.get("finish_reason")}
+                                      for c in choices[:1]]} if choices else response,
+                id=part["id"][i], agent=part["agent"][i], model=part["model"][i],
+                prompt_tokens=part["prompt_tokens"][i], completion_tokens=part["completion_tokens"][i],
+                metadata=tag))
+    return out
+
+
 def cluster(ws: Workspace, config: Config | None = None, *, embedder: Embedder | None = None, force: bool = False,
             progress: bool = True) -> dict[str, Any]:
     """Cluster the workspace's curated calls; skipped when the curated data and config are unchanged."""
@@ -250,7 +299,7 @@ def cluster(ws: Workspace, config: Config | None = None, *, embedder: Embedder |
         body["skipped"] = True
         return body
     started = time.time()
-    calls = curated.load_curated(ws)
+    calls = load_compact(ws, cfg.task_tag_key)
     if not calls:
         raise SlmigrateError(f"the curated dataset {version} in {ws.root} is empty; collect and curate calls first")
     body, model, assignment, map_data = cluster_calls(calls, cfg, config.prices, embedder=embedder,
