@@ -180,8 +180,10 @@ def ray_init(workers: int | None, address: str | None = None):
 class _RayBatchActor:
     """One per Ray worker: loads the pass once, then maps pickled items to pickled results."""
 
-    def __init__(self, factory: Factory):
-        self.fn = factory()
+    factory: Factory
+
+    def __init__(self) -> None:
+        self.fn = type(self).factory()
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
         import numpy as np
@@ -202,13 +204,20 @@ def _ray_map(items: list[Any], factory: Factory, workers: int | None, address: s
     ctx.enable_progress_bars = False  # the stage draws its own bar on stderr
     ctx.verbose_progress = False
     ctx.print_on_execution_start = False
+    cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
     if workers is None:
-        workers = max(1, int(ray.cluster_resources().get("CPU", 1)))
+        workers = cpus
+    elif not address:
+        # A local Ray started earlier in this process with fewer CPUs would never place the extra 1-CPU actors.
+        workers = min(workers, cpus)
     # Items travel pickled: any Python value (texts, lists of texts) fits an Arrow binary column unchanged.
     rows = [{"i": i, "item": pickle.dumps(x, protocol=pickle.HIGHEST_PROTOCOL)} for i, x in enumerate(items)]
     blocks = max(1, min(math.ceil(len(items) / batch_size), 4 * workers * 8))
     ds = ray.data.from_items(rows, override_num_blocks=blocks)
-    ds = ds.map_batches(_RayBatchActor, fn_constructor_args=(factory,), batch_size=batch_size,
+    # The factory rides in the actor class itself rather than as a constructor argument: Ray warns that
+    # restartable actors whose arguments sit in the object store may fail to restart.
+    actor = type("PassActor", (_RayBatchActor,), {"factory": staticmethod(factory)})
+    ds = ds.map_batches(actor, batch_size=batch_size,
                         batch_format="numpy", compute=ray.data.ActorPoolStrategy(size=workers), num_cpus=1)
     out: list[Any] = [None] * len(items)
     done = 0
