@@ -245,8 +245,12 @@ def _trim_request(request: dict[str, Any], shared: dict[str, Any]) -> dict[str, 
     return out
 
 
-def _shared(value: Any, shared: dict[str, Any]) -> Any:
-    return shared.setdefault(json.dumps(value, sort_keys=True, ensure_ascii=False), value)
+def _shared(value: Any, shared: dict[Any, Any]) -> Any:
+    if isinstance(value, dict) and isinstance(value.get("content"), str) and len(value) == 2:
+        key: Any = (value.get("role"), value["content"])  # a plain message: cheaper than dumping it
+    else:
+        key = json.dumps(value, sort_keys=True, ensure_ascii=False)
+    return shared.setdefault(key, value)
 
 
 def load_compact(ws: Workspace, task_tag_key: str | None = None, batch: int = 2000) -> list[curated.CuratedCall]:
