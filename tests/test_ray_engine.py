@@ -60,7 +60,7 @@ def test_unknown_engine_and_address_without_ray_are_errors():
         engines.check_engine("local", "ray://head:10001")
 
 
-def test_missing_ray_names_the_extra(workspace, monkeypatch):
+def test_missing_ray_names_the_extra(workspace, monkeypatch, capsys):
     monkeypatch.setitem(sys.modules, "ray", None)  # makes `import ray` raise ImportError
     with pytest.raises(SlmigrateError, match=r"pip install 'slmigrate\[ray\]'"):
         engines.require_ray()
@@ -73,7 +73,10 @@ def test_missing_ray_names_the_extra(workspace, monkeypatch):
         from slmigrate.cluster import cluster
 
         cluster(workspace, cfg)
-    assert main(["curate", "--workspace", str(workspace.root), "--engine", "ray"]) == 1
+    ws = str(workspace.root.parent / "cli-ws")
+    assert main(["init", "--workspace", ws]) == 0
+    assert main(["curate", "--workspace", ws, "--engine", "ray"]) == 1
+    assert "pip install 'slmigrate[ray]'" in capsys.readouterr().err
 
 
 def test_ray_is_not_imported_by_the_local_engine(workspace):

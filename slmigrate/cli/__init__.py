@@ -33,9 +33,12 @@ def main(argv: list[str] | None = None) -> int:
         if isinstance(result, int) and not isinstance(result, bool):
             return result
     except SlmigrateError as exc:
+        from rich.markup import escape
+
         from slmigrate.cli._app import err_console
 
-        err_console.print(f"[bold red]Error:[/] {exc}", highlight=False, soft_wrap=True)
+        # escape: a message may name `pip install 'slmigrate[ray]'`, which rich would read as a markup tag
+        err_console.print(f"[bold red]Error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
         return exc.exit_code
     except KeyboardInterrupt:
         print("Interrupted.", file=sys.stderr)

@@ -24,7 +24,7 @@ def cluster_cmd(
         "--threshold", help="Cluster radius in the task-view space (default 0.6 coarse, 0.55 fine).")] = None,
     engine: Annotated[Optional[str], typer.Option(
         "--engine", help="local, or ray: the embedding pass as Ray Data over --workers actors "
-        "(pip install 'slmigrate[ray]').")] = None,
+        "(needs the ray extra of slmigrate).")] = None,
     ray_address: Annotated[Optional[str], typer.Option(
         "--ray-address", help="Ray cluster to use with --engine ray (default: start a local Ray).")] = None,
     workers: Annotated[Optional[int], typer.Option(

@@ -34,7 +34,7 @@ def curate_cmd(
         "--workers", help="Workers for PII analysis: processes (local) or Ray actors (ray).", min=1)] = None,
     engine: Annotated[Optional[str], typer.Option(
         "--engine", help="local, or ray: the PII pass as Ray Data over --workers actors "
-        "(pip install 'slmigrate[ray]').")] = None,
+        "(needs the ray extra of slmigrate).")] = None,
     ray_address: Annotated[Optional[str], typer.Option(
         "--ray-address", help="Ray cluster to use with --engine ray (default: start a local Ray).")] = None,
     min_outcome: Annotated[Optional[float], typer.Option(
