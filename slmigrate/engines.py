@@ -160,8 +160,7 @@ def ray_init(workers: int | None, address: str | None = None):
     ray = require_ray()
     if ray.is_initialized():
         return ray
-    # Ray's own chatter (execution summaries, C++ core logs) would bury the stage's report; errors still show.
-    os.environ.setdefault("RAY_BACKEND_LOG_LEVEL", "error")
+    # Ray Data's execution summaries would bury the stage's report; errors still show.
     logging.getLogger("ray.data").setLevel(logging.ERROR)
     runtime_env = {"env_vars": dict(OFFLINE_ENV)}
     common = dict(runtime_env=runtime_env, log_to_driver=False, logging_level=logging.ERROR,
