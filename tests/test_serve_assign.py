@@ -141,12 +141,19 @@ def test_learn_signatures_refuses_mixed_unclustered_tagged_and_thin_signatures(c
     classify = request_signature(calls[truth.index("classify")])
     extract = request_signature(calls[truth.index("extract")])
     weather = request_signature(calls[truth.index("weather")])
-    # One classify call unclustered, one extract call in another cluster: both signatures become ambiguous.
+    # One extract call in another cluster: ambiguous. One classify call unclustered (a one-off turn of a real
+    # task, which the request path still puts in the cluster) is tolerated; three of 30 (10%) are not.
     changed = list(assignment)
-    changed[truth.index("classify")] = None
     changed[truth.index("extract")] = assignment[truth.index("weather")]
+    changed[truth.index("classify")] = None
     table = learn_signatures(model, calls, changed, 5)
-    assert classify not in table and extract not in table and table[weather] == clean[weather]
+    assert extract not in table and table[classify] == clean[classify] and table[weather] == clean[weather]
+    for i in [i for i, t in enumerate(truth) if t == "classify"][1:3]:
+        changed[i] = None
+    assert classify not in learn_signatures(model, calls, changed, 5)
+    # The request path has the last word: with request radii of zero it assigns no new turn, so no signature.
+    strict = ClusterModel(**{**vars(model), "request_radius": np.zeros_like(model.request_radius)})
+    assert learn_signatures(strict, calls, assignment, 5) == {}
     # A tagged call with the weather signature: live requests need not carry the tag, so no fast path.
     tagged = list(calls)
     i = truth.index("weather")

@@ -7,13 +7,16 @@ the model answered therefore look alike to the router: it picks the nearer one.
 
 The structural fast path: a request's *signature* (its masked system prompt, the sorted names of the tools it
 offers, its ``response_format`` type and, with ``--by agent``, its agent group) is often enough to know its task.
-At cluster time ``learn_signatures`` keeps the signatures that are unambiguous in the clustered calls: every call
-with the signature went to one and the same cluster (none to another cluster, none unclustered, none carrying a
-task tag), they show at least ``min_size`` distinct latest turns (evidence that the turn varies without changing
-the task), and the request path itself (the request blocks against the request radii, as the router computes
-it) puts every one of those calls, stripped of its answer, into that cluster too. A request with such a
-signature is assigned without any embedding; anything else takes the embedding path. The table is saved in
-model.npz's metadata; a model saved without it (older workspaces) simply has no fast path.
+At cluster time ``learn_signatures`` keeps the signatures that are unambiguous in the clustered calls:
+- the clustered calls with the signature all went to one and the same cluster (none to another cluster, none
+  carrying a task tag), and at most ``MAX_UNCLUSTERED_SHARE`` of its calls were left unclustered (the one-off
+  filter drops a few odd turns of a real task; a prompt whose calls are largely one-offs is generic);
+- its calls show at least ``min_size`` distinct latest turns (evidence that the turn varies without changing
+  the task);
+- the request path itself (request blocks against the request radii, what the router computes without the fast
+  path) puts every one of its calls, unclustered ones included, stripped of the answer, into that cluster.
+A request with such a signature is assigned without any embedding; anything else takes the embedding path. The
+table is saved in model.npz's metadata; a model saved without it (older workspaces) simply has no fast path.
 """
 
 from __future__ import annotations
@@ -40,6 +43,7 @@ UNKNOWN_AGENT = "unknown"  # the --by agent group of calls without an agent tag
 CLUSTERS_FILE = "clusters.json"
 # Bump when request_signature changes: a table learnt with another recipe is ignored (no fast path) on load.
 SIGNATURE_VERSION = 1
+MAX_UNCLUSTERED_SHARE = 0.05
 
 
 def slug(text: str) -> str:
@@ -174,21 +178,29 @@ def learn_signatures(model: ClusterModel, calls: Sequence[CallRecord], assignmen
     Deterministic: it depends only on the calls, their clusters and the model, not on the order of the calls.
     """
     clusters: dict[str, set] = {}
+    unclustered: dict[str, int] = {}
+    total: dict[str, int] = {}
     turns: dict[str, set[str]] = {}
     sigs = []
     for call, cid in zip(calls, assignment):
         sig = request_signature(call, model.by)
         sigs.append(sig)
-        # A tagged call's cluster comes from its tag, which a live request need not carry: never a fast path.
-        mark = ("tagged",) if task_tag(call, model.task_tag_key) is not None else cid
-        clusters.setdefault(sig, set()).add(mark)
+        total[sig] = total.get(sig, 0) + 1
+        if task_tag(call, model.task_tag_key) is not None:
+            # A tagged call's cluster comes from its tag, which a live request need not carry: no fast path.
+            clusters.setdefault(sig, set()).add(("tagged",))
+        elif cid is None:
+            unclustered[sig] = unclustered.get(sig, 0) + 1
+        else:
+            clusters.setdefault(sig, set()).add(cid)
         if len(turns.setdefault(sig, set())) < min_size:
             turns[sig].add(mask(latest_turn(call.messages))[:TURN_CHARS])
     ids = set(model.ids)
     table = {}
     for sig, marks in clusters.items():
         (only,) = marks if len(marks) == 1 else (None,)
-        if isinstance(only, str) and only in ids and len(turns[sig]) >= min_size:
+        if (isinstance(only, str) and only in ids and len(turns[sig]) >= min_size
+                and unclustered.get(sig, 0) <= MAX_UNCLUSTERED_SHARE * total[sig]):
             table[sig] = only
     # The request path must agree on every call of the signature: a signature whose calls the router's own
     # embedding path would split or leave out is not unambiguous for requests, whatever the clustering said.
