@@ -36,8 +36,10 @@ from faker import Faker
 TASKS = ("intent", "extract", "tool", "summarise", "sql", "open_ended")
 INTENTS = ("order_status", "return_request", "cancel_order", "change_address", "product_question", "billing_issue")
 
+# No street words (Trail, Ridge, Run, ...) after another capitalised word: "2 Ridge Runner Trail Shoes" reads as a
+# street address to curation, which then scrubs prompt and answer differently and leaves an impossible target.
 PRODUCTS = (
-    "Trailblazer 40L Backpack", "Summit Down Jacket", "Ridge Runner Trail Shoes", "Alpine 2-Person Tent",
+    "Trailblazer 40L Backpack", "Summit Down Jacket", "Trailrunner Shoes", "Alpine 2-Person Tent",
     "Canyon Water Filter", "Basecamp Sleeping Bag", "Glacier Trekking Poles", "Headlamp Pro 400",
     "Coastal Rain Shell", "Timberline Wool Socks", "Nomad Camp Stove", "Riverbend Dry Bag",
     "Everest Insulated Bottle", "Pathfinder GPS Watch", "Sierra Hammock", "Boulder Climbing Harness",
