@@ -166,7 +166,9 @@ def run_proxies(store: str, workdir: Path, *, proxies: int = 4, calls: int = 20_
                 concurrency: int = 16) -> dict[str, Any]:
     """Start the stub LLM and ``proxies`` `slmigrate collect proxy` processes logging into ``store``; send
     ``calls`` chat completions spread evenly over them at once (``concurrency`` in flight per proxy); stop the
-    proxies with SIGTERM (they drain) and return timings, every answer's check and each proxy's final counters."""
+    proxies with SIGTERM (they drain) and return timings, every answer's check and each proxy's final counters.
+    ``upstream_failures`` lists the 5xx answers (the proxy logs those exchanges too, as error calls) that were
+    retried; on an overloaded box the stub sometimes drops a pooled connection."""
     import httpx
 
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "SLMIGRATE_ENCRYPTION_KEY": ""}
@@ -188,6 +190,8 @@ def run_proxies(store: str, workdir: Path, *, proxies: int = 4, calls: int = 20_
 
         per_proxy = calls // proxies
         wrong: list[str] = []
+        failures: list[str] = []
+        transport_errors: list[str] = []
         cpu0 = os.times()
 
         async def drive(k: int, port: int) -> float:
@@ -201,9 +205,26 @@ def run_proxies(store: str, workdir: Path, *, proxies: int = 4, calls: int = 20_
                         i = queue.pop()
                         text = text_of(k, i)
                         body = {"model": "stub", "messages": [{"role": "user", "content": text}]}
-                        answer = (await client.post("/chat/completions", json=body)).json()
-                        if answer["choices"][0]["message"]["content"] != "Echo: " + text:
-                            wrong.append(text)
+                        # Like the openai SDK, retry a 5xx or a broken connection. A 5xx came from the proxy
+                        # (the upstream failed) and was logged as an error call: counted, so the rows add up.
+                        for _attempt in range(5):
+                            try:
+                                response = await client.post("/chat/completions", json=body)
+                            except httpx.HTTPError as exc:
+                                transport_errors.append(f"{text} -> {type(exc).__name__}: {exc}")
+                                continue
+                            if response.status_code >= 500:
+                                failures.append(f"{text} -> HTTP {response.status_code} {response.text[:300]}")
+                                continue
+                            try:
+                                ok = response.json()["choices"][0]["message"]["content"] == "Echo: " + text
+                            except (ValueError, KeyError, IndexError, TypeError):
+                                ok = False
+                            if not ok:
+                                wrong.append(f"{text} -> HTTP {response.status_code} {response.text[:300]}")
+                            break
+                        else:
+                            wrong.append(f"{text} -> no answer after 5 attempts")
 
                 start = time.perf_counter()
                 await asyncio.gather(*(worker() for _ in range(concurrency)))
@@ -227,7 +248,8 @@ def run_proxies(store: str, workdir: Path, *, proxies: int = 4, calls: int = 20_
             stats.append(json.loads(out))
         drained = time.perf_counter() - start
         return {"calls": per_proxy * proxies, "per_proxy": per_proxy, "wall_s": wall, "drained_s": drained,
-                "per_proxy_s": per_proxy_s, "wrong_answers": wrong, "proxy_stats": stats, "client_cpu_s": client_cpu,
+                "per_proxy_s": per_proxy_s, "wrong_answers": wrong, "upstream_failures": failures,
+                "transport_errors": transport_errors, "proxy_stats": stats, "client_cpu_s": client_cpu,
                 "proxy_cpu_s": proxy_cpu, "stub_cpu_s": _cpu_seconds(stub.pid)}
     finally:
         for proc in [*procs, stub]:

@@ -40,6 +40,8 @@ def measure(store: str, workdir: Path, args: argparse.Namespace) -> dict:
     return {
         "calls": result["calls"], "rows": rows, "lost": result["calls"] - rows,
         "wrong_answers": len(result["wrong_answers"]),
+        "upstream_failures_retried": len(result["upstream_failures"]),
+        "transport_errors_retried": len(result["transport_errors"]),
         "dropped": sum(s["dropped"] for s in result["proxy_stats"]),
         "store_failures": sum(s["store_failures"] for s in result["proxy_stats"]),
         "wall_s": round(result["wall_s"], 1),
