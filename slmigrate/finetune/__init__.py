@@ -123,6 +123,7 @@ def finetune_cluster(ws: Workspace, cluster: str, model_name: str, train_calls: 
 
     started = time.time()
     # 1. load: the model's files, the examples, the hyper-parameters, the base weights.
+    loop.distributed()  # under `accelerate launch`: join the process group, pick this rank's GPU before loading
     device = models.pick_device(config.device)
     if config.method == "qlora" and device != "cuda":
         raise SlmigrateError("--method qlora needs a CUDA GPU (bitsandbytes 4-bit NF4); use --method lora on a "
@@ -159,8 +160,9 @@ def finetune_cluster(ws: Workspace, cluster: str, model_name: str, train_calls: 
         checkpoint_every=config.checkpoint_every, eval_every=hp["eval_every"], patience=config.patience,
         seed=config.seed, device=device, pad_id=tokenizer.pad_token_id, bf16=device == "cuda",
     )
-    checkpoints.mkdir(parents=True, exist_ok=True)
-    (checkpoints / "FINGERPRINT").write_text(fingerprint + "\n")
+    if loop.is_main_process():  # under `accelerate launch` only rank 0 writes (docs/finetune.md, Several GPUs)
+        checkpoints.mkdir(parents=True, exist_ok=True)
+        (checkpoints / "FINGERPRINT").write_text(fingerprint + "\n")
     history, best = loop.train(model, train, val, settings, checkpoints, resume=resume, progress=progress,
                                stop_after=stop_after, label=f"{cluster} / {resolved.slug}")
     if history.interrupted:
@@ -170,6 +172,8 @@ def finetune_cluster(ws: Workspace, cluster: str, model_name: str, train_calls: 
         loop.load_trainable(model, best)  # the weights with the lowest validation loss, not merely the last
 
     # 4. save: the adapter (or model) folder and what it was trained on, with how it went.
+    if not loop.is_main_process():
+        return {"cluster": cluster, "model": resolved.slug, "status": "trained", "saved_by": "rank 0"}
     metrics = _save(out, model, tokenizer, resolved, config, hp, history, fingerprint, prefix,
                     train, train_report, val_report, started, cluster)
     shutil.rmtree(checkpoints, ignore_errors=True)  # finished: nothing left to resume
@@ -362,7 +366,7 @@ def finetune(ws: Workspace, config: FinetuneConfig | None = None, clusters: Sequ
                                         progress=progress, stop_after=stop_after,
                                         init_adapter=(init_adapters or {}).get(cluster)))
     counts = {s: sum(r["status"] == s for r in results) for s in ("trained", "fresh", "skipped", "interrupted")}
-    if not counts["interrupted"]:
+    if not counts["interrupted"] and loop.is_main_process():
         ws.write_manifest("finetune", fingerprint=fingerprint_of([r.get("fingerprint") for r in results]),
                           config=config.model_dump(), counts={"clusters": len(results), **counts}, started=started,
                           extra={"adapters": [r.get("path") for r in results if r.get("path")]})

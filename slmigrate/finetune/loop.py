@@ -4,6 +4,13 @@ A compact loop rather than ``transformers.Trainer``: batches come from ``data.le
 training on padding), and a checkpoint holds everything the next step depends on - trainable weights,
 optimiser and scheduler state, the RNG state (LoRA dropout) and the step - so a resumed run continues exactly
 where the interrupted one stopped. Which batch a step trains on is a function of (seed, step) alone.
+
+Several GPUs: under ``accelerate launch`` (``WORLD_SIZE`` > 1) the same loop runs in every process, with the
+model and optimiser prepared by ``accelerate.Accelerator`` (DDP by default, FSDP when the accelerate config says
+so). Step ``t`` of rank ``r`` trains on batch ``t * world + r`` of the same seeded sequence, so the ranks share
+the data without overlap and one optimiser step covers ``world`` batches; gradients are averaged across ranks by
+the wrapper. Only the main process writes checkpoints and draws progress (``is_main_process``). With one process
+nothing of this is imported and the loop is unchanged.
 """
 
 from __future__ import annotations
@@ -17,6 +24,33 @@ from typing import Any, Sequence
 from slmigrate.finetune.data import IGNORE, Example, collate, length_grouped_batches
 
 CHECKPOINTS_KEPT = 2
+
+
+def world_size() -> int:
+    """Processes in this training run (``accelerate launch`` / torchrun set WORLD_SIZE); 1 when run plainly."""
+    import os
+
+    return int(os.environ.get("WORLD_SIZE", "1") or 1)
+
+
+def is_main_process() -> bool:
+    """True unless this is a non-zero rank of a distributed run: only the main process writes files."""
+    import os
+
+    return world_size() <= 1 or int(os.environ.get("RANK", "0") or 0) == 0
+
+
+def distributed():
+    """The ``accelerate.Accelerator`` of a multi-process run (creating it sets up the process group and this
+    rank's device), or None in a plain single-process run."""
+    if world_size() <= 1:
+        return None
+    import torch
+    from accelerate import Accelerator
+
+    # Without CUDA, several processes mean CPU data parallelism (gloo); accelerate only infers that when launched
+    # with --cpu, which for several processes on one machine needs MPI.
+    return Accelerator(cpu=not torch.cuda.is_available())
 
 
 @dataclass
@@ -112,7 +146,8 @@ ANSWER_ONLY_HEAD = {"llama", "mistral", "qwen2", "qwen3", "phi3"}
 def _body_and_head(model):
     """(decoder, output head) when the head may be applied to answer positions only, else (None, None)."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    if getattr(base.config, "model_type", None) not in ANSWER_ONLY_HEAD:
+    # A DDP/FSDP wrapper has no config: its forward must run (that is where gradients sync), so no shortcut.
+    if getattr(getattr(base, "config", None), "model_type", None) not in ANSWER_ONLY_HEAD:
         return None, None
     return base.get_decoder(), base.get_output_embeddings()
 
@@ -289,6 +324,20 @@ def train(model, train_examples: Sequence[Example], val_examples: Sequence[Examp
         history.resumed_from, history.interrupted = state["step"], False
         best_state, start = state["best_state"], state["step"]
 
+    accelerator = distributed()
+    world, rank, unwrapped = 1, 0, model
+    if accelerator is not None:
+        from dataclasses import replace
+
+        world, rank = accelerator.num_processes, accelerator.process_index
+        # The scheduler stays unprepared: accelerate would step it once per process per step.
+        model, optimizer = accelerator.prepare(model, optimizer)
+        params = [p for p in model.parameters() if p.requires_grad]
+        s = replace(s, device=str(accelerator.device))
+        torch.manual_seed(s.seed + rank)  # different dropout masks per rank, as different batches
+        progress = progress and accelerator.is_main_process
+    main = is_main_process()
+
     frozen = FrozenBottom.of(model)
     if frozen is not None:
         began = time.perf_counter()
@@ -302,21 +351,30 @@ def train(model, train_examples: Sequence[Example], val_examples: Sequence[Examp
         for step in range(start, s.total_steps):
             if stop_after is not None and step - start >= stop_after:
                 history.interrupted = True
-                save_checkpoint(checkpoint_dir, step, model, optimizer, scheduler, history, best_state)
+                if main:
+                    save_checkpoint(checkpoint_dir, step, unwrapped, optimizer, scheduler, history, best_state)
                 break
-            examples, _epoch = batch_at(train_examples, s, step, epochs_cache)
+            examples, _epoch = batch_at(train_examples, s, step * world + rank, epochs_cache)
             batch = collate(examples, s.pad_id)
             began = time.perf_counter()
             loss = _forward_loss(model, batch, s, frozen, examples)
-            loss.backward()
-            loss = loss.detach()
-            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            if accelerator is None:
+                loss.backward()
+                loss = loss.detach()
+                torch.nn.utils.clip_grad_norm_(params, 1.0)
+            else:
+                accelerator.backward(loss)  # the wrapper averages the gradients across ranks here
+                accelerator.clip_grad_norm_(params, 1.0)
+                loss = accelerator.reduce(loss.detach(), reduction="mean")  # logged: the mean over ranks
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             history.train_seconds += time.perf_counter() - began
-            history.tokens += int(batch["attention_mask"].sum())
-            history.padded_tokens += batch["input_ids"].numel()
+            tokens = batch["attention_mask"].sum()
+            if accelerator is not None:  # every rank's tokens count: tokens/s is the whole run's
+                tokens = accelerator.reduce(tokens.to(accelerator.device), reduction="sum")
+            history.tokens += int(tokens)
+            history.padded_tokens += batch["input_ids"].numel() * world
             history.steps.append(step + 1)
             history.train_loss.append(round(loss.item(), 5))
 
@@ -328,16 +386,18 @@ def train(model, train_examples: Sequence[Example], val_examples: Sequence[Examp
                 if history.best_val_loss is None or val < history.best_val_loss - 1e-4:
                     history.best_val_loss, history.best_step = val, done
                     history.evals_without_improvement = 0
-                    best_state = _snapshot(model)
+                    best_state = _snapshot(unwrapped)
                 else:
                     history.evals_without_improvement += 1
                     if history.evals_without_improvement >= s.patience:
                         history.stopped_early = True
-            if done % s.checkpoint_every == 0 and done < s.total_steps:
-                save_checkpoint(checkpoint_dir, done, model, optimizer, scheduler, history, best_state)
+            if done % s.checkpoint_every == 0 and done < s.total_steps and main:
+                save_checkpoint(checkpoint_dir, done, unwrapped, optimizer, scheduler, history, best_state)
             bar.update(done, float(loss), history.tokens_per_second)
             if history.stopped_early:
                 break
+    if accelerator is not None:
+        accelerator.wait_for_everyone()  # no rank moves on (to saving, or the next cluster) alone
     return history, best_state
 
 
