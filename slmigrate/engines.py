@@ -169,6 +169,9 @@ def ray_init(workers: int | None, address: str | None = None):
         if address:
             ray.init(address=address, **common)
         else:
+            # Ray starts its workers at niceness 15; the local engine's processes run at the user's priority, and so
+            # should these: on a busy machine niced workers get a sliver of the CPU the same work gets locally.
+            os.environ.setdefault("RAY_worker_niceness", "0")
             ray.init(num_cpus=workers or os.cpu_count() or 1, include_dashboard=False, **common)
     except ConnectionError as exc:
         raise SlmigrateError(f"cannot connect to the Ray cluster at {address}: {exc}; check --ray-address "
@@ -179,10 +182,8 @@ def ray_init(workers: int | None, address: str | None = None):
 class _RayBatchActor:
     """One per Ray worker: loads the pass once, then maps pickled items to pickled results."""
 
-    factory: Factory
-
-    def __init__(self) -> None:
-        self.fn = type(self).factory()
+    def __init__(self, factory: Factory) -> None:
+        self.fn = factory()
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
         import numpy as np
@@ -213,10 +214,7 @@ def _ray_map(items: list[Any], factory: Factory, workers: int | None, address: s
     rows = [{"i": i, "item": pickle.dumps(x, protocol=pickle.HIGHEST_PROTOCOL)} for i, x in enumerate(items)]
     blocks = max(1, min(math.ceil(len(items) / batch_size), 4 * workers * 8))
     ds = ray.data.from_items(rows, override_num_blocks=blocks)
-    # The factory rides in the actor class itself rather than as a constructor argument: Ray warns that
-    # restartable actors whose arguments sit in the object store may fail to restart.
-    actor = type("PassActor", (_RayBatchActor,), {"factory": staticmethod(factory)})
-    ds = ds.map_batches(actor, batch_size=batch_size,
+    ds = ds.map_batches(_RayBatchActor, fn_constructor_args=(factory,), batch_size=batch_size,
                         batch_format="numpy", compute=ray.data.ActorPoolStrategy(size=workers), num_cpus=1)
     out: list[Any] = [None] * len(items)
     done = 0
