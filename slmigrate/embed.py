@@ -89,6 +89,15 @@ class Embedder:
         while len(self._cache) > self.cache_max:
             self._cache.popitem(last=False)
 
+    def prime(self, texts: Sequence[str], vectors: np.ndarray) -> None:
+        """Take embeddings this same embedder computed elsewhere (worker processes, Ray actors) into the cache,
+        so ``encode`` does not compute them again."""
+        self._remember(list(texts), vectors)
+
+    def missing(self, texts: Sequence[str]) -> list[str]:
+        """The distinct texts of ``texts`` that are not embedded yet, in first-seen order."""
+        return [t for t in dict.fromkeys(texts) if t not in self._cache]
+
     @property
     def cache_size(self) -> int:
         return len(self._cache)
