@@ -3,8 +3,9 @@
 Why this recipe:
 - Calls are first collapsed to distinct task views (with their call counts). Agent logs repeat views heavily, so
   this is what makes 100k calls affordable; when even the distinct views exceed ``max_points``, a deterministic
-  hash-ordered sample of them is clustered and the rest are assigned to the nearest centroid afterwards (average
-  linkage needs the pairwise distances, O(n^2) memory).
+  hash-ordered sample of them is clustered and the rest are assigned to the nearest centroid afterwards, in
+  batches (``assign_rest``): average linkage needs the pairwise distances, O(n^2) time and memory, so a million
+  views cannot be fitted directly, while assigning costs O(n * clusters).
 - Average linkage cut at a distance threshold lets the number of clusters come from the data, is deterministic
   (the input is put in a canonical order first), and gives a radius with a meaning: in the weighted space a
   distance of ``d`` means the calls' views differ by a weighted cosine distance of ``d^2 / 2``.
@@ -76,6 +77,18 @@ def fit_group(x: np.ndarray, counts: np.ndarray, *, threshold: float, core_ratio
         radius[i] = float(np.sqrt(((members - centroid) ** 2).sum(axis=1)).max())
         request_radius[i] = float(np.sqrt(((members[:, request_mask] - centroid[request_mask]) ** 2).sum(axis=1)).max())
     return Fitted(labels, centroids, radius, request_radius)
+
+
+def assign_rest(x: np.ndarray, fitted: Fitted, *, threshold: float, core_ratio: float) -> np.ndarray:
+    """Clusters for views left out of a sampled fit (``max_points``): the nearest centroid, within reach.
+
+    A cluster's radius measured on a sample understates its extent in the whole data (the farthest of a few
+    hundred members is nearer than the farthest of a million), so the reach is the larger of that radius and the
+    core distance ``threshold * core_ratio``: a view that close to a centroid would sit in that cluster's dense
+    core in a full fit. One-off views lie farther from every centroid and stay unclustered.
+    """
+    reach = np.maximum(fitted.radius, threshold * core_ratio)
+    return nearest(x, fitted.centroids, reach)
 
 
 def nearest(x: np.ndarray, centroids: np.ndarray, radius: np.ndarray, mask: np.ndarray | None = None,

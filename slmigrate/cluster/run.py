@@ -11,7 +11,7 @@ import numpy as np
 
 from slmigrate import curated
 from slmigrate.cluster.features import WEIGHTS, featurize
-from slmigrate.cluster.fit import Fitted, canonical_order, fit_group, nearest
+from slmigrate.cluster.fit import Fitted, assign_rest, canonical_order, fit_group, nearest
 from slmigrate.cluster.model import CLUSTERS_FILE, UNKNOWN_AGENT, ClusterModel, learn_signatures, slug, task_tag
 from slmigrate.cluster.stats import cluster_stats, keywords
 from slmigrate.cluster.views import TaskView, task_view
@@ -83,7 +83,7 @@ def cluster_calls(calls: list[CallRecord], cfg: ClusterConfig, prices: PricesCon
             for start in range(0, len(rest_keys), 20_000):
                 chunk = rest_keys[start:start + 20_000]
                 xr, _ = featurize(chunk, embedder, weights, progress=progress)
-                labels.extend(nearest(xr, fitted.centroids, fitted.radius).tolist())
+                labels.extend(assign_rest(xr, fitted, threshold=threshold, core_ratio=cfg.core_ratio).tolist())
         for view, label in zip(keys, labels):
             name = names[label] if label >= 0 else None
             for i in distinct[view]:
