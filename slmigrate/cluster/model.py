@@ -205,10 +205,12 @@ def learn_signatures(model: ClusterModel, calls: Sequence[CallRecord], assignmen
     # The request path must agree on every call of the signature: a signature whose calls the router's own
     # embedding path would split or leave out is not unambiguous for requests, whatever the clustering said.
     rows = [i for i, sig in enumerate(sigs) if sig in table]
-    requests = [CallRecord(request=calls[i].request, agent=calls[i].agent) for i in rows]
-    for i, got in zip(rows, model.assign_many(requests, fast=False)):
-        if got != table.get(sigs[i], got):
-            del table[sigs[i]]
+    for start in range(0, len(rows), 20_000):  # in chunks: the vectors of a million requests would not fit
+        part = rows[start:start + 20_000]
+        requests = [CallRecord(request=calls[i].request, agent=calls[i].agent) for i in part]
+        for i, got in zip(part, model.assign_many(requests, fast=False)):
+            if got != table.get(sigs[i], got):
+                table.pop(sigs[i], None)
     return dict(sorted(table.items()))
 
 
