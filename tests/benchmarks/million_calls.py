@@ -188,6 +188,8 @@ def bench(n: int, work: Path, embedder: str, seed: int) -> dict:
     ):
         stages[name] = run_stage(args, log)
         stages[name]["calls_per_s"] = round(n / max(stages[name]["wall_s"], 1e-9), 1)
+        # Each stage as it ends (stderr), so a long run that is stopped early still leaves its figures.
+        print(json.dumps({"calls": n, "stage": name, **stages[name]}), file=sys.stderr, flush=True)
         if stages[name]["rc"] != 0:
             break
     out = {"bench": "million_calls", "calls": n, "embedder": embedder, "generate_s": round(gen_s, 1),
