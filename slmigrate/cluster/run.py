@@ -236,8 +236,8 @@ def _trim_request(request: dict[str, Any], shared: dict[str, Any]) -> dict[str, 
         if not isinstance(message, dict) or message.get("role") not in ("system", "developer"):
             break
         lead.append(message)
-    turn = next((m for m in reversed(messages) if isinstance(m, dict) and m.get("role") in ("user", "tool", "function")),
-                None)
+    turns = (m for m in reversed(messages) if isinstance(m, dict) and m.get("role") in ("user", "tool", "function"))
+    turn = next(turns, None)
     out: dict[str, Any] = {"messages": [_shared(m, shared) for m in lead] + ([turn] if turn is not None else [])}
     for key in ("tools", "functions", "response_format"):
         if request.get(key):
