@@ -212,7 +212,8 @@ def _ray_map(items: list[Any], factory: Factory, workers: int | None, address: s
         workers = min(workers, cpus)
     # Items travel pickled: any Python value (texts, lists of texts) fits an Arrow binary column unchanged.
     rows = [{"i": i, "item": pickle.dumps(x, protocol=pickle.HIGHEST_PROTOCOL)} for i, x in enumerate(items)]
-    blocks = max(1, min(math.ceil(len(items) / batch_size), 4 * workers * 8))
+    # About one batch per block, capped so a huge input is not cut into thousands of tiny scheduling units.
+    blocks = max(1, min(math.ceil(len(items) / batch_size), 32 * workers))
     ds = ray.data.from_items(rows, override_num_blocks=blocks)
     ds = ds.map_batches(_RayBatchActor, fn_constructor_args=(factory,), batch_size=batch_size,
                         batch_format="numpy", compute=ray.data.ActorPoolStrategy(size=workers), num_cpus=1)
