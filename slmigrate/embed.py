@@ -21,6 +21,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from slmigrate.errors import SlmigrateError
+from slmigrate.progress import progress_bar
 
 DIM_MINILM = 384
 # Large enough that the cluster stage on ~100k calls re-reads its own embeddings from the cache when it summarises
@@ -152,7 +153,7 @@ class MiniLMEmbedder(Embedder):
         # Shortest first so each batch pads little; results are put back in input order below.
         order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
         out = np.zeros((len(texts), self.dim), dtype=np.float32)
-        with _progress(progress, desc, len(texts)) as advance:
+        with progress_bar(progress, desc, len(texts), min_total=256) as advance:
             for start in range(0, len(order), self.batch_size):
                 idx = order[start:start + self.batch_size]
                 out[idx] = model.encode([texts[i] for i in idx], batch_size=self.batch_size,
@@ -220,28 +221,3 @@ def get_embedder(name: str = "minilm", **kwargs) -> Embedder:
     if name == "hash":
         return HashEmbedder(**kwargs)
     raise SlmigrateError(f"unknown embedder {name!r}; expected 'minilm' or 'hash'")
-
-
-class _progress:
-    """A rich progress bar on stderr when asked for (and when the work is big enough to be worth one)."""
-
-    def __init__(self, enabled: bool, desc: str, total: int) -> None:
-        self.enabled = enabled and total >= 256
-        self.desc, self.total = desc, total
-        self._bar = None
-
-    def __enter__(self):
-        if not self.enabled:
-            return lambda n: None
-        from rich.console import Console
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-        self._bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                             TimeRemainingColumn(), console=Console(stderr=True), transient=True)
-        self._bar.start()
-        task = self._bar.add_task(self.desc, total=self.total)
-        return lambda n: self._bar.advance(task, n)
-
-    def __exit__(self, *exc: object) -> None:
-        if self._bar is not None:
-            self._bar.stop()

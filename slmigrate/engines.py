@@ -75,30 +75,6 @@ def _checked(fn: BatchFn, batch: list[Any]) -> list[Any]:
     return result
 
 
-class progress_bar:
-    """A rich progress bar on stderr for a pass of ``total`` items; ``with`` gives ``advance(n)``."""
-
-    def __init__(self, enabled: bool, desc: str, total: int) -> None:
-        self.enabled, self.desc, self.total = enabled and total > 0, desc, total
-        self._bar = None
-
-    def __enter__(self) -> Progress:
-        if not self.enabled:
-            return lambda n: None
-        from rich.console import Console
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-        self._bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                             TimeElapsedColumn(), console=Console(stderr=True), transient=True)
-        self._bar.start()
-        task = self._bar.add_task(self.desc, total=self.total)
-        return lambda n: self._bar.advance(task, n)
-
-    def __exit__(self, *exc: object) -> None:
-        if self._bar is not None:
-            self._bar.stop()
-
-
 # --- local worker processes ---
 _FN: BatchFn | None = None
 

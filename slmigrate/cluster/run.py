@@ -11,13 +11,14 @@ import numpy as np
 
 from slmigrate import curated
 from slmigrate.cluster.features import WEIGHTS, featurize
-from slmigrate.cluster.fit import Fitted, assign_rest, canonical_order, fit_group, nearest
+from slmigrate.cluster.fit import Fitted, assign_rest, canonical_order, fit_group
 from slmigrate.cluster.model import CLUSTERS_FILE, UNKNOWN_AGENT, ClusterModel, learn_signatures, slug, task_tag
 from slmigrate.cluster.stats import cluster_stats, keywords
 from slmigrate.cluster.views import TaskView, task_view
 from slmigrate.config import ClusterConfig, Config, PricesConfig
 from slmigrate.embed import Embedder, get_embedder
 from slmigrate.errors import SlmigrateError
+from slmigrate.progress import progress_bar
 from slmigrate.record import CallRecord
 from slmigrate.workspace import Workspace, fingerprint_of
 
@@ -139,7 +140,7 @@ def embed_on_engine(views: list[TaskView], embedder: Embedder, cfg: ClusterConfi
         texts.update(dict.fromkeys(getattr(v, part) for v in distinct))
     # Shortest first, as the embedder batches: little padding per batch.
     todo = sorted(embedder.missing(list(texts)), key=len)
-    with engines.progress_bar(progress, f"embedding ({cfg.engine})", len(todo)) as advance:
+    with progress_bar(progress, f"embedding ({cfg.engine})", len(todo)) as advance:
         vectors = engines.map_batches(todo, functools.partial(_embed_pass, embedder), engine=cfg.engine,
                                       workers=cfg.workers, address=cfg.ray_address, batch_size=64,
                                       progress=advance)
