@@ -165,13 +165,10 @@ def curate(ws: Workspace, config: CurateConfig | None = None, progress: Progress
         analyzer = None
     else:
         # The scrubber's whole-batch vetoes and consistent replacements need every kept call in memory.
-        kept = list(kept_calls)
-        analyzer = None
-        if config.engine != "local":
-            analyzer = analyse_on_engine(kept, entities, config, progress)
         scrubbed, replaced, analyzer = scrub_calls(
-            kept, mode=config.pii, entities=entities, workers=config.workers, seed=config.seed,
-            allow=config.allow, score_threshold=config.score_threshold, analyzer=analyzer, progress=progress,
+            list(kept_calls), mode=config.pii, entities=entities, workers=config.workers, seed=config.seed,
+            allow=config.allow, score_threshold=config.score_threshold, progress=progress,
+            engine=config.engine, address=config.ray_address,
         )
     entity_counts: Counter[str] = Counter()
     for r in replaced:
@@ -244,48 +241,6 @@ def _kept(ws: Workspace, config: CurateConfig, total: int, dropped: Counter[str]
             dropped[reason] += 1
         else:
             yield call
-
-
-def _pii_pass(entities: list[str], score_threshold: float):
-    """One engine worker's PII pass: presidio + spaCy loaded once, then texts -> findings."""
-    from slmigrate.pii import TextAnalyzer
-
-    analyzer = TextAnalyzer(entities, score_threshold)
-    _ = analyzer.engine
-
-    def run(texts: list[str]) -> list[list[Any]]:
-        analyzer.analyze_many(texts)
-        # pop: a worker sees each distinct text once, so its cache would only grow
-        return [analyzer.cache.pop(t, []) for t in texts]
-
-    return run
-
-
-def analyse_on_engine(calls: list[CallRecord], entities: list[str], config: CurateConfig,
-                      progress: Progress | None = None):
-    """The PII analysis of every distinct text of ``calls`` on ``config.engine``; returns a TextAnalyzer whose
-    cache holds the findings, so the scrubbing (whole-batch vetoes, consistent replacement) runs here unchanged."""
-    import functools
-
-    from slmigrate import engines
-    from slmigrate.pii import TextAnalyzer, texts_of
-
-    analyzer = TextAnalyzer(entities, config.score_threshold)
-    # Longest first, as the local pool does: the slowest batches start early instead of finishing last.
-    todo = sorted(dict.fromkeys(t for c in calls for t in texts_of(c)), key=len, reverse=True)
-    done = 0
-
-    def tick(n: int) -> None:
-        nonlocal done
-        done += n
-        if progress:
-            progress("analyse", done, len(todo))
-
-    found = engines.map_batches(todo, functools.partial(_pii_pass, entities, config.score_threshold),
-                                engine=config.engine, workers=config.workers, address=config.ray_address,
-                                batch_size=32, progress=tick)
-    analyzer.cache.update(zip(todo, found))
-    return analyzer
 
 
 def _examples(calls: list[CallRecord], replaced: list[dict[str, str]], limit: int) -> list[dict[str, Any]]:

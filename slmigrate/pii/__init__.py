@@ -40,6 +40,7 @@ def scrub_calls(
     calls: list[CallRecord], *, mode: str = "placeholder", entities: Iterable[str] | None = None,
     workers: int = 1, seed: int = 0, allow: Iterable[str] = (), score_threshold: float = 0.4,
     analyzer: TextAnalyzer | None = None, progress: Callable[[str, int, int], None] | None = None,
+    engine: str = "local", address: str | None = None,
 ) -> tuple[list[CallRecord], list[dict[str, str]], TextAnalyzer | None]:
     """Scrub ``calls``; returns the scrubbed copies, per call the replacements made (replacement -> entity
     type; the original values are not returned) and the analyzer (its cache holds each distinct text's findings).
@@ -58,7 +59,7 @@ def scrub_calls(
         if progress:
             progress("analyse", done, len(distinct))
 
-    analyze_parallel(analyzer, distinct, workers, tick)
+    analyze_parallel(analyzer, distinct, workers, tick, engine=engine, address=address)
     # Structure seen anywhere in the batch vetoes loose matches everywhere (an item id quoted by the agent in a
     # call whose tool result is not in its history is still an item id) - unless a key rule named it PII.
     from slmigrate.pii.engine import STRUCT

@@ -14,7 +14,6 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Callable, Iterable
-from concurrent.futures import ProcessPoolExecutor
 from typing import Any, NamedTuple
 
 from slmigrate.pii.recognizers import ACCOUNT_ENTITIES, SECRET_ENTITIES, entity_for_key, extra_recognizers
@@ -324,39 +323,35 @@ class TextAnalyzer:
         return self.cache.get(text, [])
 
 
-# --- worker processes ---
-_WORKER: TextAnalyzer | None = None
+# --- parallel analysis (local processes or Ray, through slmigrate.engines) ---
+def _analysis_worker(entities: list[str], score_threshold: float) -> Callable[[list[str]], list[list[Found]]]:
+    """One worker's pass: presidio + spaCy loaded once, then texts -> findings (an engines.map_batches factory)."""
+    analyzer = TextAnalyzer(entities, score_threshold)
+    _ = analyzer.engine
 
+    def run(texts: list[str]) -> list[list[Found]]:
+        analyzer.analyze_many(texts)
+        # pop: a worker sees each distinct text once, so its cache would only grow
+        return [analyzer.cache.pop(t, []) for t in texts]
 
-def _init_worker(entities: list[str], score_threshold: float) -> None:
-    global _WORKER
-    _WORKER = TextAnalyzer(entities, score_threshold)
-    _ = _WORKER.engine  # load once per process, before the first chunk
-
-
-def _analyze_chunk(texts: list[str]) -> dict[str, list[tuple]]:
-    assert _WORKER is not None
-    _WORKER.analyze_many(texts)
-    return {t: [tuple(f) for f in _WORKER.cache.get(t, [])] for t in texts}
+    return run
 
 
 def analyze_parallel(analyzer: TextAnalyzer, texts: list[str], workers: int,
-                     progress: Callable[[int], None] | None = None, chunk: int = 64) -> None:
-    """Analyse ``texts`` into ``analyzer.cache`` using ``workers`` processes (1: in this process)."""
-    todo = list(dict.fromkeys(t for t in texts if t and t not in analyzer.cache))
-    if workers <= 1 or len(todo) < 2 * chunk:
+                     progress: Callable[[int], None] | None = None, chunk: int = 64, engine: str = "local",
+                     address: str | None = None) -> None:
+    """Analyse ``texts`` into ``analyzer.cache`` with ``workers`` workers on ``engine`` (local: processes, or this
+    process for one worker or little work; ray: actors, see slmigrate/engines.py)."""
+    # Longest texts first, so the slowest batches start early instead of finishing last.
+    todo = sorted(dict.fromkeys(t for t in texts if t and t not in analyzer.cache), key=len, reverse=True)
+    if engine == "local" and (workers <= 1 or len(todo) < 2 * chunk):
         analyzer.analyze_many(todo, progress)
         return
-    import multiprocessing
+    import functools
 
-    # Longest texts first so the last chunk is not the slow one; chunks are dealt round-robin by size.
-    todo.sort(key=len, reverse=True)
-    chunks = [todo[i::max(1, len(todo) // chunk)] for i in range(max(1, len(todo) // chunk))]
-    ctx = multiprocessing.get_context("spawn")
-    with ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=_init_worker,
-                             initargs=(analyzer.entities, analyzer.score_threshold)) as pool:
-        for result in pool.map(_analyze_chunk, chunks):
-            for text, found in result.items():
-                analyzer.cache[text] = [Found(*f) for f in found]
-            if progress:
-                progress(len(result))
+    from slmigrate import engines
+
+    found = engines.map_batches(todo, functools.partial(_analysis_worker, analyzer.entities,
+                                                        analyzer.score_threshold),
+                                engine=engine, workers=workers, address=address, batch_size=chunk, progress=progress)
+    analyzer.cache.update(zip(todo, found))
