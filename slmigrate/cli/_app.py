@@ -45,6 +45,9 @@ JsonOpt = Annotated[bool, typer.Option("--json", help="Print machine-readable JS
 ConfigOpt = Annotated[Optional[Path], typer.Option(
     "--config", "-c", help="Config file (default ./slmigrate.toml when present).")]
 ForceOpt = Annotated[bool, typer.Option("--force", help="Run even when nothing changed since the last run.")]
+# The stages with a heavy per-call pass (curate, cluster) can run it on Ray (slmigrate/engines.py).
+RayAddressOpt = Annotated[Optional[str], typer.Option(
+    "--ray-address", help="Ray cluster to use with --engine ray (default: start a local Ray).")]
 
 
 def _version(value: bool) -> None:

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
 from rich.table import Table
 
-from slmigrate.cli._app import ConfigOpt, ForceOpt, JsonOpt, WorkspaceOpt, app, console, open_workspace, print_json
+from slmigrate.cli._app import (
+    ConfigOpt, ForceOpt, JsonOpt, RayAddressOpt, WorkspaceOpt, app, console, open_workspace, print_json,
+)
 
 
 @app.command("cluster")
@@ -25,8 +26,7 @@ def cluster_cmd(
     engine: Annotated[Optional[str], typer.Option(
         "--engine", help="local, or ray: the embedding pass as Ray Data over --workers actors "
         "(needs the ray extra of slmigrate).")] = None,
-    ray_address: Annotated[Optional[str], typer.Option(
-        "--ray-address", help="Ray cluster to use with --engine ray (default: start a local Ray).")] = None,
+    ray_address: RayAddressOpt = None,
     workers: Annotated[Optional[int], typer.Option(
         "--workers", min=1, help="Embedding workers: processes (local; default 1, in this process) or Ray actors "
         "(ray; default every CPU).")] = None,

@@ -8,7 +8,10 @@ from typing import Annotated, Optional
 import typer
 from rich.table import Table
 
-from slmigrate.cli._app import ConfigOpt, ForceOpt, JsonOpt, WorkspaceOpt, app, console, err_console, open_workspace, print_json
+from slmigrate.cli._app import (
+    ConfigOpt, ForceOpt, JsonOpt, RayAddressOpt, WorkspaceOpt, app, console, err_console, open_workspace,
+    print_json,
+)
 
 # The group's help is the callback's docstring, so `slmigrate curate --help` shows the options and an example.
 curate_app = typer.Typer(invoke_without_command=True)
@@ -35,8 +38,7 @@ def curate_cmd(
     engine: Annotated[Optional[str], typer.Option(
         "--engine", help="local, or ray: the PII pass as Ray Data over --workers actors "
         "(needs the ray extra of slmigrate).")] = None,
-    ray_address: Annotated[Optional[str], typer.Option(
-        "--ray-address", help="Ray cluster to use with --engine ray (default: start a local Ray).")] = None,
+    ray_address: RayAddressOpt = None,
     min_outcome: Annotated[Optional[float], typer.Option(
         "--min-outcome", help="Drop calls from workflows whose outcome (e.g. tau reward) is below this.")] = None,
     force: ForceOpt = False,

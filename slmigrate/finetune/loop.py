@@ -211,8 +211,6 @@ class FrozenBottom:
 
     def top(self, examples: Sequence[Example], attention_mask):
         """The final hidden states of a batch: cached bottom output, right-padded, through the top layers."""
-        import torch
-
         first = self.hidden[id(examples[0])]
         width = attention_mask.shape[1]
         hidden = first.new_zeros((len(examples), width, first.shape[-1]))

@@ -13,7 +13,6 @@ agreement per cluster (a safe rollout). ``--canary P`` sends P% of a migrated cl
 
 from __future__ import annotations
 
-import asyncio
 import json
 import logging
 import threading
