@@ -27,9 +27,10 @@ import json
 import math
 import random
 import sys
+from collections.abc import Callable, Iterator
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from faker import Faker
 
@@ -412,17 +413,27 @@ class Log:
                    {"role": "user", "content": request}], answer, temperature=0.7, workflow="adhoc")
 
 
-def generate(calls: int = 600, seed: int = 0) -> list[dict[str, Any]]:
-    """``calls`` records of the Acme Outfitters agent, deterministic in ``seed``."""
+def iter_records(calls: int = 600, seed: int = 0) -> Iterator[dict[str, Any]]:
+    """``calls`` records of the Acme Outfitters agent, deterministic in ``seed``, one session at a time (a
+    million-call log never has to be held in memory)."""
     if calls < 1:
         raise ValueError("calls must be at least 1")
     log = Log(seed)
+    left = calls
+
+    def drain() -> Iterator[dict[str, Any]]:
+        nonlocal left
+        batch, log.records = log.records[:left], []
+        left -= len(batch)
+        yield from batch
+
     # Open with one session of each kind (a complete ticket first) so that any log of 8 or more calls holds every
     # task kind.
     log.support_session(full=True)
     log.sql_session()
     log.open_call()
-    while len(log.records) < calls:
+    yield from drain()
+    while left > 0:
         roll = log.rng.random()
         if roll < 0.70:
             log.support_session()
@@ -430,7 +441,12 @@ def generate(calls: int = 600, seed: int = 0) -> list[dict[str, Any]]:
             log.sql_session()
         else:
             log.open_call()
-    return log.records[:calls]
+        yield from drain()
+
+
+def generate(calls: int = 600, seed: int = 0) -> list[dict[str, Any]]:
+    """``calls`` records of the Acme Outfitters agent, deterministic in ``seed``."""
+    return list(iter_records(calls, seed))
 
 
 def write(path: str | Path, calls: int = 600, seed: int = 0) -> int:

@@ -91,33 +91,12 @@ def write_calls(path: Path, n: int, seed: int = 0) -> int:
 
 
 def _generate(path: Path, n: int, seed: int = 0) -> int:
-    """agent_log.generate(n, seed), streamed: the Log's record list is drained after every session."""
-    agent_log = _agent_log()
-    log = agent_log.Log(seed)
+    """agent_log.generate(n, seed), streamed to ``path`` one session at a time."""
     written = 0
     with gzip.open(path, "wt", encoding="utf-8", compresslevel=1, newline="\n") as fh:
-
-        def drain() -> None:
-            nonlocal written
-            for record in log.records[: n - written]:
-                fh.write(json.dumps(record, ensure_ascii=False) + "\n")
-                written += 1
-            log.records.clear()
-
-        # Same opening and mix as agent_log.generate().
-        log.support_session(full=True)
-        log.sql_session()
-        log.open_call()
-        drain()
-        while written < n:
-            roll = log.rng.random()
-            if roll < 0.70:
-                log.support_session()
-            elif roll < 0.85:
-                log.sql_session()
-            else:
-                log.open_call()
-            drain()
+        for record in _agent_log().iter_records(n, seed):
+            fh.write(json.dumps(record, ensure_ascii=False) + "\n")
+            written += 1
     return written
 
 
