@@ -16,7 +16,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -25,16 +24,12 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "tests"))
+from stub_llm import free_port, wait_http  # noqa: E402
 
 
 class PgUnavailable(RuntimeError):
     pass
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def find_bin_dir() -> Path | None:
@@ -133,22 +128,6 @@ class PgServer:
 
 # --- N real `slmigrate collect proxy` processes into one store, driven concurrently ---
 
-def _wait_http(url: str, proc: subprocess.Popen, timeout: float = 120) -> None:
-    import httpx
-
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"{proc.args[:4]} exited with {proc.returncode}: {proc.stderr.read()[-2000:]}")
-        try:
-            if httpx.get(url, timeout=2).status_code < 500:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.2)
-    raise RuntimeError(f"{url} did not come up")
-
-
 def _cpu_seconds(pid: int) -> float | None:
     """User + system CPU seconds of a running process (Linux /proc), or None elsewhere."""
     try:
@@ -177,7 +156,7 @@ def run_proxies(store: str, workdir: Path, *, proxies: int = 4, calls: int = 20_
     stub = subprocess.Popen([sys.executable, str(ROOT / "tests" / "stub_llm.py"), "--port", str(stub_port)],
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env)
     try:
-        _wait_http(f"http://127.0.0.1:{stub_port}/v1/models", stub)
+        wait_http(f"http://127.0.0.1:{stub_port}/v1/models", stub)
         ports = [free_port() for _ in range(proxies)]
         for k, port in enumerate(ports):
             procs.append(subprocess.Popen(
@@ -186,7 +165,7 @@ def run_proxies(store: str, workdir: Path, *, proxies: int = 4, calls: int = 20_
                  "--workspace", str(workdir / f"ws{k}"), "--store", store, "--json"],
                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=workdir))
         for port, proc in zip(ports, procs):
-            _wait_http(f"http://127.0.0.1:{port}/slmigrate/health", proc)
+            wait_http(f"http://127.0.0.1:{port}/slmigrate/health", proc)
 
         per_proxy = calls // proxies
         wrong: list[str] = []

@@ -233,6 +233,25 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def wait_http(url: str, proc, timeout: float = 180) -> None:
+    """Wait until ``url`` answers (any status below 500) from the server process ``proc``; fail early, with its
+    stderr when it was captured, if the process exits first."""
+    import httpx
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            tail = proc.stderr.read()[-2000:] if proc.stderr else ""
+            raise RuntimeError(f"{proc.args[:4]} exited with {proc.returncode}: {tail}")
+        try:
+            if httpx.get(url, timeout=2).status_code < 500:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.2)
+    raise RuntimeError(f"{url} did not come up")
+
+
 if __name__ == "__main__":
     import uvicorn
 

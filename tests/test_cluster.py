@@ -5,9 +5,7 @@ import json
 import random
 import sys
 from collections import Counter
-from pathlib import Path
 
-import numpy as np
 import pytest
 
 from slmigrate import curated

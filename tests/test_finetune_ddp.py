@@ -38,7 +38,7 @@ def _rank_main(ws_dir: str, model_dir: str, record_dir: str) -> None:
     sys.path.insert(0, str(HERE))
     torch.set_num_threads(1)
     from peft import PeftModel
-    from test_finetune import _config, colour_calls, fill_workspace
+    from test_finetune import _config
 
     from slmigrate.finetune import finetune, loop
     from slmigrate.workspace import Workspace

@@ -26,17 +26,6 @@ def test_new_store_is_migrated_and_in_wal_mode(tmp_path):
         assert {"calls", "call_clusters", "manifests"} <= tables
 
 
-def test_pending_migration_applies_once_on_open(tmp_path, monkeypatch):
-    path = tmp_path / "s.sqlite"
-    Store(path).close()
-    extra = "CREATE TABLE probe (x INTEGER); INSERT INTO probe VALUES (1);"
-    monkeypatch.setattr(store_mod, "MIGRATIONS", [*store_mod.MIGRATIONS, extra])
-    for _ in range(2):  # the second open must not run it again
-        with Store(path) as s:
-            assert s.schema_version == len(store_mod.MIGRATIONS)
-            assert s.conn.execute("SELECT COUNT(*) FROM probe").fetchone()[0] == 1
-
-
 def test_newer_schema_and_non_database_are_clear_errors(tmp_path):
     path = tmp_path / "s.sqlite"
     Store(path).close()
