@@ -27,9 +27,10 @@ Over-long prompts (``max_tokens``) lose whole old turns first - never the system
 latest user turn and what follows it; only if that is still too long is the system message's tail cut.
 ``Rendered`` says how many messages and characters were cut.
 
-Static prefix pruning: the calls of one task usually share a long, fixed system prompt. ``static_prefix``
-finds it and ``prune_prefix`` drops it, so a specialist trained without it needs fewer input tokens when
-serving; the router must apply the same ``prune_prefix`` before rendering.
+Static prompt pruning: the calls of one task usually share a long, fixed system prompt, and an agent's tool
+step offers the same tool schemas on every call. ``StaticPrompt.of(calls)`` finds both (``static_prefix``,
+``static_tools``) and ``apply`` drops them, so a specialist trained without them needs far fewer input tokens
+per call; evaluation and the router apply the same ``StaticPrompt`` (saved next to the adapter) before rendering.
 """
 
 from __future__ import annotations
@@ -37,7 +38,8 @@ from __future__ import annotations
 import copy
 import json
 from dataclasses import dataclass
-from typing import Any
+from pathlib import Path
+from typing import Any, Sequence
 
 Message = dict[str, Any]
 
@@ -304,6 +306,62 @@ def static_prefix(calls_messages: list[list[Message]], *, min_chars: int = MIN_P
         boundary = max(prefix.rfind("\n"), prefix.rfind(" "))
         prefix = prefix[: boundary + 1] if boundary >= 0 else ""
     return prefix if len(prefix) >= min_chars else ""
+
+
+def static_tools(calls_tools: list[list[Message]]) -> list[Message]:
+    """The tool list every call offers, when it is the same non-empty list in each (else [])."""
+    if not calls_tools or not calls_tools[0]:
+        return []
+    first = _canonical(calls_tools[0])
+    return list(calls_tools[0]) if all(_canonical(t) == first for t in calls_tools[1:]) else []
+
+
+def _canonical(value: Any) -> str:
+    return json.dumps(value, sort_keys=True, ensure_ascii=False)
+
+
+@dataclass(frozen=True)
+class StaticPrompt:
+    """What every call of a task repeats verbatim, which a specialist learns instead of reading: the system
+    prompt's shared prefix and, when every call offers the same tools, the tool list. A request whose tools
+    differ from the learned ones keeps them (the specialist then reads them as the base model would)."""
+
+    prefix: str = ""
+    tools: tuple[Message, ...] = ()
+
+    PREFIX_FILE = "static_prefix.txt"
+    TOOLS_FILE = "static_tools.json"
+
+    @classmethod
+    def of(cls, calls: Sequence[Any]) -> "StaticPrompt":
+        """From training calls (anything with ``messages`` and ``tools``)."""
+        tools = static_tools([list(c.tools or []) for c in calls])
+        return cls(static_prefix([c.messages for c in calls]), tuple(tools))
+
+    def __bool__(self) -> bool:
+        return bool(self.prefix or self.tools)
+
+    def apply(self, messages: list[Message], tools: list[Message] | None) -> tuple[list[Message], list[Message]]:
+        """The messages and tools the specialist is shown: the static parts removed."""
+        tools = list(tools or [])
+        if self.tools and _canonical(tools) == _canonical(list(self.tools)):
+            tools = []
+        return prune_prefix(messages, self.prefix), tools
+
+    def save(self, folder: Path) -> None:
+        if self.prefix:
+            (folder / self.PREFIX_FILE).write_text(self.prefix, encoding="utf-8")
+        if self.tools:
+            (folder / self.TOOLS_FILE).write_text(json.dumps(list(self.tools), indent=1) + "\n",
+                                                  encoding="utf-8")
+
+    @classmethod
+    def load(cls, folder: str | Path) -> "StaticPrompt":
+        """What an adapter folder was trained without (nothing for adapters trained with the whole prompt)."""
+        folder = Path(folder)
+        prefix, tools = folder / cls.PREFIX_FILE, folder / cls.TOOLS_FILE
+        return cls(prefix.read_text(encoding="utf-8") if prefix.exists() else "",
+                   tuple(json.loads(tools.read_text(encoding="utf-8"))) if tools.exists() else ())
 
 
 def prune_prefix(messages: list[Message], prefix: str) -> list[Message]:

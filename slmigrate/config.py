@@ -140,11 +140,16 @@ class FinetuneConfig(Section):
     max_length: int = Field(2048, ge=32, description="Longest example in tokens; longer prompts lose old turns.")
     gradient_checkpointing: bool = Field(False, description="Recompute activations to save memory.")
     checkpoint_every: int = Field(50, ge=1, description="Save a resumable checkpoint every N steps.")
-    eval_every: int | None = Field(None, ge=1, description="Validation loss every N steps (default per epoch/4).")
+    eval_every: int | None = Field(None, ge=1, description="Validation loss every N steps (default half an epoch).")
     patience: int = Field(3, ge=1, description="Stop after this many evaluations without improvement.")
+    stop_when_exact: bool = Field(False, description=(
+        "Stop at the first validation where greedy decoding would reproduce every validation answer exactly "
+        "(checked from the validation pass, no generation): saves steps on easy tasks such as short labels."))
     warmup_ratio: float = Field(0.05, ge=0, lt=1, description="Share of steps for learning-rate warm-up.")
     weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
-    prune_static_prefix: bool = Field(False, description="Train without the cluster's shared system prefix.")
+    prune_static_prefix: bool = Field(False, description=(
+        "Train without what every call of the cluster repeats: the shared system-prompt prefix and, when all "
+        "calls offer the same tools, the tool list (the specialist learns them; serving drops them the same)."))
     min_examples: int = Field(8, ge=1, description="Skip clusters with fewer training calls than this.")
 
 

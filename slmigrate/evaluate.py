@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from slmigrate import metrics as M
+from slmigrate.chat_format import StaticPrompt
 from slmigrate.config import EvaluateConfig, PricesConfig
 from slmigrate.curated import CuratedCall, current_version, load_curated
 from slmigrate.errors import GateFailed, SlmigrateError
@@ -197,20 +198,19 @@ def slm_figures(gen: Any, prices: PricesConfig, llm_cost: float | None) -> dict[
 
 def evaluate_variant(model: Any, tokenizer: Any, calls: Sequence[CuratedCall], kind: str, *,
                      examples: Sequence[CuratedCall] = (), config: EvaluateConfig, prices: PricesConfig,
-                     llm_cost: float | None, ctx: M.MetricContext, max_new_tokens: int, prefix: str = "",
+                     llm_cost: float | None, ctx: M.MetricContext, max_new_tokens: int,
+                     static: StaticPrompt | None = None,
                      progress: Callable[[int], None] | None = None) -> dict[str, Any]:
     """Generate for ``calls`` with one model variant and score the answers. Reusable by ``select --probe``.
 
-    ``prefix``: the static system-prompt prefix an adapter was trained without (removed here as in training
-    and in the router).
+    ``static``: the static prompt parts an adapter was trained without (removed here as in training and in
+    the router).
     """
-    from slmigrate import chat_format
     from slmigrate.generate import generate
 
     requests = [with_examples(c.request, examples) if examples else c.request for c in calls]
-    if prefix:
-        requests = [{**r, "messages": chat_format.prune_prefix(list(r.get("messages") or []), prefix)}
-                    for r in requests]
+    if static:
+        requests = [_without(static, r) for r in requests]
     budget = context_budget(model, tokenizer, max_new_tokens)
     prompts = [render(tokenizer, r, budget) for r in requests]
     gen = generate(model, tokenizer, prompts, batch_size=config.batch_size, max_new_tokens=max_new_tokens,
@@ -224,6 +224,11 @@ def evaluate_variant(model: Any, tokenizer: Any, calls: Sequence[CuratedCall], k
         "_items": [{"id": c.id, "text": t, "prediction": p, primary: scores.items.get(primary, [None] * len(calls))[i]}
                    for i, (c, t, p) in enumerate(zip(calls, gen.texts, predictions))],
     }
+
+
+def _without(static: StaticPrompt, request: dict[str, Any]) -> dict[str, Any]:
+    messages, tools = static.apply(list(request.get("messages") or []), request.get("tools"))
+    return {**request, "messages": messages, "tools": tools}
 
 
 def decide(kind: str, n_test: int, finetuned: dict[str, Any] | None, metric: str, threshold: float,
@@ -416,13 +421,11 @@ def _evaluate_cluster(ws, cid, info, calls, train, variants, adapter, model_name
         max_new = G.max_new_tokens_for(tokenizer, [answer_text(c.answer) for c in calls],
                                        cap=config.max_new_tokens)
         examples = icl_examples(train, config.icl_examples, config.seed) if variant == "icl" else ()
-        prefix_file = adapter / "static_prefix.txt" if adapter is not None else None
-        prefix = prefix_file.read_text(encoding="utf-8") if (variant == "finetuned" and prefix_file is not None
-                                                             and prefix_file.exists()) else ""
+        static = StaticPrompt.load(adapter) if variant == "finetuned" and adapter is not None else None
         task = bar.add(f"{cid} {variant}", len(calls))
         out["variants"][variant] = evaluate_variant(
             model, tokenizer, calls, kind, examples=examples, config=config, prices=prices,
-            llm_cost=llm["cost_per_1k_usd"], ctx=ctx, max_new_tokens=max_new, prefix=prefix,
+            llm_cost=llm["cost_per_1k_usd"], ctx=ctx, max_new_tokens=max_new, static=static,
             progress=lambda done, t=task: bar.update(t, done))
         if examples:
             out["variants"][variant]["examples"] = [e.id for e in examples]

@@ -38,7 +38,7 @@ def export_vllm(ws: Workspace, out: str | Path | None = None, *, port: int = 800
                "--lora-modules", *modules]
     table = {"base_model": bases[0], "routes": [
         {"cluster": d.cluster, "label": d.label, "model": d.name, "kind": d.kind, "adapter": str(d.adapter.resolve()),
-         "static_prefix_chars": len(d.static_prefix)} for d in deployments]}
+         "static_prefix_chars": len(d.static.prefix), "static_tools": len(d.static.tools)} for d in deployments]}
     result = {"command": " ".join(shlex.quote(c) for c in command), "argv": command, "routing": table}
     if out is not None:
         out = Path(out)
@@ -73,7 +73,6 @@ def export_merged(ws: Workspace, cluster: str, out: str | Path | None = None) ->
     target.mkdir(parents=True, exist_ok=True)
     merged.save_pretrained(str(target), safe_serialization=True)
     tokenizer.save_pretrained(str(target))
-    if d.static_prefix:
-        (target / "static_prefix.txt").write_text(d.static_prefix, encoding="utf-8")
+    d.static.save(target)  # whatever serves the merged model must drop the same static prompt parts
     return {"cluster": cluster, "path": str(target), "base_model": d.base_model,
             "parameters": sum(p.numel() for p in merged.parameters())}

@@ -139,7 +139,7 @@ def fresh_metric(ws: Workspace, deployment: Any, calls: Sequence[CallRecord], co
     max_new = G.max_new_tokens_for(tokenizer, [E.answer_text(c.answer) for c in sample])
     result = E.evaluate_variant(model, tokenizer, sample, deployment.kind, config=config.evaluate, prices=config.prices,
                                 llm_cost=None, ctx=M.MetricContext([c.request for c in sample]), max_new_tokens=max_new,
-                                prefix=deployment.static_prefix)
+                                static=deployment.static)
     return result["primary"]
 
 

@@ -127,3 +127,29 @@ def test_static_prefix_found_and_pruned():
     assert cf.static_prefix(calls[:1] + [[{"role": "user", "content": "no system"}]]) == ""
     short = [[{"role": "system", "content": "Hi A"}], [{"role": "system", "content": "Hi B"}]]
     assert cf.static_prefix(short) == ""
+
+
+class _Call:
+    def __init__(self, messages, tools):
+        self.messages, self.tools = messages, tools
+
+
+def test_static_prompt_drops_a_fixed_tool_list_only_when_unchanged(tmp_path):
+    shared = "You are the order desk of ACME. Pick one tool.\n" * 3
+    tools = [{"type": "function", "function": {"name": "get_order", "parameters": {"type": "object"}}},
+             {"type": "function", "function": {"name": "refund", "parameters": {"type": "object"}}}]
+    calls = [_Call([{"role": "system", "content": shared + f"Shift {i}."}, {"role": "user", "content": "hi"}],
+                   tools) for i in range(3)]
+    static = cf.StaticPrompt.of(calls)
+    assert static.prefix == shared + "Shift " and [t["function"]["name"] for t in static.tools] == ["get_order", "refund"]
+    # Same tools (key order is not a difference): dropped; other tools: kept for the model to read.
+    reordered = [{"function": dict(reversed(list(t["function"].items()))), "type": "function"} for t in tools]
+    messages, kept = static.apply(calls[0].messages, reordered)
+    assert kept == [] and messages[0]["content"] == "0."
+    assert static.apply(calls[0].messages, tools[:1]) == (messages, tools[:1])
+    # Calls that offer different tools have no static tool list.
+    assert cf.StaticPrompt.of(calls + [_Call(calls[0].messages, tools[:1])]).tools == ()
+    assert not cf.StaticPrompt.of([_Call([{"role": "user", "content": "x"}], None)] * 2)
+    # Saved next to an adapter and loaded back; an adapter folder without the files has nothing static.
+    static.save(tmp_path)
+    assert cf.StaticPrompt.load(tmp_path) == static and not cf.StaticPrompt.load(tmp_path / "none")

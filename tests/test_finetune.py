@@ -330,6 +330,75 @@ def test_early_stopping_keeps_the_best_validation_weights(workspace, tiny):
     assert res["best_val_loss"] == pytest.approx(min(res["history"]["val_loss"]), abs=1e-4)
 
 
+class _Bigram:
+    """Models small enough to reason about: logits for token t+1 from token t alone (no config: the loop's
+    plain full-logits path)."""
+
+    @staticmethod
+    def output(logits, labels):
+        import torch.nn.functional as F
+
+        from slmigrate.finetune.data import IGNORE
+
+        loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1),
+                               ignore_index=IGNORE)
+        return type("Out", (), {"loss": loss, "logits": logits})()
+
+
+def _settings(**kw):
+    from slmigrate.finetune import loop
+
+    base = dict(total_steps=1, lr=0.1, warmup_steps=0, weight_decay=0, batch_tokens=64, checkpoint_every=1000,
+                eval_every=1, patience=100, seed=0, device="cpu", pad_id=0)
+    return loop.LoopSettings(**{**base, **kw})
+
+
+def test_validation_counts_the_answers_greedy_decoding_would_reproduce():
+    import torch
+
+    from slmigrate.finetune import loop
+    from slmigrate.finetune.data import IGNORE, Example
+
+    class NextIsPlusOne(torch.nn.Module):
+        def forward(self, input_ids, attention_mask, labels):
+            return _Bigram.output(torch.nn.functional.one_hot((input_ids + 1) % 16, 16).float() * 10, labels)
+
+    examples = [Example("right", [5, 6, 7, 8], [IGNORE, IGNORE, 7, 8]),
+                Example("last token wrong", [5, 6, 7, 9], [IGNORE, IGNORE, 7, 9]),
+                Example("right, shorter", [1, 2, 3], [IGNORE, 2, 3])]
+    loss, exact = loop.validation_loss(NextIsPlusOne(), examples, _settings())
+    assert exact == pytest.approx(2 / 3) and loss > 0
+
+
+def test_stop_when_exact_ends_training_once_validation_answers_are_reproduced(tmp_path):
+    import torch
+
+    from slmigrate.finetune import loop
+    from slmigrate.finetune.data import IGNORE, Example
+
+    class Table(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.table = torch.nn.Parameter(torch.zeros(16, 16))
+
+        def forward(self, input_ids, attention_mask, labels):
+            return _Bigram.output(self.table[input_ids], labels)
+
+    # The task: after token a comes a + 3. Learnable by the table in a few steps of a high learning rate.
+    data = [Example(f"e{a}", [a, (a + 3) % 16], [IGNORE, (a + 3) % 16]) for a in range(12)]
+    train, val = data * 3, data[8:]
+    for stop in (True, False):
+        torch.manual_seed(0)
+        history, best = loop.train(Table(), train, val, _settings(total_steps=60, lr=0.5, stop_when_exact=stop),
+                                   tmp_path / str(stop), progress=False)
+        if stop:
+            assert history.stop_reason == "exact" and history.stopped_early and history.steps[-1] < 60
+            assert history.val_exact[-1] == 1.0 and 1.0 not in history.val_exact[:-1]
+            assert history.best_step == history.steps[-1] and best is not None
+        else:  # without the option the same run trains on past its first fully-exact validation
+            assert history.steps[-1] == 60 and history.stop_reason is None and 1.0 in history.val_exact
+
+
 def test_static_prefix_pruning_reports_the_saving(workspace, tiny):
     system = "You are the colour desk of ACME Paints. " * 4 + "Answer with the hex code only."
     calls = colour_calls(60, system=system)
@@ -340,9 +409,27 @@ def test_static_prefix_pruning_reports_the_saving(workspace, tiny):
     out = Path(res["path"])
     prefix = (out / "static_prefix.txt").read_text()
     assert prefix.startswith("You are the colour desk") and prefix.endswith("Ticket ")  # the number varies
+    assert not (out / "static_tools.json").exists()  # these calls offer no tools
     data = json.loads((out / "data.json").read_text())
     assert data["static_prefix"]["tokens_per_call"] > 100 and res["prefix_tokens_saved"] > 0
     assert 0.3 < data["static_prefix"]["share_of_prompt_tokens"] < 1
+
+
+def test_a_fixed_tool_list_is_pruned_with_the_prefix(workspace, tiny):
+    tools = [{"type": "function", "function": {"name": f"paint_{n}", "description": "Mix a paint colour. " * 6,
+                                               "parameters": {"type": "object", "properties": {}}}}
+             for n in ("red", "green", "blue")]
+    calls = colour_calls(40)
+    for c in calls:
+        c["request"]["tools"] = tools
+    fill_workspace(workspace, calls, lambda r: "colours")
+    res = finetune(workspace, _config(tiny, prune_static_prefix=True, max_steps=2), progress=False)["adapters"][0]
+    out = Path(res["path"])
+    assert [t["function"]["name"] for t in json.loads((out / "static_tools.json").read_text())] == \
+        ["paint_red", "paint_green", "paint_blue"]
+    data = json.loads((out / "data.json").read_text())
+    assert data["static_prefix"]["tools"] == ["paint_red", "paint_green", "paint_blue"]
+    assert data["static_prefix"]["share_of_prompt_tokens"] > 0.5  # the schemas were most of each prompt
 
 
 def test_bad_requests_are_user_errors(workspace, tiny):

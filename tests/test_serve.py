@@ -234,3 +234,34 @@ def test_real_engine_serves_two_adapters_on_one_base(tmp_path, stub):
     assert 0 < a.completion_tokens <= 8 and a.prompt_tokens > 0
     assert a.text != b.text  # different adapters, different answers from the same base
     assert engine.answer("intent", request).text == a.text  # switching back restores the first adapter
+
+
+def test_real_engine_drops_the_static_prompt_its_adapter_was_trained_without(tmp_path):
+    """A specialist trained without its task's fixed system prefix and tool list is served without them too;
+    a request offering other tools keeps them."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from tiny_model import tiny_model_dir
+    from transformers import AutoModelForCausalLM
+
+    from slmigrate.chat_format import StaticPrompt
+    from slmigrate.serve.engine import SlmEngine
+
+    base = tiny_model_dir(tmp_path)
+    torch.manual_seed(0)
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(base),
+                           LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+    model.save_pretrained(tmp_path / "orders")
+    prefix = "You are the order desk of ACME. Follow the refund policy. " * 3
+    tools = [{"type": "function", "function": {"name": n, "description": "Look it up. " * 8,
+                                               "parameters": {"type": "object"}}} for n in ("get_order", "refund")]
+    static = StaticPrompt(prefix, tuple(tools))
+    plain = Deployment("plain", tmp_path / "orders", str(base), "tool_call", max_new_tokens=4)
+    pruned = Deployment("pruned", tmp_path / "orders", str(base), "tool_call", static=static, max_new_tokens=4)
+    engine = SlmEngine([plain, pruned], device="cpu")
+    request = {"messages": [{"role": "system", "content": prefix + "Shift 3."},
+                            {"role": "user", "content": "Where is order 12?"}], "tools": tools}
+    full = engine.answer("plain", request).prompt_tokens
+    short = engine.answer("pruned", request).prompt_tokens
+    other_tools = engine.answer("pruned", {**request, "tools": tools[:1]}).prompt_tokens
+    assert short < other_tools < full

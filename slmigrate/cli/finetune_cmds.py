@@ -27,7 +27,8 @@ def finetune(
     resume: Annotated[bool, typer.Option("--resume", help="Continue from the last checkpoint.")] = False,
     prune_static_prefix: Annotated[Optional[bool], typer.Option(
         "--prune-static-prefix/--keep-static-prefix",
-        help="Train without the cluster's shared system-prompt prefix (fewer input tokens when serving).")] = None,
+        help="Train without the cluster's shared system-prompt prefix and fixed tool list (fewer input tokens "
+             "per call).")] = None,
     gradient_checkpointing: Annotated[Optional[bool], typer.Option(
         "--gradient-checkpointing/--no-gradient-checkpointing", help="Trade compute for memory.")] = None,
     force: Annotated[bool, typer.Option("--force", help="Retrain even when nothing changed.")] = False,
@@ -74,4 +75,4 @@ def finetune(
             console.print(f"{r['cluster']}: {r['prompts_cut']} prompt(s) lost old history to fit; "
                           f"{r.get('too_long', 0)} call(s) too long even then were left out")
         if r.get("prefix_tokens_saved"):
-            console.print(f"{r['cluster']}: static prefix pruning saved {r['prefix_tokens_saved']:,} prompt tokens")
+            console.print(f"{r['cluster']}: static prompt pruning saved {r['prefix_tokens_saved']:,} prompt tokens")

@@ -131,10 +131,9 @@ def finetune_cluster(ws: Workspace, cluster: str, model_name: str, train_calls: 
     resolved = models.resolve(model_name)
     out = ws.path("adapters", cluster, resolved.slug)
     tokenizer = models.load_tokenizer(resolved.path)
-    prefix = (chat_format.static_prefix([c.messages for c in train_calls])
-              if config.prune_static_prefix else "")
-    train, train_report = build_examples(tokenizer, train_calls, max_length=config.max_length, prefix=prefix)
-    val, val_report = build_examples(tokenizer, val_calls, max_length=config.max_length, prefix=prefix)
+    static = chat_format.StaticPrompt.of(train_calls) if config.prune_static_prefix else chat_format.StaticPrompt()
+    train, train_report = build_examples(tokenizer, train_calls, max_length=config.max_length, static=static)
+    val, val_report = build_examples(tokenizer, val_calls, max_length=config.max_length, static=static)
     if len(train) < config.min_examples:
         return {"cluster": cluster, "model": resolved.slug, "status": "skipped",
                 "reason": f"{len(train)} training examples, fewer than min_examples={config.min_examples}"}
@@ -159,6 +158,7 @@ def finetune_cluster(ws: Workspace, cluster: str, model_name: str, train_calls: 
         weight_decay=config.weight_decay, batch_tokens=hp["batch_tokens"],
         checkpoint_every=config.checkpoint_every, eval_every=hp["eval_every"], patience=config.patience,
         seed=config.seed, device=device, pad_id=tokenizer.pad_token_id, bf16=device == "cuda",
+        stop_when_exact=config.stop_when_exact,
     )
     if loop.is_main_process():  # under `accelerate launch` only rank 0 writes (docs/finetune.md, Several GPUs)
         checkpoints.mkdir(parents=True, exist_ok=True)
@@ -174,7 +174,7 @@ def finetune_cluster(ws: Workspace, cluster: str, model_name: str, train_calls: 
     # 4. save: the adapter (or model) folder and what it was trained on, with how it went.
     if not loop.is_main_process():
         return {"cluster": cluster, "model": resolved.slug, "status": "trained", "saved_by": "rank 0"}
-    metrics = _save(out, model, tokenizer, resolved, config, hp, history, fingerprint, prefix,
+    metrics = _save(out, model, tokenizer, resolved, config, hp, history, fingerprint, static,
                     train, train_report, val_report, started, cluster)
     shutil.rmtree(checkpoints, ignore_errors=True)  # finished: nothing left to resume
     return {**metrics, "status": "trained"}
@@ -273,7 +273,8 @@ def _check_resume(checkpoints: Path, fingerprint: str, resume: bool) -> None:
 
 
 def _save(out: Path, model, tokenizer, resolved: models.ResolvedModel, config: FinetuneConfig,
-          hp: dict[str, Any], history: loop.History, fingerprint: str, prefix: str, train: Sequence[Example],
+          hp: dict[str, Any], history: loop.History, fingerprint: str, static: chat_format.StaticPrompt,
+          train: Sequence[Example],
           train_report: BuildReport, val_report: BuildReport, started: float, cluster: str) -> dict[str, Any]:
     out.mkdir(parents=True, exist_ok=True)
     base_ref = resolved.hub_id or str(resolved.path)
@@ -284,8 +285,7 @@ def _save(out: Path, model, tokenizer, resolved: models.ResolvedModel, config: F
         # The hub id (not this machine's cache path) names the base, so vLLM and evaluate find it anywhere.
         model.peft_config["default"].base_model_name_or_path = base_ref
         model.save_pretrained(out, safe_serialization=True)
-    if prefix:
-        (out / "static_prefix.txt").write_text(prefix, encoding="utf-8")
+    static.save(out)
     (out / "finetune_config.json").write_text(json.dumps(
         {"cluster": cluster, "config": config.model_dump(), "resolved": hp, "model": resolved.to_dict()},
         indent=2, default=str) + "\n")
@@ -295,7 +295,9 @@ def _save(out: Path, model, tokenizer, resolved: models.ResolvedModel, config: F
         "fingerprint": fingerprint, "train": train_report.to_dict(), "validation": val_report.to_dict(),
         "padding_share": round(padding_share(train, batches), 4),
         "static_prefix": {
-            "chars": len(prefix), "tokens_per_call": (chat_format.count_tokens(tokenizer, prefix) if prefix else 0),
+            "chars": len(static.prefix),
+            "tokens_per_call": chat_format.count_tokens(tokenizer, static.prefix) if static.prefix else 0,
+            "tools": [(t.get("function") or t).get("name") for t in static.tools],
             "prompt_tokens_saved": train_report.prefix_tokens_saved,
             "share_of_prompt_tokens": round(train_report.prefix_tokens_saved / prompt_tokens, 4)
             if prompt_tokens else 0.0,
@@ -309,14 +311,18 @@ def _save(out: Path, model, tokenizer, resolved: models.ResolvedModel, config: F
         "total_steps": hp["total_steps"], "epochs": hp["epochs"],
         "final_train_loss": history.train_loss[-1] if history.train_loss else None,
         "best_val_loss": history.best_val_loss, "best_step": history.best_step,
-        "stopped_early": history.stopped_early, "resumed_from": history.resumed_from,
+        "stopped_early": history.stopped_early, "stop_reason": history.stop_reason,
+        "best_val_exact": (history.val_exact[history.val_steps.index(history.best_step)]
+                           if history.best_step in history.val_steps
+                           and len(history.val_exact) == len(history.val_steps) else None),
+        "resumed_from": history.resumed_from,
         "tokens_trained": history.tokens, "tokens_per_second": round(history.tokens_per_second, 1),
         "frozen_layers": history.frozen_layers,
         "padding_share": data["padding_share"], "prompts_cut": train_report.prompts_cut + val_report.prompts_cut,
         "too_long": train_report.too_long + val_report.too_long,
         "prefix_tokens_saved": train_report.prefix_tokens_saved, "seconds": round(time.time() - started, 1),
         "history": {"steps": history.steps, "train_loss": history.train_loss, "val_steps": history.val_steps,
-                    "val_loss": history.val_loss},
+                    "val_loss": history.val_loss, "val_exact": history.val_exact},
     }
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
     _plot(out / "loss.png", history, f"{cluster} / {resolved.slug} ({config.method})")

@@ -43,7 +43,7 @@ class BuildReport:
     messages_dropped: int = 0
     prompt_tokens: int = 0
     answer_tokens: int = 0
-    prefix_tokens_saved: int = 0  # prompt tokens removed by static prefix pruning, over all examples
+    prefix_tokens_saved: int = 0  # prompt tokens removed by static prompt pruning, over all examples
     dropped_ids: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
@@ -52,12 +52,14 @@ class BuildReport:
         return data
 
 
-def build_examples(tokenizer, calls: Sequence[Any], *, max_length: int, prefix: str = "",
+def build_examples(tokenizer, calls: Sequence[Any], *, max_length: int,
+                   static: chat_format.StaticPrompt | None = None,
                    report: BuildReport | None = None) -> tuple[list[Example], BuildReport]:
-    """Tokenise ``calls`` (anything with ``id``, ``messages``, ``tools``, ``answer``) into examples."""
+    """Tokenise ``calls`` (anything with ``id``, ``messages``, ``tools``, ``answer``) into examples, without
+    the ``static`` parts of their prompts."""
     report = report or BuildReport()
     examples: list[Example] = []
-    prefix_tokens = chat_format.count_tokens(tokenizer, prefix) if prefix else 0
+    static = static or chat_format.StaticPrompt()
     for call in calls:
         report.calls += 1
         if call.answer is None:
@@ -66,12 +68,12 @@ def build_examples(tokenizer, calls: Sequence[Any], *, max_length: int, prefix: 
         # The target is tokenised alone, as the model will produce it after the prompt at serving time.
         target_ids = tokenizer(chat_format.render_answer(tokenizer, call.answer), add_special_tokens=False)["input_ids"]
         budget = max_length - len(target_ids)
-        messages = chat_format.prune_prefix(call.messages, prefix) if prefix else call.messages
+        messages, tools = static.apply(call.messages, call.tools)
         if budget <= 0:
             report.too_long += 1
             report.dropped_ids.append(call.id)
             continue
-        rendered = chat_format.render_prompt(tokenizer, messages, call.tools, max_tokens=budget)
+        rendered = chat_format.render_prompt(tokenizer, messages, tools, max_tokens=budget)
         if not rendered.fits:
             report.too_long += 1
             report.dropped_ids.append(call.id)
@@ -80,8 +82,9 @@ def build_examples(tokenizer, calls: Sequence[Any], *, max_length: int, prefix: 
             report.prompts_cut += 1
             report.messages_dropped += rendered.dropped_messages
         prompt_ids = tokenizer(rendered.text, add_special_tokens=False)["input_ids"]
-        if messages is not call.messages:
-            report.prefix_tokens_saved += prefix_tokens
+        if static:
+            whole = chat_format.render_prompt(tokenizer, call.messages, call.tools).text
+            report.prefix_tokens_saved += max(0, chat_format.count_tokens(tokenizer, whole) - len(prompt_ids))
         report.examples += 1
         report.prompt_tokens += len(prompt_ids)
         report.answer_tokens += len(target_ids)

@@ -67,6 +67,7 @@ class LoopSettings:
     device: str
     pad_id: int
     bf16: bool = False  # autocast to bfloat16 (CUDA)
+    stop_when_exact: bool = False  # stop once greedy decoding would reproduce every validation answer
 
 
 @dataclass
@@ -77,6 +78,7 @@ class History:
     train_loss: list[float] = field(default_factory=list)
     val_steps: list[int] = field(default_factory=list)
     val_loss: list[float] = field(default_factory=list)
+    val_exact: list[float] = field(default_factory=list)  # share of validation answers greedy decoding reproduces
     best_step: int | None = None
     best_val_loss: float | None = None
     evals_without_improvement: int = 0
@@ -84,6 +86,7 @@ class History:
     padded_tokens: int = 0  # positions computed, padding included
     train_seconds: float = 0.0
     stopped_early: bool = False
+    stop_reason: str | None = None  # "patience" (no better validation loss) or "exact" (stop_when_exact)
     interrupted: bool = False
     resumed_from: int | None = None
     frozen_layers: int = 0  # bottom decoder layers computed once per example (FrozenBottom), not per step
@@ -222,8 +225,8 @@ class FrozenBottom:
 
 
 def _forward_loss(model, batch: dict[str, Any], s: LoopSettings, frozen: FrozenBottom | None = None,
-                  examples: Sequence[Example] | None = None):
-    """Mean cross-entropy over the answer tokens.
+                  examples: Sequence[Example] | None = None, exact: bool = False):
+    """Mean cross-entropy over the answer tokens (and, with ``exact``, how many rows are reproduced exactly).
 
     The output head (hidden -> vocabulary) is ~20% of a small model's forward pass and its logits the largest
     tensor in memory, yet only positions that predict an answer token need it: the decoder runs over the whole
@@ -235,37 +238,51 @@ def _forward_loss(model, batch: dict[str, Any], s: LoopSettings, frozen: FrozenB
 
     batch = {k: v.to(s.device) for k, v in batch.items()}
     body, head = _body_and_head(model)
+    targets = batch["labels"][:, 1:]
+    keep = targets != IGNORE  # position t predicts token t+1
     with torch.autocast(device_type="cuda", dtype=torch.bfloat16, enabled=s.bf16):
         if body is None:
-            return model(**batch).loss
-        if frozen is not None and examples is not None:
-            hidden = frozen.top(examples, batch["attention_mask"])
+            out = model(**batch)
+            loss, logits = out.loss, out.logits[:, :-1][keep]
         else:
-            hidden = body(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
-        targets = batch["labels"][:, 1:]
-        keep = targets != IGNORE  # position t predicts token t+1
-        logits = head(hidden[:, :-1][keep])
-    return torch.nn.functional.cross_entropy(logits.float(), targets[keep])
+            if frozen is not None and examples is not None:
+                hidden = frozen.top(examples, batch["attention_mask"])
+            else:
+                hidden = body(input_ids=batch["input_ids"],
+                              attention_mask=batch["attention_mask"]).last_hidden_state
+            logits = head(hidden[:, :-1][keep])
+            loss = torch.nn.functional.cross_entropy(logits.float(), targets[keep])
+    if not exact:
+        return loss
+    # Greedy decoding reproduces an answer exactly iff, given the right prefix, every answer token is the
+    # model's top choice: the teacher-forced argmax over the answer positions says so without generating.
+    wrong = (logits.argmax(-1) != targets[keep]).long()
+    rows = keep.nonzero()[:, 0]
+    wrong_per_row = torch.zeros(len(targets), dtype=torch.long, device=wrong.device).index_add_(0, rows, wrong)
+    return loss, int(((wrong_per_row == 0) & keep.any(1)).sum())
 
 
 def validation_loss(model, examples: Sequence[Example], s: LoopSettings,
-                    frozen: FrozenBottom | None = None) -> float | None:
-    """Mean answer-token loss over the validation examples."""
+                    frozen: FrozenBottom | None = None) -> tuple[float | None, float | None]:
+    """Mean answer-token loss over the validation examples, and the share of them greedy decoding would
+    reproduce exactly (see ``_forward_loss``)."""
     import torch
 
     if not examples:
-        return None
+        return None, None
     model.eval()
-    total, weight = 0.0, 0
+    total, weight, exact = 0.0, 0, 0
     with torch.no_grad():
         for idx in length_grouped_batches(examples, s.batch_tokens, seed=s.seed, epoch=-1):
             group = [examples[i] for i in idx]
             batch = collate(group, s.pad_id)
             n = int((batch["labels"][:, 1:] != IGNORE).sum())  # label positions the shifted loss counts
-            total += float(_forward_loss(model, batch, s, frozen, group)) * n
+            loss, rows = _forward_loss(model, batch, s, frozen, group, exact=True)
+            total += float(loss) * n
             weight += n
+            exact += rows
     model.train()
-    return total / weight if weight else None
+    return (total / weight, exact / len(examples)) if weight else (None, None)
 
 
 def save_checkpoint(folder: Path, step: int, model, optimizer, scheduler, history: History,
@@ -378,17 +395,24 @@ def train(model, train_examples: Sequence[Example], val_examples: Sequence[Examp
 
             done = step + 1
             if val_examples and (done % s.eval_every == 0 or done == s.total_steps):
-                val = validation_loss(model, val_examples, s, frozen)
+                val, exact = validation_loss(model, val_examples, s, frozen)
                 history.val_steps.append(done)
                 history.val_loss.append(round(val, 5))
-                if history.best_val_loss is None or val < history.best_val_loss - 1e-4:
+                history.val_exact.append(round(exact, 4))
+                if s.stop_when_exact and exact == 1.0:
+                    # Every held-out answer already comes out right: more steps cost time and risk overfitting.
+                    # These weights are the result, even if an earlier step had a lower loss.
+                    history.best_val_loss, history.best_step = val, done
+                    best_state = _snapshot(unwrapped)
+                    history.stopped_early, history.stop_reason = True, "exact"
+                elif history.best_val_loss is None or val < history.best_val_loss - 1e-4:
                     history.best_val_loss, history.best_step = val, done
                     history.evals_without_improvement = 0
                     best_state = _snapshot(unwrapped)
                 else:
                     history.evals_without_improvement += 1
                     if history.evals_without_improvement >= s.patience:
-                        history.stopped_early = True
+                        history.stopped_early, history.stop_reason = True, "patience"
             if done % s.checkpoint_every == 0 and done < s.total_steps and main:
                 save_checkpoint(checkpoint_dir, done, unwrapped, optimizer, scheduler, history, best_state)
             bar.update(done, float(loss), history.tokens_per_second)

@@ -7,10 +7,11 @@ evaluate stage's decisions) and ``adapters/<cluster>/<model>/`` (the finetune st
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from slmigrate.chat_format import StaticPrompt
 from slmigrate.errors import SlmigrateError
 from slmigrate.workspace import Workspace
 
@@ -24,7 +25,7 @@ class Deployment:
     label: str | None = None
     metric: str | None = None
     score: float | None = None
-    static_prefix: str = ""
+    static: StaticPrompt = field(default_factory=StaticPrompt)  # prompt parts the adapter was trained without
     max_new_tokens: int = 256
 
     @property
@@ -53,7 +54,6 @@ def load_deployments(ws: Workspace, *, include_failed: bool = False) -> list[Dep
         path = Path(adapter)
         metrics_file = path / "metrics.json"
         trained = json.loads(metrics_file.read_text()) if metrics_file.exists() else {}
-        prefix_file = path / "static_prefix.txt"
         finetuned = (result.get("variants") or {}).get("finetuned") or {}
         base = None
         config_file = path / "adapter_config.json"
@@ -63,7 +63,7 @@ def load_deployments(ws: Workspace, *, include_failed: bool = False) -> list[Dep
             cluster=result["cluster"], adapter=path, base_model=base or trained.get("base_model"),
             kind=result.get("kind") or "text", label=result.get("label"), metric=result.get("primary_metric"),
             score=finetuned.get("primary"),
-            static_prefix=prefix_file.read_text(encoding="utf-8") if prefix_file.exists() else "",
+            static=StaticPrompt.load(path),
             max_new_tokens=int((finetuned.get("efficiency") or {}).get("max_new_tokens") or 256),
         ))
     return out

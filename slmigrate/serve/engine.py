@@ -51,14 +51,11 @@ class SlmEngine:
         from slmigrate.generate import generate
 
         d = self.deployments[cluster]
-        messages = list(request.get("messages") or [])
-        if d.static_prefix:
-            # The specialist was trained without its cluster's static system-prompt prefix: serve it the same way.
-            messages = chat_format.prune_prefix(messages, d.static_prefix)
+        # The specialist was trained without its cluster's static prompt parts: serve it the same way.
+        messages, tools = d.static.apply(list(request.get("messages") or []), request.get("tools"))
         window = getattr(self.model.config, "max_position_embeddings", None)
         budget = max(32, int(window) - d.max_new_tokens) if window else None
-        prompt = chat_format.render_prompt(self.tokenizer, messages, list(request.get("tools") or []),
-                                           max_tokens=budget).text
+        prompt = chat_format.render_prompt(self.tokenizer, messages, tools, max_tokens=budget).text
         limit = d.max_new_tokens
         if isinstance(request.get("max_tokens"), int):
             limit = min(limit, request["max_tokens"])

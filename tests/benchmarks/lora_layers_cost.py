@@ -94,8 +94,7 @@ def main() -> None:
     resolved = models.resolve(models.DEFAULT_MODEL)
     tok = models.load_tokenizer(resolved.path)
     calls = task_calls(args.task, args.calls, 0)
-    prefix = chat_format.static_prefix([c.messages for c in calls])
-    examples, _ = build_examples(tok, calls, max_length=2048, prefix=prefix)
+    examples, _ = build_examples(tok, calls, max_length=2048, static=chat_format.StaticPrompt.of(calls))
     epoch_tokens = sum(len(e) for e in examples)
     rows = [measure(resolved.path, examples, None, args.steps, tok.pad_token_id),
             measure(resolved.path, examples, args.layers, args.steps, tok.pad_token_id)]
