@@ -18,7 +18,6 @@ import io
 import itertools
 import json
 import multiprocessing as mp
-import os
 import time
 import zlib
 from collections import deque
@@ -28,7 +27,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from slmigrate import formats
+from slmigrate import engines, formats
 from slmigrate.errors import SlmigrateError
 from slmigrate.formats import ConvertContext, FormatError
 from slmigrate.formats._common import normalise_tools
@@ -370,10 +369,7 @@ def _import_workers() -> int:
     """Worker processes for big JSON Lines files: one per CPU this process may use, none without ``fork``."""
     if "fork" not in mp.get_all_start_methods():
         return 0
-    try:
-        cpus = len(os.sched_getaffinity(0))
-    except AttributeError:  # pragma: no cover - not Linux
-        cpus = os.cpu_count() or 1
+    cpus = engines.usable_cpus()
     return cpus if cpus > 1 else 0
 
 

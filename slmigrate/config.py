@@ -61,7 +61,8 @@ class PricesConfig(Section):
 class CurateConfig(Section):
     pii: Literal["placeholder", "synthetic", "off"] = Field("placeholder", description="How PII is replaced.")
     entities: list[str] | None = Field(None, description="Entity types to scrub (default: all known).")
-    workers: int = Field(1, ge=1, description="Processes for PII analysis.")
+    workers: int | None = Field(None, ge=1, description=(
+        "Processes for PII analysis (default: one per CPU core this process may use, at most 8)."))
     min_outcome: float | None = Field(None, description="Drop calls whose workflow outcome is below this.")
     split: tuple[float, float, float] = Field((0.8, 0.1, 0.1), description="train/validation/test shares.")
     seed: int = Field(0, description="Seed for synthetic replacements and split hashing.")

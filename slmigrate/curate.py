@@ -17,7 +17,7 @@ from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
-from slmigrate import curated
+from slmigrate import curated, engines
 from slmigrate.config import CurateConfig
 from slmigrate.errors import SlmigrateError
 from slmigrate.record import CallRecord, canonical_json
@@ -133,8 +133,6 @@ def curate(ws: Workspace, config: CurateConfig | None = None, progress: Progress
            force: bool = False) -> dict[str, Any]:
     """Run the curate stage; returns its report (``skipped`` is True when nothing changed since the last run)."""
     config = config or CurateConfig()
-    from slmigrate import engines
-
     engines.check_engine(config.engine, config.ray_address)
     if config.engine == "ray" and config.pii != "off":
         engines.require_ray()  # before loading the calls: a missing Ray should fail fast
@@ -166,7 +164,9 @@ def curate(ws: Workspace, config: CurateConfig | None = None, progress: Progress
     else:
         # The scrubber's whole-batch vetoes and consistent replacements need every kept call in memory.
         scrubbed, replaced, analyzer = scrub_calls(
-            list(kept_calls), mode=config.pii, entities=entities, workers=config.workers, seed=config.seed,
+            list(kept_calls), mode=config.pii, entities=entities, seed=config.seed,
+            # Each local worker loads its own spaCy model (~0.5 GB): a few are plenty for a laptop or a CI box.
+            workers=config.workers or min(engines.usable_cpus(), 8),
             allow=config.allow, score_threshold=config.score_threshold, progress=progress,
             engine=config.engine, address=config.ray_address,
         )

@@ -35,6 +35,14 @@ OFFLINE_ENV = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_
                "TOKENIZERS_PARALLELISM": "false"}
 
 
+def usable_cpus() -> int:
+    """CPU cores this process may run on (its affinity mask, which containers and `taskset` narrow)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover - not Linux
+        return os.cpu_count() or 1
+
+
 def check_engine(engine: str, address: str | None = None) -> None:
     if engine not in ENGINES:
         raise SlmigrateError(f"unknown engine {engine!r}; expected one of {', '.join(ENGINES)}")
@@ -55,7 +63,7 @@ def map_batches(items: Sequence[Any], factory: Factory, *, engine: str = "local"
         return []
     if engine == "ray":
         return _ray_map(items, factory, workers, address, batch_size, progress)
-    workers = workers or os.cpu_count() or 1
+    workers = workers or usable_cpus()
     batches = [items[i:i + batch_size] for i in range(0, len(items), batch_size)]
     if workers <= 1 or len(batches) < 2:
         fn = factory()

@@ -308,7 +308,9 @@ def _save(out: Path, model, tokenizer, resolved: models.ResolvedModel, config: F
         "cluster": cluster, "model": resolved.slug, "base_model": base_ref, "method": config.method,
         "path": str(out), "fingerprint": fingerprint, "examples": len(train),
         "validation_examples": val_report.examples, "steps": history.steps[-1] if history.steps else 0,
-        "total_steps": hp["total_steps"], "epochs": hp["epochs"],
+        "total_steps": hp["total_steps"],
+        # Epochs actually trained (early stopping may end before the planned hp["epochs"]).
+        "epochs": round((history.steps[-1] if history.steps else 0) / max(hp["steps_per_epoch"], 1), 3),
         "final_train_loss": history.train_loss[-1] if history.train_loss else None,
         "best_val_loss": history.best_val_loss, "best_step": history.best_step,
         "stopped_early": history.stopped_early, "stop_reason": history.stop_reason,
