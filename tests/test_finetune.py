@@ -458,10 +458,12 @@ def test_cli_finetune_json(workspace, tiny, capsys):
 
     fill_workspace(workspace, colour_calls(40), lambda r: "colours")
     code = main(["finetune", "--workspace", str(workspace.root), "--model", tiny, "--device", "cpu",
-                 "--max-steps", "2", "--cluster", "colours", "--json"])
+                 "--max-steps", "2", "--cluster", "colours", "--stop-when-exact", "--json"])
     assert code == 0
     out = json.loads(capsys.readouterr().out)
     assert out["adapters"][0]["status"] == "trained"
+    saved = json.loads((Path(out["adapters"][0]["path"]) / "finetune_config.json").read_text())
+    assert saved["config"]["stop_when_exact"] is True  # the flag reaches the training settings
 
 
 # --- GPU paths -------------------------------------------------------------------------------------------

@@ -31,6 +31,9 @@ def finetune(
              "per call).")] = None,
     gradient_checkpointing: Annotated[Optional[bool], typer.Option(
         "--gradient-checkpointing/--no-gradient-checkpointing", help="Trade compute for memory.")] = None,
+    stop_when_exact: Annotated[Optional[bool], typer.Option(
+        "--stop-when-exact/--no-stop-when-exact",
+        help="Stop once greedy decoding would reproduce every validation answer exactly.")] = None,
     force: Annotated[bool, typer.Option("--force", help="Retrain even when nothing changed.")] = False,
     config_file: Annotated[Optional[Path], typer.Option("--config", help="slmigrate.toml to read.")] = None,
     workspace: WorkspaceOpt = None,
@@ -50,6 +53,7 @@ def finetune(
     config = load_config(config_file, {"finetune": {
         "model": model, "method": method, "device": device, "epochs": epochs, "max_steps": max_steps, "lr": lr,
         "prune_static_prefix": prune_static_prefix, "gradient_checkpointing": gradient_checkpointing,
+        "stop_when_exact": stop_when_exact,
     }}).finetune
     ws = open_workspace(workspace, create=False)
     result = run(ws, config, clusters=cluster, selected=selected, resume=resume, force=force,
