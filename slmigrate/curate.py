@@ -164,9 +164,7 @@ def curate(ws: Workspace, config: CurateConfig | None = None, progress: Progress
     else:
         # The scrubber's whole-batch vetoes and consistent replacements need every kept call in memory.
         scrubbed, replaced, analyzer = scrub_calls(
-            list(kept_calls), mode=config.pii, entities=entities, seed=config.seed,
-            # Each local worker loads its own spaCy model (~0.5 GB): a few are plenty for a laptop or a CI box.
-            workers=config.workers or min(engines.usable_cpus(), 8),
+            list(kept_calls), mode=config.pii, entities=entities, seed=config.seed, workers=config.workers,
             allow=config.allow, score_threshold=config.score_threshold, progress=progress,
             engine=config.engine, address=config.ray_address,
         )

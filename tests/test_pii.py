@@ -381,3 +381,14 @@ def test_worker_processes_find_the_same(real_analyzer):
     real_analyzer.analyze_many(texts)
     assert all(parallel.cache[t] == real_analyzer.cache[t] for t in texts)
     assert ("USER_ID", "mia_li_3005") in {(f.entity, f.value) for f in parallel.cache[texts[5]]}
+
+
+def test_refine_scrubs_with_the_curate_config_default_of_workers():
+    """`[curate] workers` defaults to None (one per CPU core); refine passes it straight to scrub_calls, which
+    must resolve it (it once compared None with 1 and crashed)."""
+    from slmigrate.config import CurateConfig
+
+    assert CurateConfig().workers is None
+    [clean], replaced, _ = scrub_calls([_tau_call()], mode="placeholder", analyzer=FakeAnalyzer(),
+                                       workers=CurateConfig().workers)
+    assert replaced[0] and "mia.li3818@example.com" not in json.dumps(clean.request)

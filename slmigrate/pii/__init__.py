@@ -38,14 +38,15 @@ def resolve_entities(entities: Iterable[str] | None) -> list[str]:
 
 def scrub_calls(
     calls: list[CallRecord], *, mode: str = "placeholder", entities: Iterable[str] | None = None,
-    workers: int = 1, seed: int = 0, allow: Iterable[str] = (), score_threshold: float = 0.4,
+    workers: int | None = None, seed: int = 0, allow: Iterable[str] = (), score_threshold: float = 0.4,
     analyzer: TextAnalyzer | None = None, progress: Callable[[str, int, int], None] | None = None,
     engine: str = "local", address: str | None = None,
 ) -> tuple[list[CallRecord], list[dict[str, str]], TextAnalyzer | None]:
     """Scrub ``calls``; returns the scrubbed copies, per call the replacements made (replacement -> entity
     type; the original values are not returned) and the analyzer (its cache holds each distinct text's findings).
 
-    ``progress(phase, done, total)`` is told about the analysis and replacement phases.
+    ``progress(phase, done, total)`` is told about the analysis and replacement phases. ``workers``: see
+    ``analyze_parallel`` (default: one per usable CPU core, at most 8).
     """
     if mode == "off":
         return list(calls), [{} for _ in calls], None

@@ -337,19 +337,25 @@ def _analysis_worker(entities: list[str], score_threshold: float) -> Callable[[l
     return run
 
 
-def analyze_parallel(analyzer: TextAnalyzer, texts: list[str], workers: int,
+# Each local worker loads its own presidio + spaCy (~0.5 GB): a few are plenty for a laptop or a CI box.
+DEFAULT_MAX_WORKERS = 8
+
+
+def analyze_parallel(analyzer: TextAnalyzer, texts: list[str], workers: int | None = None,
                      progress: Callable[[int], None] | None = None, chunk: int = 64, engine: str = "local",
                      address: str | None = None) -> None:
     """Analyse ``texts`` into ``analyzer.cache`` with ``workers`` workers on ``engine`` (local: processes, or this
-    process for one worker or little work; ray: actors, see slmigrate/engines.py)."""
+    process for one worker or little work; ray: actors, see slmigrate/engines.py). ``workers`` None: one per
+    usable CPU core, at most ``DEFAULT_MAX_WORKERS``."""
+    from slmigrate import engines
+
+    workers = workers or min(engines.usable_cpus(), DEFAULT_MAX_WORKERS)
     # Longest texts first, so the slowest batches start early instead of finishing last.
     todo = sorted(dict.fromkeys(t for t in texts if t and t not in analyzer.cache), key=len, reverse=True)
     if engine == "local" and (workers <= 1 or len(todo) < 2 * chunk):
         analyzer.analyze_many(todo, progress)
         return
     import functools
-
-    from slmigrate import engines
 
     found = engines.map_batches(todo, functools.partial(_analysis_worker, analyzer.entities,
                                                         analyzer.score_threshold),
