@@ -48,13 +48,13 @@ class SlmEngine:
     def answer(self, cluster: str, request: dict[str, Any]) -> SlmAnswer:
         """Generate the cluster's specialist answer for an OpenAI chat request (blocking)."""
         from slmigrate import chat_format
+        from slmigrate.evaluate import context_budget
         from slmigrate.generate import generate
 
         d = self.deployments[cluster]
         # The specialist was trained without its cluster's static prompt parts: serve it the same way.
         messages, tools = d.static.apply(list(request.get("messages") or []), request.get("tools"))
-        window = getattr(self.model.config, "max_position_embeddings", None)
-        budget = max(32, int(window) - d.max_new_tokens) if window else None
+        budget = context_budget(self.model, self.tokenizer, d.max_new_tokens)  # as evaluate renders prompts
         prompt = chat_format.render_prompt(self.tokenizer, messages, tools, max_tokens=budget).text
         limit = d.max_new_tokens
         if isinstance(request.get("max_tokens"), int):
