@@ -82,7 +82,7 @@ def build_examples(tokenizer, calls: Sequence[Any], *, max_length: int,
             report.prompts_cut += 1
             report.messages_dropped += rendered.dropped_messages
         prompt_ids = tokenizer(rendered.text, add_special_tokens=False)["input_ids"]
-        if static:
+        if messages is not call.messages or len(tools) != len(call.tools or []):  # something was pruned
             whole = chat_format.render_prompt(tokenizer, call.messages, call.tools).text
             report.prefix_tokens_saved += max(0, chat_format.count_tokens(tokenizer, whole) - len(prompt_ids))
         report.examples += 1

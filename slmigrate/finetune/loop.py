@@ -243,7 +243,7 @@ def _forward_loss(model, batch: dict[str, Any], s: LoopSettings, frozen: FrozenB
     with torch.autocast(device_type="cuda", dtype=torch.bfloat16, enabled=s.bf16):
         if body is None:
             out = model(**batch)
-            loss, logits = out.loss, out.logits[:, :-1][keep]
+            loss, logits = out.loss, (out.logits[:, :-1][keep] if exact else None)
         else:
             if frozen is not None and examples is not None:
                 hidden = frozen.top(examples, batch["attention_mask"])
