@@ -255,10 +255,12 @@ class Router:
         score = 0.0
         if prediction is not None and self.agreement is not None:
             score = float(self.agreement(deployment.kind, prediction, reference, request))
-        self.metrics.record(route.cluster, "shadow", agreement=score,
-                            slm_ms=answer.latency_ms if answer is not None else None)
+        # The row goes to the log before the counter moves: whoever sees the count (a dashboard, a test) can then
+        # rely on the row being there too.
         if self.settings.shadow_log is not None:
             row = {"timestamp": now_iso(), "cluster": route.cluster, "agreement": score, "valid": reason is None,
                    "reason": reason, "slm": prediction, "llm": reference}
             with self._shadow_lock, self.settings.shadow_log.open("a") as fh:
                 fh.write(json.dumps(row, ensure_ascii=False) + "\n")
+        self.metrics.record(route.cluster, "shadow", agreement=score,
+                            slm_ms=answer.latency_ms if answer is not None else None)
