@@ -3,7 +3,7 @@
 - cluster: when the distinct task views exceed ``max_points``, a deterministic sample is clustered and the rest
   assigned to the nearest centroid. With ``max_points`` >= the views it must be exactly the full fit; below, the
   assignment must still agree with the full fit and with the generator's true tasks.
-- cluster reads the curated calls trimmed (``load_compact``): the same clusters as from the full calls.
+- cluster streams the curated calls (``iter_compact``): the same clusters as from the loaded calls.
 - curate streams the store into the dataset with ``--pii off``: same rows and report as before.
 """
 
@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from slmigrate import curated
-from slmigrate.cluster.run import cluster_calls, load_compact
+from slmigrate.cluster.run import cluster_calls, iter_compact
 from slmigrate.cluster.views import task_view
 from slmigrate.config import ClusterConfig
 from slmigrate.embed import HashEmbedder
@@ -86,7 +86,7 @@ def test_sampled_fit_assigns_the_rest_like_the_full_fit(calls):
 def test_compact_calls_cluster_like_the_full_calls(workspace, calls):
     some = calls[:300]
     curated.write_curated(workspace, (curated.to_row(c, "train") for c in some), {}, {})
-    compact = load_compact(workspace)
+    compact = list(iter_compact(workspace))
     assert [c.id for c in compact] == [c.id for c in some]
     assert [task_view(c) for c in compact] == [task_view(c) for c in some]
     full = curated.load_curated(workspace)
@@ -115,3 +115,41 @@ def test_curate_streams_with_pii_off(workspace, calls):
     assert [c.id for c in kept] == sorted(c.id for c in kept)  # store order (ids are time-sortable)
     by_id = {c.id: c for c in some}
     assert all(k.request == by_id[k.id].request for k in kept)  # --pii off: unchanged
+
+
+def _repeated(calls: list[CallRecord], n: int):
+    """``n`` calls cycling over ``calls``'s requests and answers (so the distinct task views stay the same), each a
+    new call with its own id, made one at a time as the consumer asks."""
+    for i in range(n):
+        c = calls[i % len(calls)]
+        yield CallRecord(request=c.request, response=c.response, id=f"call-{i:08d}", model=c.model, agent=c.agent,
+                         prompt_tokens=c.prompt_tokens, completion_tokens=c.completion_tokens,
+                         metadata=c.metadata)
+
+
+def test_cluster_memory_does_not_grow_with_calls_beyond_their_views(calls):
+    """Calls stream through cluster_calls and are not kept: with the same distinct views, 4x the calls may add
+    only the per-call columns (tens of bytes each), not the calls (several KB each as objects)."""
+    import tracemalloc
+
+    base = calls[:300]
+    cfg = ClusterConfig(embedder="hash", map=False)
+    embedder = HashEmbedder()
+    cluster_calls(_repeated(base, 300), cfg, embedder=embedder)  # warm caches (embedder, masks) first
+
+    def peak(n: int) -> tuple[int, dict]:
+        tracemalloc.start()
+        try:
+            body = cluster_calls(_repeated(base, n), cfg, embedder=embedder)[0]
+            return tracemalloc.get_traced_memory()[1], body
+        finally:
+            tracemalloc.stop()
+
+    small, body_small = peak(3_000)
+    large, body_large = peak(12_000)
+    per_call = (large - small) / 9_000
+    assert body_large["calls"] == 12_000 and body_large["clustered_calls"] == 4 * body_small["clustered_calls"]
+    assert [c["size"] for c in body_large["clusters"]] == [4 * c["size"] for c in body_small["clusters"]]
+    # A trimmed call object alone is ~2.5 KB; the columns, the assignment list and the passes' temporaries
+    # stay far below that.
+    assert per_call < 250, f"{per_call:.0f} bytes per added call"

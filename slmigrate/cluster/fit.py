@@ -7,8 +7,9 @@ Why this recipe:
   batches (``assign_rest``): average linkage needs the pairwise distances, O(n^2) time and memory, so a million
   views cannot be fitted directly, while assigning costs O(n * clusters).
 - Average linkage cut at a distance threshold lets the number of clusters come from the data, is deterministic
-  (the input is put in a canonical order first), and gives a radius with a meaning: in the weighted space a
-  distance of ``d`` means the calls' views differ by a weighted cosine distance of ``d^2 / 2``.
+  (the input is put in a canonical order first: by content hash, ``calltable.view_digest``), and gives a radius
+  with a meaning: in the weighted space a distance of ``d`` means the calls' views differ by a weighted cosine
+  distance of ``d^2 / 2``.
 - A recurring task has dense structure inside it; a handful of unrelated one-off requests that happen to share
   a generic system prompt do not. So a call is kept only if, cut again at ``core_ratio`` times the radius, it
   still sits in a group of at least ``min_size`` calls; the rest are "unclustered".
@@ -16,7 +17,6 @@ Why this recipe:
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass
 
 import numpy as np
@@ -30,11 +30,6 @@ class Fitted:
     centroids: np.ndarray  # (k, width)
     radius: np.ndarray  # (k,) largest member distance in the full space
     request_radius: np.ndarray  # (k,) the same over the request blocks only (routing before the answer exists)
-
-
-def canonical_order(keys: list[str]) -> np.ndarray:
-    """An order that depends only on the content, so shuffled input gives the same clusters."""
-    return np.argsort(np.array([hashlib.sha1(k.encode("utf-8")).hexdigest() for k in keys]), kind="stable")
 
 
 def fit_group(x: np.ndarray, counts: np.ndarray, *, threshold: float, core_ratio: float, min_size: int,

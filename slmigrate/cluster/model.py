@@ -24,7 +24,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -32,7 +32,7 @@ import numpy as np
 
 from slmigrate.cluster.features import BLOCKS, Layout, featurize
 from slmigrate.cluster.fit import nearest
-from slmigrate.cluster.views import TURN_CHARS, _mask_system, latest_turn, mask, system_prompt, task_view
+from slmigrate.cluster.views import TURN_CHARS, _mask_system, digest64, latest_turn, mask, system_prompt, task_view
 from slmigrate.embed import Embedder, get_embedder
 from slmigrate.errors import SlmigrateError
 from slmigrate.record import CallRecord
@@ -143,19 +143,23 @@ class ClusterModel:
             return out
         x = self.vectors([calls[i] for i in todo])
         request_mask = self.layout.request_mask()
-        groups = np.array([g or "" for g in self.groups])
         for j, i in enumerate(todo):
             call = calls[i]
-            candidates = np.arange(len(self.ids))
-            if self.by == "agent":
-                mine = np.flatnonzero(groups == (call.agent or UNKNOWN_AGENT))
-                candidates = mine if len(mine) else candidates
+            candidates = self.candidates(call.agent)
             answered = call.answer is not None
             hit = nearest(x[j:j + 1], self.centroids[candidates],
                           (self.radius if answered else self.request_radius)[candidates],
                           mask=None if answered else request_mask)[0]
             out[i] = self.ids[candidates[hit]] if hit >= 0 else None
         return out
+
+    def candidates(self, agent: str | None) -> np.ndarray:
+        """The clusters a call may join: with ``--by agent`` its agent's own (all, when its agent has none)."""
+        everything = np.arange(len(self.ids))
+        if self.by != "agent":
+            return everything
+        mine = np.flatnonzero(np.array([g == (agent or UNKNOWN_AGENT) for g in self.groups], dtype=bool))
+        return mine if len(mine) else everything
 
 
 def request_signature(call: CallRecord, by: str = "none") -> str:
@@ -171,47 +175,62 @@ def request_signature(call: CallRecord, by: str = "none") -> str:
     return hashlib.sha1(key.encode("utf-8")).hexdigest()
 
 
-def learn_signatures(model: ClusterModel, calls: Sequence[CallRecord], assignment: Sequence[str | None],
-                     min_size: int) -> dict[str, str]:
-    """The fast-path table: signatures that map to exactly one cluster (the rules are in the module docstring).
+def signature_table(model: ClusterModel, signatures: Sequence[str], call_sig: np.ndarray, call_turn: np.ndarray,
+                    call_label: np.ndarray, call_tagged: np.ndarray, min_size: int,
+                    request_path: Callable[[np.ndarray], np.ndarray]) -> dict[str, str]:
+    """The fast-path table from per-call columns (the rules are in the module docstring).
 
-    Deterministic: it depends only on the calls, their clusters and the model, not on the order of the calls.
+    ``call_sig`` indexes ``signatures``; ``call_turn`` is a hash of the call's masked latest turn; ``call_label``
+    indexes ``model.ids`` (-1: unclustered, -2: a cluster the model does not have); ``request_path(calls)`` gives
+    the cluster index (-1: none) the router's embedding path picks for those calls' requests. Deterministic: it
+    depends only on the calls, their clusters and the model, not on the order of the calls.
     """
-    clusters: dict[str, set] = {}
-    unclustered: dict[str, int] = {}
-    total: dict[str, int] = {}
-    turns: dict[str, set[str]] = {}
-    sigs = []
-    for call, cid in zip(calls, assignment):
-        sig = request_signature(call, model.by)
-        sigs.append(sig)
-        total[sig] = total.get(sig, 0) + 1
-        if task_tag(call, model.task_tag_key) is not None:
-            # A tagged call's cluster comes from its tag, which a live request need not carry: no fast path.
-            clusters.setdefault(sig, set()).add(("tagged",))
-        elif cid is None:
-            unclustered[sig] = unclustered.get(sig, 0) + 1
-        else:
-            clusters.setdefault(sig, set()).add(cid)
-        if len(turns.setdefault(sig, set())) < min_size:
-            turns[sig].add(mask(latest_turn(call.messages))[:TURN_CHARS])
-    ids = set(model.ids)
-    table = {}
-    for sig, marks in clusters.items():
-        (only,) = marks if len(marks) == 1 else (None,)
-        if (isinstance(only, str) and only in ids and len(turns[sig]) >= min_size
-                and unclustered.get(sig, 0) <= MAX_UNCLUSTERED_SHARE * total[sig]):
-            table[sig] = only
+    n = len(signatures)
+    total = np.bincount(call_sig, minlength=n)
+    tagged = np.bincount(call_sig[call_tagged], minlength=n) > 0
+    free = ~call_tagged
+    unclustered = np.bincount(call_sig[free & (call_label == -1)], minlength=n)
+    clustered = free & (call_label != -1)
+    pairs = np.unique(np.stack([call_sig[clustered].astype(np.int64), call_label[clustered].astype(np.int64)],
+                               axis=1), axis=0).reshape(-1, 2)  # distinct (signature, cluster)
+    n_clusters = np.bincount(pairs[:, 0], minlength=n)
+    only = np.full(n, -1, dtype=np.int64)
+    only[pairs[:, 0]] = pairs[:, 1]  # the cluster, where there is exactly one
+    turns = np.unique(np.stack([call_sig.astype(np.uint64), call_turn.astype(np.uint64)], axis=1),
+                      axis=0).reshape(-1, 2)
+    distinct_turns = np.bincount(turns[:, 0].astype(np.int64), minlength=n)
+    ok = ((n_clusters == 1) & ~tagged & (only >= 0) & (only < len(model.ids)) & (distinct_turns >= min_size)
+          & (unclustered <= MAX_UNCLUSTERED_SHARE * total))
     # The request path must agree on every call of the signature: a signature whose calls the router's own
     # embedding path would split or leave out is not unambiguous for requests, whatever the clustering said.
-    rows = [i for i, sig in enumerate(sigs) if sig in table]
-    for start in range(0, len(rows), 20_000):  # in chunks: the vectors of a million requests would not fit
-        part = rows[start:start + 20_000]
-        requests = [CallRecord(request=calls[i].request, agent=calls[i].agent) for i in part]
-        for i, got in zip(part, model.assign_many(requests, fast=False)):
-            if got != table.get(sigs[i], got):
-                table.pop(sigs[i], None)
-    return dict(sorted(table.items()))
+    rows = np.flatnonzero(ok[call_sig])
+    if len(rows):
+        wrong = np.asarray(request_path(rows)) != only[call_sig[rows]]
+        ok[np.unique(call_sig[rows][wrong])] = False
+    return dict(sorted((signatures[s], model.ids[only[s]]) for s in np.flatnonzero(ok).tolist()))
+
+
+def learn_signatures(model: ClusterModel, calls: Sequence[CallRecord], assignment: Sequence[str | None],
+                     min_size: int) -> dict[str, str]:
+    """``signature_table`` for calls held in memory, with their cluster ids."""
+    index: dict[str, int] = {}
+    call_sig = np.array([index.setdefault(request_signature(c, model.by), len(index)) for c in calls],
+                        dtype=np.int64)
+    call_turn = np.array([digest64(mask(latest_turn(c.messages))[:TURN_CHARS]) for c in calls], dtype=np.uint64)
+    position = {cid: i for i, cid in enumerate(model.ids)}
+    call_label = np.array([-1 if cid is None else position.get(cid, -2) for cid in assignment], dtype=np.int64)
+    call_tagged = np.array([task_tag(c, model.task_tag_key) is not None for c in calls], dtype=bool)
+
+    def request_path(rows: np.ndarray) -> np.ndarray:
+        out = []
+        for start in range(0, len(rows), 20_000):  # in chunks: the vectors of a million requests would not fit
+            part = rows[start:start + 20_000].tolist()
+            requests = [CallRecord(request=calls[i].request, agent=calls[i].agent) for i in part]
+            out.extend(-1 if cid is None else position[cid] for cid in model.assign_many(requests, fast=False))
+        return np.array(out, dtype=np.int64)
+
+    return signature_table(model, list(index), call_sig, call_turn, call_label, call_tagged, min_size,
+                           request_path)
 
 
 def load_clusters(ws: Workspace) -> dict:
@@ -222,4 +241,5 @@ def load_clusters(ws: Workspace) -> dict:
     return json.loads(path.read_text())
 
 
-__all__ = ["BLOCKS", "ClusterModel", "learn_signatures", "load_clusters", "request_signature", "slug", "task_tag"]
+__all__ = ["BLOCKS", "ClusterModel", "learn_signatures", "load_clusters", "request_signature", "signature_table",
+           "slug", "task_tag"]

@@ -4,17 +4,20 @@ from __future__ import annotations
 
 import json
 import time
-from collections import defaultdict
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from slmigrate import curated
+from slmigrate.cluster.calltable import GROUP, TAG, CallTable
 from slmigrate.cluster.features import WEIGHTS, featurize
-from slmigrate.cluster.fit import Fitted, assign_rest, canonical_order, fit_group
-from slmigrate.cluster.model import CLUSTERS_FILE, UNKNOWN_AGENT, ClusterModel, learn_signatures, slug, task_tag
+from slmigrate.cluster.fit import Fitted, assign_rest, fit_group, nearest
+from slmigrate.cluster.model import CLUSTERS_FILE, ClusterModel, signature_table, slug
 from slmigrate.cluster.stats import cluster_stats, keywords
-from slmigrate.cluster.views import TaskView, task_view
+from slmigrate.cluster.views import TaskView
 from slmigrate.config import ClusterConfig, Config, PricesConfig
 from slmigrate.embed import Embedder, get_embedder
 from slmigrate.errors import SlmigrateError
@@ -24,102 +27,184 @@ from slmigrate.workspace import Workspace, fingerprint_of
 
 SCHEMA_VERSION = 1
 # Bump when the task view or the features change, so a re-run does not reuse clusters made the old way.
-METHOD_VERSION = "views1-avglink1"
+METHOD_VERSION = "views2-avglink1"  # views2: the fit sample is ordered by view_digest
 DEFAULT_THRESHOLD = {"coarse": 0.6, "fine": 0.55}
 
 
-def _groups(calls: list[CallRecord], cfg: ClusterConfig) -> dict[str | None, list[int]]:
-    """Which calls are clustered together: all of them, or each agent's own (``--by agent``)."""
-    groups: dict[str | None, list[int]] = defaultdict(list)
-    for i, call in enumerate(calls):
-        if task_tag(call, cfg.task_tag_key) is not None:
-            continue
-        groups[(call.agent or UNKNOWN_AGENT) if cfg.by == "agent" else None].append(i)
-    return dict(sorted(groups.items(), key=lambda kv: (kv[0] is None, kv[0] or "")))
-
-
-def cluster_calls(calls: list[CallRecord], cfg: ClusterConfig, prices: PricesConfig | None = None, *,
-                  embedder: Embedder | None = None, progress: bool = False,
+def cluster_calls(calls: Iterable[CallRecord], cfg: ClusterConfig, prices: PricesConfig | None = None, *,
+                  embedder: Embedder | None = None, progress: bool = False, total: int | None = None,
+                  spill_dir: str | Path | None = None,
                   ) -> tuple[dict[str, Any], ClusterModel, list[str | None], dict[str, Any]]:
-    """Cluster ``calls``; returns (clusters.json body, model, per-call cluster id or None, map data)."""
+    """Cluster ``calls`` (any iterable: they are read once, one at a time, and not kept); returns (clusters.json
+    body, model, per-call cluster id or None in input order, map data). ``total``: how many calls, for the bar."""
     prices = prices or PricesConfig()
-    embedder = embedder or get_embedder(cfg.embedder)
+    started = time.time()
+    with CallTable(by=cfg.by, task_tag_key=cfg.task_tag_key, prices=prices, spill_dir=spill_dir) as table:
+        with progress_bar(progress and total is not None, "reading calls", total or 0) as advance:
+            for call in calls:
+                table.add(call)
+                advance(1)
+        result = _cluster_table(table.finish(), cfg, prices, embedder or get_embedder(cfg.embedder), progress)
+    result[0]["duration_s"] = round(time.time() - started, 3)
+    return result
+
+
+@dataclass
+class _Group:
+    """One clustering group (all calls, or one agent's) and its fit."""
+
+    index: int  # in table.groups
+    name: str | None
+    sample: np.ndarray  # its rows in the fit, in content-hash order
+    fitted: Fitted
+    offset: int  # its first cluster's index in the model
+
+
+def _cluster_table(table: CallTable, cfg: ClusterConfig, prices: PricesConfig, embedder: Embedder,
+                   progress: bool) -> tuple[dict[str, Any], ClusterModel, list[str | None], dict[str, Any]]:
     weights = WEIGHTS[cfg.granularity]
     threshold = cfg.threshold or DEFAULT_THRESHOLD[cfg.granularity]
-    started = time.time()
-    views: list[TaskView] = [task_view(c) for c in calls]
-    if cfg.engine != "local" or (cfg.workers or 1) > 1:
-        embed_on_engine([views[i] for idx in _groups(calls, cfg).values() for i in idx], embedder, cfg, progress)
-    assignment: list[str | None] = [None] * len(calls)
-    ids: list[str] = []
-    groups_of: list[str | None] = []
-    members: dict[str, list[int]] = {}
-    fits: list[tuple[str | None, Fitted, list[str]]] = []
-    layout = None
+    calls_per_row = np.bincount(table.call_row, minlength=table.n_rows)
+    row_label = np.full(table.n_rows, -1, dtype=np.int64)  # index into `names` below, -1: unclustered
+    named = sorted(((g, name) for g, (kind, name) in enumerate(table.groups.values) if kind == GROUP),
+                   key=lambda gn: (gn[1] is None, gn[1] or ""))
+
+    # 1. Fit each group on a sample: its `max_points` distinct views with the smallest content hashes, which
+    # depends only on the content (shuffled input, same clusters) and is every view when they are few enough.
+    samples = {}
+    for g, _ in named:
+        rows = np.flatnonzero(table.row_group == g)
+        samples[g] = rows[np.argsort(table.row_hash[rows], kind="stable")][:cfg.max_points]
+    sampled = np.zeros(table.n_rows, dtype=bool)
+    sample_views = table.views_of(np.concatenate(list(samples.values()))) if samples else {}
+    if _on_engine(cfg):
+        embed_on_engine(list(sample_views.values()), embedder, cfg, progress)
+    groups: list[_Group] = []
+    names: list[str] = []
     map_rows: list[np.ndarray] = []
     map_labels: list[str | None] = []
     map_counts: list[int] = []
-
-    for group, idx in _groups(calls, cfg).items():
-        # Distinct views of this group, in a canonical order, with how many calls share each.
-        distinct: dict[TaskView, list[int]] = {}
-        for i in idx:
-            distinct.setdefault(views[i], []).append(i)
-        keys = list(distinct)
-        order = canonical_order([repr(v) for v in keys])
-        keys = [keys[j] for j in order]
-        fit_keys, rest_keys = keys[:cfg.max_points], keys[cfg.max_points:]
-        x, layout = featurize(fit_keys, embedder, weights, progress=progress)
-        counts = np.array([len(distinct[v]) for v in fit_keys], dtype=np.float64)
+    layout = None
+    for g, name in named:
+        rows = samples[g]
+        sampled[rows] = True
+        x, layout = featurize([sample_views[r] for r in rows.tolist()], embedder, weights, progress=progress)
+        counts = calls_per_row[rows].astype(np.float64)
         fitted = fit_group(x, counts, threshold=threshold, core_ratio=cfg.core_ratio, min_size=cfg.min_size,
                            request_mask=layout.request_mask())
-        prefix = "" if group is None else slug(group) + "-"
-        names = [f"{prefix}c{n + 1:02d}" for n in range(len(fitted.centroids))]
-        ids.extend(names)
-        groups_of.extend([group] * len(names))
-        fits.append((group, fitted, names))
-        labels: list[int] = fitted.labels.tolist()
-        if rest_keys:
-            # Views beyond max_points: embedded (each distinct text once) and sent to the nearest centroid.
-            for start in range(0, len(rest_keys), 20_000):
-                chunk = rest_keys[start:start + 20_000]
-                xr, _ = featurize(chunk, embedder, weights, progress=progress)
-                labels.extend(assign_rest(xr, fitted, threshold=threshold, core_ratio=cfg.core_ratio).tolist())
-        for view, label in zip(keys, labels):
-            name = names[label] if label >= 0 else None
-            for i in distinct[view]:
-                assignment[i] = name
+        prefix = "" if name is None else slug(name) + "-"
+        groups.append(_Group(g, name, rows, fitted, len(names)))
+        row_label[rows] = np.where(fitted.labels >= 0, fitted.labels + len(names), -1)
+        local = [f"{prefix}c{n + 1:02d}" for n in range(len(fitted.centroids))]
+        names.extend(local)
         map_rows.append(x)
-        map_labels.extend(names[lb] if lb >= 0 else None for lb in fitted.labels.tolist())
+        map_labels.extend(local[lb] if lb >= 0 else None for lb in fitted.labels.tolist())
         map_counts.extend(counts.astype(int).tolist())
-
-    # A user's own task tags are honoured as given: each tag is a cluster, never re-clustered.
-    tagged: dict[str, str] = {}
-    for i, call in enumerate(calls):
-        tag = task_tag(call, cfg.task_tag_key)
-        if tag is not None:
-            cid = tagged.setdefault(tag, "task-" + slug(tag))
-            assignment[i] = cid
-    for cid, name in enumerate(assignment):
-        if name is not None:
-            members.setdefault(name, []).append(cid)
+    del sample_views
 
     if layout is None:  # every call was tagged (or there were none): an empty model still assigns tags
         _, layout = featurize([], embedder, weights)
     width = layout.width
-    centroids = np.concatenate([f.centroids for _, f, _ in fits]) if fits else np.zeros((0, width), np.float32)
-    radius = np.concatenate([f.radius for _, f, _ in fits]) if fits else np.zeros(0)
-    request_radius = np.concatenate([f.request_radius for _, f, _ in fits]) if fits else np.zeros(0)
-    model = ClusterModel(ids=ids, groups=groups_of, centroids=centroids, radius=radius,
-                         request_radius=request_radius, layout=layout, embedder_name=embedder.name, by=cfg.by,
-                         task_tag_key=cfg.task_tag_key, tagged=tagged, _embedder=embedder)
-    model.signatures = learn_signatures(model, calls, assignment, cfg.min_size)  # the router's fast path
+    fits = [grp.fitted for grp in groups]
+    model = ClusterModel(
+        ids=list(names), groups=[grp.name for grp in groups for _ in grp.fitted.centroids],
+        centroids=np.concatenate([f.centroids for f in fits]) if fits else np.zeros((0, width), np.float32),
+        radius=np.concatenate([f.radius for f in fits]) if fits else np.zeros(0),
+        request_radius=np.concatenate([f.request_radius for f in fits]) if fits else np.zeros(0),
+        layout=layout, embedder_name=embedder.name, by=cfg.by, task_tag_key=cfg.task_tag_key, tagged={},
+        _embedder=embedder)
 
-    body = _summary(calls, views, members, assignment, model, cfg, prices, threshold, embedder)
-    body["duration_s"] = round(time.time() - started, 3)
+    # A user's own task tags are honoured as given: each tag is a cluster, never re-clustered.
+    for g, (kind, tag) in enumerate(table.groups.values):
+        if kind == TAG:
+            cid = model.tagged.setdefault(tag, "task-" + slug(tag))
+            if cid not in names:
+                names.append(cid)
+            row_label[table.row_group == g] = names.index(cid)
+
+    # 2. Every row, a chunk at a time: the rest of the views go to the nearest centroid; each row's distance to
+    # its centroid (the representative), the cluster the router's request path would pick (the fast-path
+    # check), the keyword documents and the unclustered examples.
+    reading = _RowPass(table.n_rows, len(names), model.layout.request_mask())
+    by_group = {grp.index: grp for grp in groups}
+    with progress_bar(progress, "assigning task views", table.n_rows) as advance:
+        for start, views, first_ids in table.iter_rows():
+            rows = np.arange(start, start + len(views))
+            if _on_engine(cfg):
+                embed_on_engine([v for r, v in zip(rows.tolist(), views) if table.row_group[r] in by_group],
+                                embedder, cfg, False)
+            for g in np.unique(table.row_group[rows]).tolist():
+                if g in by_group:
+                    mine = rows[table.row_group[rows] == g]
+                    reading.place(by_group[g], mine, [views[r - start] for r in mine.tolist()], model, row_label,
+                                  sampled, embedder, threshold, cfg.core_ratio)
+            reading.collect(rows, views, first_ids, row_label)
+            advance(len(views))
+
+    call_label = row_label[table.call_row]
+    call_tagged = table.groups_are_tags()[table.row_group[table.call_row]]
+    model.signatures = signature_table(  # the router's fast path
+        model, table.signatures.values, table.call_sig, table.row_turn[table.call_row],
+        np.where(call_label < len(model.ids), call_label, -2), call_tagged, cfg.min_size,
+        lambda calls: reading.request_label[table.call_row[calls]])
+    body = _summary(table, call_label, names, reading, model, cfg, prices, threshold, embedder)
+    assignment = np.array(names + [None], dtype=object)[call_label].tolist()  # -1 -> None
     map_data = {"x": np.concatenate(map_rows) if map_rows else np.zeros((0, width)), "labels": map_labels,
                 "counts": map_counts}
     return body, model, assignment, map_data
+
+
+class _RowPass:
+    """What the pass over the rows gathers, per row and per cluster."""
+
+    def __init__(self, n_rows: int, n_clusters: int, request_mask: np.ndarray) -> None:
+        self.request_mask = request_mask
+        self.request_label = np.full(n_rows, -1, dtype=np.int64)  # per row: the request path's cluster
+        self.distance: dict[int, float] = {}  # cluster -> distance of its representative so far
+        self.representative: dict[int, tuple[str, str]] = {}  # cluster -> (call id, view text)
+        self.docs: list[dict[str, None]] = [{} for _ in range(n_clusters)]
+        self.unclustered_examples: list[str] = []
+        self._row_distance: dict[int, float] = {}
+
+    def place(self, group: _Group, rows: np.ndarray, views: list[TaskView], model: ClusterModel,
+              row_label: np.ndarray, sampled: np.ndarray, embedder: Embedder, threshold: float,
+              core_ratio: float) -> None:
+        """Label a group's rows (those outside the fit sample: nearest centroid within reach), and note their
+        distances to their centroid and the cluster their request alone would be routed to."""
+        x, _ = featurize(views, embedder, model.layout.weights)
+        rest = ~sampled[rows]
+        if rest.any():
+            local = assign_rest(x[rest], group.fitted, threshold=threshold, core_ratio=core_ratio)
+            row_label[rows[rest]] = np.where(local >= 0, local + group.offset, -1)
+        labels = row_label[rows]
+        for j in np.flatnonzero(labels >= 0).tolist():
+            self._row_distance[int(rows[j])] = float(np.linalg.norm(x[j] - model.centroids[labels[j]]))
+        candidates = model.candidates(group.name)
+        if len(candidates):
+            hit = nearest(x, model.centroids[candidates], model.request_radius[candidates], mask=self.request_mask)
+            self.request_label[rows] = np.where(hit >= 0, candidates[np.maximum(hit, 0)], -1)
+
+    def collect(self, rows: np.ndarray, views: list[TaskView], first_ids: list[str], row_label: np.ndarray) -> None:
+        """In row order (the order calls first showed each view): keyword texts, representatives, examples."""
+        for row, view, first in zip(rows.tolist(), views, first_ids):
+            label = int(row_label[row])
+            if label < 0:
+                if len(self.unclustered_examples) < 5:
+                    self.unclustered_examples.append(first)
+                continue
+            # Keywords: one document per cluster of its first 2000 distinct view texts: a view repeated a
+            # thousand times would otherwise swamp the term counts without changing the top words.
+            if len(self.docs[label]) < 2000:
+                self.docs[label][view.text()] = None
+            # The representative: the view nearest the centroid (a tag's cluster: its first call).
+            distance = self._row_distance.pop(row, 0.0)
+            if label not in self.distance or distance < self.distance[label]:
+                self.distance[label] = distance
+                self.representative[label] = (first, view.text())
+
+
+def _on_engine(cfg: ClusterConfig) -> bool:
+    return cfg.engine != "local" or (cfg.workers or 1) > 1
 
 
 def _embed_pass(embedder: Embedder):
@@ -147,33 +232,27 @@ def embed_on_engine(views: list[TaskView], embedder: Embedder, cfg: ClusterConfi
     embedder.prime(todo, vectors)
 
 
-def _summary(calls, views, members, assignment, model: ClusterModel, cfg: ClusterConfig, prices: PricesConfig,
-             threshold: float, embedder: Embedder) -> dict[str, Any]:
-    total = len(calls)
-    costs = [prices.cost(c.model, c.prompt_tokens, c.completion_tokens) for c in calls]
-    total_cost = float(sum(costs))
-    order = sorted(members, key=lambda c: (-len(members[c]), c))
-    # Keywords: one document per cluster made of its distinct views (at most 2000): a view repeated a thousand
-    # times would otherwise swamp the term counts and cost time on large logs without changing the top words.
-    docs = [" ".join(list(dict.fromkeys(views[i].text() for i in members[c]))[:2000]) for c in order]
-    words = keywords(docs)
-    centroid_of = {cid: i for i, cid in enumerate(model.ids)}
+def _summary(table: CallTable, call_label: np.ndarray, names: list[str], reading: _RowPass, model: ClusterModel,
+             cfg: ClusterConfig, prices: PricesConfig, threshold: float, embedder: Embedder) -> dict[str, Any]:
+    total = table.n_calls
+    total_cost = float(table.cost.sum())
+    by_label = np.argsort(call_label, kind="stable")  # each cluster's calls together, in call order
+    bounds = np.searchsorted(call_label[by_label], np.arange(-1, len(names) + 1))
+    members = {c: by_label[bounds[c + 1]:bounds[c + 2]] for c in range(len(names)) if bounds[c + 2] > bounds[c + 1]}
+    unclustered = by_label[bounds[0]:bounds[1]]
+    order = sorted(members, key=lambda c: (-len(members[c]), names[c]))
+    words = keywords([" ".join(reading.docs[c]) for c in order])
     clusters = []
-    for cid, kw in zip(order, words):
-        idx = members[cid]
-        rep = idx[0]
-        if cid in centroid_of:  # the member nearest its centroid represents the cluster
-            x = model.vectors([calls[i] for i in idx[:2000]])
-            rep = idx[int(((x - model.centroids[centroid_of[cid]]) ** 2).sum(1).argmin())]
-        group = model.groups[centroid_of[cid]] if cid in centroid_of else None
-        stats = cluster_stats(cid, idx, calls, views, prices, total, total_cost, rep, cfg.replaceable_at, group,
-                              "clustered" if cid in centroid_of else "task_tag")
+    for c, kw in zip(order, words):
+        clustered = c < len(model.ids)
+        stats = cluster_stats(names[c], members[c], table, total, total_cost, reading.representative[c],
+                              cfg.replaceable_at, model.groups[c] if clustered else None,
+                              "clustered" if clustered else "task_tag")
         stats["keywords"] = kw
-        stats["label"] = ", ".join(kw[:3]) if kw else cid
-        if cid in centroid_of:
-            stats["radius"] = round(float(model.radius[centroid_of[cid]]), 4)
+        stats["label"] = ", ".join(kw[:3]) if kw else names[c]
+        if clustered:
+            stats["radius"] = round(float(model.radius[c]), 4)
         clusters.append(stats)
-    unclustered = [i for i, a in enumerate(assignment) if a is None]
     replaceable = [c for c in clusters if c["likely_replaceable"]]
     rep_cost = sum(c["cost_usd"] for c in replaceable)
     return {
@@ -184,9 +263,10 @@ def _summary(calls, views, members, assignment, model: ClusterModel, cfg: Cluste
         "calls": total,
         "clustered_calls": total - len(unclustered),
         "cost_usd": round(total_cost, 6),
+        # Examples: the first calls of up to five distinct unclustered task views.
         "unclustered": {"size": len(unclustered), "share": round(len(unclustered) / max(total, 1), 4),
-                        "cost_usd": round(sum(costs[i] for i in unclustered), 6),
-                        "examples": [calls[i].id for i in unclustered[:5]]},
+                        "cost_usd": round(float(table.cost[unclustered].sum()), 6),
+                        "examples": reading.unclustered_examples},
         "overall": {
             "replaceable_clusters": [c["id"] for c in replaceable],
             "call_share": round(sum(c["size"] for c in replaceable) / max(total, 1), 4),
@@ -228,57 +308,29 @@ def draw_map(path, map_data: dict[str, Any], title: str) -> None:
     plt.close(fig)
 
 
-def _trim_request(request: dict[str, Any], shared: dict[str, Any]) -> dict[str, Any]:
-    """The parts of a request that clustering reads (leading system messages, the latest user/tool turn, tools,
-    response_format), with repeated system prompts and tool lists shared between calls instead of copied."""
-    messages = request.get("messages") or []
-    lead = []
-    for message in messages:
-        if not isinstance(message, dict) or message.get("role") not in ("system", "developer"):
-            break
-        lead.append(message)
-    turns = (m for m in reversed(messages) if isinstance(m, dict) and m.get("role") in ("user", "tool", "function"))
-    turn = next(turns, None)
-    out: dict[str, Any] = {"messages": [_shared(m, shared) for m in lead] + ([turn] if turn is not None else [])}
-    for key in ("tools", "functions", "response_format"):
-        if request.get(key):
-            out[key] = _shared(request[key], shared)
-    return out
-
-
-def _shared(value: Any, shared: dict[Any, Any]) -> Any:
-    if isinstance(value, dict) and isinstance(value.get("content"), str) and len(value) == 2:
-        key: Any = (value.get("role"), value["content"])  # a plain message: cheaper than dumping it
-    else:
-        key = json.dumps(value, sort_keys=True, ensure_ascii=False)
-    return shared.setdefault(key, value)
-
-
-def load_compact(ws: Workspace, task_tag_key: str | None = None, batch: int = 2000) -> list[curated.CuratedCall]:
-    """The curated calls trimmed to what clustering reads, read from the dataset ``batch`` rows at a time.
-
-    A full call (whole history, every message, usage, metadata) costs several KB as Python objects; a million of
-    them would not fit in memory. Trimmed, a call keeps its id, model, agent, token counts, task tag, its latest
-    turn and its answer, and shares its system prompt and tool list with every call that has the same ones.
-    """
+def iter_compact(ws: Workspace, task_tag_key: str | None = None, batch: int = 2000) -> Iterator[curated.CuratedCall]:
+    """The curated calls with what clustering reads (request, first answer, models, token counts, task tag), read
+    from the dataset ``batch`` rows at a time."""
     ds = curated.load_dataset(ws).select_columns(["id", "agent", "model", "prompt_tokens", "completion_tokens",
                                                   "request", "response", "metadata"])
-    shared: dict[str, Any] = {}
-    out: list[curated.CuratedCall] = []
     for part in ds.iter(batch_size=batch):
         for i in range(len(part["id"])):
             response = json.loads(part["response"][i]) or {}
             choices = response.get("choices") or []
             metadata = json.loads(part["metadata"][i] or "{}")
             tag = {task_tag_key: metadata[task_tag_key]} if task_tag_key and task_tag_key in metadata else {}
-            out.append(curated.CuratedCall(
-                request=_trim_request(json.loads(part["request"][i]), shared),
+            yield curated.CuratedCall(
+                request=json.loads(part["request"][i]),
                 response={"choices": [{"message": c.get("message"), "finish_reason": c.get("finish_reason")}
                                       for c in choices[:1]]} if choices else response,
                 id=part["id"][i], agent=part["agent"][i], model=part["model"][i],
                 prompt_tokens=part["prompt_tokens"][i], completion_tokens=part["completion_tokens"][i],
-                metadata=tag))
-    return out
+                metadata=tag)
+
+
+def _iter_ids(ws: Workspace, batch: int = 20_000) -> Iterator[str]:
+    for part in curated.load_dataset(ws).select_columns(["id"]).iter(batch_size=batch):
+        yield from part["id"]
 
 
 def cluster(ws: Workspace, config: Config | None = None, *, embedder: Embedder | None = None, force: bool = False,
@@ -304,25 +356,27 @@ def cluster(ws: Workspace, config: Config | None = None, *, embedder: Embedder |
         body["skipped"] = True
         return body
     started = time.time()
-    calls = load_compact(ws, cfg.task_tag_key)
-    if not calls:
+    n_calls = curated.load_dataset(ws).num_rows
+    if not n_calls:
         raise SlmigrateError(f"the curated dataset {version} in {ws.root} is empty; collect and curate calls first")
-    body, model, assignment, map_data = cluster_calls(calls, cfg, config.prices, embedder=embedder,
-                                                      progress=progress)
-    body["curated_version"] = version
     out.mkdir(parents=True, exist_ok=True)
+    # The calls stream through once; the distinct task views spill to a temporary file beside the clusters.
+    body, model, assignment, map_data = cluster_calls(iter_compact(ws, cfg.task_tag_key), cfg, config.prices,
+                                                      embedder=embedder, progress=progress, total=n_calls,
+                                                      spill_dir=out)
+    body["curated_version"] = version
     model.save(out)
     if cfg.map:
-        draw_map(out / "map.png", map_data, f"{len(body['clusters'])} clusters of {len(calls)} calls "
+        draw_map(out / "map.png", map_data, f"{len(body['clusters'])} clusters of {body['calls']} calls "
                                             f"({cfg.granularity})")
         body["map"] = str(out / "map.png")
     (out / "config.json").write_text(json.dumps(cfg.model_dump(), indent=2))
     tmp = out / (".tmp-" + CLUSTERS_FILE)
     tmp.write_text(json.dumps(body, indent=2, ensure_ascii=False))
     tmp.replace(out / CLUSTERS_FILE)
-    ws.store.set_clusters({c.id: a for c, a in zip(calls, assignment)})
+    ws.store.set_clusters(zip(_iter_ids(ws), assignment))  # the dataset's order, as the calls were read
     ws.write_manifest("cluster", fingerprint=fingerprint, config=cfg.model_dump(), started=started,
-                      counts={"calls": len(calls), "clusters": len(body["clusters"]),
+                      counts={"calls": body["calls"], "clusters": len(body["clusters"]),
                               "unclustered": body["unclustered"]["size"]},
                       extra={"curated_version": version})
     body["skipped"] = False

@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-from collections import Counter
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from slmigrate.cluster.views import OUTPUT_KINDS, TaskView
-from slmigrate.config import PricesConfig
-from slmigrate.record import CallRecord
+from slmigrate.cluster.views import OUTPUT_KINDS
+
+if TYPE_CHECKING:
+    from slmigrate.cluster.calltable import CallTable
 
 
 # Words of the task view's own scaffolding (views.py), which say nothing about the task.
@@ -37,8 +37,8 @@ def keywords(docs: list[str], top: int = 6) -> list[list[str]]:
     return [[words[j] for j in np.argsort(-row, kind="stable")[:top] if row[j] > 0] for row in scores]
 
 
-def _pct(values: list[int], q: float) -> int | None:
-    return int(round(float(np.percentile(values, q)))) if values else None
+def _pct(values: np.ndarray, q: float) -> int | None:
+    return int(round(float(np.percentile(values, q)))) if len(values) else None
 
 
 def replaceability(kind: str, size: int, completion_p50: int | None, prompt_p95: int | None,
@@ -75,21 +75,35 @@ def replaceability(kind: str, size: int, completion_p50: int | None, prompt_p95:
     return round(min(max(score, 0.0), 1.0), 3), reasons
 
 
-def cluster_stats(cid: str, members: list[int], calls: list[CallRecord], views: list[TaskView],
-                  prices: PricesConfig, total_calls: int, total_cost: float, representative: int,
-                  replaceable_at: float, group: str | None, source: str) -> dict[str, Any]:
+def most_common(values: np.ndarray, n: int | None = None) -> list[tuple[int, int]]:
+    """(value, count) pairs, most frequent first, ties in order of first appearance (as ``Counter`` would)."""
+    if len(values) == 0:
+        return []
+    unique, first, counts = np.unique(values, return_index=True, return_counts=True)
+    order = np.lexsort((first, -counts))[:n]
+    return [(unique[i].item(), int(counts[i])) for i in order]
+
+
+def cluster_stats(cid: str, members: np.ndarray, table: CallTable, total_calls: int, total_cost: float,
+                  representative: tuple[str, str], replaceable_at: float, group: str | None,
+                  source: str) -> dict[str, Any]:
+    """The stats of one cluster from the call table's columns (``members``: its call indices, in call order)."""
     size = len(members)
-    kinds = Counter(views[i].kind for i in members)
+    rows = table.call_row[members]
+    kinds = {OUTPUT_KINDS[k]: n for k, n in most_common(table.row_kind[rows])}
     kind = max(OUTPUT_KINDS, key=lambda k: (kinds.get(k, 0), -OUTPUT_KINDS.index(k)))
-    prompt = [calls[i].prompt_tokens for i in members if calls[i].prompt_tokens is not None]
-    completion = [calls[i].completion_tokens for i in members if calls[i].completion_tokens is not None]
-    cost = sum(prices.cost(calls[i].model, calls[i].prompt_tokens, calls[i].completion_tokens) for i in members)
-    shapes = Counter(views[i].answer for i in members)
-    systems = Counter(views[i].system_chunks for i in members)
-    tools = Counter(views[i].tool_name for i in members if views[i].tool_name)
-    score, reasons = replaceability(kind, size, _pct(completion, 50), _pct(prompt, 95),
-                                    shapes.most_common(1)[0][1] / size, systems.most_common(1)[0][1] / size)
-    rep = calls[representative]
+    prompt = table.prompt[members]
+    prompt = prompt[prompt >= 0]
+    completion = table.completion[members]
+    completion = completion[completion >= 0]
+    cost = float(table.cost[members].sum())
+    shape_share = most_common(table.row_answer[rows], 1)[0][1] / size
+    system_share = most_common(table.row_system[rows], 1)[0][1] / size
+    tool_ids = table.row_tool[rows]
+    tools = {table.tools.values[t]: n for t, n in most_common(tool_ids[tool_ids >= 0], 10)}
+    models = {table.models.values[m]: n for m, n in most_common(table.call_model[members], 5)}
+    score, reasons = replaceability(kind, size, _pct(completion, 50), _pct(prompt, 95), shape_share, system_share)
+    rep_id, rep_view = representative
     return {
         "id": cid,
         "group": group,
@@ -97,16 +111,16 @@ def cluster_stats(cid: str, members: list[int], calls: list[CallRecord], views: 
         "size": size,
         "share": round(size / max(total_calls, 1), 4),
         "output_kind": kind,
-        "output_kinds": dict(kinds),
-        "tools_called": dict(tools.most_common(10)),
-        "models": dict(Counter(calls[i].model or "unknown" for i in members).most_common(5)),
-        "prompt_tokens": {"total": int(sum(prompt)), "p50": _pct(prompt, 50), "p95": _pct(prompt, 95)},
-        "completion_tokens": {"total": int(sum(completion)), "p50": _pct(completion, 50),
+        "output_kinds": kinds,
+        "tools_called": tools,
+        "models": models,
+        "prompt_tokens": {"total": int(prompt.sum()), "p50": _pct(prompt, 50), "p95": _pct(prompt, 95)},
+        "completion_tokens": {"total": int(completion.sum()), "p50": _pct(completion, 50),
                               "p95": _pct(completion, 95)},
         "cost_usd": round(cost, 6),
         "cost_share": round(cost / total_cost, 4) if total_cost > 0 else 0.0,
         "replaceability": score,
         "likely_replaceable": score >= replaceable_at,
         "reasons": reasons,
-        "representative": {"id": rep.id, "view": views[representative].text()[:600]},
+        "representative": {"id": rep_id, "view": rep_view[:600]},
     }

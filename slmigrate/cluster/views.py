@@ -9,6 +9,7 @@ repeats. Metadata (agent tags, task tags, domains) is deliberately not part of t
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 from dataclasses import dataclass
@@ -39,6 +40,11 @@ def mask(text: str) -> str:
 
 # System prompts repeat across thousands of calls and can be tens of kilobytes: mask each distinct one once.
 _mask_system = lru_cache(maxsize=4096)(mask)
+
+
+def digest64(text: str) -> int:
+    """A 64-bit content hash (stable across processes and machines, unlike ``hash()``)."""
+    return int.from_bytes(hashlib.blake2b(text.encode("utf-8", "surrogatepass"), digest_size=8).digest(), "big")
 
 
 def content_text(content: Any) -> str:
@@ -150,11 +156,17 @@ def answer_shape(message: dict[str, Any] | None) -> tuple[str, str, str | None]:
     return "free-text reply", kind, None
 
 
+@lru_cache(maxsize=4096)
+def system_chunks(masked_system: str) -> tuple[str, ...]:
+    """The embedded chunks of a masked system prompt; cached so every call with the same prompt shares one tuple
+    (cheap to hash and compare when a million calls are grouped by view)."""
+    return tuple(masked_system[i:i + SYSTEM_CHUNK_CHARS] for i in
+                 range(0, min(len(masked_system), SYSTEM_CHUNK_CHARS * SYSTEM_MAX_CHUNKS), SYSTEM_CHUNK_CHARS))
+
+
 def task_view(call: CallRecord) -> TaskView:
     messages = call.messages
-    system = _mask_system(system_prompt(messages))
-    chunks = tuple(system[i:i + SYSTEM_CHUNK_CHARS]
-                   for i in range(0, min(len(system), SYSTEM_CHUNK_CHARS * SYSTEM_MAX_CHUNKS), SYSTEM_CHUNK_CHARS))
+    chunks = system_chunks(_mask_system(system_prompt(messages)))
     names = sorted({(t.get("function") or {}).get("name") or t.get("name") or "?" for t in call.tools})
     tools = ("tools offered: " + ", ".join(names)) if names else "no tools offered"
     shape, kind, tool_name = answer_shape(call.answer)

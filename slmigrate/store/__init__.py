@@ -8,9 +8,10 @@ differs between them lives in ``backends.py``.
 
 from __future__ import annotations
 
+import itertools
 import json
 import threading
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -263,12 +264,14 @@ class Store:
         return [dict(r) for r in rows]
 
     # --- stage tables ---
-    def set_clusters(self, assignments: dict[str, str | None]) -> None:
+    def set_clusters(self, assignments: Mapping[str, str | None] | Iterable[tuple[str, str | None]]) -> None:
+        """Replace every call's cluster, in one transaction; pairs are inserted in batches (a million of them
+        need not be in memory at once)."""
+        pairs = iter(assignments.items() if isinstance(assignments, Mapping) else assignments)
         with self._lock, self.conn:
             self.conn.execute("DELETE FROM call_clusters")
-            self.conn.executemany(
-                "INSERT INTO call_clusters (call_id, cluster) VALUES (?, ?)", list(assignments.items())
-            )
+            while batch := list(itertools.islice(pairs, 10_000)):
+                self.conn.executemany("INSERT INTO call_clusters (call_id, cluster) VALUES (?, ?)", batch)
 
     def clusters_of(self, ids: list[str] | None = None) -> dict[str, str | None]:
         rows = self.conn.execute("SELECT call_id, cluster FROM call_clusters").fetchall()

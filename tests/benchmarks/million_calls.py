@@ -3,6 +3,7 @@
 Usage:
     .venv/bin/python tests/benchmarks/million_calls.py --calls 1000000 [--work /tmp/million] [--embedder minilm]
     .venv/bin/python tests/benchmarks/million_calls.py --calls 10000,100000     # several sizes, memory vs N
+    .venv/bin/python tests/benchmarks/million_calls.py --calls 1000000 --stages cluster   # re-run one stage
 
 For each N it writes N calls of examples/agent_log.py's Acme agent to a gzipped JSON Lines file, streaming (the
 same records in the same order as ``agent_log.generate(N)``, written session by session, never a list of N), then
@@ -144,7 +145,10 @@ def run_stage(args: list[str], log_path: Path) -> dict:
             "cpu_s": round(usage.ru_utime + usage.ru_stime, 1)}
 
 
-def bench(n: int, work: Path, embedder: str, seed: int) -> dict:
+STAGES = ("import", "curate", "cluster")
+
+
+def bench(n: int, work: Path, embedder: str, seed: int, stages_to_run: tuple[str, ...] = STAGES) -> dict:
     work.mkdir(parents=True, exist_ok=True)
     data = work / f"calls-{n}.jsonl.gz"
     started = time.perf_counter()
@@ -154,7 +158,8 @@ def bench(n: int, work: Path, embedder: str, seed: int) -> dict:
         tmp.replace(data)
     gen_s = time.perf_counter() - started
     ws = work / f"ws-{n}"
-    subprocess.run(["rm", "-rf", str(ws)], check=True)
+    if "import" in stages_to_run:  # a fresh workspace; without import, the later stages re-run on the last one
+        subprocess.run(["rm", "-rf", str(ws)], check=True)
     cli = [sys.executable, "-m", "slmigrate", "--workspace", str(ws)]
     log = work / f"log-{n}.txt"
     config = work / f"slmigrate-{n}.toml"
@@ -165,6 +170,8 @@ def bench(n: int, work: Path, embedder: str, seed: int) -> dict:
         ("curate", cli + ["curate", "--pii", "off", "--config", str(config)]),
         ("cluster", cli + ["cluster", "--config", str(config), "--json"]),
     ):
+        if name not in stages_to_run:
+            continue
         stages[name] = run_stage(args, log)
         stages[name]["calls_per_s"] = round(n / max(stages[name]["wall_s"], 1e-9), 1)
         # Each stage as it ends (stderr), so a long run that is stopped early still leaves its figures.
@@ -188,10 +195,16 @@ def main() -> int:
     parser.add_argument("--work", default="/tmp/slmigrate-million", help="Scratch folder (files and workspaces).")
     parser.add_argument("--embedder", default="minilm", choices=("minilm", "hash"))
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--stages", default=",".join(STAGES),
+                        help="Comma-separated stages to run (default all). Without import, the others re-run on the "
+                             "workspace the last run left (e.g. --stages cluster after changing the cluster code).")
     args = parser.parse_args()
+    stages = tuple(s.strip() for s in args.stages.split(",") if s.strip())
+    if unknown := set(stages) - set(STAGES):
+        parser.error(f"--stages: unknown {sorted(unknown)}; choose from {', '.join(STAGES)}")
     results = []
     for n in [int(x) for x in args.calls.split(",")]:
-        result = bench(n, Path(args.work), args.embedder, args.seed)
+        result = bench(n, Path(args.work), args.embedder, args.seed, stages)
         print(json.dumps(result), flush=True)
         results.append(result)
     if len(results) > 1:
