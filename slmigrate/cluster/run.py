@@ -55,7 +55,6 @@ class _Group:
 
     index: int  # in table.groups
     name: str | None
-    sample: np.ndarray  # its rows in the fit, in content-hash order
     fitted: Fitted
     offset: int  # its first cluster's index in the model
 
@@ -93,7 +92,7 @@ def _cluster_table(table: CallTable, cfg: ClusterConfig, prices: PricesConfig, e
         fitted = fit_group(x, counts, threshold=threshold, core_ratio=cfg.core_ratio, min_size=cfg.min_size,
                            request_mask=layout.request_mask())
         prefix = "" if name is None else slug(name) + "-"
-        groups.append(_Group(g, name, rows, fitted, len(names)))
+        groups.append(_Group(g, name, fitted, len(names)))
         row_label[rows] = np.where(fitted.labels >= 0, fitted.labels + len(names), -1)
         local = [f"{prefix}c{n + 1:02d}" for n in range(len(fitted.centroids))]
         names.extend(local)
@@ -177,8 +176,9 @@ class _RowPass:
             local = assign_rest(x[rest], group.fitted, threshold=threshold, core_ratio=core_ratio)
             row_label[rows[rest]] = np.where(local >= 0, local + group.offset, -1)
         labels = row_label[rows]
-        for j in np.flatnonzero(labels >= 0).tolist():
-            self._row_distance[int(rows[j])] = float(np.linalg.norm(x[j] - model.centroids[labels[j]]))
+        has = labels >= 0
+        distance = np.linalg.norm(x[has] - model.centroids[labels[has]], axis=1)
+        self._row_distance.update(zip(rows[has].tolist(), distance.tolist()))
         candidates = model.candidates(group.name)
         if len(candidates):
             hit = nearest(x, model.centroids[candidates], model.request_radius[candidates], mask=self.request_mask)
