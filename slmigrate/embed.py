@@ -179,6 +179,9 @@ class MiniLMEmbedder(Embedder):
 
 
 _TOKEN = re.compile(r"[a-z0-9_]+")
+# Word and bigram vectors the hash embedder keeps (~0.6 KB each): a million distinct turns bring millions of
+# bigrams, so the table is dropped when full instead of growing with the log.
+_MAX_WORDS = 100_000
 
 
 class HashEmbedder(Embedder):
@@ -198,6 +201,8 @@ class HashEmbedder(Embedder):
     def _word_vector(self, word: str) -> np.ndarray:
         vec = self._words.get(word)
         if vec is None:
+            if len(self._words) >= _MAX_WORDS:  # bounded: vectors are recomputed identically when needed again
+                self._words.clear()
             seed = int.from_bytes(hashlib.sha256(word.encode("utf-8")).digest()[:8], "little")
             vec = np.random.default_rng(seed).choice((-1.0, 1.0), size=self.dim).astype(np.float32)
             self._words[word] = vec

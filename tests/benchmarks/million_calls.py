@@ -10,7 +10,8 @@ same records in the same order as ``agent_log.generate(N)``, written session by 
 runs ``slmigrate collect import``, ``slmigrate curate --pii off`` and ``slmigrate cluster`` as subprocesses in a
 fresh scratch workspace. Per stage it records wall time, the peak RSS of the command's own process (``wait4``'s
 rusage, which also covers reaped children) and the peak summed RSS of its whole process tree (sampled every
-0.2 s with psutil; catches import's worker processes running at the same time). Prints one JSON line per N and,
+0.2 s with psutil; catches import's worker processes running at the same time), in total and anonymous only
+(without the memory-mapped dataset files' pages). Prints one JSON line per N and,
 with several sizes, a last line with the memory ratios between the largest and smallest N.
 """
 
@@ -101,18 +102,23 @@ def _generate(path: Path, n: int, seed: int = 0) -> int:
     return written
 
 
-def _tree_rss(proc) -> int:
-    total = 0
+def _tree_rss(proc) -> tuple[int, int]:
+    """(RSS, anonymous RSS) summed over the process tree. Anonymous = RSS minus file-backed and shared pages:
+    the stages read the curated Arrow files memory-mapped, and those file pages count in RSS although the kernel
+    can drop them at any time; the anonymous part is the memory the process itself holds."""
+    total = anon = 0
     try:
         procs = [proc] + proc.children(recursive=True)
     except Exception:  # the process just ended
-        return 0
+        return 0, 0
     for p in procs:
         try:
-            total += p.memory_info().rss
+            info = p.memory_info()
+            total += info.rss
+            anon += info.rss - getattr(info, "shared", 0)
         except Exception:
             pass
-    return total
+    return total, anon
 
 
 def run_stage(args: list[str], log_path: Path) -> dict:
@@ -124,14 +130,15 @@ def run_stage(args: list[str], log_path: Path) -> dict:
         log.write(("\n$ " + " ".join(args) + "\n").encode())
         log.flush()
         popen = subprocess.Popen(args, stdout=log, stderr=log)
-        peak_tree = 0
+        peak_tree = peak_anon = 0
         stop = threading.Event()
 
         def sample() -> None:
-            nonlocal peak_tree
+            nonlocal peak_tree, peak_anon
             proc = psutil.Process(popen.pid)
             while not stop.is_set():
-                peak_tree = max(peak_tree, _tree_rss(proc))
+                rss, anon = _tree_rss(proc)
+                peak_tree, peak_anon = max(peak_tree, rss), max(peak_anon, anon)
                 stop.wait(0.2)
 
         sampler = threading.Thread(target=sample, daemon=True)
@@ -142,6 +149,7 @@ def run_stage(args: list[str], log_path: Path) -> dict:
         sampler.join()
     return {"rc": popen.returncode, "wall_s": round(time.perf_counter() - started, 1),
             "peak_rss_mb": round(usage.ru_maxrss / 1024, 1), "peak_tree_rss_mb": round(peak_tree / 2**20, 1),
+            "peak_tree_anon_mb": round(peak_anon / 2**20, 1),
             "cpu_s": round(usage.ru_utime + usage.ru_stime, 1)}
 
 
