@@ -176,7 +176,7 @@ def bench(n: int, work: Path, embedder: str, seed: int, stages_to_run: tuple[str
     for name, args in (
         ("import", cli + ["collect", "import", str(data)]),
         ("curate", cli + ["curate", "--pii", "off", "--config", str(config)]),
-        ("cluster", cli + ["cluster", "--config", str(config), "--json"]),
+        ("cluster", cli + ["cluster", "--config", str(config), "--json", "--force"]),  # re-runs redo the work
     ):
         if name not in stages_to_run:
             continue
