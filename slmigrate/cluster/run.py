@@ -13,7 +13,7 @@ import numpy as np
 
 from slmigrate import curated
 from slmigrate.cluster.calltable import GROUP, TAG, CallTable
-from slmigrate.cluster.features import WEIGHTS, featurize
+from slmigrate.cluster.features import WEIGHTS, Layout, featurize
 from slmigrate.cluster.fit import Fitted, assign_rest, fit_group, nearest
 from slmigrate.cluster.model import CLUSTERS_FILE, ClusterModel, signature_table, slug
 from slmigrate.cluster.stats import cluster_stats, keywords
@@ -59,60 +59,34 @@ class _Group:
     offset: int  # its first cluster's index in the model
 
 
+@dataclass
+class _Fits:
+    """Step 1's result: the groups' fits, and what they decided for the rows of their samples."""
+
+    groups: list[_Group]
+    names: list[str]  # cluster ids, in model order (tag clusters are appended later)
+    row_label: np.ndarray  # per row: index into names, -1 unclustered (or not decided yet)
+    sampled: np.ndarray  # per row: in a fit sample
+    layout: Layout | None
+    map_data: dict[str, Any]
+
+
 def _cluster_table(table: CallTable, cfg: ClusterConfig, prices: PricesConfig, embedder: Embedder,
                    progress: bool) -> tuple[dict[str, Any], ClusterModel, list[str | None], dict[str, Any]]:
     weights = WEIGHTS[cfg.granularity]
     threshold = cfg.threshold or DEFAULT_THRESHOLD[cfg.granularity]
-    calls_per_row = np.bincount(table.call_row, minlength=table.n_rows)
-    row_label = np.full(table.n_rows, -1, dtype=np.int64)  # index into `names` below, -1: unclustered
-    named = sorted(((g, name) for g, (kind, name) in enumerate(table.groups.values) if kind == GROUP),
-                   key=lambda gn: (gn[1] is None, gn[1] or ""))
-
-    # 1. Fit each group on a sample: its `max_points` distinct views with the smallest content hashes, which
-    # depends only on the content (shuffled input, same clusters) and is every view when they are few enough.
-    samples = {}
-    for g, _ in named:
-        rows = np.flatnonzero(table.row_group == g)
-        samples[g] = rows[np.argsort(table.row_hash[rows], kind="stable")][:cfg.max_points]
-    sampled = np.zeros(table.n_rows, dtype=bool)
-    sample_views = table.views_of(np.concatenate(list(samples.values()))) if samples else {}
-    if _on_engine(cfg):
-        embed_on_engine(list(sample_views.values()), embedder, cfg, progress)
-    groups: list[_Group] = []
-    names: list[str] = []
-    map_rows: list[np.ndarray] = []
-    map_labels: list[str | None] = []
-    map_counts: list[int] = []
-    layout = None
-    for g, name in named:
-        rows = samples[g]
-        sampled[rows] = True
-        x, layout = featurize([sample_views[r] for r in rows.tolist()], embedder, weights, progress=progress)
-        counts = calls_per_row[rows].astype(np.float64)
-        fitted = fit_group(x, counts, threshold=threshold, core_ratio=cfg.core_ratio, min_size=cfg.min_size,
-                           request_mask=layout.request_mask())
-        prefix = "" if name is None else slug(name) + "-"
-        groups.append(_Group(g, name, fitted, len(names)))
-        row_label[rows] = np.where(fitted.labels >= 0, fitted.labels + len(names), -1)
-        local = [f"{prefix}c{n + 1:02d}" for n in range(len(fitted.centroids))]
-        names.extend(local)
-        map_rows.append(x)
-        map_labels.extend(local[lb] if lb >= 0 else None for lb in fitted.labels.tolist())
-        map_counts.extend(counts.astype(int).tolist())
-    del sample_views
-
-    if layout is None:  # every call was tagged (or there were none): an empty model still assigns tags
-        _, layout = featurize([], embedder, weights)
-    width = layout.width
-    fits = [grp.fitted for grp in groups]
+    fits = _fit_samples(table, cfg, embedder, weights, threshold, progress)
+    layout = fits.layout or featurize([], embedder, weights)[1]  # no group (all tagged): the model still has one
+    fitted = [grp.fitted for grp in fits.groups]
     model = ClusterModel(
-        ids=list(names), groups=[grp.name for grp in groups for _ in grp.fitted.centroids],
-        centroids=np.concatenate([f.centroids for f in fits]) if fits else np.zeros((0, width), np.float32),
-        radius=np.concatenate([f.radius for f in fits]) if fits else np.zeros(0),
-        request_radius=np.concatenate([f.request_radius for f in fits]) if fits else np.zeros(0),
+        ids=list(fits.names), groups=[grp.name for grp in fits.groups for _ in grp.fitted.centroids],
+        centroids=np.concatenate([f.centroids for f in fitted]) if fitted else np.zeros((0, layout.width),
+                                                                                         np.float32),
+        radius=np.concatenate([f.radius for f in fitted]) if fitted else np.zeros(0),
+        request_radius=np.concatenate([f.request_radius for f in fitted]) if fitted else np.zeros(0),
         layout=layout, embedder_name=embedder.name, by=cfg.by, task_tag_key=cfg.task_tag_key, tagged={},
         _embedder=embedder)
-
+    names, row_label = fits.names, fits.row_label
     # A user's own task tags are honoured as given: each tag is a cluster, never re-clustered.
     for g, (kind, tag) in enumerate(table.groups.values):
         if kind == TAG:
@@ -120,25 +94,7 @@ def _cluster_table(table: CallTable, cfg: ClusterConfig, prices: PricesConfig, e
             if cid not in names:
                 names.append(cid)
             row_label[table.row_group == g] = names.index(cid)
-
-    # 2. Every row, a chunk at a time: the rest of the views go to the nearest centroid; each row's distance to
-    # its centroid (the representative), the cluster the router's request path would pick (the fast-path
-    # check), the keyword documents and the unclustered examples.
-    reading = _RowPass(table.n_rows, len(names), model.layout.request_mask())
-    by_group = {grp.index: grp for grp in groups}
-    with progress_bar(progress, "assigning task views", table.n_rows) as advance:
-        for start, views, first_ids in table.iter_rows():
-            rows = np.arange(start, start + len(views))
-            if _on_engine(cfg):
-                embed_on_engine([v for r, v in zip(rows.tolist(), views) if table.row_group[r] in by_group],
-                                embedder, cfg, False)
-            for g in np.unique(table.row_group[rows]).tolist():
-                if g in by_group:
-                    mine = rows[table.row_group[rows] == g]
-                    reading.place(by_group[g], mine, [views[r - start] for r in mine.tolist()], model, row_label,
-                                  sampled, embedder, threshold, cfg.core_ratio)
-            reading.collect(rows, views, first_ids, row_label)
-            advance(len(views))
+    reading = _assign_rows(table, fits, model, cfg, embedder, threshold, progress)
 
     call_label = row_label[table.call_row]
     call_tagged = table.groups_are_tags()[table.row_group[table.call_row]]
@@ -148,9 +104,66 @@ def _cluster_table(table: CallTable, cfg: ClusterConfig, prices: PricesConfig, e
         lambda calls: reading.request_label[table.call_row[calls]])
     body = _summary(table, call_label, names, reading, model, cfg, prices, threshold, embedder)
     assignment = np.array(names + [None], dtype=object)[call_label].tolist()  # -1 -> None
-    map_data = {"x": np.concatenate(map_rows) if map_rows else np.zeros((0, width)), "labels": map_labels,
-                "counts": map_counts}
-    return body, model, assignment, map_data
+    return body, model, assignment, fits.map_data
+
+
+def _fit_samples(table: CallTable, cfg: ClusterConfig, embedder: Embedder, weights: dict[str, float],
+                 threshold: float, progress: bool) -> _Fits:
+    """Step 1: fit each group on a sample, its ``max_points`` distinct views with the smallest content hashes,
+    which depends only on the content (shuffled input, same clusters) and is every view when they are few."""
+    calls_per_row = np.bincount(table.call_row, minlength=table.n_rows)
+    named = sorted(((g, name) for g, (kind, name) in enumerate(table.groups.values) if kind == GROUP),
+                   key=lambda gn: (gn[1] is None, gn[1] or ""))
+    samples = {}
+    for g, _ in named:
+        rows = np.flatnonzero(table.row_group == g)
+        samples[g] = rows[np.argsort(table.row_hash[rows], kind="stable")][:cfg.max_points]
+    views = table.views_of(np.concatenate(list(samples.values()))) if samples else {}
+    if _on_engine(cfg):
+        embed_on_engine(list(views.values()), embedder, cfg, progress)
+    fits = _Fits([], [], np.full(table.n_rows, -1, dtype=np.int64), np.zeros(table.n_rows, dtype=bool), None,
+                 {"x": [], "labels": [], "counts": []})
+    for g, name in named:
+        rows = samples[g]
+        fits.sampled[rows] = True
+        x, fits.layout = featurize([views[r] for r in rows.tolist()], embedder, weights, progress=progress)
+        counts = calls_per_row[rows].astype(np.float64)
+        fitted = fit_group(x, counts, threshold=threshold, core_ratio=cfg.core_ratio, min_size=cfg.min_size,
+                           request_mask=fits.layout.request_mask())
+        fits.groups.append(_Group(g, name, fitted, len(fits.names)))
+        fits.row_label[rows] = np.where(fitted.labels >= 0, fitted.labels + len(fits.names), -1)
+        prefix = "" if name is None else slug(name) + "-"
+        local = [f"{prefix}c{n + 1:02d}" for n in range(len(fitted.centroids))]
+        fits.names.extend(local)
+        fits.map_data["x"].append(x)
+        fits.map_data["labels"].extend(local[lb] if lb >= 0 else None for lb in fitted.labels.tolist())
+        fits.map_data["counts"].extend(counts.astype(int).tolist())
+    width = fits.layout.width if fits.layout else 0
+    fits.map_data["x"] = np.concatenate(fits.map_data["x"]) if fits.map_data["x"] else np.zeros((0, width))
+    return fits
+
+
+def _assign_rows(table: CallTable, fits: _Fits, model: ClusterModel, cfg: ClusterConfig, embedder: Embedder,
+                 threshold: float, progress: bool) -> _RowPass:
+    """Step 2, every row a chunk at a time: the views outside the samples go to the nearest centroid; each row's
+    distance to its centroid (the representative), the cluster the router's request path would pick (the
+    fast-path check), the keyword documents and the unclustered examples."""
+    reading = _RowPass(table.n_rows, len(fits.names), model.layout.request_mask())
+    by_group = {grp.index: grp for grp in fits.groups}
+    with progress_bar(progress, "assigning task views", table.n_rows) as advance:
+        for start, views, first_ids in table.iter_rows():
+            rows = np.arange(start, start + len(views))
+            if _on_engine(cfg):
+                embed_on_engine([v for r, v in zip(rows.tolist(), views) if table.row_group[r] in by_group],
+                                embedder, cfg, False)
+            for g in np.unique(table.row_group[rows]).tolist():
+                if g in by_group:
+                    mine = rows[table.row_group[rows] == g]
+                    reading.place(by_group[g], mine, [views[r - start] for r in mine.tolist()], model,
+                                  fits.row_label, fits.sampled, embedder, threshold, cfg.core_ratio)
+            reading.collect(rows, views, first_ids, fits.row_label)
+            advance(len(views))
+    return reading
 
 
 class _RowPass:
@@ -308,12 +321,11 @@ def draw_map(path, map_data: dict[str, Any], title: str) -> None:
     plt.close(fig)
 
 
-def iter_compact(ws: Workspace, task_tag_key: str | None = None, batch: int = 2000) -> Iterator[curated.CuratedCall]:
-    """The curated calls with what clustering reads (request, first answer, models, token counts, task tag), read
-    from the dataset ``batch`` rows at a time."""
-    ds = curated.load_dataset(ws).select_columns(["id", "agent", "model", "prompt_tokens", "completion_tokens",
-                                                  "request", "response", "metadata"])
-    for part in ds.iter(batch_size=batch):
+def iter_compact(ws: Workspace, task_tag_key: str | None = None) -> Iterator[curated.CuratedCall]:
+    """The curated calls with what clustering reads (request, first answer, models, token counts, task tag), in
+    dataset order, a record batch at a time."""
+    columns = ["id", "agent", "model", "prompt_tokens", "completion_tokens", "request", "response", "metadata"]
+    for part in curated.iter_batches(ws, columns):
         for i in range(len(part["id"])):
             response = json.loads(part["response"][i]) or {}
             choices = response.get("choices") or []
@@ -328,8 +340,8 @@ def iter_compact(ws: Workspace, task_tag_key: str | None = None, batch: int = 20
                 metadata=tag)
 
 
-def _iter_ids(ws: Workspace, batch: int = 20_000) -> Iterator[str]:
-    for part in curated.load_dataset(ws).select_columns(["id"]).iter(batch_size=batch):
+def _iter_ids(ws: Workspace) -> Iterator[str]:
+    for part in curated.iter_batches(ws, ["id"]):
         yield from part["id"]
 
 
