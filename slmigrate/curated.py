@@ -129,7 +129,7 @@ def load_dataset(ws: Workspace, version: str | None = None):
 
 
 def iter_batches(ws: Workspace, columns: list[str], version: str | None = None) -> Iterator[dict[str, list]]:
-    """The dataset's ``columns``, one Arrow record batch (~2,000 rows) at a time, in row order.
+    """The dataset's ``columns``, one Arrow record batch (about a thousand rows) at a time, in row order.
 
     ``datasets`` memory-maps its files: a pass over a million rows leaves every page it touched (1.5 GB there)
     in this process's resident memory, though the kernel may drop them. Plain file reads keep only the current
