@@ -98,27 +98,40 @@ def write_curated(ws: Workspace, rows: Iterable[dict[str, Any]],
         datasets.Value("int64") if c.endswith("_tokens") else datasets.Value("string")
         for c in COLUMNS
     })
-    # Rows go to one Arrow file batch by batch; save_to_disk then copies it (memory-mapped) into its layout.
-    staging = tmp / "rows.arrow"
+    # Rows go batch by batch straight into the one data file of save_to_disk's layout, and the two small JSON
+    # files are written beside it. (save_to_disk would copy the whole file again through memory-mapped pages,
+    # which put all 1.5 GB of a million calls in this process's resident memory.)
+    folder = tmp / "dataset"
+    folder.mkdir()
+    data_file = folder / "data-00000-of-00001.arrow"
     written = 0
-    with ArrowWriter(features=features, path=str(staging)) as writer:
+    with ArrowWriter(features=features, path=str(data_file)) as writer:
         rows = iter(rows)
         while batch := list(itertools.islice(rows, WRITE_BATCH)):
             writer.write_batch({c: [r.get(c) for r in batch] for c in COLUMNS})
             written += len(batch)
         writer.finalize()
-    # An empty file-backed dataset saves as zero shards, which load_from_disk cannot read back.
-    dataset = datasets.Dataset.from_file(str(staging)) if written else \
-        datasets.Dataset.from_dict({c: [] for c in COLUMNS}, features=features)
-    dataset.save_to_disk(str(tmp / "dataset"))
-    del dataset
-    staging.unlink()
+    if written:
+        _write_layout(folder, datasets.Dataset.from_file(str(data_file)), [data_file.name])
+    else:
+        data_file.unlink()
+        datasets.Dataset.from_dict({c: [] for c in COLUMNS}, features=features).save_to_disk(str(folder))
     report = report() if callable(report) else report
     (tmp / "report.json").write_text(json.dumps(report, indent=2, ensure_ascii=False, default=str))
     (tmp / "config.json").write_text(json.dumps(config, indent=2, default=str))
     tmp.rename(target)
     (root / "CURRENT").write_text(version + "\n")
     return version
+
+
+def _write_layout(folder: Path, dataset, files: list[str]) -> None:
+    """state.json and dataset_info.json as ``Dataset.save_to_disk`` writes them, for data files already in
+    ``folder``; ``load_from_disk`` reads the folder back (every test of a curated version checks it)."""
+    state = {"_data_files": [{"filename": f} for f in files], "_fingerprint": dataset._fingerprint,
+             "_format_columns": None, "_format_kwargs": {}, "_format_type": None, "_output_all_columns": False,
+             "_split": None}
+    (folder / "state.json").write_text(json.dumps(state, indent=2, sort_keys=True))
+    dataset.info.write_to_directory(str(folder))
 
 
 def load_dataset(ws: Workspace, version: str | None = None):
