@@ -173,10 +173,10 @@ def bench(n: int, work: Path, embedder: str, seed: int, stages_to_run: tuple[str
     config = work / f"slmigrate-{n}.toml"
     config.write_text(f'[cluster]\nembedder = "{embedder}"\n')
     stages = {}
-    for name, args in (
+    for name, args in (  # --force: a re-run (--stages without import) redoes the work it measures
         ("import", cli + ["collect", "import", str(data)]),
-        ("curate", cli + ["curate", "--pii", "off", "--config", str(config)]),
-        ("cluster", cli + ["cluster", "--config", str(config), "--json", "--force"]),  # re-runs redo the work
+        ("curate", cli + ["curate", "--pii", "off", "--config", str(config), "--force"]),
+        ("cluster", cli + ["cluster", "--config", str(config), "--json", "--force"]),
     ):
         if name not in stages_to_run:
             continue
