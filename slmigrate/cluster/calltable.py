@@ -4,9 +4,9 @@ Held as Python objects, a million calls take gigabytes (~5 KB each even trimmed 
 clustering needs only a few numbers per call. ``CallTable.add`` takes the calls one at a time, from a stream, and
 keeps:
 
-- per call, ~30 bytes in ``array`` columns: the row of its distinct view, its model, token counts and cost, and
+- per call, 36 bytes in ``array`` columns: the row of its distinct view, its model, token counts and cost, and
   its request signature (the router's fast-path key);
-- per *row*, one per distinct (group, task view): ~50 bytes of columns (group, content hash, output kind, tool
+- per *row*, one per distinct (group, task view): 41 bytes of columns (group, content hash, output kind, tool
   name, and hashes of the answer shape, system prompt and latest turn: what the stats count) plus the dedup
   dictionary's entry;
 - the views themselves, each with the id of the row's first call, in a temporary spill file that ``cluster``
