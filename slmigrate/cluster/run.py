@@ -44,7 +44,7 @@ def cluster_calls(calls: Iterable[CallRecord], cfg: ClusterConfig, prices: Price
             for call in calls:
                 table.add(call)
                 advance(1)
-        result = _cluster_table(table.finish(), cfg, prices, embedder or get_embedder(cfg.embedder), progress)
+        result = _cluster_table(table.finish(), cfg, embedder or get_embedder(cfg.embedder), progress)
     result[0]["duration_s"] = round(time.time() - started, 3)
     return result
 
@@ -71,7 +71,7 @@ class _Fits:
     map_data: dict[str, Any]
 
 
-def _cluster_table(table: CallTable, cfg: ClusterConfig, prices: PricesConfig, embedder: Embedder,
+def _cluster_table(table: CallTable, cfg: ClusterConfig, embedder: Embedder,
                    progress: bool) -> tuple[dict[str, Any], ClusterModel, list[str | None], dict[str, Any]]:
     weights = WEIGHTS[cfg.granularity]
     threshold = cfg.threshold or DEFAULT_THRESHOLD[cfg.granularity]
@@ -102,7 +102,7 @@ def _cluster_table(table: CallTable, cfg: ClusterConfig, prices: PricesConfig, e
         model, table.signatures.values, table.call_sig, table.row_turn[table.call_row],
         np.where(call_label < len(model.ids), call_label, -2), call_tagged, cfg.min_size,
         lambda calls: reading.request_label[table.call_row[calls]])
-    body = _summary(table, call_label, names, reading, model, cfg, prices, threshold, embedder)
+    body = _summary(table, call_label, names, reading, model, cfg, threshold, embedder)
     assignment = np.array(names + [None], dtype=object)[call_label].tolist()  # -1 -> None
     return body, model, assignment, fits.map_data
 
@@ -121,8 +121,10 @@ def _fit_samples(table: CallTable, cfg: ClusterConfig, embedder: Embedder, weigh
     views = table.views_of(np.concatenate(list(samples.values()))) if samples else {}
     if _on_engine(cfg):
         embed_on_engine(list(views.values()), embedder, cfg, progress)
-    fits = _Fits([], [], np.full(table.n_rows, -1, dtype=np.int64), np.zeros(table.n_rows, dtype=bool), None,
-                 {"x": [], "labels": [], "counts": []})
+    fits = _Fits([], [], np.full(table.n_rows, -1, dtype=np.int64), np.zeros(table.n_rows, dtype=bool), None, {})
+    map_rows: list[np.ndarray] = []
+    map_labels: list[str | None] = []
+    map_counts: list[int] = []
     for g, name in named:
         rows = samples[g]
         fits.sampled[rows] = True
@@ -135,11 +137,12 @@ def _fit_samples(table: CallTable, cfg: ClusterConfig, embedder: Embedder, weigh
         prefix = "" if name is None else slug(name) + "-"
         local = [f"{prefix}c{n + 1:02d}" for n in range(len(fitted.centroids))]
         fits.names.extend(local)
-        fits.map_data["x"].append(x)
-        fits.map_data["labels"].extend(local[lb] if lb >= 0 else None for lb in fitted.labels.tolist())
-        fits.map_data["counts"].extend(counts.astype(int).tolist())
+        map_rows.append(x)
+        map_labels.extend(local[lb] if lb >= 0 else None for lb in fitted.labels.tolist())
+        map_counts.extend(counts.astype(int).tolist())
     width = fits.layout.width if fits.layout else 0
-    fits.map_data["x"] = np.concatenate(fits.map_data["x"]) if fits.map_data["x"] else np.zeros((0, width))
+    fits.map_data = {"x": np.concatenate(map_rows) if map_rows else np.zeros((0, width)), "labels": map_labels,
+                     "counts": map_counts}
     return fits
 
 
@@ -246,7 +249,7 @@ def embed_on_engine(views: list[TaskView], embedder: Embedder, cfg: ClusterConfi
 
 
 def _summary(table: CallTable, call_label: np.ndarray, names: list[str], reading: _RowPass, model: ClusterModel,
-             cfg: ClusterConfig, prices: PricesConfig, threshold: float, embedder: Embedder) -> dict[str, Any]:
+             cfg: ClusterConfig, threshold: float, embedder: Embedder) -> dict[str, Any]:
     total = table.n_calls
     total_cost = float(table.cost.sum())
     by_label = np.argsort(call_label, kind="stable")  # each cluster's calls together, in call order
