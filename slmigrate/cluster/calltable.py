@@ -63,7 +63,8 @@ class Interner:
 
 
 class CallTable:
-    """Columns of the calls added so far; ``finish()`` turns them into numpy arrays (``calls``/``rows`` views)."""
+    """Columns of the calls added so far (``call_*`` per call, ``row_*`` per distinct view); ``finish()`` turns
+    them into numpy arrays."""
 
     def __init__(self, *, by: str, task_tag_key: str | None, prices: PricesConfig,
                  spill_dir: str | Path | None = None) -> None:
