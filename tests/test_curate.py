@@ -72,6 +72,14 @@ def test_near_key_ignores_whitespace_ids_numbers():
     b = _call("Where is order #W7654321 of 12 items?")
     c = _call("Cancel order #W1234567")
     assert near_key(a) == near_key(b) != near_key(c)
+    # Parts are normalised once and remembered: asking again, or with the same parts, gives the same key; a
+    # different tool list or message order does not.
+    assert near_key(a) == near_key(_call("Where is order  #W1234567 of 3 items?\n"))
+    no_tools = _call("Where is order #W1234567 of 3 items?")
+    no_tools.request["tools"] = None
+    swapped = _call("Where is order #W1234567 of 3 items?")
+    swapped.request["messages"].reverse()
+    assert len({near_key(a), near_key(no_tools), near_key(swapped)}) == 3
 
 
 def test_split_is_stable_and_roughly_proportional():

@@ -11,6 +11,8 @@ valid and keeps its structure.
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import hashlib
 import json
 import random
@@ -292,7 +294,9 @@ class CallScrubber:
                 choices.append(choice)
             if "choices" in response:
                 response["choices"] = choices
-        clone = CallRecord.from_dict({**call.to_dict(), "request": request, "response": response})
+        # A shallow copy with the two new payloads: the other fields are scalars (metadata gets its own dict);
+        # asdict() would deep-copy the whole 30 KB request first only to throw it away.
+        clone = dataclasses.replace(call, request=request, response=response, metadata=copy.copy(call.metadata))
         return clone, {v: found[v] for v in mapping if v in found}
 
     def _text(self, text: str, mapping: dict[str, str], regex: re.Pattern[str]) -> str:
