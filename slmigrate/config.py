@@ -106,8 +106,9 @@ class ClusterConfig(Section):
         "local", description="Where the embedding pass runs: local (this process, or --workers processes) or ray "
         "(--workers Ray actors; needs `pip install 'slmigrate[ray]'`).")
     ray_address: str | None = Field(None, description="Ray cluster address for engine ray (default: a local Ray).")
-    workers: int | None = Field(None, ge=1, description="Embedding workers (default: local 1, in this process; "
-                                "ray: every CPU of the Ray cluster).")
+    workers: int | None = Field(None, ge=1, description="Embedding workers (default: local, one process per core "
+                                "when there are 1,000 or more texts to embed, else this process; ray: every CPU "
+                                "of the Ray cluster).")
 
 
 class SelectConfig(Section):

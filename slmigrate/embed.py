@@ -55,6 +55,8 @@ class Embedder:
 
     name = "base"
     dim = 0
+    # Whether encoding costs enough that the cluster stage spreads a large batch over worker processes by default.
+    worth_workers = False
 
     def __init__(self, *, cache_size: int | None = None) -> None:
         # In-memory LRU cache across calls of one process: a text seen recently is not encoded again.
@@ -79,6 +81,11 @@ class Embedder:
             # This call's rows come from `rows`, so a batch larger than the cache is still answered in full.
             self._remember(missing, vectors)
         return np.stack([rows[t] for t in texts])
+
+    def __getstate__(self) -> dict:
+        # What a worker process gets (engines.map_batches pickles the embedder): the settings, not the cache of
+        # up to DEFAULT_CACHE rows or a model the driver happens to have loaded; the worker loads its own.
+        return {**self.__dict__, "_cache": OrderedDict()}
 
     def _remember(self, texts: Sequence[str], vectors) -> None:
         """Put rows in the cache, then drop the least recently used beyond ``cache_max``."""
@@ -117,6 +124,7 @@ class MiniLMEmbedder(Embedder):
 
     name = "all-MiniLM-L6-v2"
     dim = DIM_MINILM
+    worth_workers = True
 
     def __init__(self, *, batch_size: int = 64, max_seq_length: int = 128, device: str = "cpu",
                  cache_size: int | None = None) -> None:
@@ -127,6 +135,9 @@ class MiniLMEmbedder(Embedder):
         self.max_seq_length = max_seq_length
         self.device = device
         self._model = None
+
+    def __getstate__(self) -> dict:
+        return {**super().__getstate__(), "_model": None}
 
     def _load(self):
         if self._model is None:

@@ -1,9 +1,11 @@
 """The embedder interface: normalised rows, each distinct text encoded once, real MiniLM offline."""
 
+import pickle
+
 import numpy as np
 import pytest
 
-from slmigrate.embed import Embedder, HashEmbedder, get_embedder
+from slmigrate.embed import Embedder, HashEmbedder, MiniLMEmbedder, get_embedder
 from slmigrate.errors import SlmigrateError
 
 
@@ -25,6 +27,18 @@ def test_hash_embedder_is_normalised_and_deterministic():
     assert np.array_equal(a, b)
     # Shared words make vectors closer: a crude but real semantic signal for unit tests.
     assert a[0] @ a[1] > a[0] @ a[2] + 0.3
+
+
+def test_an_embedder_goes_to_a_worker_without_its_cache_or_model():
+    embedder = HashEmbedder()
+    rows = embedder.encode(["cancel my order", "where is my parcel"])
+    copy = pickle.loads(pickle.dumps(embedder))
+    assert embedder.cache_size == 2 and copy.cache_size == 0 and copy.cache_max == embedder.cache_max
+    assert np.array_equal(copy.encode(["cancel my order", "where is my parcel"]), rows)
+    minilm = MiniLMEmbedder(max_seq_length=64)
+    minilm._model = "a loaded model"  # the worker loads its own
+    copy = pickle.loads(pickle.dumps(minilm))
+    assert copy._model is None and copy.max_seq_length == 64
 
 
 def test_each_distinct_text_is_encoded_once():

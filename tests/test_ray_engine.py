@@ -102,6 +102,37 @@ def test_cluster_with_local_worker_processes_matches_in_process():
     assert one == two and any(one)
 
 
+class _CostlyHash(HashEmbedder):
+    """The hash embedder, marked as costly to encode the way MiniLM is."""
+
+    worth_workers = True
+
+
+def test_cluster_spreads_a_large_embedding_pass_over_the_cores_by_default(monkeypatch):
+    from slmigrate.cluster import run as cluster_run
+
+    asked = []
+    real = engines.map_batches
+
+    def spy(items, factory, **kw):
+        asked.append((len(items), kw["workers"]))
+        return real(items, factory, **{**kw, "workers": 1})  # in this process: the test checks the choice
+
+    monkeypatch.setattr(engines, "map_batches", spy)
+    monkeypatch.setattr(engines, "usable_cpus", lambda: 2)
+    monkeypatch.setattr(cluster_run, "PARALLEL_MIN_TEXTS", 50)
+    calls = _calls(120)
+    cfg = ClusterConfig(map=False, embedder="hash", min_size=3)
+    _, _, spread, _ = cluster_calls(calls, cfg, embedder=_CostlyHash())
+    assert asked and asked[0][0] >= 50 and all(workers == 2 for _, workers in asked)
+    asked.clear()
+    # An embedder cheap to run, or fewer texts than the threshold: embedded here, the same clusters.
+    _, _, cheap, _ = cluster_calls(calls, cfg, embedder=HashEmbedder())
+    monkeypatch.setattr(cluster_run, "PARALLEL_MIN_TEXTS", 10**6)
+    _, _, few, _ = cluster_calls(calls, cfg, embedder=_CostlyHash())
+    assert not asked and cheap == spread == few and any(spread)
+
+
 def test_engine_settings_do_not_change_the_fingerprints(workspace):
     from slmigrate.curate import fingerprint
 

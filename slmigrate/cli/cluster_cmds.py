@@ -28,8 +28,8 @@ def cluster_cmd(
         "(needs the ray extra of slmigrate).")] = None,
     ray_address: RayAddressOpt = None,
     workers: Annotated[Optional[int], typer.Option(
-        "--workers", min=1, help="Embedding workers: processes (local; default 1, in this process) or Ray actors "
-        "(ray; default every CPU).")] = None,
+        "--workers", min=1, help="Embedding workers: processes (local; default one per core from 1,000 texts to "
+        "embed, else this process) or Ray actors (ray; default every CPU).")] = None,
     force: ForceOpt = False,
     config: ConfigOpt = None,
     workspace: WorkspaceOpt = None,

@@ -119,7 +119,7 @@ def _fit_samples(table: CallTable, cfg: ClusterConfig, embedder: Embedder, weigh
         rows = np.flatnonzero(table.row_group == g)
         samples[g] = rows[np.argsort(table.row_hash[rows], kind="stable")][:cfg.max_points]
     views = table.views_of(np.concatenate(list(samples.values()))) if samples else {}
-    if _on_engine(cfg):
+    if _on_engine(cfg, embedder):
         embed_on_engine(list(views.values()), embedder, cfg, progress)
     fits = _Fits([], [], np.full(table.n_rows, -1, dtype=np.int64), np.zeros(table.n_rows, dtype=bool), None, {})
     map_rows: list[np.ndarray] = []
@@ -156,7 +156,7 @@ def _assign_rows(table: CallTable, fits: _Fits, model: ClusterModel, cfg: Cluste
     with progress_bar(progress, "assigning task views", table.n_rows) as advance:
         for start, views, first_ids in table.iter_rows():
             rows = np.arange(start, start + len(views))
-            if _on_engine(cfg):
+            if _on_engine(cfg, embedder):
                 embed_on_engine([v for r, v in zip(rows.tolist(), views) if table.row_group[r] in by_group],
                                 embedder, cfg, False)
             for g in np.unique(table.row_group[rows]).tolist():
@@ -219,8 +219,24 @@ class _RowPass:
                 self.representative[label] = (first, view.text())
 
 
-def _on_engine(cfg: ClusterConfig) -> bool:
-    return cfg.engine != "local" or (cfg.workers or 1) > 1
+# With no --workers, the local engine embeds in one single-threaded process per core once there are this many
+# texts: each worker first spends ~10 s loading torch and the model, and beyond that one process per core embeds
+# ~1.5x faster than one process using both cores through torch's own threads (tau2 on 2 cores: 102 s instead of
+# 150 s for the whole stage; docs/benchmarks.md).
+PARALLEL_MIN_TEXTS = 1000
+
+
+def _on_engine(cfg: ClusterConfig, embedder: Embedder) -> bool:
+    """Whether the embedding pass goes through ``embed_on_engine`` (Ray, worker processes, or maybe them)."""
+    if cfg.engine != "local" or (cfg.workers or 1) > 1:
+        return True
+    return cfg.workers is None and embedder.worth_workers and _cpus() > 1
+
+
+def _cpus() -> int:
+    from slmigrate.engines import usable_cpus
+
+    return usable_cpus()
 
 
 def _embed_pass(embedder: Embedder):
@@ -241,9 +257,14 @@ def embed_on_engine(views: list[TaskView], embedder: Embedder, cfg: ClusterConfi
         texts.update(dict.fromkeys(getattr(v, part) for v in distinct))
     # Shortest first, as the embedder batches: little padding per batch.
     todo = sorted(embedder.missing(list(texts)), key=len)
+    workers = cfg.workers
+    if cfg.engine == "local" and workers is None:
+        if len(todo) < PARALLEL_MIN_TEXTS:
+            return  # featurize embeds them in this process
+        workers = _cpus()
     with progress_bar(progress, f"embedding ({cfg.engine})", len(todo)) as advance:
         vectors = engines.map_batches(todo, functools.partial(_embed_pass, embedder), engine=cfg.engine,
-                                      workers=cfg.workers, address=cfg.ray_address, batch_size=64,
+                                      workers=workers, address=cfg.ray_address, batch_size=64,
                                       progress=advance)
     embedder.prime(todo, vectors)
 
