@@ -227,7 +227,8 @@ PARALLEL_MIN_TEXTS = 1000
 
 
 def _on_engine(cfg: ClusterConfig, embedder: Embedder) -> bool:
-    """Whether the embedding pass goes through ``embed_on_engine`` (Ray, worker processes, or maybe them)."""
+    """Whether the embedding pass goes through ``embed_on_engine``: on Ray, on --workers processes, or - no
+    --workers, a costly embedder, several cores - on processes if the pass turns out large enough."""
     if cfg.engine != "local" or (cfg.workers or 1) > 1:
         return True
     return cfg.workers is None and embedder.worth_workers and _cpus() > 1
