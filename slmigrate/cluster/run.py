@@ -220,9 +220,10 @@ class _RowPass:
 
 
 # With no --workers, the local engine embeds in one single-threaded process per core once there are this many
-# texts: each worker first spends ~10 s loading torch and the model, and beyond that one process per core embeds
-# ~1.5x faster than one process using both cores through torch's own threads (tau2 on 2 cores: 102 s instead of
-# 150 s for the whole stage; docs/benchmarks.md).
+# texts: each worker first spends ~10 s loading torch and the model. On a quiet 2-core box that about evens out
+# with one process using both cores through torch's threads (tau2: 88 s vs 82 s), but when other work takes CPU
+# time the threaded run degrades far more (tau2: 103 s vs ~150 s), so processes are the safer default
+# (docs/benchmarks.md).
 PARALLEL_MIN_TEXTS = 1000
 
 
