@@ -11,7 +11,7 @@ from typing import Any
 
 import numpy as np
 
-from slmigrate import curated
+from slmigrate import curated, engines
 from slmigrate.cluster.calltable import GROUP, TAG, CallTable
 from slmigrate.cluster.features import WEIGHTS, Layout, featurize
 from slmigrate.cluster.fit import Fitted, assign_rest, fit_group, nearest
@@ -232,13 +232,7 @@ def _on_engine(cfg: ClusterConfig, embedder: Embedder) -> bool:
     --workers, a costly embedder, several cores - on processes if the pass turns out large enough."""
     if cfg.engine != "local" or (cfg.workers or 1) > 1:
         return True
-    return cfg.workers is None and embedder.worth_workers and _cpus() > 1
-
-
-def _cpus() -> int:
-    from slmigrate.engines import usable_cpus
-
-    return usable_cpus()
+    return cfg.workers is None and embedder.worth_workers and engines.usable_cpus() > 1
 
 
 def _embed_pass(embedder: Embedder):
@@ -251,8 +245,6 @@ def embed_on_engine(views: list[TaskView], embedder: Embedder, cfg: ClusterConfi
     embedder's cache; the fit, which depends on order, then runs here unchanged."""
     import functools
 
-    from slmigrate import engines
-
     distinct = list(dict.fromkeys(views))
     texts = dict.fromkeys(c for v in distinct for c in v.system_chunks)
     for part in ("tools", "answer", "turn"):
@@ -263,7 +255,7 @@ def embed_on_engine(views: list[TaskView], embedder: Embedder, cfg: ClusterConfi
     if cfg.engine == "local" and workers is None:
         if len(todo) < PARALLEL_MIN_TEXTS:
             return  # featurize embeds them in this process
-        workers = _cpus()
+        workers = engines.usable_cpus()
     with progress_bar(progress, f"embedding ({cfg.engine})", len(todo)) as advance:
         vectors = engines.map_batches(todo, functools.partial(_embed_pass, embedder), engine=cfg.engine,
                                       workers=workers, address=cfg.ray_address, batch_size=64,
@@ -376,8 +368,6 @@ def cluster(ws: Workspace, config: Config | None = None, *, embedder: Embedder |
     """Cluster the workspace's curated calls; skipped when the curated data and config are unchanged."""
     config = config or Config()
     cfg = config.cluster
-    from slmigrate import engines
-
     engines.check_engine(cfg.engine, cfg.ray_address)
     if cfg.engine == "ray":
         engines.require_ray()
