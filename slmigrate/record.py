@@ -9,7 +9,11 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
+import math
 import os
+import re
+import sys
 import time
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
@@ -21,6 +25,15 @@ except ImportError:  # pragma: no cover - orjson is a declared dependency
     orjson = None  # type: ignore[assignment]
 
 _CROCKFORD = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"
+# The widest integer both stores hold (SQLite INTEGER, PostgreSQL BIGINT); a larger token count is nonsense.
+MAX_COUNT = 2**63 - 1
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+log = logging.getLogger("slmigrate.record")
+
+
+class RecordError(ValueError):
+    """A call that cannot become a storable record (the reason says why); callers skip or dead-letter it."""
 
 
 def new_id(timestamp_ms: int | None = None, entropy: bytes | None = None) -> str:
@@ -110,21 +123,77 @@ class CallRecord:
     content_hash: str = ""
 
     def finalise(self) -> "CallRecord":
-        """Fill the derived fields (model, usage, hash, id) from the payload; idempotent."""
+        """Fill the derived fields (model, usage, hash, id) from the payload and normalise every column to what
+        the stores hold; idempotent. Raises ``RecordError`` for a call that cannot be stored at all."""
         if self.model is None:
             self.model = (self.response or {}).get("model") or self.request.get("model")
         usage = (self.response or {}).get("usage") or {}
+        if not isinstance(usage, dict):
+            usage = {}
         if self.prompt_tokens is None and usage.get("prompt_tokens") is not None:
-            self.prompt_tokens = int(usage["prompt_tokens"])
+            self.prompt_tokens = usage["prompt_tokens"]
         if self.completion_tokens is None and usage.get("completion_tokens") is not None:
-            self.completion_tokens = int(usage["completion_tokens"])
+            self.completion_tokens = usage["completion_tokens"]
+        self.normalise()
         if self.timestamp is None:
             self.timestamp = now_iso()
         if not self.content_hash:
-            self.content_hash = self.compute_hash()
+            try:
+                self.content_hash = self.compute_hash()
+            except UnicodeEncodeError:
+                # A lone surrogate ("\ud800" in a JSON log) parses but cannot be encoded as UTF-8 anywhere.
+                self._replace_surrogates()
+                self.content_hash = self.compute_hash()
+            except RecursionError:
+                raise RecordError("the call is nested too deeply to store (more levels than Python's "
+                                  f"recursion limit of {sys.getrecursionlimit()})") from None
         if not self.id:
             self.id = new_id(timestamp_ms(self.timestamp), bytes.fromhex(self.content_hash[:20]))
         return self
+
+    def normalise(self) -> list[str]:
+        """Bring every column into the stores' types: a non-string model or id becomes its JSON text, a
+        count outside 0..2**63-1 or a non-finite time is dropped. Returns what was changed (also logged as a
+        warning): one odd value from a client or an upstream must never make the record unstorable."""
+        changed: list[str] = []
+        for name in ("model", "agent", "session", "input_id", "timestamp", "error"):
+            value = getattr(self, name)
+            if value is not None and not isinstance(value, str):
+                setattr(self, name, _as_text(value))
+                changed.append(f"{name} was a {type(value).__name__}, kept as its JSON text")
+        for name in ("prompt_tokens", "completion_tokens"):
+            value = getattr(self, name)
+            if value is None:
+                continue
+            count = _as_count(value)
+            if count is None:
+                changed.append(f"{name} {_short(value)} is not a count in 0..2**63-1; dropped")
+            setattr(self, name, count)
+        for name in ("latency_ms", "ttft_ms", "outcome"):
+            value = getattr(self, name)
+            if value is None:
+                continue
+            number = _as_float(value)
+            if number is None:
+                changed.append(f"{name} {_short(value)} is not a finite number; dropped")
+            setattr(self, name, number)
+        if not isinstance(self.metadata, dict):
+            self.metadata = {"value": self.metadata}
+            changed.append("metadata was not an object; kept under 'value'")
+        if self.status not in ("ok", "error"):
+            changed.append(f"status {_short(self.status)} is not ok/error; stored as error")
+            self.status = "error"
+        for note in changed:
+            log.warning("call %s: %s", self.input_id or self.id or "(new)", note)
+        return changed
+
+    def _replace_surrogates(self) -> None:
+        self.request = _replace_surrogates(self.request)
+        self.response = _replace_surrogates(self.response)
+        self.metadata = _replace_surrogates(self.metadata)
+        for name in ("model", "agent", "session", "input_id", "timestamp", "error", "source"):
+            setattr(self, name, _replace_surrogates(getattr(self, name)))
+        log.warning("call %s: lone UTF-16 surrogates replaced by U+FFFD", self.input_id or "(new)")
 
     def compute_hash(self) -> str:
         # The same logged call imported twice must hash the same; two real calls with identical text at other
@@ -161,6 +230,50 @@ class CallRecord:
     def from_dict(cls, data: dict[str, Any]) -> "CallRecord":
         known = {f for f in cls.__dataclass_fields__}
         return cls(**{k: v for k, v in data.items() if k in known})
+
+
+def _as_text(value: Any) -> str:
+    try:
+        return json.dumps(value, ensure_ascii=False, sort_keys=True, default=str)
+    except (TypeError, ValueError, RecursionError):
+        return repr(value)[:1000]
+
+
+def _as_count(value: Any) -> int | None:
+    if isinstance(value, bool):
+        return None
+    try:
+        count = int(value)
+    except (TypeError, ValueError, OverflowError):
+        return None
+    if isinstance(value, float) and value != count:
+        return None
+    return count if 0 <= count <= MAX_COUNT else None
+
+
+def _as_float(value: Any) -> float | None:
+    if isinstance(value, bool):
+        return None
+    try:
+        number = float(value)
+    except (TypeError, ValueError, OverflowError):
+        return None
+    return number if math.isfinite(number) else None
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def _replace_surrogates(node: Any) -> Any:
+    if isinstance(node, str):
+        return _SURROGATE.sub("\ufffd", node)
+    if isinstance(node, dict):
+        return {_replace_surrogates(k): _replace_surrogates(v) for k, v in node.items()}
+    if isinstance(node, list):
+        return [_replace_surrogates(x) for x in node]
+    return node
 
 
 def tool_call_names(message: dict[str, Any] | None) -> list[str]:

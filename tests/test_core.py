@@ -96,3 +96,34 @@ def test_cli_init_and_status_json(tmp_path):
     out = run("status", "--workspace", str(ws), "--json")
     assert out.returncode == 0, out.stderr
     assert json.loads(out.stdout)["calls"] == 0
+
+
+def test_odd_values_are_normalised_so_the_record_stores(tmp_path):
+    """A client or upstream can send anything: a JSON object as the model, a 10**20 token count, a lone
+    surrogate. Each becomes a storable value instead of failing the insert (and with it a whole batch)."""
+    from slmigrate.store import Store
+
+    odd = CallRecord(
+        request={"model": {"name": "gpt-4o"}, "messages": [{"role": "user", "content": "bad \ud800 text"}]},
+        response={"choices": [{"message": {"role": "assistant", "content": "ok"}}],
+                  "usage": {"prompt_tokens": 10**20, "completion_tokens": "7"}},
+        latency_ms=float("inf"), agent=12, metadata=["not", "an", "object"], status="weird",
+    )
+    store = Store(tmp_path / "s.sqlite")
+    assert store.insert_calls([odd]) == (1, 0)
+    got = next(store.iter_calls())
+    assert got.model == '{"name": "gpt-4o"}'
+    assert got.prompt_tokens is None and got.completion_tokens == 7
+    assert got.latency_ms is None and got.agent == "12" and got.status == "error"
+    assert got.metadata == {"value": ["not", "an", "object"]}
+    assert got.request["messages"][0]["content"] == "bad \ufffd text"
+
+
+def test_a_call_nested_past_the_recursion_limit_is_a_record_error():
+    from slmigrate.record import RecordError
+
+    deep: object = "leaf"
+    for _ in range(5000):
+        deep = [deep]
+    with pytest.raises(RecordError, match="nested too deeply"):
+        CallRecord(request={"messages": [], "x": deep}).finalise()
