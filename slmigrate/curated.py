@@ -90,8 +90,10 @@ def write_curated(ws: Workspace, rows: Iterable[dict[str, Any]],
     existing = sorted(p.name for p in root.glob("v[0-9]*") if p.is_dir())
     version = f"v{int(existing[-1][1:]) + 1:04d}" if existing else "v0001"
     target = root / version
+    # A run killed mid-write leaves its half-written version behind: nothing reads it, so clear every one.
+    for stale in root.glob(".v[0-9]*.tmp"):
+        shutil.rmtree(stale, ignore_errors=True)
     tmp = root / f".{version}.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     features = datasets.Features({
         c: datasets.Value("float64") if c == "outcome" else

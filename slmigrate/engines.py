@@ -89,7 +89,30 @@ _FN: BatchFn | None = None
 
 def _init_process(factory: Factory) -> None:
     global _FN
+    die_with_parent()
     _FN = factory()
+
+
+def die_with_parent(poll_s: float = 0.5) -> None:
+    """Make this worker process exit when the process that started it dies.
+
+    A pool's workers are told to stop when the parent shuts the pool down, but a parent killed outright
+    (``kill -9``, the OOM killer) tells them nothing: each presidio or MiniLM worker (~570 MB) would live on. A
+    daemon thread notices the re-parenting (``getppid`` changes) and exits. Polling works wherever Python
+    does; Linux's PR_SET_PDEATHSIG would be immediate but fires when the parent's *thread* that started the
+    worker ends, which a pool does not promise.
+    """
+    import threading
+    import time
+
+    parent = os.getppid()
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(poll_s)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="slmigrate-die-with-parent", daemon=True).start()
 
 
 def _run_process(batch: list[Any]) -> list[Any]:

@@ -345,8 +345,10 @@ def evaluate(ws: Workspace, config: EvaluateConfig | None = None, clusters: Sequ
         embedder = get_embedder(config.embedder)
     run = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S%fZ")[:-4]
     out_dir = ws.path("evals", run)
+    # Runs killed mid-way leave their .RUN.tmp folders; no reader looks at them, so clear them all.
+    for stale in ws.path("evals").glob(".*.tmp"):
+        shutil.rmtree(stale, ignore_errors=True)
     tmp = ws.path("evals", f".{run}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
     (tmp / "predictions").mkdir(parents=True)
     results, skipped = [], []
     bar = _Progress(progress)

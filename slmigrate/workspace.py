@@ -61,9 +61,11 @@ class Workspace:
 
     def init(self) -> None:
         try:
-            self.root.mkdir(parents=True, exist_ok=True)
+            # Owner-only (0700): the folder holds logged prompts and answers; what is created inside a private
+            # folder is out of others' reach whatever its own mode.
+            self.root.mkdir(mode=0o700, parents=True, exist_ok=True)
             for name in ARTIFACT_DIRS:
-                (self.root / name).mkdir(exist_ok=True)
+                (self.root / name).mkdir(mode=0o700, exist_ok=True)
         except OSError as exc:
             raise SlmigrateError(f"cannot create the workspace {self.root}: {exc.strerror}") from exc
 

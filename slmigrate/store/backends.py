@@ -12,6 +12,7 @@ placeholders, ``COALESCE``); a backend holds only what really differs, each diff
 
 from __future__ import annotations
 
+import os
 import re
 import sqlite3
 from pathlib import Path
@@ -46,6 +47,15 @@ def mask_password(url: str) -> str:
     return re.sub(r"(://[^:/@]*):[^@]*@", r"\1:***@", url)
 
 
+
+def _create_private(path: Path) -> None:
+    """Create the database file readable by its owner only: it holds every logged prompt. SQLite gives its
+    -wal and -shm files the database file's permissions, so they follow."""
+    try:
+        os.close(os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600))
+    except FileExistsError:
+        pass
+
 class SqliteBackend:
     name = "sqlite"
 
@@ -62,6 +72,7 @@ class SqliteBackend:
                 conn = sqlite3.connect(f"file:{self.location}?mode=ro", uri=True, check_same_thread=False)
             else:
                 self.location.parent.mkdir(parents=True, exist_ok=True)
+                _create_private(self.location)
                 conn = sqlite3.connect(self.location, check_same_thread=False, timeout=30)
                 conn.execute("PRAGMA journal_mode=WAL")
                 conn.execute("PRAGMA synchronous=NORMAL")
