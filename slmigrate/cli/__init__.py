@@ -46,18 +46,32 @@ def main(argv: list[str] | None = None) -> int:
     except SystemExit as exc:  # typer/click exits (e.g. --help, usage errors)
         return exc.code if isinstance(exc.code, int) else 0
     except Exception as exc:  # click usage errors come through here in non-standalone mode
-        import click
-
-        if isinstance(exc, click.exceptions.ClickException):
-            exc.show()
-            return exc.exit_code
-        if isinstance(exc, click.exceptions.Exit):
-            return exc.exit_code
-        if isinstance(exc, click.exceptions.Abort):
+        if isinstance(exc, _click_types("ClickException")):
+            exc.show()  # type: ignore[attr-defined]
+            return exc.exit_code  # type: ignore[attr-defined]
+        if isinstance(exc, _click_types("Exit")):
+            return exc.exit_code  # type: ignore[attr-defined]
+        if isinstance(exc, _click_types("Abort")):
             print("Aborted.", file=sys.stderr)
             return 1
         raise
     return 0
+
+
+def _click_types(name: str) -> tuple[type, ...]:
+    """click's exception class ``name`` from every click the installed typer may raise: recent typer
+    releases vendor their own copy (``typer._click``) whose exceptions are not click's."""
+    import importlib
+
+    found = []
+    for module in ("click.exceptions", "typer._click.exceptions"):
+        try:
+            cls = getattr(importlib.import_module(module), name, None)
+        except ImportError:
+            continue
+        if isinstance(cls, type):
+            found.append(cls)
+    return tuple(found)
 
 
 def entry() -> None:
