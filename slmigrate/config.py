@@ -227,5 +227,23 @@ def load_config(path: str | Path | None = None, overrides: dict[str, dict[str, A
     try:
         return Config.model_validate(data)
     except ValidationError as exc:
-        problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
+        problems = "; ".join(_problem(e) for e in exc.errors())
         raise SlmigrateError(f"invalid configuration in {file}: {problems}; see `docs/configuration.md`") from exc
+
+
+def _problem(error: Any) -> str:
+    """One validation error as `section.key: message`, with "did you mean" for a mistyped key."""
+    loc = [str(part) for part in error["loc"]]
+    text = f"{'.'.join(loc)}: {error['msg']}"
+    if error["type"] != "extra_forbidden":
+        return text
+    model: Any = Config
+    for part in loc[:-1]:  # walk down to the section that holds the unknown key
+        field = model.model_fields.get(part)
+        model = getattr(field, "annotation", None)
+        if not (isinstance(model, type) and issubclass(model, BaseModel)):
+            return text
+    import difflib
+
+    close = difflib.get_close_matches(loc[-1], list(model.model_fields), n=1)
+    return f"unknown key {'.'.join(loc)}" + (f" (did you mean {close[0]!r}?)" if close else "")

@@ -1,6 +1,7 @@
 """Config, workspace, manifests and `status`: the pieces every stage leans on."""
 
 import json
+import os
 import subprocess
 import sys
 
@@ -127,3 +128,28 @@ def test_a_call_nested_past_the_recursion_limit_is_a_record_error():
         deep = [deep]
     with pytest.raises(RecordError, match="nested too deeply"):
         CallRecord(request={"messages": [], "x": deep}).finalise()
+
+
+def test_config_typo_says_did_you_mean(tmp_path):
+    cfg = tmp_path / "slmigrate.toml"
+    cfg.write_text("[curate]\npi = 'off'\n[clustr]\nx = 1\n")
+    with pytest.raises(SlmigrateError) as info:
+        load_config(cfg)
+    message = str(info.value)
+    assert "unknown key curate.pi (did you mean 'pii'?)" in message
+    assert "unknown key clustr (did you mean 'cluster'?)" in message
+
+
+def test_calls_list_keeps_ids_whole_at_80_columns_and_show_prints_json(workspace, tmp_path):
+    workspace.store.insert_calls([_call("first question " * 30), _call("second", session="s2")])
+    env = {**os.environ, "COLUMNS": "80"}
+    run = lambda *args: subprocess.run([sys.executable, "-m", "slmigrate", "--workspace", str(workspace.root),
+                                        *args], capture_output=True, text=True, env=env)
+    listed = run("calls", "list")
+    assert listed.returncode == 0, listed.stderr
+    ids = [c.id for c in workspace.store.iter_calls(decode=False)]
+    assert all(i in listed.stdout for i in ids)
+    long_one = next(c.id for c in workspace.store.iter_calls() if c.messages[0]["content"].startswith("first"))
+    shown = run("calls", "show", long_one)  # a 450-character prompt, wider than the terminal
+    assert shown.returncode == 0, shown.stderr
+    assert json.loads(shown.stdout)["request"]["messages"][0]["content"] == "first question " * 30

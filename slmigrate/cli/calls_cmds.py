@@ -33,8 +33,11 @@ def list_cmd(
         return
     rows = list_calls(ws, _TABLE_LIMIT if limit is None else limit)
     table = Table(title_justify="left")
-    for col in ("id", "input id", "agent", "model", "timestamp", "tokens in/out", "status", "cluster"):
-        table.add_column(col, justify="right" if col == "tokens in/out" else "left")
+    # Ids are what a user copies into `calls show`: never cut or wrapped, whatever the terminal's width; the
+    # other columns fold instead.
+    table.add_column("id", no_wrap=True, min_width=26)
+    for col in ("input id", "agent", "model", "timestamp", "tokens in/out", "status", "cluster"):
+        table.add_column(col, justify="right" if col == "tokens in/out" else "left", overflow="fold")
     for r in rows:
         table.add_row(r["id"], r["input_id"] or "", r["agent"] or "", r["model"] or "", r["timestamp"] or "",
                       f"{r['prompt_tokens'] or 0:,}/{r['completion_tokens'] or 0:,}", r["status"],
@@ -63,7 +66,8 @@ def show_cmd(
         return
     from rich.json import JSON
 
-    console.print(JSON.from_data(call, default=str))
+    # Coloured on a terminal, but never hard-wrapped: what is printed stays valid JSON to copy or pipe.
+    console.print(JSON.from_data(call, default=str), soft_wrap=True)
 
 
 @calls_app.command("export")
