@@ -23,6 +23,7 @@ import pickle
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from slmigrate import env
 from slmigrate.errors import SlmigrateError
 
 ENGINES = ("local", "ray")
@@ -90,6 +91,7 @@ _FN: BatchFn | None = None
 def _init_process(factory: Factory) -> None:
     global _FN
     die_with_parent()
+    env.quiet_libraries()
     _FN = factory()
 
 

@@ -23,3 +23,25 @@ def offline_hub() -> None:
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+# Library chatter a user of the CLI cannot act on: warnings about deprecations inside other libraries, a
+# bitsandbytes CPU kernel that is only fetched from the hub (QLoRA runs on CUDA anyway), and the libraries' own
+# progress bars (our commands draw one bar per stage).
+_QUIET_LOGGERS = ("bitsandbytes", "kernels", "peft")
+_QUIET_WARNINGS_FROM = r"(transformers|peft|accelerate|torch|datasets|sentence_transformers|bitsandbytes)(\.|$)"
+
+
+def quiet_libraries() -> None:
+    """Keep the terminal to slmigrate's own output: called by the CLI and in its worker processes, never on
+    import (a library user's logging is theirs). Errors from the libraries still show."""
+    import logging
+    import warnings
+
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # also transformers' "Loading weights" bars
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+    for name in _QUIET_LOGGERS:
+        logging.getLogger(name).setLevel(logging.ERROR)
+    for category in (FutureWarning, DeprecationWarning, UserWarning):
+        warnings.filterwarnings("ignore", category=category, module=_QUIET_WARNINGS_FROM)

@@ -47,3 +47,22 @@ def test_a_mistyped_command_gets_a_suggestion_and_no_traceback():
     proc = subprocess.run([sys.executable, "-m", "slmigrate", "calls", "list", "--limt", "3"],
                           capture_output=True, text=True)
     assert proc.returncode == 2 and "--limit" in proc.stderr and "Traceback" not in proc.stderr
+
+
+@pytest.mark.slow
+def test_cluster_with_the_real_embedder_keeps_the_terminal_quiet(tmp_path):
+    """Loading MiniLM pulls in transformers, which pulled in bitsandbytes: every `cluster` printed two lines about
+    a CPU kernel it could not fetch from the hub, and transformers drew its own "Loading weights" bar."""
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    log = tmp_path / "calls.jsonl"
+    subprocess.run([sys.executable, str(root / "examples" / "agent_log.py"), "--out", str(log), "--calls", "120",
+                    "--seed", "5"], check=True, capture_output=True)
+    cli = [sys.executable, "-m", "slmigrate", "--workspace", str(tmp_path / "ws")]
+    for args in (["collect", "import", str(log)], ["curate", "--pii", "off"], ["cluster"]):
+        proc = subprocess.run([*cli, *args], capture_output=True, text=True)
+        assert proc.returncode == 0, proc.stderr
+        noise = [line for line in proc.stderr.splitlines()
+                 if any(w in line for w in ("Warning", "warn(", "kernels-community", "Loading weights", "it/s]"))]
+        assert not noise, f"{' '.join(args)} printed library noise: {noise}"

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import sys
 
+from slmigrate import env
 from slmigrate.cli._app import app
 from slmigrate.errors import SlmigrateError
 
@@ -27,6 +28,7 @@ for _optional in ("collect_cmds", "calls_cmds", "curate_cmds", "cluster_cmds", "
 
 
 def main(argv: list[str] | None = None) -> int:
+    env.quiet_libraries()
     try:
         # Without standalone mode click returns a `typer.Exit(code)` as the value instead of exiting.
         result = app(args=argv, standalone_mode=False)

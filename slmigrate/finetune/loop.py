@@ -417,6 +417,7 @@ def train(model, train_examples: Sequence[Example], val_examples: Sequence[Examp
                 save_checkpoint(checkpoint_dir, done, unwrapped, optimizer, scheduler, history, best_state)
             bar.update(done, float(loss), history.tokens_per_second)
             if history.stopped_early:
+                bar.stopped(done, history.stop_reason)
                 break
     if accelerator is not None:
         accelerator.wait_for_everyone()  # no rank moves on (to saving, or the next cluster) alone
@@ -449,6 +450,13 @@ class _Progress:
     def update(self, done: int, loss: float, tps: float) -> None:
         if self.enabled and math.isfinite(loss):
             self.progress.update(self.task, completed=done, loss=f"{loss:.4f}", tps=f"{tps:,.0f}")
+
+    def stopped(self, done: int, reason: str | None) -> None:
+        """End the bar where training stopped, saying why, instead of leaving it frozen part-way."""
+        if self.enabled:
+            why = {"exact": "every validation answer exact", "patience": "validation loss stopped improving"}
+            self.progress.update(self.task, total=done, completed=done,
+                                 description=f"{self.label} (stopped early: {why.get(reason or '', reason)})")
 
     def __exit__(self, *exc):
         if self.enabled:
