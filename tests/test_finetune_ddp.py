@@ -87,6 +87,7 @@ def _accelerate() -> list[str]:
     pytest.skip("the accelerate launcher is not installed")
 
 
+@pytest.mark.slow
 def test_two_cpu_processes_train_one_adapter(tmp_path):
     from test_finetune import colour_calls, fill_workspace
     from tiny_model import tiny_model_dir

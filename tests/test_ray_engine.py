@@ -18,6 +18,7 @@ from slmigrate.curate import curate
 from slmigrate.embed import HashEmbedder
 from slmigrate.errors import SlmigrateError
 from slmigrate.record import CallRecord
+from conftest import skip_unless_required  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 HAS_RAY = importlib.util.find_spec("ray") is not None
@@ -148,8 +149,9 @@ def _curated_rows(ws) -> list[dict]:
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not HAS_RAY, reason="ray is not installed (pip install 'slmigrate[ray]')")
 def test_ray_engine_gives_the_local_results(tmp_path):
+    if not HAS_RAY:
+        skip_unless_required("ray", "ray is not installed (pip install 'slmigrate[ray]')")
     import json
 
     from slmigrate.collect import import_calls

@@ -22,6 +22,7 @@ import pytest
 
 from slmigrate.config import Config
 from slmigrate.report import report
+from conftest import skip_unless_required  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 OUT = ROOT / ".pytest_cache" / "report"  # screenshots land here for a human to look at
@@ -123,7 +124,7 @@ def render_in_chromium(html_file: Path, screenshot: Path) -> dict:
     """Open the report, return console errors, network requests, chart checks and missing sections."""
     binary = chromium_binary()
     if binary is None:
-        pytest.skip("Chromium is not installed (apt-get install -y chromium; .ci/run does this)")
+        skip_unless_required("chromium", "Chromium is not installed (apt-get install -y chromium; .ci/run does this)")
     profile = screenshot.parent / "chromium-profile"
     shutil.rmtree(profile, ignore_errors=True)
     browser = Chromium(binary, profile)
@@ -297,7 +298,7 @@ def test_real_pipeline_report_in_chromium(tmp_path):
     if missing:
         pytest.skip(f"stage modules not in this checkout yet: {', '.join(missing)}")
     if chromium_binary() is None:
-        pytest.skip("Chromium is not installed (apt-get install -y chromium; .ci/run does this)")
+        skip_unless_required("chromium", "Chromium is not installed (apt-get install -y chromium; .ci/run does this)")
     sys.path.insert(0, str(ROOT / "examples"))
     import agent_log
 

@@ -18,6 +18,7 @@ from slmigrate.store import Store
 
 sys.path.insert(0, str(Path(__file__).parent))
 from pg_server import PgServer, PgUnavailable, run_proxies, text_of  # noqa: E402
+from conftest import skip_unless_required  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -25,7 +26,7 @@ def pg_server():
     try:
         server = PgServer.start()
     except PgUnavailable as exc:
-        pytest.skip(f"no PostgreSQL server for these tests: {exc}")
+        skip_unless_required("postgres", f"no PostgreSQL server for these tests: {exc}")
     yield server
     server.stop()
 

