@@ -66,3 +66,23 @@ def test_cluster_with_the_real_embedder_keeps_the_terminal_quiet(tmp_path):
         noise = [line for line in proc.stderr.splitlines()
                  if any(w in line for w in ("Warning", "warn(", "kernels-community", "Loading weights", "it/s]"))]
         assert not noise, f"{' '.join(args)} printed library noise: {noise}"
+
+
+def test_each_short_flag_means_one_thing_everywhere():
+    """`-c` meant --config in seven commands and --cluster in two: a user's habit would pick the wrong one."""
+    import typer.main
+
+    root = typer.main.get_command(app)
+    meaning: dict[str, set[str]] = {}
+
+    def walk(cmd):
+        for param in getattr(cmd, "params", []):
+            longs = [o for o in param.opts if o.startswith("--")]
+            for short in (o for o in param.opts + param.secondary_opts if len(o) == 2 and o[0] == "-"):
+                meaning.setdefault(short, set()).update(longs)
+        for sub in getattr(cmd, "commands", {}).values():
+            walk(sub)
+
+    walk(root)
+    assert meaning, "no short flags found: the walk is broken"
+    assert {k: v for k, v in meaning.items() if len(v) > 1} == {}

@@ -8,7 +8,7 @@ from typing import Annotated, Optional
 import typer
 from rich.table import Table
 
-from slmigrate.cli._app import JsonOpt, WorkspaceOpt, app, console, open_workspace, print_json
+from slmigrate.cli._app import ConfigOpt, JsonOpt, WorkspaceOpt, app, console, open_workspace, print_json
 
 
 def _fmt(value, spec: str = ".3f", none: str = "-") -> str:
@@ -18,7 +18,7 @@ def _fmt(value, spec: str = ".3f", none: str = "-") -> str:
 @app.command()
 def evaluate(
     cluster: Annotated[Optional[list[str]], typer.Option(
-        "--cluster", "-c", help="Cluster id to evaluate (repeatable); default: every cluster.")] = None,
+        "--cluster", help="Cluster id to evaluate (repeatable); default: every cluster.")] = None,
     variants: Annotated[Optional[str], typer.Option(
         help="Comma-separated variants: base (zero-shot), icl (few-shot from train), finetuned.")] = None,
     limit: Annotated[Optional[int], typer.Option(help="At most N test calls per cluster.", min=1)] = None,
@@ -33,7 +33,7 @@ def evaluate(
     device: Annotated[Optional[str], typer.Option(help="auto, cpu or cuda.")] = None,
     batch_size: Annotated[Optional[int], typer.Option(help="Calls generated together.", min=1)] = None,
     force: Annotated[bool, typer.Option(help="Re-run even when nothing changed since the last evaluation.")] = False,
-    config_file: Annotated[Optional[Path], typer.Option("--config", help="slmigrate.toml to read.")] = None,
+    config_file: ConfigOpt = None,
     workspace: WorkspaceOpt = None,
     json_out: JsonOpt = False,
 ) -> None:

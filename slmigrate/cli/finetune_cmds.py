@@ -8,13 +8,13 @@ from typing import Annotated, Optional
 import typer
 from rich.table import Table
 
-from slmigrate.cli._app import JsonOpt, WorkspaceOpt, app, console, open_workspace, print_json
+from slmigrate.cli._app import ConfigOpt, JsonOpt, WorkspaceOpt, app, console, open_workspace, print_json
 
 
 @app.command()
 def finetune(
     cluster: Annotated[Optional[list[str]], typer.Option(
-        "--cluster", "-c", help="Cluster id to train (repeatable); default: selected clusters, else all.")] = None,
+        "--cluster", help="Cluster id to train (repeatable); default: selected clusters, else all.")] = None,
     selected: Annotated[bool, typer.Option("--selected", help="Train the clusters `slmigrate select` chose a "
                                                               "model for.")] = False,
     model: Annotated[Optional[str], typer.Option("--model", "-m", help="Catalogue name, hub id or local model "
@@ -35,7 +35,7 @@ def finetune(
         "--stop-when-exact/--no-stop-when-exact",
         help="Stop once greedy decoding would reproduce every validation answer exactly.")] = None,
     force: Annotated[bool, typer.Option("--force", help="Retrain even when nothing changed.")] = False,
-    config_file: Annotated[Optional[Path], typer.Option("--config", help="slmigrate.toml to read.")] = None,
+    config_file: ConfigOpt = None,
     workspace: WorkspaceOpt = None,
     json_out: JsonOpt = False,
 ) -> None:
