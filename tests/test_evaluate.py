@@ -304,6 +304,14 @@ def test_bfcl_questions_become_openai_requests_with_ground_truth_calls():
     answers = [r.answer for r in records]
     s = M.score("tool_call", answers, answers, M.MetricContext([r.request for r in records]))
     assert s.means["exact"] == 1.0 and s.means["valid_call"] == 1.0
+    # ... and the metric is not blind: each answer's arguments emptied, or given to the wrong function, scores 0
+    wrong = []
+    for i, a in enumerate(answers):
+        fn = dict(a["tool_calls"][0]["function"])
+        fn["arguments"] = "{}" if i % 2 else json.dumps({"no_such_argument": 1})
+        wrong.append({**a, "tool_calls": [{**a["tool_calls"][0], "function": fn}]})
+    bad = M.score("tool_call", wrong, answers, M.MetricContext([r.request for r in records]))
+    assert bad.means["exact"] == 0.0
 
 
 def test_bfcl_prepare_makes_a_workspace_finetune_and_evaluate_read(tmp_path):
