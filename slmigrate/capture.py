@@ -14,9 +14,9 @@ from __future__ import annotations
 
 import importlib
 import time
-from pathlib import Path
 from typing import Any
 
+from slmigrate import deadletter
 from slmigrate.errors import SlmigrateError
 from slmigrate.proxy.exchange import Exchange
 from slmigrate.writer import RecordWriter, shared_writer
@@ -36,7 +36,8 @@ def instrument(client: Any, *, agent: str | None = None, workspace: Any = None, 
             f"instrument() expects an openai.OpenAI or openai.AsyncOpenAI client, got {type(client).__name__}; "
             "pass the client object itself (or point its base_url at `slmigrate collect proxy`)"
         )
-    writer = shared_writer(_db_path(workspace))
+    ws = _workspace(workspace)
+    writer = shared_writer(ws.store.path, ws.path(deadletter.FILE_NAME))
     tags = {"agent": agent, "session": session}
     http._transport = _wrap(http._transport, writer, tags)
     mounts = getattr(http, "_mounts", None)
@@ -54,12 +55,10 @@ def flush(timeout: float = 10.0) -> bool:
     return all(w.flush(timeout) for w in list(writer_module._shared.values()))
 
 
-def _db_path(workspace: Any) -> Path:
+def _workspace(workspace: Any) -> Any:
     from slmigrate.workspace import Workspace
 
-    if isinstance(workspace, Workspace):
-        return workspace.store.path
-    return Workspace.open(workspace).store.path
+    return workspace if isinstance(workspace, Workspace) else Workspace.open(workspace)
 
 
 def _wrap(transport: Any, writer: RecordWriter, tags: dict[str, Any]) -> Any:

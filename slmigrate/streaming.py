@@ -150,12 +150,36 @@ def merge_timed_sse(pieces: list[tuple[float, bytes]]) -> tuple[dict[str, Any], 
     """Merge an SSE body received as ``(seconds since request start, bytes)`` pieces.
 
     Returns the merged completion, the time to first token in ms (the arrival time of the piece that completed
-    the first event carrying output) and the error message when the stream carried an ``error`` event.
+    the first event carrying output) and what was wrong with the stream, or None: an ``error`` event, or events
+    that are not ``chat.completion.chunk`` objects (undecodable JSON, a wrong shape). Such events are left out of
+    the merge, so one garbage line can neither break it nor pass for part of a good answer.
     """
     buffer = b""
     chunks: list[dict[str, Any]] = []
     ttft = None
     error = None
+    bad = 0
+
+    def take(events: list[str], arrived: float | None) -> None:
+        nonlocal ttft, error, bad
+        for data in events:
+            if data.strip() == "[DONE]":
+                continue
+            try:
+                chunk = json.loads(data)
+            except (ValueError, RecursionError):
+                bad += 1
+                continue
+            if isinstance(chunk, dict) and chunk.get("error"):
+                error = _error_text(chunk["error"])
+                continue
+            if not _is_chunk(chunk):
+                bad += 1
+                continue
+            if ttft is None and arrived is not None and has_token(chunk):
+                ttft = round(arrived * 1000, 3)
+            chunks.append(chunk)
+
     for arrived, piece in pieces:
         buffer += piece
         # Only complete events (ended by a blank line) are parsed; the rest waits for the next piece.
@@ -164,15 +188,35 @@ def merge_timed_sse(pieces: list[tuple[float, bytes]]) -> tuple[dict[str, Any], 
         if cut < 0:
             continue
         complete, buffer = normalised[: cut + 2], normalised[cut + 2:]
-        for chunk in chunks_from_sse(complete):
-            if isinstance(chunk, dict) and chunk.get("error"):
-                error = _error_text(chunk["error"])
-            if ttft is None and isinstance(chunk, dict) and has_token(chunk):
-                ttft = round(arrived * 1000, 3)
-            chunks.append(chunk)
+        take(iter_sse_data(complete), arrived)
     if buffer.strip():
-        chunks.extend(chunks_from_sse(buffer))
+        take(iter_sse_data(buffer), None)
+    if error is None and bad:
+        error = f"{bad} event(s) not a chat.completion.chunk (undecodable JSON or a wrong shape)"
     return merge_chunks(chunks), ttft, error
+
+
+def _is_chunk(chunk: Any) -> bool:
+    """Whether ``chunk`` has the shape ``merge_chunks`` relies on: an object whose choices carry object deltas."""
+    if not isinstance(chunk, dict):
+        return False
+    choices = chunk.get("choices")
+    if choices is None:
+        return isinstance(chunk.get("usage"), dict)  # the final usage-only chunk may omit choices
+    if not isinstance(choices, list):
+        return False
+    for choice in choices:
+        if not isinstance(choice, dict) or not isinstance(choice.get("index", 0) or 0, int):
+            return False
+        delta = choice.get("delta") or choice.get("message") or {}
+        if not isinstance(delta, dict) or not isinstance(delta.get("tool_calls") or [], list):
+            return False
+        if not all(isinstance(tc, dict) and isinstance(tc.get("function") or {}, dict)
+                   for tc in delta.get("tool_calls") or []):
+            return False
+        if not isinstance(delta.get("function_call") or {}, dict):
+            return False
+    return isinstance(chunk.get("usage") or {}, dict)
 
 
 def _error_text(error: Any) -> str:

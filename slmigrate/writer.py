@@ -1,4 +1,4 @@
-"""The background record writer shared by the proxy and the SDK wrapper.
+"""The background record writer shared by the proxy, the router and the SDK wrapper.
 
 Capturing must never slow or break the agent, so the request path only appends to an in-memory deque (no lock,
 no thread wake-up: waking a thread per request costs the event loop a GIL hand-off). One thread wakes every
@@ -6,9 +6,16 @@ no thread wake-up: waking a thread per request costs the event loop a GIL hand-o
 all happen there) and inserts them in one transaction, so after a hard kill at most about one flush interval of
 calls is lost; ``close()`` drains everything.
 
-When the store fails (locked, read-only, disk full) the failed batch is kept and retried on the next cycle,
-up to ``max_retained`` records; beyond that the oldest are dropped. Failures and drops are counted for
-``/slmigrate/health`` and ``/slmigrate/metrics``.
+Nothing is lost, and one bad call cannot stop the logging of the others:
+- a *failing store* (locked, read-only, disk full, connection lost: the driver's operational errors) keeps the
+  failed batch and retries it on the next cycle, up to ``max_retained`` records; beyond that the oldest go to the
+  dead-letter file;
+- a *failing record* (the store refuses the batch for another reason) is found by bisecting the batch: every
+  other record is stored, and the ones the store refuses while it takes the rest go to the dead-letter file. When
+  nothing in the batch can be stored the store is taken to be failing after all, and the batch is retried;
+- an item that cannot become a record at all (``to_record()`` raised) goes straight to the dead-letter file.
+The dead-letter file (``slmigrate.deadletter``) sits in the workspace; without one such calls are dropped.
+Failures, dead letters and drops are counted for ``/slmigrate/health`` and ``/slmigrate/metrics``.
 """
 
 from __future__ import annotations
@@ -22,11 +29,17 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Protocol
 
+from slmigrate import deadletter
+from slmigrate.errors import SlmigrateError
 from slmigrate.record import CallRecord, now_iso
+from slmigrate.redact import redact_urls
 
 log = logging.getLogger("slmigrate.writer")
 
 DEFAULT_FLUSH_INTERVAL = 0.1  # seconds; the documented bound is 200 ms
+# DB-API exception classes (sqlite3 and psycopg name them alike) that mean the store, not the record, failed:
+# locked, read-only, disk full, I/O error, connection lost, server shutting down.
+_STORE_ERRORS = {"OperationalError", "InterfaceError", "InternalError", "NotSupportedError"}
 
 
 class Recordable(Protocol):
@@ -46,6 +59,7 @@ class RecordWriter:
         batch_size: int = 1000,
         busy_timeout_ms: int = 1000,
         name: str = "slmigrate-writer",
+        deadletter_path: Path | str | None = None,
     ):
         if not 0 < flush_interval <= 0.2:
             raise ValueError("flush_interval must be in (0, 0.2] seconds")
@@ -56,6 +70,7 @@ class RecordWriter:
         self.max_retained = max_retained
         self.busy_timeout_ms = busy_timeout_ms
         self.max_queue = max_queue
+        self.deadletter_path = None if deadletter_path is None else Path(deadletter_path)
         self._queue: collections.deque = collections.deque()
         self._wake = threading.Event()
         self._retained: list[CallRecord] = []
@@ -68,6 +83,8 @@ class RecordWriter:
         self.store_failures = 0
         self.conversion_failures = 0
         self.skipped = 0  # items that turned out not to be loggable calls
+        self.deadlettered = 0  # calls kept in the dead-letter file instead of the store
+        self.last_deadletter_reason: str | None = None
         self._dropped_accepted = 0
         self.last_error: str | None = None
         self.last_error_at: str | None = None
@@ -115,7 +132,9 @@ class RecordWriter:
             return {
                 "submitted": self.submitted, "logged": self.logged, "duplicates": self.duplicates,
                 "dropped": self.dropped, "store_failures": self.store_failures,
-                "conversion_failures": self.conversion_failures,
+                "conversion_failures": self.conversion_failures, "deadlettered": self.deadlettered,
+                "deadletter_file": None if self.deadletter_path is None else str(self.deadletter_path),
+                "last_deadletter_reason": self.last_deadletter_reason,
                 "pending": self.submitted - self._processed(), "retained": len(self._retained),
                 "last_error": self.last_error, "last_error_at": self.last_error_at,
                 "last_flush_at": self.last_flush_at, "flush_interval_ms": round(self.flush_interval * 1000),
@@ -124,7 +143,7 @@ class RecordWriter:
 
     def _processed(self) -> int:
         # Items dropped at submit never counted as submitted, so only count drops of accepted items here.
-        return self.logged + self.duplicates + self.skipped + self._dropped_accepted
+        return self.logged + self.duplicates + self.skipped + self.deadlettered + self._dropped_accepted
 
     # --- writer thread ---
     _stopping = False
@@ -153,12 +172,9 @@ class RecordWriter:
             try:
                 rec = item if isinstance(item, CallRecord) else item.to_record()
             except Exception as exc:  # a malformed exchange must not stop the writer
-                log.warning("could not turn a captured call into a record: %s", exc)
-                with self._done:
+                with self._lock:
                     self.conversion_failures += 1
-                    self.dropped += 1
-                    self._dropped_accepted += 1
-                    self._done.notify_all()
+                self._dead_letter([(item, f"could not be turned into a record: {_describe(exc)}")])
                 continue
             if rec is None:  # not a loggable call after all
                 with self._done:
@@ -181,28 +197,114 @@ class RecordWriter:
     def _write(self, records: list[CallRecord]) -> bool:
         batch = self._retained + records
         try:
-            inserted, duplicates = self._open().insert_calls(batch)
-        except Exception as exc:  # any store failure is survivable: keep the batch, retry next cycle
-            self._drop_broken_store()
-            with self._done:
-                self.store_failures += 1
-                self.last_error = f"{type(exc).__name__}: {exc}"
-                self.last_error_at = now_iso()
-                overflow = max(0, len(batch) - self.max_retained)
-                self._retained = batch[overflow:]
-                self.dropped += overflow
-                self._dropped_accepted += overflow
-                self._done.notify_all()
-            log.warning("store write failed (%s); %d records kept for retry", exc, len(self._retained))
-            return False
+            store = self._open()
+        except Exception as exc:  # no store to write to at all
+            return self._keep_for_retry(batch, exc)
+        try:
+            self._insert(store, batch)
+        except Exception as exc:
+            if _store_failure(exc):
+                return self._keep_for_retry(batch, exc)
+            return self._isolate(store, batch, exc)
+        self._stored()
+        return True
+
+    def _insert(self, store: Any, records: list[CallRecord]) -> None:
+        inserted, duplicates = store.insert_calls(records)
         with self._done:
-            self._retained = []
             self.logged += inserted
             self.duplicates += duplicates
+            self._done.notify_all()
+
+    def _stored(self) -> None:
+        with self._done:
+            self._retained = []
             self.last_error = None
             self.last_flush_at = now_iso()
             self._done.notify_all()
+
+    def _isolate(self, store: Any, batch: list[CallRecord], first: Exception) -> bool:
+        """The store refused a batch for a reason that may be one record's: bisect it, store every part it takes,
+        dead-letter the single records it refuses - as long as it takes something, proving the store works."""
+        parts = [batch[len(batch) // 2:], batch[:len(batch) // 2]]  # a stack: the first half is tried first
+        refused: list[tuple[CallRecord, Exception]] = []
+        stored_any = False
+        while parts:
+            part = parts.pop()
+            if not part:
+                continue
+            try:
+                self._insert(store, part)
+                stored_any = True
+            except Exception as exc:
+                if _store_failure(exc):
+                    left = [rec for p in parts for rec in p] + part + [rec for rec, _ in refused]
+                    return self._keep_for_retry(left, exc)
+                if len(part) == 1:
+                    refused.append((part[0], exc))
+                else:
+                    middle = len(part) // 2
+                    parts += [part[middle:], part[:middle]]
+        if refused and not stored_any:
+            # Nothing could be stored, so it is the store that fails (e.g. a read-only PostgreSQL answers every
+            # insert with an InternalError): keep the batch for the next cycle, when new calls come along to tell.
+            return self._keep_for_retry([rec for rec, _ in refused], first)
+        self._dead_letter([(rec, f"the store refused this call: {_describe(exc)}") for rec, exc in refused])
+        self._stored()
         return True
+
+    def _keep_for_retry(self, batch: list[CallRecord], exc: Exception) -> bool:
+        """The store failed: keep the batch for the next cycle, up to ``max_retained`` records."""
+        self._drop_broken_store()
+        overflow = max(0, len(batch) - self.max_retained)
+        with self._done:
+            self.store_failures += 1
+            self.last_error = _describe(exc)
+            self.last_error_at = now_iso()
+            self._retained = batch[overflow:]
+        if overflow:
+            self._dead_letter([(rec, f"the store failed ({self.last_error}) while more than {self.max_retained} "
+                                     "calls waited") for rec in batch[:overflow]])
+        log.warning("store write failed (%s); %d records kept for retry", self.last_error, len(self._retained))
+        return False
+
+    def _dead_letter(self, failed: list[tuple[Any, str]]) -> None:
+        """Keep calls that cannot be stored in the dead-letter file; without one (or when it cannot be written
+        either, e.g. the disk is full) they are counted as dropped."""
+        if not failed:
+            return
+        written = False
+        if self.deadletter_path is not None:
+            codec = self._payload_codec()
+            try:
+                deadletter.append(self.deadletter_path, [deadletter.entry(item, why, codec) for item, why in failed])
+                written = True
+            except Exception as exc:  # noqa: BLE001 - the writer thread must survive a full disk too
+                log.error("could not write the dead-letter file %s: %s", self.deadletter_path, exc)
+        reason = redact_urls(failed[-1][1])
+        log.warning("%d captured call(s) %s: %s", len(failed),
+                    f"put in {self.deadletter_path}" if written else "dropped", reason)
+        with self._done:
+            self.last_deadletter_reason = reason
+            if written:
+                self.deadlettered += len(failed)
+            else:
+                self.dropped += len(failed)
+                self._dropped_accepted += len(failed)
+            self._done.notify_all()
+
+    def _payload_codec(self) -> Any:
+        # The store's own codec, so a sealed payload opens with the store's key; before the store could be opened,
+        # the one it would use. None (payload left out, never written in clear) when no codec can be made.
+        codec = getattr(self._store, "codec", None)
+        if codec is not None:
+            return codec
+        try:
+            from slmigrate.store import default_codec
+
+            return default_codec()
+        except Exception:  # noqa: BLE001 - e.g. a malformed key; reported by the store itself
+            return None
 
     def _drop_broken_store(self) -> None:
         # A PostgreSQL connection dies with a server restart or failover; reconnect on the next cycle.
@@ -225,13 +327,10 @@ class RecordWriter:
             time.sleep(0.2)
             self._write([])
         with self._done:
-            lost = len(self._retained)
-            self.dropped += lost
-            self._dropped_accepted += lost
-            self._retained = []
-            self._done.notify_all()
-        if lost:
-            log.error("%d captured calls could not be written before exit: %s", lost, self.last_error)
+            left, self._retained = self._retained, []
+        if left:
+            log.error("%d captured calls could not be written before exit: %s", len(left), self.last_error)
+            self._dead_letter([(rec, f"the store still failed at shutdown: {self.last_error}") for rec in left])
         if self._store is not None:
             try:
                 self._store.close()
@@ -244,8 +343,10 @@ _shared: dict[Path | str, RecordWriter] = {}
 _shared_lock = threading.Lock()
 
 
-def shared_writer(db_path: Path | str) -> RecordWriter:
-    """The process-wide writer for a store (a SQLite file or a PostgreSQL URL); drained at interpreter exit."""
+def shared_writer(db_path: Path | str, deadletter_path: Path | None = None) -> RecordWriter:
+    """The process-wide writer for a store (a SQLite file or a PostgreSQL URL); drained at interpreter exit.
+
+    ``deadletter_path`` applies when this call creates the writer."""
     from slmigrate.store import PG_SCHEMES, Store
 
     key: Path | str = db_path if str(db_path).startswith(PG_SCHEMES) else Path(db_path).resolve()
@@ -253,7 +354,8 @@ def shared_writer(db_path: Path | str) -> RecordWriter:
         writer = _shared.get(key)
         if writer is None or writer._closed:
             label = "postgresql" if isinstance(key, str) else key.parent.name
-            writer = RecordWriter(lambda: Store(key), name=f"slmigrate-writer:{label}")
+            writer = RecordWriter(lambda: Store(key), name=f"slmigrate-writer:{label}",
+                                  deadletter_path=deadletter_path)
             _shared[key] = writer
         return writer
 
@@ -265,3 +367,17 @@ def _close_shared() -> None:
         _shared.clear()
     for writer in writers:
         writer.close()
+
+
+def _store_failure(exc: BaseException) -> bool:
+    """Whether ``exc`` means the store failed (retry the batch) rather than one record (dead-letter it)."""
+    if isinstance(exc, (OSError, MemoryError, SlmigrateError)):  # SlmigrateError: the store could not be opened
+        return True
+    names = {cls.__name__ for cls in type(exc).__mro__}
+    # The bare DatabaseError too (SQLite's "file is not a database"); its other subclasses - IntegrityError,
+    # DataError, ProgrammingError - are about the values being written.
+    return bool(names & _STORE_ERRORS) or type(exc).__name__ == "DatabaseError"
+
+
+def _describe(exc: BaseException) -> str:
+    return redact_urls(f"{type(exc).__name__}: {exc}")[:500]

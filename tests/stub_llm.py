@@ -12,8 +12,14 @@ it gets, directly or through a proxy:
 - ``stream: true`` sends the same answer as ``chat.completion.chunk`` events (text word by word, tool-call
   arguments in three fragments, a usage chunk when ``stream_options.include_usage``), then ``[DONE]``.
 Failures on request, by model name: ``stub-error-<status>`` answers that HTTP status with an OpenAI error body;
-``stub-slow-<ms>`` waits first; ``stub-cut`` breaks a stream off after the first chunk. ``/v1/models`` and
-``/v1/embeddings`` answer too. ``stub.requests`` lists what arrived (path, headers, body).
+``stub-slow-<ms>`` waits first; ``stub-cut`` breaks a stream off after the first chunk.
+Poison, for the capture's robustness tests (the answer still reaches the client, as from a misbehaving server):
+``stub-poison-usage`` answers with ``usage.prompt_tokens = 10**20``; ``stub-broken-json`` answers 200 with
+truncated JSON, ``stub-broken-html`` with an HTML page, ``stub-broken-sse`` (streamed) with a garbage event in
+the middle of a good stream; ``stub-poison-deep`` answers 200 with JSON nested deeper than Python parses. A
+request body the stub cannot parse (nested too deeply) is answered like ``{"messages": []}``.
+``/v1/models`` and ``/v1/embeddings`` answer too. ``stub.requests`` lists what arrived (path, query, headers,
+body).
 
 Run alone (for benchmarks): ``python tests/stub_llm.py --port 9000``.
 """
@@ -30,6 +36,7 @@ import time
 from typing import Any
 
 CREATED = 1_700_000_000
+DEEP = 5000  # nesting levels: beyond Python's default recursion limit of 1000
 
 
 def _last(messages: list[dict[str, Any]], role: str) -> dict[str, Any] | None:
@@ -116,6 +123,23 @@ def error_body(status: int) -> dict[str, Any]:
     return {"error": {"message": f"stub error {status} on request", "type": kind, "param": None, "code": kind}}
 
 
+def _poison(model: str, body: dict[str, Any]):
+    """The answer of a poison model (see the module docstring), or None for every other model."""
+    from starlette.responses import Response
+
+    if model == "stub-poison-usage":
+        done = expected_completion(body)
+        done["usage"]["prompt_tokens"] = 10**20
+        return Response(json.dumps(done), media_type="application/json")
+    if model == "stub-broken-json":
+        return Response(json.dumps(expected_completion(body))[:40], media_type="application/json")
+    if model == "stub-broken-html":
+        return Response("<html><body><h1>502 Bad Gateway</h1></body></html>", media_type="text/html")
+    if model == "stub-poison-deep":
+        return Response('{"choices": ' + "[" * DEEP + "]" * DEEP + "}", media_type="application/json")
+    return None
+
+
 def create_stub_app(requests_log: list[dict[str, Any]] | None = None):
     from starlette.applications import Starlette
     from starlette.responses import Response, StreamingResponse
@@ -123,13 +147,20 @@ def create_stub_app(requests_log: list[dict[str, Any]] | None = None):
 
     def log(request, body: Any) -> None:
         if requests_log is not None:
-            requests_log.append({"path": request.url.path, "headers": dict(request.headers), "body": body})
+            requests_log.append({"path": request.url.path, "query": request.url.query,
+                                 "headers": dict(request.headers), "body": body})
 
     async def chat(request):
         raw = await request.body()
-        body = json.loads(raw)
+        try:
+            body = json.loads(raw)
+        except RecursionError:
+            body = {"model": "stub", "messages": []}
         log(request, body)
         model = str(body.get("model", ""))
+        poisoned = _poison(model, body)
+        if poisoned is not None:
+            return poisoned
         if model.startswith("stub-slow-"):
             await asyncio.sleep(int(model.rsplit("-", 1)[1]) / 1000)
         if model.startswith("stub-error-"):
@@ -138,6 +169,9 @@ def create_stub_app(requests_log: list[dict[str, Any]] | None = None):
         if not body.get("stream"):
             return Response(json.dumps(expected_completion(body)), media_type="application/json")
         events = _sse(stream_chunks(body))
+
+        if model == "stub-broken-sse":
+            events.insert(2, b"data: {this is not json\n\n")
 
         async def gen():
             for i, event in enumerate(events):

@@ -132,3 +132,17 @@ def test_encrypted_workspace(stub, tmp_path, monkeypatch):
 def test_instrument_rejects_other_objects(workspace):
     with pytest.raises(SlmigrateError, match="expects an openai.OpenAI"):
         instrument(object(), workspace=workspace)
+
+
+def test_sdk_capture_marks_broken_answers_and_dead_letters_unstorable_ones(stub, workspace):
+    from slmigrate import deadletter
+
+    client = instrument(openai.OpenAI(base_url=stub.url, api_key="k", max_retries=0), workspace=workspace)
+    messages = [{"role": "user", "content": "odd answers"}]
+    for model in ("stub-broken-html", "stub-poison-deep"):  # raw: the SDK's own parsing is not what is tested
+        raw = client.chat.completions.with_raw_response.create(model=model, messages=messages)
+        assert raw.http_response.status_code == 200
+    (rec,) = _records(workspace)
+    assert rec.status == "error" and rec.error == "HTTP 200 answer is not JSON (text/html)"
+    (line,) = deadletter.read(workspace.path(deadletter.FILE_NAME))
+    assert "answer is nested deeper" in line["reason"] and line["source"] == "sdk"

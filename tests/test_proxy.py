@@ -500,3 +500,59 @@ def test_hard_kill_loses_at_most_the_last_flush_interval(tmp_path):
         proc.kill()
         stub.kill()
     assert sorted(_stored_numbers(ws)) == list(range(40))
+
+
+# --- answers that are not chat completions -------------------------------------------------------------------
+
+@pytest.mark.parametrize("model,stream,why", [
+    ("stub-broken-json", False, "HTTP 200 answer is not JSON (application/json)"),
+    ("stub-broken-html", False, "HTTP 200 answer is not JSON (text/html)"),
+    ("stub-broken-sse", True, "stream error: 1 event(s) not a chat.completion.chunk"),
+    ("stub-poison-usage", False, None),
+])
+def test_broken_200_answers_reach_the_client_unchanged_and_are_stored_as_errors(proxy, stub, model, stream, why):
+    from slmigrate.config import CurateConfig
+    from slmigrate.curate import drop_reason
+
+    body = {"model": model, "messages": [{"role": "user", "content": "is this answer sound"}], "stream": stream}
+    direct = httpx.post(stub.url + "/chat/completions", json=body)
+    via = httpx.post(proxy.url + "/chat/completions", json=body)
+    assert via.status_code == direct.status_code == 200 and via.content == direct.content
+    (rec,) = proxy.records()
+    if why is None:  # a sound answer with one absurd count: stored as ok, the count dropped
+        assert rec.status == "ok" and rec.prompt_tokens is None and rec.completion_tokens == 5
+        return
+    assert rec.status == "error" and rec.error.startswith(why), rec.error
+    assert "is this answer sound" not in rec.error  # the plain error column names shapes, never content
+    assert drop_reason(rec, CurateConfig()) == "failed"  # curate never trains on it
+    if model == "stub-broken-sse":  # the good events are still merged, the garbage left out
+        assert rec.answer["content"] == "Echo: is this answer sound"
+    else:
+        assert rec.response["_unparsed_body"] == direct.text
+
+
+def test_completion_problem_names_what_is_missing():
+    from slmigrate.proxy.exchange import completion_problem
+
+    good = expected_completion({"model": "m", "messages": [{"role": "user", "content": "x"}]})
+    assert completion_problem(good) is None
+    assert completion_problem(None) == "is empty"
+    assert completion_problem([1]) == "is a JSON array, not a chat completion object"
+    assert completion_problem({"error": {"type": "overloaded"}}) == "carries an error (overloaded)"
+    assert completion_problem({"id": "x"}) == "has no choices"
+    assert completion_problem({"choices": [{"text": "legacy"}]}) == "has a choice without a message object"
+
+
+# --- credentials never shown ------------------------------------------------------------------------------
+
+def test_upstream_credentials_are_used_but_never_shown(make_proxy, stub):
+    secret_url = stub.url.replace("http://", "http://alice:pa55word@") + "?api-version=2024-10&api_key=sekrit-key"
+    p = make_proxy(upstream=secret_url)
+    assert p.client().chat.completions.create(model="stub", messages=[{"role": "user", "content": "hi"}])
+    seen = stub.requests[-1]
+    assert "api_key=sekrit-key" in seen["query"] and "api-version=2024-10" in seen["query"]  # still forwarded
+    health = httpx.get(p.base + "/slmigrate/health")
+    metrics = httpx.get(p.base + "/slmigrate/metrics")
+    assert health.json()["upstream"] == stub.url.replace("http://", "http://***@") + "?api-version=2024-10&api_key=***"
+    for text in (health.text, metrics.text):
+        assert "pa55word" not in text and "sekrit-key" not in text and "alice" not in text

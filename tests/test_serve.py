@@ -265,3 +265,13 @@ def test_real_engine_drops_the_static_prompt_its_adapter_was_trained_without(tmp
     short = engine.answer("pruned", request).prompt_tokens
     other_tools = engine.answer("pruned", {**request, "tools": tools[:1]}).prompt_tokens
     assert short < other_tools < full
+
+
+def test_admin_endpoints_need_the_token_when_one_is_set(router):
+    import httpx
+
+    r = router(admin_token="adm-2")
+    for path in ("/slmigrate/health", "/slmigrate/metrics", "/slmigrate/routes"):
+        assert httpx.get(r.server.base + path).status_code == 401
+        assert httpx.get(r.server.base + path, headers={"Authorization": "Bearer wrong"}).status_code == 401
+        assert httpx.get(r.server.base + path, headers={"Authorization": "Bearer adm-2"}).status_code == 200

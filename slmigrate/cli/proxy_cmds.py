@@ -47,7 +47,7 @@ def proxy(
 
     def ready(settings) -> None:
         err_console.print(
-            f"slmigrate proxy on http://{host}:{port}/v1 -> {settings.upstream_base}, logging to {ws.store.display} "
+            f"slmigrate proxy on http://{host}:{port}/v1 -> {settings.upstream_display}, logging to {ws.store.display} "
             f"({'origins kept' if keep_origin else 'origins anonymised'}). Ctrl-C to stop."
         )
 
@@ -56,4 +56,11 @@ def proxy(
     if json_out:
         print_json(stats)
     else:
-        err_console.print(f"Stopped: {stats['logged']:,} calls logged, {stats['dropped']:,} dropped.")
+        err_console.print(capture_summary(stats))
+
+
+def capture_summary(stats: dict) -> str:
+    """The closing line of the proxy and the router: what the writer did with the calls it captured."""
+    kept = (f", {stats['deadlettered']:,} in the dead-letter file {stats['deadletter_file']}"
+            if stats.get("deadlettered") else "")
+    return f"Stopped: {stats['logged']:,} calls logged{kept}, {stats['dropped']:,} dropped."

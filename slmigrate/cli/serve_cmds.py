@@ -41,6 +41,8 @@ def serve(
     Example: slmigrate serve --upstream https://api.openai.com/v1 --canary 10
     """
     from slmigrate import env
+    from slmigrate.cli.proxy_cmds import capture_summary
+    from slmigrate.redact import redact_url
     from slmigrate.serve import RouterSettings, serve as run_router
 
     ws = open_workspace(workspace, create=False)
@@ -49,7 +51,8 @@ def serve(
 
     def ready(_settings) -> None:
         mode = "shadow" if shadow else f"canary {canary:g}%"
-        err_console.print(f"slmigrate router on http://{host}:{port}/v1 -> {upstream} ({mode}); Ctrl-C to stop")
+        err_console.print(f"slmigrate router on http://{host}:{port}/v1 -> {redact_url(upstream)} ({mode}); "
+                          "Ctrl-C to stop")
 
     final = run_router(ws, settings, host=host, port=port, device=device, on_ready=ready)
     table = Table(title="routing", title_justify="left")
@@ -59,6 +62,7 @@ def serve(
         table.add_row(cid, str(s["routed"]), str(s["fallback"]), str(s["upstream"]), str(s["shadow"]),
                       "" if s["agreement"] is None else f"{s['agreement']:.3f}")
     err_console.print(table)
+    err_console.print(capture_summary(final["capture"]))
 
 
 @app.command()

@@ -25,7 +25,7 @@ def serve(
     on_ready: Any = None,
 ) -> dict[str, Any]:
     """Run the proxy until SIGTERM/SIGINT; drain every pending record; return the final capture counters."""
-    from slmigrate import env
+    from slmigrate import deadletter, env
     from slmigrate.errors import SlmigrateError
     from slmigrate.proxy.app import ProxySettings, create_app
     from slmigrate.writer import RecordWriter
@@ -38,7 +38,8 @@ def serve(
     opener = workspace.store.opener()
     if not 0 < flush_interval <= 0.2:
         raise SlmigrateError(f"--flush-interval {flush_interval} must be between 0 and 0.2 seconds")
-    writer = RecordWriter(opener, flush_interval=flush_interval, name="slmigrate-proxy-writer")
+    writer = RecordWriter(opener, flush_interval=flush_interval, name="slmigrate-proxy-writer",
+                          deadletter_path=workspace.path(deadletter.FILE_NAME))
     app = create_app(settings, writer)
     try:
         run_server(app, host=host, port=port, graceful_timeout=graceful_timeout,

@@ -25,6 +25,7 @@ from starlette.routing import Route
 
 from slmigrate.proxy.exchange import Exchange
 from slmigrate.proxy.metrics import Metrics
+from slmigrate.redact import redact_url, redact_urls
 from slmigrate.writer import RecordWriter
 
 log = logging.getLogger("slmigrate.proxy")
@@ -55,12 +56,19 @@ class ProxySettings:
             from slmigrate.errors import SlmigrateError
 
             raise SlmigrateError(
-                f"--upstream {self.upstream!r} is not an http(s) URL; pass the base URL the agent used before, "
-                "e.g. https://api.openai.com/v1"
+                f"--upstream {redact_url(self.upstream)!r} is not an http(s) URL; pass the base URL the agent used "
+                "before, e.g. https://api.openai.com/v1"
             )
-        base = self.upstream.rstrip("/")
+        base = f"{parts.scheme}://{parts.netloc}{parts.path.rstrip('/')}"
         # The OpenAI convention puts /v1 in the base URL; a bare host means the server's /v1.
         self.upstream_base = base if parts.path.strip("/") else base + "/v1"
+        # Query parameters of the upstream URL (an Azure api-version, a gateway's api_key) go on every request.
+        self.upstream_query = parts.query
+
+    @property
+    def upstream_display(self) -> str:
+        """The upstream as it may be shown anywhere: credentials masked (see slmigrate.redact)."""
+        return redact_url(self.upstream_base + (f"?{self.upstream_query}" if self.upstream_query else ""))
 
 
 def create_app(settings: ProxySettings, writer: RecordWriter) -> Starlette:
@@ -95,18 +103,16 @@ def create_app(settings: ProxySettings, writer: RecordWriter) -> Starlette:
 
     async def health(request: Request) -> Response:
         if not authorised(request):
-            return _error(401, "admin token required: send Authorization: Bearer $SLMIGRATE_ADMIN_TOKEN",
-                          "unauthorized")
+            return unauthorised()
         stats = writer.stats()
-        body = {"status": "ok" if stats["healthy"] else "degraded", "upstream": settings.upstream_base,
+        body = {"status": "ok" if stats["healthy"] else "degraded", "upstream": settings.upstream_display,
                 "uptime_s": round(time.time() - state["started"], 1), "capture": stats,
                 "traffic": metrics.snapshot()}
         return JSONResponse(body)
 
     async def prometheus(request: Request) -> Response:
         if not authorised(request):
-            return _error(401, "admin token required: send Authorization: Bearer $SLMIGRATE_ADMIN_TOKEN",
-                          "unauthorized")
+            return unauthorised()
         return PlainTextResponse(metrics.render(writer.stats()), media_type="text/plain; version=0.0.4")
 
     async def forward(request: Request) -> Response:
@@ -147,8 +153,9 @@ def create_app(settings: ProxySettings, writer: RecordWriter) -> Starlette:
             # the request path; the client still receives exactly the bytes the upstream sent.
             headers.append((b"accept-encoding", b"identity"))
         url = settings.upstream_base + path[3:]
-        if request.url.query:
-            url += "?" + request.url.query
+        query = "&".join(q for q in (settings.upstream_query, request.url.query) if q)
+        if query:
+            url += "?" + query
         exchange = None
         if capture:
             exchange = Exchange(
@@ -232,6 +239,7 @@ def create_app(settings: ProxySettings, writer: RecordWriter) -> Starlette:
     def finish_failed(exchange: Exchange | None, route: str, t0: float, code: int, message: str,
                       kind: str) -> Response:
         elapsed = time.perf_counter() - t0
+        message = redact_urls(message)  # httpx may name the URL, credentials and all
         if exchange is not None:
             exchange.status_code = code
             exchange.transport_error = message
@@ -249,7 +257,12 @@ def create_app(settings: ProxySettings, writer: RecordWriter) -> Starlette:
     app = Starlette(routes=routes, lifespan=lifespan)
     app.state.metrics = metrics
     app.state.writer = writer
+    app.state.authorised = authorised  # the router's own admin endpoints use the same check
     return app
+
+
+def unauthorised() -> Response:
+    return _error(401, "admin token required: send Authorization: Bearer $SLMIGRATE_ADMIN_TOKEN", "unauthorized")
 
 
 def _error(status: int, message: str, kind: str) -> Response:

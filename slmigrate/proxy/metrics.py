@@ -59,7 +59,9 @@ class Metrics:
             lines.append(f"slmigrate_proxy_request_duration_seconds_count {self._latency_count}")
         for key, kind, help_text in (
             ("logged", "counter", "Calls written to the store."),
-            ("dropped", "counter", "Captured calls lost (queue full, or the store failed for too long)."),
+            ("dropped", "counter", "Captured calls lost (queue full; the store and the dead-letter file both failed)."),
+            ("deadlettered", "counter", "Captured calls kept in the dead-letter file because the store could not "
+                                        "take them."),
             ("store_failures", "counter", "Failed store writes (each retried)."),
             ("pending", "gauge", "Captured calls not yet written."),
         ):

@@ -31,6 +31,7 @@ def agreement_score(kind: str, prediction: dict[str, Any], reference: dict[str, 
 def build_app(ws: Workspace, settings: RouterSettings, *, device: str = "auto", writer: Any = None,
               engine: Any = None, assign: Any = None):
     """The router ASGI app and its ``Router`` (for tests and embedding)."""
+    from slmigrate import deadletter
     from slmigrate.proxy.app import ProxySettings, create_app
     from slmigrate.serve.app import RouterApp
     from slmigrate.serve.engine import SlmEngine
@@ -38,7 +39,8 @@ def build_app(ws: Workspace, settings: RouterSettings, *, device: str = "auto", 
     from slmigrate.writer import RecordWriter
 
     if writer is None:
-        writer = RecordWriter(ws.store.opener(), name="slmigrate-router-writer")
+        writer = RecordWriter(ws.store.opener(), name="slmigrate-router-writer",
+                              deadletter_path=ws.path(deadletter.FILE_NAME))
     if engine is None:
         engine = SlmEngine(load_deployments(ws), device=device)
     if assign is None:
@@ -56,12 +58,13 @@ def build_app(ws: Workspace, settings: RouterSettings, *, device: str = "auto", 
 
 def serve(ws: Workspace, settings: RouterSettings, *, host: str = "127.0.0.1", port: int = 8788,
           device: str = "auto", on_ready: Any = None) -> dict[str, Any]:
-    """Run the router until SIGTERM/SIGINT; returns the final routing counters."""
+    """Run the router until SIGTERM/SIGINT; returns the final routing counters, and the log's under "capture"."""
     from slmigrate.proxy import run_server
 
     app, router = build_app(ws, settings, device=device)
+    writer = app.proxy_app.state.writer
     try:
         run_server(app, host=host, port=port, on_ready=None if on_ready is None else (lambda: on_ready(settings)))
     finally:
-        app.proxy_app.state.writer.close()
-    return router.metrics.snapshot()
+        writer.close()
+    return {**router.metrics.snapshot(), "capture": writer.stats()}

@@ -8,12 +8,14 @@ route facts), so relaying, streaming, error handling and logging of LLM answers 
 from __future__ import annotations
 
 import asyncio
-import hmac
 import json
+import logging
 import time
 from typing import Any
 
-from slmigrate.serve.router import ROUTE_HEADER, Router, sse_chunks
+from slmigrate.serve.router import ROUTE_HEADER, Route, Router, sse_chunks
+
+log = logging.getLogger("slmigrate.serve")
 
 
 def _is_chat(scope: dict[str, Any]) -> tuple[bool, str | None]:
@@ -43,11 +45,11 @@ class RouterApp:
         from starlette.requests import Request
         from starlette.responses import JSONResponse, PlainTextResponse
 
+        from slmigrate.proxy.app import unauthorised
+
         request = Request(scope, receive)
-        token = self.router.settings.admin_token
-        if token and not hmac.compare_digest(request.headers.get("authorization", "").encode(),
-                                             f"Bearer {token}".encode()):
-            response = JSONResponse({"error": {"message": "admin token required", "type": "unauthorized"}}, 401)
+        if not self.proxy_app.state.authorised(request):  # the proxy's check: one token for every admin endpoint
+            response = unauthorised()
         elif scope["path"] == "/slmigrate/routes":
             response = JSONResponse(self.router.metrics.snapshot())
         else:
@@ -63,14 +65,18 @@ class RouterApp:
             request = json.loads(body)
             if not isinstance(request, dict):
                 raise ValueError
-        except ValueError:
+        except (ValueError, RecursionError):  # RecursionError: nested deeper than Python parses
             return await self.upstream(scope, receive, body, send, {})  # the upstream says what is wrong
         headers = {k.lower(): v for k, v in scope.get("headers", [])}
         agent = (headers.get(b"x-slmigrate-agent", b"").decode() or path_agent)
         session = headers.get(b"x-slmigrate-session", b"").decode() or None
 
         t0 = time.perf_counter()
-        route = await asyncio.to_thread(self.router.route, request)
+        try:
+            route = await asyncio.to_thread(self.router.route, request)
+        except Exception as exc:  # noqa: BLE001 - a request the assigner cannot read still reaches the LLM
+            log.warning("routing failed, sending the call to the LLM: %s: %s", type(exc).__name__, exc)
+            route = Route(None, None, False, False, f"routing failed: {type(exc).__name__}")
         self.router.metrics.overhead((time.perf_counter() - t0) * 1000)
         facts = {"cluster": route.cluster or "", "reason": route.reason,
                  "distance": "" if route.distance is None else f"{route.distance:.4f}"}
@@ -107,7 +113,7 @@ class RouterApp:
             if status and status[0] < 400:
                 try:
                     llm_response = json.loads(b"".join(captured))
-                except ValueError:
+                except (ValueError, RecursionError):
                     return
                 asyncio.get_running_loop().run_in_executor(None, self.router.shadow_compare, route, request,
                                                            llm_response)

@@ -230,7 +230,7 @@ class Router:
 
     def log_slm_call(self, request: dict[str, Any], body: dict[str, Any], route: Route, answer: Any,
                      agent: str | None, session: str | None, started: float) -> None:
-        from slmigrate.proxy.exchange import live_identity
+        from slmigrate.proxy.exchange import LiveCall
 
         clean = {k: v for k, v in request.items() if k not in ("user", "safety_identifier")}
         rec = CallRecord(
@@ -241,13 +241,13 @@ class Router:
                                 "distance": route.distance, "adapter": str(self.engine.deployments[
                                     route.cluster].adapter)}},
         )
-        self.writer.submit(live_identity(rec, time.time()))
+        self.writer.submit(LiveCall(rec, time.time()))  # finalised on the writer thread, off the request path
 
     def shadow_compare(self, route: Route, request: dict[str, Any], llm_response: dict[str, Any]) -> None:
         """Run the SLM on a request the LLM answered and record how far they agree (never affects the client)."""
-        choices = llm_response.get("choices") or []
-        if not choices:
-            return
+        choices = llm_response.get("choices") if isinstance(llm_response, dict) else None
+        if not choices or not isinstance(choices, list) or not isinstance(choices[0], dict):
+            return  # not a chat completion: nothing to compare with
         reference = choices[0].get("message") or {}
         body, reason, answer = self.answer_with_slm(route, request)
         prediction = (body["choices"][0]["message"] if body else (answer.message if answer else None))

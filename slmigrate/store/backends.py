@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from slmigrate.errors import SlmigrateError
+from slmigrate.redact import redact_url
 
 PG_SCHEMES = ("postgresql://", "postgres://")
 SQLITE_SCHEME = "sqlite:///"
@@ -44,7 +45,8 @@ def backend_for(location: str | Path) -> "SqliteBackend | PostgresBackend":
 
 
 def mask_password(url: str) -> str:
-    return re.sub(r"(://[^:/@]*):[^@]*@", r"\1:***@", url)
+    """The URL as it may be shown (one rule for every URL slmigrate prints: ``slmigrate.redact``)."""
+    return redact_url(url)
 
 
 
