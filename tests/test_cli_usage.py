@@ -86,3 +86,20 @@ def test_each_short_flag_means_one_thing_everywhere():
     walk(root)
     assert meaning, "no short flags found: the walk is broken"
     assert {k: v for k, v in meaning.items() if len(v) > 1} == {}
+
+
+def test_cli_start_up_and_the_proxy_import_no_heavy_library():
+    """`slmigrate --help`, `collect` and the proxy must start in well under a second: torch, transformers,
+    presidio and the rest load inside the stages that use them."""
+    script = (
+        "import sys\n"
+        "from slmigrate.cli import main\n"
+        "main(['--help']); main(['collect', 'proxy', '--help'])\n"
+        "import slmigrate.proxy.app\n"
+        "heavy = ('torch', 'transformers', 'presidio_analyzer', 'spacy', 'sentence_transformers', 'datasets',\n"
+        "         'sklearn', 'matplotlib', 'peft')\n"
+        "print('LOADED', [m for m in heavy if m in sys.modules])\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert "LOADED []" in proc.stdout, proc.stdout[-500:]
