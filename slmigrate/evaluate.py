@@ -401,7 +401,7 @@ def _evaluate_cluster(ws, cid, info, calls, train, variants, adapter, model_name
     base_name = (adapter_base_model(adapter) if adapter else None) or model_name or config.model
     out: dict[str, Any] = {
         "cluster": cid, "label": info.get("label"), "kind": kind, "primary_metric": metric,
-        "threshold": threshold, "test_calls": len(calls), "adapter": str(adapter) if adapter else None,
+        "threshold": threshold, "test_calls": len(calls), "adapter": ws.relative(adapter) if adapter else None,
         "llm": llm, "variants": {}, "estimate": cluster_estimate(info),
     }
     order = [v for v in VARIANTS if v in variants]  # finetuned last: peft injects its layers into the base

@@ -76,6 +76,29 @@ class Workspace:
     def path(self, *parts: str) -> Path:
         return self.root.joinpath(*parts)
 
+    def relative(self, path: str | Path) -> str:
+        """``path`` as stored in an artifact: relative to the workspace when inside it, so a workspace copied or
+        moved elsewhere still finds its own files; absolute otherwise."""
+        path = Path(path).resolve()
+        try:
+            return path.relative_to(self.root.resolve()).as_posix()
+        except ValueError:
+            return str(path)
+
+    def resolve(self, stored: str | Path) -> Path:
+        """The file an artifact names: a relative path is under the workspace. An absolute path from before
+        paths were stored relative, pointing into the folder this workspace was copied from, is followed into
+        this workspace by its ``adapters/...`` (or other artifact folder) part."""
+        path = Path(stored)
+        if not path.is_absolute():
+            return self.root / path
+        if not path.exists():
+            parts = path.parts
+            for i, part in enumerate(parts):
+                if part in ARTIFACT_DIRS and (self.root.joinpath(*parts[i:])).exists():
+                    return self.root.joinpath(*parts[i:])
+        return path
+
     # --- manifests ---
     def write_manifest(
         self, stage: str, *, fingerprint: str, config: dict[str, Any] | None = None,

@@ -1,6 +1,7 @@
 """Evaluate end to end on a tiny random Llama: variants, decision, plan, stored results, the CLI gate, the judge."""
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -214,6 +215,32 @@ def test_cli_gate_exit_codes(two_cluster_ws, tmp_path, monkeypatch, capsys):
     assert "quality gate failed" in err.err and "c0" in err.err
     assert "Migration plan" in err.out
     assert main(args + ["--cluster", "nope"]) == 1
+
+
+def test_a_copied_workspace_still_serves_and_reports(two_cluster_ws, tmp_path):
+    """Evaluations name adapters relative to the workspace, so a copy (another folder, another machine) loads
+    its own adapters, not the original's."""
+    import shutil
+
+    from slmigrate.embed import HashEmbedder
+    from slmigrate.report import report
+    from slmigrate.serve.deployment import load_deployments
+    from slmigrate.serve.engine import SlmEngine
+    from slmigrate.workspace import Workspace
+
+    ws, base, *_ = two_cluster_ws
+    E.evaluate(ws, EvaluateConfig(model=str(base), embedder="hash", batch_size=4, device="cpu"),
+               embedder=HashEmbedder(), progress=False)
+    stored = [r["adapter"] for r in json.loads(ws.path("evals", "latest.json").read_text())["clusters"]]
+    assert "adapters/c0/tiny-llama" in stored
+    copy = Workspace.open(shutil.copytree(ws.root, tmp_path / "moved"), create=False)
+    deployments = load_deployments(copy)
+    assert [d.cluster for d in deployments] == ["c0"]
+    assert deployments[0].adapter == copy.path("adapters", "c0", "tiny-llama")
+    engine = SlmEngine(deployments, device="cpu")  # loads the base and the copied adapter
+    assert engine.deployments
+    html = report(copy, out=tmp_path / "report.html")
+    assert "route ticket" in Path(html["html"]).read_text()
 
 
 # --- the judge through a real HTTP endpoint ----------------------------------------------------------------

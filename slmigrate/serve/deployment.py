@@ -46,12 +46,13 @@ def load_deployments(ws: Workspace, *, include_failed: bool = False) -> list[Dep
     """Migrated clusters with an adapter on disk (``include_failed``: every evaluated cluster with one)."""
     out = []
     for result in _evaluation(ws).get("clusters", []):
-        adapter = result.get("adapter")
-        if not adapter or not Path(adapter).exists():
+        if not result.get("adapter"):
+            continue
+        path = ws.resolve(result["adapter"])
+        if not path.exists():
             continue
         if not include_failed and not (result.get("decision") or {}).get("migrate"):
             continue
-        path = Path(adapter)
         metrics_file = path / "metrics.json"
         trained = json.loads(metrics_file.read_text()) if metrics_file.exists() else {}
         finetuned = (result.get("variants") or {}).get("finetuned") or {}
