@@ -239,9 +239,9 @@ def refine(ws: Workspace, config: Config | None = None, *, dry_run: bool = False
            metric_fn: Callable[[Any, Sequence[CallRecord]], float | None] | None = None,
            cluster_model: Any = None) -> dict[str, Any]:
     """Plan, and unless ``dry_run``, carry out the plan: re-curate, retrain warm-started, re-evaluate."""
-    from slmigrate.config import load_config
+    from slmigrate.config import Config
 
-    config = config or load_config(None)
+    config = config or Config()  # the CLI reads slmigrate.toml; a library call never depends on the cwd
     started = time.time()
     plan = plan_refine(ws, config, metric_fn=metric_fn, cluster_model=cluster_model)
     plan["dry_run"] = dry_run
