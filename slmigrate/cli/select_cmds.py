@@ -1,4 +1,4 @@
-"""`slmigrate models list` (the catalogue) and `slmigrate select` (candidate models per cluster)."""
+"""`slmigrate select`: candidate small models per cluster."""
 
 from __future__ import annotations
 
@@ -6,10 +6,8 @@ from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
-from rich import box
-from rich.table import Table
 
-from slmigrate.cli._app import JsonOpt, WorkspaceOpt, app, console, models_app, open_workspace, print_json
+from slmigrate.cli._app import JsonOpt, WorkspaceOpt, app, console, open_workspace, print_json
 from slmigrate.errors import SlmigrateError
 
 
@@ -26,53 +24,6 @@ def _count(text: str | None) -> float | None:
     if value <= 0:
         raise SlmigrateError(f"--max-params {text!r}: expected a positive count")
     return value
-
-
-def _params(n: int, short: bool = False) -> str:
-    if n >= 1e9:
-        return f"{n / 1e9:.1f}B" if short else f"{n / 1e9:.2f}B"
-    return f"{n / 1e6:.0f}M"
-
-
-@models_app.command("list")
-def list_models(
-    seq_len: Annotated[int, typer.Option(help="Tokens per training/serving sequence for the memory columns.",
-                                         min=16)] = 2048,
-    workspace: WorkspaceOpt = None,
-    json_out: JsonOpt = False,
-) -> None:
-    """The small-model catalogue: size, context, licence, tool calling, memory computed from each shape, and
-    published benchmark scores (each with its source in --json). A workspace's catalog.json adds or overrides
-    entries.
-
-    Example: slmigrate models list --seq-len 4096 --json
-    """
-    from slmigrate import catalog
-    from slmigrate.workspace import resolve_root
-
-    root = resolve_root(workspace)
-    entries = catalog.load(root if root.exists() else None)
-    rows = sorted(entries.values(), key=lambda e: e.params)
-    if json_out:
-        print_json([e.to_dict(seq_len) for e in rows])
-        return
-    table = Table(title=f"model catalogue (memory in GiB at {seq_len:,} tokens, batch 1)", title_justify="left",
-                  collapse_padding=True,
-                  box=box.SIMPLE_HEAD, pad_edge=False)
-    # Few columns so the table reads in an 80-column terminal; --json has every figure and score with sources.
-    for col in ("name", "params", "ctx", "licence", "tools", "GPU", "4-bit", "CPU"):
-        table.add_column(col, justify="left" if col in ("name", "licence", "tools") else "right",
-                         no_wrap=True)
-    for e in rows:
-        fp = e.footprint(seq_len)
-        licence = e.license.replace("LicenseRef-", "").split("-Community")[0].replace("-Research", "-R")
-        table.add_row(e.name, _params(e.params, short=True), f"{e.context_window // 1024}K", licence,
-                      "yes" if e.native_tools else "no", f"{fp.lora_gpu:.1f}", f"{fp.qlora_gpu:.1f}",
-                      f"{fp.lora_cpu:.1f}")
-    console.print(table)
-    console.print("GPU / 4-bit / CPU: LoRA training peak in GiB on bf16 weights (GPU), 4-bit weights (QLoRA, "
-                  "GPU), fp32 weights (CPU); licences in full, benchmark scores and sources: --json. "
-                  "Formula: docs/models.md.", style="dim")
 
 
 @app.command()
