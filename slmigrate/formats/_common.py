@@ -369,7 +369,7 @@ def as_outcome(value: Any) -> float | None:
 def as_int(value: Any) -> int | None:
     try:
         return None if value is None else int(value)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):  # OverflowError: an infinite float (1e400 in a log)
         return None
 
 
