@@ -240,3 +240,18 @@ def test_json_list_items_too_deep(tmp_path):
     path.write_bytes(gzip.compress(("[" + ",\n".join(items) + "]").encode()))
     result = import_calls(Workspace.open(tmp_path / "ws"), [path])
     assert (result.imported, [e["line"] for e in result.errors]) == (2, [2])
+
+
+@pytest.mark.parametrize("levels", [MAX_DEPTH, MAX_DEPTH + 1])
+@pytest.mark.parametrize("kinds", ["[", "{", "[{"])  # lists, objects, alternating ({[]} peels two levels a pass)
+def test_depth_limit_is_exact_on_the_fast_and_the_standard_library_parser(levels, kinds, monkeypatch):
+    opening = [kinds[i % len(kinds)] for i in range(levels)]
+    text = "".join('{"k": ' if k == "{" else "[" for k in opening) + "1" + "".join(
+        "}" if k == "{" else "]" for k in reversed(opening))
+    for fast in (collect._fast_loads, None):  # orjson, then the standard library (e.g. for a lone surrogate)
+        monkeypatch.setattr(collect, "_fast_loads", fast)
+        if levels > MAX_DEPTH:
+            with pytest.raises(collect._TooDeep):
+                collect._loads(text.encode())
+        else:
+            assert collect._loads(text.encode()) == json.loads(text)
