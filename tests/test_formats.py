@@ -223,6 +223,23 @@ def test_stream_merge_and_sse_errors():
         merge_stream([])
 
 
+@pytest.mark.parametrize("sentinel", ["[DONE]", "data: [DONE]"])
+def test_stream_event_list_ending_in_done_imports_like_the_sse_text(workspace, tmp_path, sentinel):
+    # Loggers that keep every streamed event keep the end sentinel too; the list must mean what the SSE text means.
+    logged = json.loads((F / "openai.jsonl").read_text().splitlines()[1])  # call-002: a streamed tool call
+    chunks = logged["response"]
+    sse = "".join(f"data: {json.dumps(c)}\n\n" for c in chunks) + "data: [DONE]\n\n"
+    path = tmp_path / "streams.jsonl"
+    path.write_text("\n".join(json.dumps(dict(logged, id=name, response=response)) for name, response in
+                              [("sse", sse), ("events", chunks + [sentinel]), ("after", chunks + [sentinel, "x"])]))
+    result = import_calls(workspace, [path])
+    assert (result.imported, result.skipped, result.errors) == (3, 0, [])
+    calls = {c.input_id: c for c in workspace.store.iter_calls()}
+    assert calls["events"].request == calls["sse"].request == logged["request"]
+    assert calls["events"].response == calls["sse"].response == calls["after"].response  # events after it ignored
+    assert _calls(calls["events"].answer) == [("call_s1", "lookup_order", '{"order_id": "B-7"}')]
+
+
 @pytest.mark.parametrize("name, obj", [
     ("openai", {"request": {"model": "x"}, "response": None}),
     ("openai", {"request": {"messages": []}, "response": {"no": "choices"}}),

@@ -69,13 +69,23 @@ def import_cmd(
             fmt = f"{f.format} (detected)" if f.detected else f.format
             table.add_row(f.path, fmt, f"{f.calls:,}", f"{f.imported:,}", f"{f.duplicates:,}", f"{f.skipped:,}")
         console.print(table)
-        for err in result.errors[:20]:
-            err_console.print(f"[yellow]skipped[/] {err['file']}:{err['line']}: {err['reason']}", highlight=False,
-                              soft_wrap=True)
-        more = len(result.errors) - 20 + result.errors_not_listed
-        if more > 0:
-            err_console.print(f"... and {more:,} more skipped records (see --json for the list)")
+        _print_listed("skipped", [(e["file"], e["line"], e["reason"]) for e in result.errors], result.skipped,
+                      "skipped records")
+        _print_listed("normalised", [(n["file"], n["line"], n["note"]) for n in result.notes], result.normalised,
+                      "normalised calls")
+        normalised = f", {result.normalised:,} imported with values normalised" if result.normalised else ""
         console.print(f"{result.imported:,} new calls, {result.duplicates:,} already present, "
-                      f"{result.skipped:,} skipped.")
+                      f"{result.skipped:,} skipped{normalised}.")
     if result.exit_code:
         raise typer.Exit(result.exit_code)
+
+
+def _print_listed(label: str, items: list[tuple[str, int, str]], total: int, what: str, shown: int = 20) -> None:
+    """The first ``shown`` of a list of file:line messages on stderr, then how many more there are."""
+    from rich.markup import escape
+
+    for file, line, text in items[:shown]:
+        # escape: a reason may quote the log ("[DONE]", "[/]"), which rich would read as markup
+        err_console.print(f"[yellow]{label}[/] {escape(f'{file}:{line}: {text}')}", highlight=False, soft_wrap=True)
+    if total > shown:
+        err_console.print(f"... and {total - shown:,} more {what} (see --json for the list)")

@@ -191,6 +191,9 @@ def completion(message: dict[str, Any], *, model: str | None = None, finish_reas
     return out
 
 
+STREAM_END = "[DONE]"  # the payload of the last server-sent event of an OpenAI-style stream
+
+
 def parse_sse(text: str) -> list[dict[str, Any]]:
     """``data: {...}`` lines of a server-sent-event stream, up to ``data: [DONE]``."""
     chunks = []
@@ -199,7 +202,7 @@ def parse_sse(text: str) -> list[dict[str, Any]]:
         if not line.startswith("data:"):
             continue
         payload = line[5:].strip()
-        if payload == "[DONE]":
+        if payload == STREAM_END:
             break
         if not payload:
             continue
@@ -210,12 +213,22 @@ def parse_sse(text: str) -> list[dict[str, Any]]:
     return chunks
 
 
+def until_stream_end(events: list[Any]) -> list[Any]:
+    """A logged list of stream events up to the end sentinel, which loggers often keep as a last item
+    (``"[DONE]"`` or ``"data: [DONE]"``): the list then means what the SSE text with that sentinel means."""
+    for i, event in enumerate(events):
+        if isinstance(event, str) and event.strip().removeprefix("data:").strip() == STREAM_END:
+            return events[:i]
+    return events
+
+
 def merge_stream(chunks: list[Any]) -> dict[str, Any]:
     """Merge ``chat.completion.chunk`` objects into the ``chat.completion`` they stream.
 
     Content deltas concatenate; tool-call deltas are keyed by their ``index`` (the id and name arrive in the
     first delta, the arguments in pieces); usage comes from whichever chunk carries it (usually the last).
     """
+    chunks = until_stream_end(chunks)
     out: dict[str, Any] = {"object": "chat.completion"}
     choices: dict[int, dict[str, Any]] = {}
     for chunk in chunks:
@@ -281,7 +294,10 @@ def merge_stream(chunks: list[Any]) -> dict[str, Any]:
 
 
 def is_chunk_list(value: Any) -> bool:
-    return isinstance(value, list) and bool(value) and all(
+    if not isinstance(value, list):
+        return False
+    value = until_stream_end(value)
+    return bool(value) and all(
         isinstance(c, dict) and (c.get("object") == "chat.completion.chunk"
                                  or any("delta" in (ch or {}) for ch in c.get("choices") or []))
         for c in value[:3]
@@ -353,7 +369,7 @@ def as_outcome(value: Any) -> float | None:
 def as_int(value: Any) -> int | None:
     try:
         return None if value is None else int(value)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):  # OverflowError: an infinite float (1e400 in a log)
         return None
 
 

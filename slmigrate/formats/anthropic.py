@@ -17,6 +17,7 @@ from typing import Any
 from slmigrate.formats import ConvertContext, FormatError, register
 from slmigrate.formats._common import (
     as_float, as_int, as_outcome, completion, content_string, fill_from_metadata, normalise_tools, parse_sse, share,
+    until_stream_end,
 )
 from slmigrate.record import CallRecord, parse_timestamp
 
@@ -137,6 +138,7 @@ def merge_stream(events: list[Any]) -> dict[str, Any]:
 
     Text deltas concatenate; a tool_use block's ``input_json_delta`` pieces concatenate into its input.
     """
+    events = until_stream_end(events)
     if not any(isinstance(ev, dict) and ev.get("type") in ("message_start", "error") for ev in events):
         raise FormatError("the streamed response has no message_start event (not an Anthropic event stream)")
     message: dict[str, Any] = {"type": "message", "role": "assistant", "content": []}
