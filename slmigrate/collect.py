@@ -565,7 +565,7 @@ def _timeless_hash(rec: CallRecord) -> str:
     try:
         return rec.compute_hash()
     except UnicodeEncodeError:  # a lone surrogate: the record layer's own repair, as finalise() does it
-        rec._replace_surrogates()
+        rec.replace_surrogates()
         return rec.compute_hash()
 
 
@@ -799,7 +799,7 @@ def import_calls(
         if any(parallel):
             # fork: the children start in milliseconds and inherit the plans, formats and codec as they are here.
             _FORKED.update(plans=plans, agent=agent, tools=tools, store=store)
-            pool = mp.get_context("fork").Pool(workers)
+            pool = mp.get_context("fork").Pool(workers, initializer=engines.die_with_parent)
         for i, (plan, report) in enumerate(zip(plans, result.files)):
             src = plan.source
             finish = finisher(report, src)

@@ -142,7 +142,7 @@ class CallRecord:
                 self.content_hash = self.compute_hash()
             except UnicodeEncodeError:
                 # A lone surrogate ("\ud800" in a JSON log) parses but cannot be encoded as UTF-8 anywhere.
-                self._replace_surrogates()
+                self.replace_surrogates()
                 self.content_hash = self.compute_hash()
             except RecursionError:
                 raise RecordError("the call is nested too deeply to store (more levels than Python's "
@@ -156,7 +156,7 @@ class CallRecord:
         count outside 0..2**63-1 or a non-finite time is dropped. Returns what was changed (also logged as a
         warning): one odd value from a client or an upstream must never make the record unstorable."""
         changed: list[str] = []
-        for name in ("model", "agent", "session", "input_id", "timestamp", "error"):
+        for name in ("model", "agent", "session", "input_id", "timestamp", "error", "source"):
             value = getattr(self, name)
             if value is not None and not isinstance(value, str):
                 setattr(self, name, _as_text(value))
@@ -187,7 +187,8 @@ class CallRecord:
             log.warning("call %s: %s", self.input_id or self.id or "(new)", note)
         return changed
 
-    def _replace_surrogates(self) -> None:
+    def replace_surrogates(self) -> None:
+        """Replace lone UTF-16 surrogates (which no store can encode) with U+FFFD in every text of the call."""
         self.request = _replace_surrogates(self.request)
         self.response = _replace_surrogates(self.response)
         self.metadata = _replace_surrogates(self.metadata)
