@@ -8,7 +8,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 DEMO := .slmigrate-demo
 
-.PHONY: venv demo test bench clean
+.PHONY: venv demo test lint bench clean
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -29,6 +29,9 @@ demo: venv
 test: venv
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q; code=$$?; \
 	  if [ $$code -eq 5 ]; then echo "no tests were collected" >&2; exit 1; fi; exit $$code
+
+lint: venv
+	$(BIN)/ruff check .
 
 clean:
 	rm -rf $(VENV) $(DEMO)

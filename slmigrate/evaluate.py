@@ -358,10 +358,10 @@ def evaluate(ws: Workspace, config: EvaluateConfig | None = None, clusters: Sequ
             if not calls:
                 skipped.append({"cluster": cid, "reason": "no test calls with an answer"})
                 continue
+            cluster_judge = judge if cluster_kind(known[cid]) == "text" else None
+            ctx = M.MetricContext([c.request for c in calls], embedder, cluster_judge)
             res = _evaluate_cluster(ws, cid, known[cid], calls, train_by.get(cid, []), variants, adapters[cid],
-                                    model, config, prices, M.MetricContext([c.request for c in calls], embedder,
-                                                                           judge if cluster_kind(known[cid]) == "text" else None),
-                                    bar, G)
+                                    model, config, prices, ctx, bar, G)
             res["decision"]["previously_migrated"] = cid in previously
             items = {v: res["variants"][v].pop("_items", []) for v in res["variants"]}
             with (tmp / "predictions" / f"{_safe(cid)}.jsonl").open("w") as fh:

@@ -226,11 +226,13 @@ def plan_refine(ws: Workspace, config: Config, *,
     for i, prop in enumerate(plan["proposed"], 1):
         plan["actions"].append({"action": "propose_cluster", "cluster": f"new-{i}",
                                 "why": f"{prop['size']} unassigned calls form a recurring task, e.g. "
-                                       f"{prop['example']!r}; run `slmigrate curate` and `slmigrate cluster` to adopt it"})
+                                       f"{prop['example']!r}; run `slmigrate curate` and `slmigrate cluster` to "
+                                       "adopt it"})
     retrain = [a for a in plan["actions"] if a["action"] == "retrain"]
     plan["nothing_to_do"] = False
     plan["summary"] = (f"{len(calls) + by_slm} new calls ({by_slm} answered by small models), {len(curated)} kept "
-                       f"after curation, {len(curated) - len(pool)} assigned to known clusters, {len(pool)} unassigned; "
+                       f"after curation, {len(curated) - len(pool)} assigned to known clusters, {len(pool)} "
+                       "unassigned; "
                        f"{len(plan['proposed'])} new cluster(s) proposed, {len(retrain)} to retrain")
     return plan
 

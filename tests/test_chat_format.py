@@ -141,7 +141,8 @@ def test_static_prompt_drops_a_fixed_tool_list_only_when_unchanged(tmp_path):
     calls = [_Call([{"role": "system", "content": shared + f"Shift {i}."}, {"role": "user", "content": "hi"}],
                    tools) for i in range(3)]
     static = cf.StaticPrompt.of(calls)
-    assert static.prefix == shared + "Shift " and [t["function"]["name"] for t in static.tools] == ["get_order", "refund"]
+    assert static.prefix == shared + "Shift "
+    assert [t["function"]["name"] for t in static.tools] == ["get_order", "refund"]
     # Same tools (key order is not a difference): dropped; other tools: kept for the model to read.
     reordered = [{"function": dict(reversed(list(t["function"].items()))), "type": "function"} for t in tools]
     messages, kept = static.apply(calls[0].messages, reordered)

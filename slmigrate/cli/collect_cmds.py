@@ -8,7 +8,8 @@ from typing import Annotated, Optional
 import typer
 from rich.table import Table
 
-from slmigrate.cli._app import ConfigOpt, JsonOpt, WorkspaceOpt, collect_app, console, err_console, open_workspace, print_json
+from slmigrate.cli._app import (ConfigOpt, JsonOpt, WorkspaceOpt, collect_app, console, err_console, open_workspace,
+                                print_json)
 
 _BAR_MIN_BYTES = 4 << 20  # smaller imports finish before a bar is worth drawing
 
@@ -21,7 +22,8 @@ def import_cmd(
         "--format", "-f", help="auto (detect per file), openai, openai-ft, conversation, otel, langfuse, "
         "anthropic, toolbench, or a plug-in's name. See docs/formats.md.")] = "auto",
     agent: Annotated[Optional[str], typer.Option(
-        "--agent", help="Agent tag for calls whose log does not name one (default: collect.agent in slmigrate.toml).")] = None,
+        "--agent", help="Agent tag for calls whose log does not name one (default: collect.agent in "
+        "slmigrate.toml).")] = None,
     tools: Annotated[Optional[Path], typer.Option(
         "--tools", help="JSON file of tool schemas for records that carry none (e.g. conversation logs).")] = None,
     config: ConfigOpt = None,

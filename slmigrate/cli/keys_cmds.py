@@ -24,7 +24,8 @@ def new(
     Use it as SLMIGRATE_ENCRYPTION_KEY or with --key-file; keep it in a secrets manager: without it the
     stored payloads cannot be read.
 
-    Example: slmigrate keys new --out ~/.config/slmigrate/key && slmigrate --key-file ~/.config/slmigrate/key collect proxy --upstream https://api.openai.com/v1
+    Example: slmigrate keys new --out ~/.config/slmigrate/key
+    && slmigrate --key-file ~/.config/slmigrate/key collect proxy --upstream https://api.openai.com/v1
     """
     from slmigrate import crypto
 

@@ -40,7 +40,8 @@ def select(
     probe: Annotated[Optional[int], typer.Option(
         help="Run candidates whose weights are local on N validation calls per cluster (zero- and few-shot) "
              "and blend the measured score into the ranking.", min=0)] = None,
-    force: Annotated[bool, typer.Option(help="Re-run even when clusters, catalogue and options are unchanged.")] = False,
+    force: Annotated[bool, typer.Option(
+        help="Re-run even when clusters, catalogue and options are unchanged.")] = False,
     config_file: Annotated[Optional[Path], typer.Option("--config", help="slmigrate.toml to read.")] = None,
     workspace: WorkspaceOpt = None,
     json_out: JsonOpt = False,

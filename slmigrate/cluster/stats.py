@@ -24,7 +24,8 @@ def keywords(docs: list[str], top: int = 6) -> list[list[str]]:
     from sklearn.feature_extraction.text import ENGLISH_STOP_WORDS, CountVectorizer
 
     try:
-        vec = CountVectorizer(stop_words=list(ENGLISH_STOP_WORDS | _VIEW_WORDS), token_pattern=r"(?u)\b[a-zA-Z][a-zA-Z_]{2,}\b",
+        vec = CountVectorizer(stop_words=list(ENGLISH_STOP_WORDS | _VIEW_WORDS),
+                              token_pattern=r"(?u)\b[a-zA-Z][a-zA-Z_]{2,}\b",
                               max_features=50_000)
         counts = vec.fit_transform(docs).astype(np.float64)
     except ValueError:  # no words at all

@@ -26,7 +26,8 @@ th, td { text-align:left; padding:6px 8px; border-bottom:1px solid var(--line); 
 th { color:var(--muted); font-weight:600; font-size:12px; text-transform:uppercase; letter-spacing:0.03em; }
 td.n, th.n { text-align:right; font-variant-numeric:tabular-nums; white-space:nowrap; }
 tr:hover td { background:#f1f5f9; }
-.pill { display:inline-block; white-space:nowrap; padding:1px 8px; border-radius:999px; font-size:12px; font-weight:600; }
+.pill { display:inline-block; white-space:nowrap; padding:1px 8px; border-radius:999px; font-size:12px;
+        font-weight:600; }
 .pill.good { background:var(--goodbg); color:var(--good); }
 .pill.warn { background:var(--warnbg); color:var(--warn); }
 .pill.bad { background:var(--badbg); color:var(--bad); }

@@ -152,7 +152,8 @@ async def _read_body(receive) -> bytes:
 async def _send_completion(scope, send, body: dict[str, Any], stream: bool) -> None:
     if stream:
         await send({"type": "http.response.start", "status": 200,
-                    "headers": [(b"content-type", b"text/event-stream; charset=utf-8"), (b"cache-control", b"no-cache")]})
+                    "headers": [(b"content-type", b"text/event-stream; charset=utf-8"),
+                                (b"cache-control", b"no-cache")]})
         for piece in sse_chunks(body):
             await send({"type": "http.response.body", "body": piece, "more_body": True})
         await send({"type": "http.response.body", "body": b"", "more_body": False})

@@ -99,7 +99,8 @@ def main() -> None:
     rows = [measure(resolved.path, examples, None, args.steps, tok.pad_token_id),
             measure(resolved.path, examples, args.layers, args.steps, tok.pad_token_id)]
     for r in rows:
-        r["projected_cpu_s"] = round(r["fill_cpu_s"] + args.epochs * epoch_tokens * r["step_cpu_ms_per_token"] / 1000, 1)
+        step_cpu_s = args.epochs * epoch_tokens * r["step_cpu_ms_per_token"] / 1000
+        r["projected_cpu_s"] = round(r["fill_cpu_s"] + step_cpu_s, 1)
     print(json.dumps({"task": args.task, "examples": len(examples), "epoch_tokens": epoch_tokens,
                       "epochs": args.epochs, "all_layers": rows[0], "top_layers": rows[1],
                       "step_cost_ratio": round(rows[0]["step_cpu_ms_per_token"] / rows[1]["step_cpu_ms_per_token"], 2),
