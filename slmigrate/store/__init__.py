@@ -208,7 +208,8 @@ class Store:
         batch: int = 2000,
     ) -> Iterator[CallRecord]:
         """Calls in id (time) order. ``decode=False`` skips the payloads (fast listing, no key needed)."""
-        where, params = [], []
+        where: list[str] = []
+        params: list[Any] = []
         if since_seq is not None:
             where.append("inserted_seq > ?")
             params.append(since_seq)

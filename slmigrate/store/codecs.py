@@ -100,7 +100,9 @@ def codec_for(name: str) -> PayloadCodec:
         # Encrypted rows need the key; slmigrate.crypto knows how to find it and says clearly when it is absent.
         from slmigrate import crypto
 
-        return crypto.codec_from_environment(required=True, row_codec=name)
+        codec = crypto.codec_from_environment(required=True, row_codec=name)
+        assert codec is not None  # required=True raises instead of returning None
+        return codec
     raise SlmigrateError(f"stored payloads use codec {name!r}, which this slmigrate does not know; upgrade it")
 
 
