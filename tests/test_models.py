@@ -1,6 +1,5 @@
 """Model registry: resolve names to local weights; the built-in offline SmolLM2 converts once and answers."""
 
-import time
 
 import pytest
 
@@ -62,15 +61,15 @@ def test_pull_smollm2_offline_then_instant_and_it_answers(monkeypatch, tmp_path)
     assert first.source == "builtin"
     assert (first.path / "model.safetensors").exists() and (first.path / "tokenizer.json").exists()
 
-    started = time.time()
+    # "Instant" means nothing is converted again: the second pull and the load read the cached safetensors (how
+    # long that takes is a benchmark's business, not a test's on a shared box).
+    converted = (first.path / "model.safetensors").stat().st_mtime_ns
     assert main(["models", "pull", "HuggingFaceTB/SmolLM2-135M-Instruct"]) == 0
     second = models.pull("HuggingFaceTB/SmolLM2-135M-Instruct")
     assert second.source == "cache" and second.path == first.path
-    assert time.time() - started < 2.0
 
-    started = time.time()
     model, tokenizer, _ = models.load("smollm2-135m-instruct")
-    assert time.time() - started < 15  # includes importing transformers; the weights load in < 1 s
+    assert (first.path / "model.safetensors").stat().st_mtime_ns == converted
     assert sum(p.numel() for p in model.parameters()) == pytest.approx(134.5e6, rel=0.01)
     assert tokenizer.chat_template  # the chat template survives the conversion
     inputs = tokenizer.apply_chat_template(
