@@ -533,12 +533,13 @@ def test_phone_number_under_a_neutral_key_is_not_structure():
 
 def test_request_user_name_fields_and_logprobs():
     call = _session_call("s1", 0, "Hi, Mia Li here.", "Hello Mia Li.")
-    call.request = {**call.request, "user": "mia.li3818@example.com", "metadata": {"customer": "mia_li_3668"}}
+    call.request = {**call.request, "user": "mia.li3818@example.com", "safety_identifier": "james_lee_6136",
+                    "metadata": {"customer": "mia_li_3668"}}
     call.request["messages"][1] = {**call.request["messages"][1], "name": "Mia"}
     call.response["choices"][0]["logprobs"] = {"content": [{"token": "Mia", "logprob": -0.1}]}
     [clean], _, _ = scrub_calls([call], analyzer=FakeAnalyzer())
-    assert clean.request["user"] == "<EMAIL_ADDRESS_1>"
-    assert clean.request["metadata"] == {"customer": "<USER_ID_1>"}
+    assert clean.request["user"] == "<EMAIL_ADDRESS_1>" and clean.request["safety_identifier"] == "<USER_ID_1>"
+    assert clean.request["metadata"] == {"customer": "<USER_ID_2>"}
     assert clean.request["messages"][1]["name"] == "<PERSON_2>"
     assert clean.response["choices"][0]["logprobs"] is None  # the answer token by token: dropped
     assert "Mia" not in _all_text(clean)

@@ -52,8 +52,9 @@ SAFE_METADATA_KEYS = frozenset({
 })
 # Text-bearing fields of a message besides tool calls (reasoning models return their chain of thought too).
 _TEXT_FIELDS = ("content", "reasoning_content", "reasoning", "refusal")
-# Request fields OpenAI defines for the caller's own data: ``user`` is an end-user id (often an e-mail).
-_REQUEST_EXTRAS = ("user", "metadata")
+# Request fields OpenAI defines for the caller's own data: ``user`` and ``safety_identifier`` identify the end
+# user (often an e-mail or an account id).
+_REQUEST_EXTRAS = ("user", "safety_identifier", "metadata")
 
 
 def _loose(obj: dict[str, Any], keep: frozenset[str]) -> dict[str, Any]:
@@ -71,9 +72,13 @@ def side_text(obj: Any, keep: frozenset[str] = frozenset()) -> str | None:
     return json.dumps(loose, ensure_ascii=False, default=str) if loose else None
 
 
+_AS_USER_ID = {"user": "user_id", "safety_identifier": "customer_id"}
+_FROM_USER_ID = {v: k for k, v in _AS_USER_ID.items()}
+
+
 def _request_extras(request: dict[str, Any]) -> dict[str, Any]:
-    # "user_id", not "user": the key rules then take the whole value as the account id it is.
-    return {("user_id" if k == "user" else k): request[k] for k in _REQUEST_EXTRAS if request.get(k)}
+    # Renamed to keys the key rules know: the whole value is then taken as the account id it is.
+    return {_AS_USER_ID.get(k, k): request[k] for k in _REQUEST_EXTRAS if request.get(k)}
 
 
 def texts_of(call: CallRecord, keep_metadata: frozenset[str] = SAFE_METADATA_KEYS) -> list[str]:
@@ -378,7 +383,7 @@ class CallScrubber:
         extras = _request_extras(call.request)
         if extras:
             scrubbed = _scrub_side(extras, frozenset(), fn)
-            request.update({("user" if k == "user_id" else k): v for k, v in scrubbed.items()})
+            request.update({_FROM_USER_ID.get(k, k): v for k, v in scrubbed.items()})
         response = call.response
         if response is not None:
             response = dict(response)
