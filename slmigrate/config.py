@@ -69,6 +69,10 @@ class CurateConfig(Section):
     score_threshold: float = Field(0.4, ge=0, le=1, description="Minimum detector score for an entity to count.")
     allow: list[str] = Field(default_factory=list, description="Values never scrubbed (besides tool names, "
                              "schema keys and enum values, which are always kept).")
+    keep_metadata: list[str] = Field(default_factory=list, description=(
+        "Metadata keys whose values are kept as they are (task labels, your own ids), besides the ones slmigrate "
+        "knows are safe (session, agent, outcome, turn, task_id, task_tag, domain, role, mode); every other "
+        "metadata string is scrubbed."))
     near_duplicates: bool = Field(True, description="Drop calls whose request equals an earlier one up to "
                                   "whitespace, ids and numbers.")
     examples: int = Field(3, ge=0, description="Scrubbed examples shown in the report.")

@@ -24,7 +24,7 @@ from slmigrate.record import CallRecord, canonical_bytes, canonical_json
 from slmigrate.workspace import Workspace, fingerprint_of
 
 # Bump when curate's output for the same input and config changes, so old results count as stale.
-CURATE_LOGIC_VERSION = 1
+CURATE_LOGIC_VERSION = 2  # 2: metadata, request user/metadata and JSON-escaped values scrubbed
 DROP_REASONS = ("failed", "empty_answer", "truncated", "invalid_tool_arguments", "unknown_tool",
                 "below_min_outcome", "duplicate", "near_duplicate")
 EXPORT_FORMATS = ("openai", "openai-ft")
@@ -188,7 +188,7 @@ def curate(ws: Workspace, config: CurateConfig | None = None, progress: Progress
         scrubbed, replaced, analyzer = scrub_calls(
             list(kept_calls), mode=config.pii, entities=entities, seed=config.seed, workers=config.workers,
             allow=config.allow, score_threshold=config.score_threshold, progress=progress,
-            engine=config.engine, address=config.ray_address,
+            engine=config.engine, address=config.ray_address, keep_metadata=config.keep_metadata,
         )
     entity_counts: Counter[str] = Counter()
     for r in replaced:

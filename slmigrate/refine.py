@@ -77,7 +77,8 @@ def curate_new(calls: list[CallRecord], config: Config) -> tuple[list[CallRecord
         else:
             kept.append(call)
     scrubbed, _, _ = pii.scrub_calls(kept, mode=config.curate.pii, entities=config.curate.entities,
-                                     workers=config.curate.workers, seed=config.curate.seed)
+                                     workers=config.curate.workers, seed=config.curate.seed,
+                                     allow=config.curate.allow, keep_metadata=config.curate.keep_metadata)
     return scrubbed, dropped
 
 

@@ -154,6 +154,25 @@ def test_curate_scrubs_with_report_and_examples(workspace, fake_pii):
     assert curated.load_report(workspace)["calls_out"] == 2
 
 
+def test_curate_and_export_scrub_metadata_keeping_task_labels(workspace, fake_pii, tmp_path):
+    """tau-bench's task info rides in the metadata: names, dobs and user ids there are scrubbed like the
+    messages; known task labels and the keys [curate] keep_metadata names stay usable."""
+    meta = {"task_id": 4, "domain": "airline", "batch": "mia_li_3668-batch",
+            "info": {"user_id": "mia_li_3668", "passengers": [{"first_name": "Mia", "dob": "1985-04-04"}]}}
+    call = _call("I'm Mia Li (mia_li_3668)", session="a")
+    call.metadata = meta
+    _store(workspace, [call])
+    curate(workspace, CurateConfig(pii="placeholder", keep_metadata=["batch"]))
+    out = tmp_path / "all.jsonl"
+    export(workspace, out, "openai")
+    row = json.loads(out.read_text())
+    text = out.read_text().replace("mia_li_3668-batch", "")
+    assert "mia_li_3668" not in text and "1985-04-04" not in text and "Mia" not in text
+    assert (row["metadata"]["task_id"], row["metadata"]["domain"]) == (4, "airline")
+    assert row["metadata"]["batch"] == "mia_li_3668-batch"
+    assert row["metadata"]["info"]["user_id"] == "<USER_ID_1>" and "<USER_ID_1>" in json.dumps(row["request"])
+
+
 def test_export_formats(workspace, tmp_path):
     _store(workspace, [_call("Where is A1?", session="a", tool="get_order", ts="2025-01-01T00:00:01Z"),
                        _call("Thanks", session="b", ts="2025-01-01T00:00:02Z")])

@@ -23,7 +23,22 @@ SECRETS = {
     "GITHUB_TOKEN": "ghp_16C7e42F292c6912E7710c838347Ae178B4a",
     "SLACK_TOKEN": "xoxb-123456789012-1234567890123-AbCdEfGhIjKlMnOpQrStUvWx",
     "JWT": "eyJhbGciOiJIUzI1NiJ9.eyJzdWIiOiIxMjM0NTY3ODkwIn0.dozjgNryP4J3jVmNHl0w5N_XgL0n3I9PlFUP0THsR8U",
+    "ANTHROPIC_API_KEY": "sk-ant-api03-Zx8qW2eR4tY6uI8oP0aS2dF4gH6jK8lZ0xC2vB4nM6",
+    "GCP_KEY": "AIzaSyD3x4mPl3KeY-0123456789abcdefghijk",
+    "STRIPE_KEY": "sk_live_51Hq2Xb9Lm3Nv7Rt5Yp0Ws4Dz",
+    "API_TOKEN": "hf_AbCdEfGhIjKlMnOpQrStUvWxYz01234567",
 }
+# Secrets whose regex takes only part of the match (the part after "AccountKey=", "sig=", "Basic ").
+PARTIAL_SECRETS = [
+    ("AZURE_KEY", "DefaultEndpointsProtocol=https;AccountName=acme;AccountKey={v};EndpointSuffix=core.windows.net",
+     "Zm9vYmFyYmF6cXV4Zm9vYmFyYmF6cXV4Zm9vYmFyYmF6cXV4MTIzNDU2Nzg5MA=="),
+    ("AZURE_KEY", "https://acme.blob.core.windows.net/c/f.txt?sv=2022-11-02&sr=b&sig={v}",
+     "q8w3ZyKk1e2QAbCdEfGh%2BIjKlMnOpQr%3D"),
+    ("AZURE_KEY", "client secret {v} for the app", "Xy19Q~AbCdEfGhIjKlMnOpQrStUvWxYz0123456"),
+    ("SLACK_TOKEN", "POST https://hooks.slack.com/services/{v}", "T0123ABCD/B0456EFGH/AbCdEfGhIjKlMnOpQrStUvWx"),
+    ("BEARER_TOKEN", "Authorization: Basic {v}", "c3ZjLWRlcGxveTpodW50ZXIy"),
+    ("URL_PASSWORD", "mongodb+srv://deploy:{v}@cluster0.mongodb.net/app", "p@ss:w0rd!"),
+]
 PEM = ("-----BEGIN RSA PRIVATE KEY-----\nMIIEowIBAAKCAQEA7bq9fN2Lx0\nq8w3ZyKk1e2Q==\n"
        "-----END RSA PRIVATE KEY-----")
 
@@ -36,6 +51,40 @@ def _regex_find(text: str) -> list[tuple[str, str]]:
 def test_each_secret_recogniser(entity, secret):
     found = _regex_find(f"use the key {secret} for the deploy")
     assert (entity, secret) in found
+
+
+@pytest.mark.parametrize("entity,template,secret", PARTIAL_SECRETS)
+def test_secret_recognisers_take_the_secret_part(entity, template, secret):
+    assert (entity, secret) in _regex_find(template.format(v=secret))
+
+
+@pytest.mark.parametrize("kind", ["RSA PRIVATE KEY", "EC PRIVATE KEY", "OPENSSH PRIVATE KEY", "PRIVATE KEY",
+                                  "ENCRYPTED PRIVATE KEY", "PGP PRIVATE KEY BLOCK"])
+def test_pem_blocks_of_every_kind_whole_also_json_escaped_or_cut_off(kind):
+    pem = f"-----BEGIN {kind}-----\nMIIEowIBAAKCAQEA7bq9fN2Lx0\nq8w3ZyKk1e2Q==\n-----END {kind}-----"
+    assert ("PRIVATE_KEY", pem) in _regex_find(f"key: {pem} ok")
+    escaped = json.dumps(pem)[1:-1]  # a JSON text nobody decoded: the line breaks are the two characters \n
+    assert ("PRIVATE_KEY", escaped) in _regex_find(f'{{"key": "{escaped}"}}')
+    cut = pem.rsplit("\n", 1)[0]  # a log that kept the key but not its END line
+    assert ("PRIVATE_KEY", cut) in _regex_find(f"{cut}\n")
+    assert ("PRIVATE_KEY", json.dumps(cut)[1:-1]) in _regex_find(json.dumps({"k": cut}))
+
+
+def test_openai_pattern_leaves_anthropic_keys_to_their_own():
+    found = _regex_find(f"keys {SECRETS['ANTHROPIC_API_KEY']} and {SECRETS['OPENAI_API_KEY']}")
+    assert ("ANTHROPIC_API_KEY", SECRETS["ANTHROPIC_API_KEY"]) in found
+    assert not any(e == "OPENAI_API_KEY" and v.startswith("sk-ant-") for e, v in found)
+
+
+@pytest.mark.parametrize("key", ["client_secret", "aws_secret_access_key", "SecretAccessKey", "SessionToken",
+                                 "db_password", "private_key_id", "AccountKey", "connection_string", "csrf_token"])
+def test_key_rules_name_secrets_by_their_key(key):
+    assert entity_for_key(key) == "SECRET"
+
+
+@pytest.mark.parametrize("key", ["max_tokens", "completion_tokens", "token_type", "public_key", "sort_key"])
+def test_key_rules_leave_look_alike_keys(key):
+    assert entity_for_key(key) != "SECRET"
 
 
 def test_private_key_bearer_and_url_password():
@@ -196,7 +245,7 @@ def test_parts_of_a_full_name_used_alone_are_replaced():
 
 
 # --- scrubbing with a fake analyzer: regex recognisers + key rules + a fixed name list, no spaCy ---
-NAMES = ("Mia Li", "James Lee", "Mia", "James", "Lee")
+NAMES = ("Mia Li", "James Lee", "Mia", "James", "Lee", "Zoë Kraus")
 
 
 class FakeAnalyzer(TextAnalyzer):
@@ -392,3 +441,105 @@ def test_refine_scrubs_with_the_curate_config_default_of_workers():
     [clean], replaced, _ = scrub_calls([_tau_call()], mode="placeholder", analyzer=FakeAnalyzer(),
                                        workers=CurateConfig().workers)
     assert replaced[0] and "mia.li3818@example.com" not in json.dumps(clean.request)
+
+
+# --- every field, one replacement per value across a session ---
+def _session_call(session: str, n: int, user: str, answer: str, metadata: dict | None = None,
+                  tool_result: str | None = None, args: dict | None = None) -> CallRecord:
+    messages = [{"role": "system", "content": "You are an airline agent."}, {"role": "user", "content": user}]
+    if tool_result is not None:
+        messages += [{"role": "assistant", "content": None, "tool_calls": [{"id": "c1", "type": "function",
+                      "function": {"name": "lookup", "arguments": json.dumps(args or {})}}]},
+                     {"role": "tool", "tool_call_id": "c1", "content": tool_result}]
+    return CallRecord(request={"messages": messages}, session=session, metadata=metadata or {},
+                      response={"choices": [{"finish_reason": "stop", "message": {"role": "assistant",
+                                                                                 "content": answer}}]},
+                      input_id=f"{session}-{n}").finalise()
+
+
+def test_metadata_strings_scrubbed_but_safe_and_configured_keys_kept():
+    metadata = {"task_id": "task-7", "domain": "airline", "reward": 1.0, "ticket": "mia_li_3668-T1",
+                "info": {"task": {"user_id": "mia_li_3668",
+                                  "instruction": "You are mia_li_3668 and your e-mail is mia.li3818@example.com."},
+                         "passengers": [{"first_name": "Mia", "last_name": "Li", "dob": "1990-04-05"}]},
+                "note": "Escalated by James Lee after a long call."}
+    call = _session_call("s1", 0, "I'm Mia Li, user mia_li_3668.", "Done, Mia Li.", metadata)
+    [clean], replaced, _ = scrub_calls([call], analyzer=FakeAnalyzer(), keep_metadata=["ticket"])
+    meta = clean.metadata
+    assert (meta["task_id"], meta["domain"], meta["reward"]) == ("task-7", "airline", 1.0)  # known-safe keys
+    assert meta["ticket"] == "mia_li_3668-T1"  # kept because the config names it
+    user_id = meta["info"]["task"]["user_id"]
+    assert user_id == "<USER_ID_1>" and user_id in clean.request["messages"][1]["content"]
+    assert meta["info"]["task"]["instruction"] == "You are <USER_ID_1> and your e-mail is <EMAIL_ADDRESS_1>."
+    passenger = meta["info"]["passengers"][0]
+    assert passenger["dob"].startswith("<DATE_OF_BIRTH_") and "Mia" not in json.dumps(passenger)
+    assert "James Lee" not in meta["note"] and meta["note"].startswith("Escalated by <PERSON_")
+    assert list(meta) == list(metadata)  # same keys, same order
+    assert call.metadata["info"]["task"]["user_id"] == "mia_li_3668"  # the input is untouched
+    assert "DATE_OF_BIRTH" in replaced[0].values()
+    # without the config key, the ticket is scrubbed like everything else
+    [clean], _, _ = scrub_calls([call], analyzer=FakeAnalyzer())
+    assert clean.metadata["ticket"] == "<USER_ID_1>-T1"
+
+
+def test_json_escaped_values_in_tool_arguments_and_results_are_replaced():
+    """A PEM's line breaks are \\n escapes in the arguments' JSON text, a name's ë is \\u00eb in an ASCII-only
+    tool result: both were found in the decoded view and then looked for, and missed, in the escaped text."""
+    result = json.dumps({"status": "stored", "note": "Zoë Kraus approved the key rotation today."})
+    assert "\\u00eb" in result
+    call = _session_call("s1", 0, f"Store this key:\n{PEM}", "Stored, Zoë Kraus.", tool_result=result,
+                         args={"key": PEM, "owner": "mia.li3818@example.com"})
+    [clean], _, _ = scrub_calls([call], analyzer=FakeAnalyzer())
+    text = _all_text(clean)
+    for form in (PEM, json.dumps(PEM)[1:-1], "MIIEowIBAAKCAQEA7bq9fN2Lx0", "Zoë", "Zo\\u00eb", "Kraus"):
+        assert form not in text, form
+    messages = clean.request["messages"]
+    args = json.loads(messages[2]["tool_calls"][0]["function"]["arguments"])
+    assert args == {"key": "<PRIVATE_KEY_1>", "owner": "<EMAIL_ADDRESS_1>"}
+    assert messages[1]["content"] == "Store this key:\n<PRIVATE_KEY_1>"  # same key, same placeholder
+    assert json.loads(messages[3]["content"]) == {"status": "stored",
+                                                  "note": "<PERSON_1> approved the key rotation today."}
+
+
+def test_one_replacement_per_value_across_a_session_even_interleaved():
+    a1 = _session_call("a", 0, "I'm Mia Li, mail mia.li3818@example.com", "Hi Mia Li.")
+    b1 = _session_call("b", 0, "James Lee here, james.lee@example.org", "Hi James Lee.")
+    a2 = _session_call("a", 1, "Also cc ops@acme.example.com please", "Sent to mia.li3818@example.com and "
+                                                                         "ops@acme.example.com.")
+    [ca1, cb1, ca2], replaced, _ = scrub_calls([a1, b1, a2], analyzer=FakeAnalyzer())
+    assert ca1.request["messages"][1]["content"] == "I'm <PERSON_1>, mail <EMAIL_ADDRESS_1>"
+    assert cb1.request["messages"][1]["content"] == "<PERSON_1> here, <EMAIL_ADDRESS_1>"  # its own numbering
+    # the first e-mail keeps its placeholder in the session's next call; a new one gets the next number
+    assert ca2.answer["content"] == "Sent to <EMAIL_ADDRESS_1> and <EMAIL_ADDRESS_2>."
+    assert replaced[2] == {"<EMAIL_ADDRESS_1>": "EMAIL_ADDRESS", "<EMAIL_ADDRESS_2>": "EMAIL_ADDRESS"}
+    # synthetic mode: one fake per value across the session too
+    [sa1, _, sa2], _, _ = scrub_calls([a1, b1, a2], mode="synthetic", analyzer=FakeAnalyzer(), seed=3)
+    fake = sa1.request["messages"][1]["content"].split("mail ")[1]
+    assert fake.endswith("@example.com") and fake != "mia.li3818@example.com"
+    assert sa2.answer["content"].startswith(f"Sent to {fake} and ")
+
+
+def test_phone_number_under_a_neutral_key_is_not_structure():
+    from slmigrate.pii.scrub import _phone_shaped
+
+    result = json.dumps({"status": "ok", "contact": "+1 (415) 555-0142", "item_id": "4768869376"})
+    call = _session_call("s1", 0, "Who do I call?", "Call the number on file.", tool_result=result)
+    [clean], _, _ = scrub_calls([call], analyzer=FakeAnalyzer())
+    content = json.loads(clean.request["messages"][3]["content"])
+    assert content == {"status": "ok", "contact": "<PHONE_NUMBER_1>", "item_id": "4768869376"}
+    assert _phone_shaped("+44 20 7946 0018") and _phone_shaped("415-555-0142")
+    assert not _phone_shaped("4768869376") and not _phone_shaped("HAT136")
+
+
+def test_request_user_name_fields_and_logprobs():
+    call = _session_call("s1", 0, "Hi, Mia Li here.", "Hello Mia Li.")
+    call.request = {**call.request, "user": "mia.li3818@example.com", "safety_identifier": "james_lee_6136",
+                    "metadata": {"customer": "mia_li_3668"}}
+    call.request["messages"][1] = {**call.request["messages"][1], "name": "Mia"}
+    call.response["choices"][0]["logprobs"] = {"content": [{"token": "Mia", "logprob": -0.1}]}
+    [clean], _, _ = scrub_calls([call], analyzer=FakeAnalyzer())
+    assert clean.request["user"] == "<EMAIL_ADDRESS_1>" and clean.request["safety_identifier"] == "<USER_ID_1>"
+    assert clean.request["metadata"] == {"customer": "<USER_ID_2>"}
+    assert clean.request["messages"][1]["name"] == "<PERSON_2>"
+    assert clean.response["choices"][0]["logprobs"] is None  # the answer token by token: dropped
+    assert "Mia" not in _all_text(clean)

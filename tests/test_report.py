@@ -11,6 +11,7 @@ from __future__ import annotations
 import base64
 import json
 import os
+import re
 import select
 import shutil
 import subprocess
@@ -270,6 +271,32 @@ def test_calls_only_shows_cost_by_model_and_escapes(workspace, tmp_path):
     # gpt-4.1 at $2 / $8 per million tokens, priced from the store's usage.
     expected = sum(Config().prices.cost(c.model, c.prompt_tokens, c.completion_tokens) for c in calls)
     assert f"${expected:,.4f}" in html or f"${expected:,.2f}" in html
+
+
+def test_markdown_report_escapes_logged_html_and_link_syntax(workspace, tmp_path):
+    from slmigrate.report.doc import Section, md_text
+
+    calls = _calls(8)
+    calls[0].model = '<script>alert("m")</script>'
+    calls[1].agent = "<img src=x onerror=alert(1)> [click](javascript:alert(2)) ![p](http://evil.example/p.png)"
+    workspace.store.insert_calls(calls)
+    report(workspace, out=tmp_path / "r.html", config=Config())
+    md = (tmp_path / "r.md").read_text()
+    for raw in ("<script", "<img", "![p]", "[click]"):
+        assert raw not in md, raw
+    assert not re.search(r"(?<!\\)\]\(", md)  # no unescaped "](" anywhere: no link or image can form
+    assert "&lt;script&gt;alert(\"m\")&lt;/script&gt;" in md  # still readable as text
+    assert "\\[click\\](javascript:alert(2))" in md
+    # every element escapes: paragraphs, bullets, tiles, table cells, collapsed examples
+    s = Section("x", "t")
+    s.para("a <b>b</b> & [l](u)")
+    s.bullets(["<i>x</i>"])
+    s.kpis([("<k>", "[v](u)")])
+    s.table(["h"], [["<td>|x"]])
+    s.details([("<s>", "`code` <script>x</script>")], "ex")
+    text = "\n".join(s.md)
+    assert "<" not in text and not re.search(r"(?<!\\)\]\(", text)
+    assert md_text("a\\[b](c)") == "a\\\\\\[b\\](c)"  # a logged backslash cannot undo the escape
 
 
 def test_report_renders_in_chromium_with_every_chart(workspace, tmp_path):

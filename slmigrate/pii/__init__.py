@@ -2,7 +2,8 @@
 
 - ``engine``: presidio + the offline spaCy model + slmigrate's recognisers, each distinct text analysed once.
 - ``recognizers``: secrets, account ids, street addresses, JSON key rules.
-- ``scrub``: consistent replacement of every found value throughout one call.
+- ``scrub``: consistent replacement of every found value throughout a session: messages, tool arguments and
+  results, the answer, the request's user/metadata and the record's metadata.
 
 ``scrub_calls`` is the one-call entry point.
 """
@@ -13,10 +14,11 @@ from collections.abc import Callable, Iterable
 
 from slmigrate.pii.engine import (ALL_ENTITIES, DEFAULT_ENTITIES, OPTIONAL_ENTITIES, Found, TextAnalyzer,
                                   analyze_parallel, build_analyzer)
-from slmigrate.pii.scrub import CallScrubber, replace_in_text, texts_of
+from slmigrate.pii.scrub import SAFE_METADATA_KEYS, CallScrubber, replace_in_text, texts_of
 from slmigrate.record import CallRecord
 
-__all__ = ["ALL_ENTITIES", "DEFAULT_ENTITIES", "OPTIONAL_ENTITIES", "Found", "TextAnalyzer", "CallScrubber",
+__all__ = ["ALL_ENTITIES", "DEFAULT_ENTITIES", "OPTIONAL_ENTITIES", "SAFE_METADATA_KEYS", "Found", "TextAnalyzer",
+           "CallScrubber",
            "build_analyzer", "scrub_calls", "texts_of", "replace_in_text", "resolve_entities"]
 
 
@@ -40,18 +42,21 @@ def scrub_calls(
     calls: list[CallRecord], *, mode: str = "placeholder", entities: Iterable[str] | None = None,
     workers: int | None = None, seed: int = 0, allow: Iterable[str] = (), score_threshold: float = 0.4,
     analyzer: TextAnalyzer | None = None, progress: Callable[[str, int, int], None] | None = None,
-    engine: str = "local", address: str | None = None,
+    engine: str = "local", address: str | None = None, keep_metadata: Iterable[str] = (),
 ) -> tuple[list[CallRecord], list[dict[str, str]], TextAnalyzer | None]:
     """Scrub ``calls``; returns the scrubbed copies, per call the replacements made (replacement -> entity
     type; the original values are not returned) and the analyzer (its cache holds each distinct text's findings).
 
     ``progress(phase, done, total)`` is told about the analysis and replacement phases. ``workers``: see
-    ``analyze_parallel`` (default: one per usable CPU core, at most 8).
+    ``analyze_parallel`` (default: one per usable CPU core, at most 8). ``keep_metadata``: metadata keys whose
+    scalar values stay as they are, besides ``SAFE_METADATA_KEYS``. Calls of one session get one replacement per
+    value, so pass them in order; the analysis runs in parallel, the replacement in this process.
     """
     if mode == "off":
         return list(calls), [{} for _ in calls], None
     analyzer = analyzer or TextAnalyzer(resolve_entities(entities), score_threshold)
-    distinct = list(dict.fromkeys(t for c in calls for t in texts_of(c)))
+    keep = SAFE_METADATA_KEYS | frozenset(keep_metadata)
+    distinct = list(dict.fromkeys(t for c in calls for t in texts_of(c, keep)))
     done = 0
 
     def tick(n: int) -> None:
@@ -71,7 +76,7 @@ def scrub_calls(
 
     tools_text = "\n".join(dict.fromkeys(
         json.dumps(c.request.get("tools") or c.request.get("functions") or [], ensure_ascii=False) for c in calls))
-    scrubber = CallScrubber(analyzer, mode, seed, frozenset(allow), frozenset(structural), tools_text)
+    scrubber = CallScrubber(analyzer, mode, seed, frozenset(allow), frozenset(structural), tools_text, keep)
     replaced: list[dict[str, str]] = []
     out = []
     for i, call in enumerate(calls):

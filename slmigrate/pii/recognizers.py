@@ -12,20 +12,40 @@ from typing import Any
 
 # (entity, pattern, score). Patterns are compiled without IGNORECASE unless they say (?i): token prefixes are
 # case-sensitive and matching them loosely would eat ordinary words.
+# A PEM private key of any kind (RSA, EC, DSA, OPENSSH, ENCRYPTED, PGP ... BLOCK), whole. Without its END line
+# (a log cut it off) the block runs over the base64 lines after the header, whether the line breaks are real or
+# the two characters "\n" of a JSON text that was never decoded.
+_PEM_LABEL = r"(?:[A-Z0-9]+ )*PRIVATE KEY(?: BLOCK)?"
+_PEM = (rf"-----BEGIN {_PEM_LABEL}-----(?:[\s\S]*?-----END {_PEM_LABEL}-----"
+        r"|(?:(?:\r?\n|(?:\\r)?\\n)(?:[A-Za-z0-9+/=]+|[A-Za-z\-]+:[ \t][A-Za-z0-9,\-]+))*)")
+
 SECRET_PATTERNS: list[tuple[str, str, float]] = [
-    ("PRIVATE_KEY", r"-----BEGIN (?:[A-Z0-9]+ )*PRIVATE KEY-----[\s\S]*?-----END (?:[A-Z0-9]+ )*PRIVATE KEY-----",
-     1.0),
-    ("OPENAI_API_KEY", r"\bsk-(?:proj-|svcacct-|admin-|ant-)?[A-Za-z0-9_\-]{20,}", 1.0),
+    ("PRIVATE_KEY", _PEM, 1.0),
+    ("OPENAI_API_KEY", r"\bsk-(?!ant-)(?:proj-|svcacct-|admin-)?[A-Za-z0-9_\-]{20,}", 1.0),
+    ("ANTHROPIC_API_KEY", r"\bsk-ant-[a-z]{3,5}\d{2}-[A-Za-z0-9_\-]{20,}", 1.0),
     ("AWS_ACCESS_KEY", r"\b(?:AKIA|ASIA|AGPA|AIDA|AROA|ANPA)[0-9A-Z]{16}\b", 1.0),
     ("AWS_SECRET_KEY",
      r"(?i)aws.{0,20}?(?:secret|private).{0,20}?['\"]?\s*[:=]\s*['\"]?"
      r"(?P<v>[A-Za-z0-9/+=]{40})(?![A-Za-z0-9/+=])", 0.9),
+    # Google API keys, OAuth client secrets and access tokens (service-account private keys are PEM blocks).
+    ("GCP_KEY", r"\b(?:AIza[0-9A-Za-z_\-]{35}|GOCSPX-[A-Za-z0-9_\-]{20,}|ya29\.[0-9A-Za-z_\-]{20,})", 1.0),
+    # Azure: storage / service-bus keys in connection strings, SAS signatures, Entra ID client secrets.
+    ("AZURE_KEY", r"(?i:AccountKey|SharedAccessKey)=(?P<v>[A-Za-z0-9+/]{20,}={0,2})", 1.0),
+    ("AZURE_KEY", r"[?&]sig=(?P<v>[A-Za-z0-9%+/]{20,}(?:=|%3[Dd]){0,2})", 0.9),
+    ("AZURE_KEY", r"(?<![A-Za-z0-9_~.\-])[A-Za-z0-9_~.\-]{3}\dQ~[A-Za-z0-9_~.\-]{31,34}(?![A-Za-z0-9_~.\-])", 0.9),
     ("GITHUB_TOKEN", r"\b(?:gh[pousr]_[A-Za-z0-9]{30,}|github_pat_[A-Za-z0-9_]{22,})\b", 1.0),
-    ("SLACK_TOKEN", r"\bxox[abposr]-[A-Za-z0-9\-]{10,}", 1.0),
+    ("SLACK_TOKEN", r"\bxox[abposr]-[A-Za-z0-9\-]{10,}|\bxapp-\d-[A-Za-z0-9\-]{20,}", 1.0),
+    ("SLACK_TOKEN", r"hooks\.slack\.com/services/(?P<v>T[A-Z0-9]+/B[A-Z0-9]+/[A-Za-z0-9]+)", 1.0),
+    ("STRIPE_KEY", r"\b(?:sk|rk)_(?:live|test)_[A-Za-z0-9]{16,}\b|\bwhsec_[A-Za-z0-9]{24,}\b", 1.0),
+    # Other services' tokens that carry their own prefix: Hugging Face, GitLab, npm, SendGrid, Shopify.
+    ("API_TOKEN", r"\b(?:hf_[A-Za-z0-9]{30,}|glpat-[A-Za-z0-9_\-]{20,}|npm_[A-Za-z0-9]{36}|"
+                  r"SG\.[A-Za-z0-9_\-]{22}\.[A-Za-z0-9_\-]{43}|shp(?:at|ss|ca|pa)_[a-fA-F0-9]{32})\b", 1.0),
     ("JWT", r"\beyJ[A-Za-z0-9_\-]{5,}\.eyJ[A-Za-z0-9_\-]{5,}\.[A-Za-z0-9_\-]{8,}", 1.0),
     ("BEARER_TOKEN", r"(?i)\bbearer\s+(?P<v>[A-Za-z0-9\-._~+/]{16,}=*)", 0.9),
-    # scheme://user:password@host - the password only; the URL stays a URL.
-    ("URL_PASSWORD", r"\b[a-zA-Z][a-zA-Z0-9+.\-]*://[^\s:/@]+:(?P<v>[^\s@/]+)@", 1.0),
+    ("BEARER_TOKEN", r"(?i)\bauthorization['\"]?\s*[:=]\s*['\"]?basic\s+(?P<v>[A-Za-z0-9+/]{8,}={0,2})", 0.9),
+    # scheme://user:password@host - the password only; the URL stays a URL. Greedy up to the last "@" before a
+    # host, so a password with an unencoded "@" in it goes whole.
+    ("URL_PASSWORD", r"\b[a-zA-Z][a-zA-Z0-9+.\-]*://[^\s:/@]+:(?P<v>[^\s/]+)@(?=[^\s@/]+)", 1.0),
     ("SECRET",
      r"(?i)\b(?:api[_\-]?key|apikey|secret(?:[_\-]?key)?|(?:access[_\-]?|auth[_\-]?)?token|password|passwd|pwd)"
      r"\b['\"]?\s*(?:[:=]|\bis\b)\s*['\"]?(?P<v>[^\s'\",;]{6,})", 0.8),
@@ -150,8 +170,9 @@ KEY_RULES: list[tuple[str, str]] = [
     (r"iban", "IBAN_CODE"),
     (r"card_?number|credit_?card_?number|cc_?number|pan", "CREDIT_CARD"),
     (r"ip|ip_?address|client_?ip|remote_?addr", "IP_ADDRESS"),
-    (r"password|passwd|pwd|api_?key|apikey|secret|secret_?key|access_?token|refresh_?token|auth_?token|"
-     r"client_?secret|private_?key|token", "SECRET"),
+    # Any key that ends in a secret's name: client_secret, aws_secret_access_key, SessionToken, db_password.
+    (r"\w*?(?:password|passwd|passphrase|pwd|secret|secret_?(?:access_?)?key|api_?key|apikey|token|"
+     r"private_?key(?:_?id)?|access_?key|account_?key|connection_?string|credentials?)", "SECRET"),
     (r"imei|serial_?number|device_?serial", "DEVICE_ID"),
 ]
 _KEY_RULES = [(re.compile(rf"(?i)^(?:{p})$"), e) for p, e in KEY_RULES]

@@ -1,12 +1,15 @@
-"""Replacing what was found, consistently within one call.
+"""Replacing what was found, consistently within one session.
 
 Every entity value found anywhere in a call (system prompt, user, assistant and tool messages, tool-call
-arguments, the answer) is replaced wherever it occurs in that call, by the same replacement: ``<PERSON_1>``
+arguments and results, the answer, the request's ``user`` and ``metadata``, the record's metadata) is replaced
+wherever it occurs in that call and in every later call of its session, by the same replacement: ``<PERSON_1>``
 (placeholder mode) or one seeded fake value (synthetic mode). So the answer still refers to the same entity as
-the prompt, and a value the analyser missed in one message is still caught when it found it in another.
+the prompt, the same e-mail is the same placeholder in every turn, and a value the analyser missed in one text is
+still caught when it found it in another.
 
 JSON texts are parsed, their string values (and keys that are ids) replaced, and dumped again: the JSON stays
-valid and keeps its structure.
+valid and keeps its structure. Values are matched in the decoded strings, so a PEM key whose line breaks are
+``\\n`` escapes in a JSON text, or a name written as ``\\u00eb`` escapes, is replaced like any other.
 """
 
 from __future__ import annotations
@@ -19,8 +22,10 @@ import random
 import re
 import string
 from collections import Counter
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
+from slmigrate.formats._common import AGENT_KEYS, OUTCOME_KEYS, SESSION_KEYS
 from slmigrate.pii.engine import STRUCT, VETOABLE, Found, TextAnalyzer, is_json_container
 from slmigrate.record import CallRecord
 
@@ -31,15 +36,56 @@ BUILTIN_ALLOW = {"gift_card", "credit_card", "paypal", "certificate", "bank_acco
                  "Discover", "PayPal", "Paypal"}
 
 # Priority when one value was found as two types (higher wins on equal score).
-_PRIORITY = {"PRIVATE_KEY": 9, "OPENAI_API_KEY": 9, "AWS_ACCESS_KEY": 9, "AWS_SECRET_KEY": 9, "GITHUB_TOKEN": 9,
-             "SLACK_TOKEN": 9, "JWT": 9, "BEARER_TOKEN": 8, "URL_PASSWORD": 8, "SECRET": 7, "EMAIL_ADDRESS": 6,
+_PRIORITY = {"PRIVATE_KEY": 9, "OPENAI_API_KEY": 9, "ANTHROPIC_API_KEY": 9, "AWS_ACCESS_KEY": 9,
+             "AWS_SECRET_KEY": 9, "GCP_KEY": 9, "AZURE_KEY": 9, "GITHUB_TOKEN": 9, "SLACK_TOKEN": 9, "STRIPE_KEY": 9,
+             "API_TOKEN": 9, "JWT": 9, "BEARER_TOKEN": 8, "URL_PASSWORD": 8, "SECRET": 7, "EMAIL_ADDRESS": 6,
              "PAYMENT_ID": 6, "USER_ID": 5, "CREDIT_CARD": 5, "IBAN_CODE": 5, "US_SSN": 5, "STREET_ADDRESS": 4,
              "PERSON": 3}
 
+# Top-level metadata keys whose scalar values are kept as they are: the fields slmigrate's importers fill
+# (session, agent and outcome keys, turn/step/trial counters) and the task labels that tau-bench, tau2 and users
+# put there to say which task a call belongs to. Everything else in metadata is scrubbed like a tool result; users
+# add their own keys with `[curate] keep_metadata`.
+SAFE_METADATA_KEYS = frozenset({
+    *SESSION_KEYS, *AGENT_KEYS, *OUTCOME_KEYS, "turn", "step", "trial", "task_id", "task_tag", "task_type",
+    "label", "domain", "role", "mode", "split", "source", "workload_id", "environment", "env", "version",
+})
+# Text-bearing fields of a message besides tool calls (reasoning models return their chain of thought too).
+_TEXT_FIELDS = ("content", "reasoning_content", "reasoning", "refusal")
+# Request fields OpenAI defines for the caller's own data: ``user`` and ``safety_identifier`` identify the end
+# user (often an e-mail or an account id).
+_REQUEST_EXTRAS = ("user", "safety_identifier", "metadata")
 
-def texts_of(call: CallRecord) -> list[str]:
-    """Every free-text or JSON string of a call that may hold PII, in conversation order."""
-    out: list[str] = []
+
+def _loose(obj: dict[str, Any], keep: frozenset[str]) -> dict[str, Any]:
+    """The part of a free-form dict to scrub: all of it but scalar values under kept keys."""
+    return {k: v for k, v in obj.items()
+            if not (k in keep and (v is None or isinstance(v, (str, int, float, bool))))}
+
+
+def side_text(obj: Any, keep: frozenset[str] = frozenset()) -> str | None:
+    """A free-form dict (record metadata, the request's user/metadata) as the JSON text the analyser and the
+    replacement see, without its kept keys; None when nothing in it needs scrubbing."""
+    if not isinstance(obj, dict):
+        return None
+    loose = _loose(obj, keep)
+    return json.dumps(loose, ensure_ascii=False, default=str) if loose else None
+
+
+_AS_USER_ID = {"user": "user_id", "safety_identifier": "customer_id"}
+_FROM_USER_ID = {v: k for k, v in _AS_USER_ID.items()}
+
+
+def _request_extras(request: dict[str, Any]) -> dict[str, Any]:
+    # Renamed to keys the key rules know: the whole value is then taken as the account id it is.
+    return {_AS_USER_ID.get(k, k): request[k] for k in _REQUEST_EXTRAS if request.get(k)}
+
+
+def texts_of(call: CallRecord, keep_metadata: frozenset[str] = SAFE_METADATA_KEYS) -> list[str]:
+    """Every free-text or JSON string of a call that may hold PII, in conversation order (the record's metadata
+    and the request's user/metadata first, as JSON texts)."""
+    out: list[str] = [t for t in (side_text(call.metadata, keep_metadata),
+                                  side_text(_request_extras(call.request))) if t]
     messages = list(call.request.get("messages") or [])
     for choice in (call.response or {}).get("choices") or []:
         if isinstance(choice, dict) and isinstance(choice.get("message"), dict):
@@ -47,11 +93,12 @@ def texts_of(call: CallRecord) -> list[str]:
     for message in messages:
         if not isinstance(message, dict):
             continue
-        content = message.get("content")
-        if isinstance(content, str):
-            out.append(content)
-        elif isinstance(content, list):
-            out.extend(p["text"] for p in content if isinstance(p, dict) and isinstance(p.get("text"), str))
+        for name in _TEXT_FIELDS:
+            content = message.get(name)
+            if isinstance(content, str):
+                out.append(content)
+            elif isinstance(content, list):
+                out.extend(p["text"] for p in content if isinstance(p, dict) and isinstance(p.get("text"), str))
         for tc in message.get("tool_calls") or []:
             args = (tc.get("function") or {}).get("arguments") if isinstance(tc, dict) else None
             if isinstance(args, str):
@@ -222,13 +269,37 @@ def _name_parts(found: dict[str, str], texts: list[str], skip: set[str], tools_t
     return parts
 
 
+# A phone number written as one ("+1 (415) 555-0142", "415-555-0142"): a JSON value of that shape is a
+# contact, not structure, whatever its key is called. Bare digit runs stay vetoable: they are item ids as often.
+_PHONE_SHAPE = re.compile(r"\+?\(?\d[\d ().\-]{5,}\d")
+
+
+def _phone_shaped(value: str) -> bool:
+    return (bool(_PHONE_SHAPE.fullmatch(value)) and sum(c.isdigit() for c in value) >= 7
+            and (value.startswith("+") or "(" in value or re.search(r"\d[ .\-]\d", value) is not None))
+
+
+def _decoded_strings(node: Any) -> Iterator[str]:
+    if isinstance(node, dict):
+        for k, v in node.items():
+            yield str(k)
+            yield from _decoded_strings(v)
+    elif isinstance(node, list):
+        for item in node:
+            yield from _decoded_strings(item)
+    elif isinstance(node, str):
+        yield node
+
+
 class CallScrubber:
-    """Scrubs calls given a filled TextAnalyzer cache. Output texts are cached per (text, replacements that
-    apply to it): calls of one session repeat history, and map it the same way turn after turn."""
+    """Scrubs calls given a filled TextAnalyzer cache. One replacer per session, so a value gets one replacement
+    in every call of its session; calls must come in order (curate's are). Output texts are cached per (text,
+    replacements that apply to it): calls of one session repeat history, and map it the same way turn after
+    turn."""
 
     def __init__(self, analyzer: TextAnalyzer, mode: str = "placeholder", seed: int = 0,
                  allow: set[str] | frozenset[str] = frozenset(), structural: set[str] | frozenset[str] = frozenset(),
-                 tools_text: str = ""):
+                 tools_text: str = "", keep_metadata: Iterable[str] = ()):
         if mode not in ("placeholder", "synthetic", "off"):
             raise ValueError(mode)
         self.analyzer = analyzer
@@ -238,8 +309,15 @@ class CallScrubber:
         # Values seen as structure across the whole batch (see engine.STRUCT); a call's own are added per call.
         self.structural = frozenset(structural)
         self.tools_text = tools_text  # tool schemas of the whole batch (user-simulator calls often carry none)
+        self.keep_metadata = SAFE_METADATA_KEYS | frozenset(keep_metadata)
         self.last_mapping: dict[str, str] = {}
+        self._replacers: dict[str, Replacer] = {}
+        self._regexes: dict[str, tuple[int, re.Pattern[str]]] = {}
         self._out_cache: dict[tuple[str, tuple[tuple[str, str], ...]], str] = {}
+        self._decoded: dict[str, str] = {}
+
+    def texts(self, call: CallRecord) -> list[str]:
+        return texts_of(call, self.keep_metadata)
 
     def findings(self, call: CallRecord) -> dict[str, str]:
         """value -> entity for every value to replace in the call, in order of first appearance."""
@@ -247,7 +325,8 @@ class CallScrubber:
         # Words of the agent's own tool descriptions ("Toggles Airplane Mode ON or OFF") are not anyone's data.
         tools_text = self.tools_text + json.dumps(call.request.get("tools") or call.request.get("functions") or [],
                                                   ensure_ascii=False)
-        per_text = [self.analyzer.analyze(text) for text in texts_of(call)]
+        texts = self.texts(call)
+        per_text = [self.analyzer.analyze(text) for text in texts]
         structural = set(self.structural)
         structural.update(f.value for found in per_text for f in found if f.entity == STRUCT)
         best: dict[str, Found] = {}
@@ -255,52 +334,94 @@ class CallScrubber:
             for f in found:
                 if f.entity == STRUCT or f.value in allow:
                     continue
-                if f.source != "key" and f.entity in VETOABLE and (f.value in structural or f.value in tools_text):
+                if (f.source != "key" and f.entity in VETOABLE and (f.value in tools_text or (
+                        f.value in structural and not (f.entity == "PHONE_NUMBER" and _phone_shaped(f.value))))):
                     continue
                 old = best.get(f.value)
                 if old is None or (f.score, _PRIORITY.get(f.entity, 0)) > (old.score, _PRIORITY.get(old.entity, 0)):
                     best[f.value] = f
         found = {v: f.entity for v, f in best.items()}
-        found.update(_name_parts(found, texts_of(call), allow | structural, tools_text))
+        found.update(_name_parts(found, texts, allow | structural, tools_text))
         return found
 
+    def _replacer(self, call: CallRecord) -> Replacer:
+        key = call.session or call.id or call.content_hash
+        replacer = self._replacers.get(key)
+        if replacer is None:
+            replacer = self._replacers[key] = Replacer(self.mode, self.seed, key)
+        return replacer
+
+    def _regex(self, key: str, mapping: dict[str, str]) -> re.Pattern[str]:
+        # A session's mapping only grows: recompile when it did.
+        size, regex = self._regexes.get(key, (-1, None))
+        if size != len(mapping) or regex is None:
+            regex = _pattern(list(mapping))
+            self._regexes[key] = (len(mapping), regex)
+        return regex
+
     def scrub(self, call: CallRecord) -> tuple[CallRecord, dict[str, str]]:
-        """A scrubbed copy of ``call`` and value -> entity type for what was replaced; ``last_mapping`` then
-        holds value -> replacement (never store either: they hold the PII)."""
+        """A scrubbed copy of ``call`` and value -> entity type for what was found in it; ``last_mapping`` then
+        holds value -> replacement for the call's session so far (never store either: they hold the PII)."""
         self.last_mapping = {}
         if self.mode == "off":
             return call, {}
         found = self.findings(call)
-        if not found:
+        replacer = self._replacer(call)
+        if not found and not replacer.mapping:
             return call, {}
-        replacer = Replacer(self.mode, self.seed, call.id or call.content_hash)
         # Multi-word names first in synthetic mode so single names reuse their parts' fakes.
         order = list(found)
         if self.mode == "synthetic":
             order.sort(key=lambda v: -len(v.split()) if found[v] == "PERSON" else 0)
         for value in order:
             replacer.add(value, found[value], found)
+        # The whole session's mapping: a value found in an earlier call is replaced here too.
         mapping = self.last_mapping = replacer.mapping
-        regex = _pattern(list(mapping))
-        request = _map_messages(call.request, lambda t: self._text(t, mapping, regex))
+        regex = self._regex(call.session or call.id or call.content_hash, mapping)
+        fn = lambda t: self._text(t, mapping, regex)  # noqa: E731
+        request = _map_messages(call.request, fn)
+        extras = _request_extras(call.request)
+        if extras:
+            scrubbed = _scrub_side(extras, frozenset(), fn)
+            request.update({_FROM_USER_ID.get(k, k): v for k, v in scrubbed.items()})
         response = call.response
         if response is not None:
             response = dict(response)
             choices = []
             for choice in response.get("choices") or []:
-                if isinstance(choice, dict) and isinstance(choice.get("message"), dict):
+                if isinstance(choice, dict):
                     choice = dict(choice)
-                    choice["message"] = _map_message(choice["message"], lambda t: self._text(t, mapping, regex))
+                    if isinstance(choice.get("message"), dict):
+                        choice["message"] = _map_message(choice["message"], fn)
+                    if choice.get("logprobs"):
+                        choice["logprobs"] = None  # the answer again, token by token: no replacement reaches it
                 choices.append(choice)
             if "choices" in response:
                 response["choices"] = choices
-        # A shallow copy with the two new payloads: the other fields are scalars (metadata gets its own dict);
-        # asdict() would deep-copy the whole 30 KB request first only to throw it away.
-        clone = dataclasses.replace(call, request=request, response=response, metadata=copy.copy(call.metadata))
-        return clone, {v: found[v] for v in mapping if v in found}
+        metadata = (_scrub_side(call.metadata, self.keep_metadata, fn) if isinstance(call.metadata, dict)
+                    else copy.copy(call.metadata))
+        # A shallow copy with the new payloads: the other fields are scalars; asdict() would deep-copy the whole
+        # 30 KB request first only to throw it away.
+        clone = dataclasses.replace(call, request=request, response=response, metadata=metadata)
+        return clone, {v: found[v] for v in found if v in mapping}
+
+    def _searchable(self, text: str) -> str:
+        """``text`` plus, for a JSON text with escapes, its decoded strings: values are found in decoded views
+        (a PEM's line breaks, a name's accents), and would never be seen in the escaped text."""
+        if "\\" not in text:
+            return text
+        hit = self._decoded.get(text)
+        if hit is None:
+            obj = is_json_container(text)
+            hit = text if obj is None else text + "\n" + "\n".join(_decoded_strings(obj))
+            if len(self._decoded) > 50_000:
+                self._decoded.clear()
+            self._decoded[text] = hit
+        return hit
 
     def _text(self, text: str, mapping: dict[str, str], regex: re.Pattern[str]) -> str:
-        present = tuple((v, r) for v, r in mapping.items() if v in text)
+        searchable = self._searchable(text)
+        present = tuple((v, r) for v, r in mapping.items() if v in searchable)
         if not present:
             return text
         key = (text, present)
@@ -311,6 +432,25 @@ class CallScrubber:
                 self._out_cache.clear()
             self._out_cache[key] = cached
         return cached
+
+
+def _scrub_side(obj: dict[str, Any], keep: frozenset[str], fn: Callable[[str], str]) -> dict[str, Any]:
+    """A free-form dict with the strings outside its kept keys passed through ``fn`` (as one JSON text), in its
+    own key order."""
+    text = side_text(obj, keep)
+    if text is None:
+        return dict(obj)
+    loose = _loose(obj, keep)
+    new = json.loads(fn(text))
+    if len(new) != len(loose):  # two keys became one replacement: order no longer lines up
+        return {**{k: v for k, v in obj.items() if k not in loose}, **new}
+    scrubbed = iter(new.items())
+    out: dict[str, Any] = {}
+    for k, v in obj.items():
+        if k in loose:
+            k, v = next(scrubbed)
+        out[k] = v
+    return out
 
 
 def replace_in_text(text: str, mapping: dict[str, str], regex: re.Pattern[str] | None = None) -> str:
@@ -335,16 +475,19 @@ def replace_in_text(text: str, mapping: dict[str, str], regex: re.Pattern[str] |
     return json.dumps(walk(obj), ensure_ascii=ascii_only)
 
 
-def _map_message(message: dict[str, Any], fn) -> dict[str, Any]:
+def _map_message(message: dict[str, Any], fn: Callable[[str], str]) -> dict[str, Any]:
     message = dict(message)
-    content = message.get("content")
-    if isinstance(content, str):
-        message["content"] = fn(content)
-    elif isinstance(content, list):
-        message["content"] = [
-            {**p, "text": fn(p["text"])} if isinstance(p, dict) and isinstance(p.get("text"), str) else p
-            for p in content
-        ]
+    for name in _TEXT_FIELDS:
+        content = message.get(name)
+        if isinstance(content, str):
+            message[name] = fn(content)
+        elif isinstance(content, list):
+            message[name] = [
+                {**p, "text": fn(p["text"])} if isinstance(p, dict) and isinstance(p.get("text"), str) else p
+                for p in content
+            ]
+    if isinstance(message.get("name"), str):  # a participant's name ({"role": "user", "name": "mia"})
+        message["name"] = fn(message["name"])
     if message.get("tool_calls"):
         calls = []
         for tc in message["tool_calls"]:
@@ -358,7 +501,7 @@ def _map_message(message: dict[str, Any], fn) -> dict[str, Any]:
     return message
 
 
-def _map_messages(request: dict[str, Any], fn) -> dict[str, Any]:
+def _map_messages(request: dict[str, Any], fn: Callable[[str], str]) -> dict[str, Any]:
     request = dict(request)
     if isinstance(request.get("messages"), list):
         request["messages"] = [_map_message(m, fn) if isinstance(m, dict) else m for m in request["messages"]]

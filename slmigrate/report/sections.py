@@ -12,7 +12,7 @@ from typing import Any
 
 from slmigrate.config import Config
 from slmigrate.report import charts
-from slmigrate.report.doc import Cell, Chart, Section, esc, num, pill
+from slmigrate.report.doc import Cell, Chart, Section, esc, md_cell, num, pill
 from slmigrate.workspace import Workspace
 
 
@@ -191,7 +191,7 @@ def calls_and_cost(f: Facts) -> Section:
         costs.append(_cost(c))
         calls.append(int(c.get("size") or 0))
         rows.append([Cell(f"<b>{esc(c.get('id'))}</b> {esc(c.get('label') or '')}",
-                          f"**{c.get('id')}** {c.get('label') or ''}"),
+                          f"**{md_cell(c.get('id'))}** {md_cell(c.get('label') or '')}"),
                      c.get("output_kind") or "", num(calls[-1]),
                      Cell(_pct(c.get("share")), _pct(c.get("share")), True),
                      num(prompt.get("p50"), "{:,.0f}"), num(prompt.get("p95"), "{:,.0f}"),
@@ -297,7 +297,7 @@ def candidates(f: Facts) -> Section:
     for entry in sel.get("clusters") or []:
         cands = entry.get("candidates") or []
         rows = [[num(c.get("rank")), Cell(f"<b>{esc(c.get('name'))}</b>" if c.get("name") == entry.get("choice")
-                                          else str(c.get("name")), str(c.get("name"))),
+                                          else esc(c.get("name")), md_cell(c.get("name"))),
                  _params(c.get("params")), c.get("license") or "", c.get("method") or "",
                  num(c.get("train_memory_gib"), "{:.1f}"), num(c.get("score"), "{:.1f}"), c.get("reason") or ""]
                 for c in cands]
