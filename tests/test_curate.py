@@ -326,13 +326,15 @@ def test_presidio_research_recall_precision():
 
     result = evaluate(shared_file("presidio-research/synth_dataset_v2.json"))
     per = result["per_type"]
-    # Measured on all 1,500 sentences (docs/curate.md has the table); floors sit a little under the figures
-    # (recall PERSON 0.862, STREET_ADDRESS 0.900, PHONE 0.957; precision 0.765, 1.000, 0.957).
-    floors = {"EMAIL_ADDRESS": 0.95, "CREDIT_CARD": 0.95, "IBAN_CODE": 0.95, "IP_ADDRESS": 0.95, "US_SSN": 0.95,
-              "PHONE_NUMBER": 0.93, "PERSON": 0.85, "STREET_ADDRESS": 0.88}
+    # Measured on all 1,500 sentences (docs/curate.md has the table): recall PERSON 0.862, STREET_ADDRESS 0.900,
+    # PHONE 0.957, CREDIT_CARD 0.978, the rest 1.0; precision PERSON 0.801 (0.765 before the label/heading
+    # post-filter), STREET_ADDRESS 1.000, PHONE 0.957. Recall may not fall below the figures issue 17 set; PERSON
+    # precision must keep its gain.
+    floors = {"EMAIL_ADDRESS": 1.0, "CREDIT_CARD": 0.97, "IBAN_CODE": 1.0, "IP_ADDRESS": 1.0, "US_SSN": 1.0,
+              "PHONE_NUMBER": 0.95, "PERSON": 0.85, "STREET_ADDRESS": 0.90}
     for entity, floor in floors.items():
         assert per[entity]["recall"] >= floor, (entity, per[entity])
-    precision_floors = {"PERSON": 0.74, "STREET_ADDRESS": 0.95, "PHONE_NUMBER": 0.9}
+    precision_floors = {"PERSON": 0.79, "STREET_ADDRESS": 0.95, "PHONE_NUMBER": 0.95}
     for entity, floor in precision_floors.items():
         assert per[entity]["precision"] >= floor, (entity, per[entity])
     for entity in ("EMAIL_ADDRESS", "CREDIT_CARD", "IBAN_CODE", "IP_ADDRESS", "US_SSN"):

@@ -13,9 +13,9 @@ from slmigrate.pii.engine import (STRUCT, Found, TextAnalyzer, _from_results, _k
                                   text_ranges)
 from slmigrate.pii.recognizers import (ACCOUNT_PATTERNS, ADDRESS_PATTERNS, SECRET_PATTERNS, entity_for_key,
                                        regex_findings)
+from slmigrate.record import CallRecord
 
 PATTERNS = SECRET_PATTERNS + ACCOUNT_PATTERNS + ADDRESS_PATTERNS
-from slmigrate.record import CallRecord
 
 SECRETS = {
     "OPENAI_API_KEY": "sk-proj-Ab3dEf6hIj9kLm2nOp5qRs8tUv1wXy4z",
