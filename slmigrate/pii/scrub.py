@@ -274,6 +274,19 @@ def _name_parts(found: dict[str, str], texts: list[str], skip: set[str], tools_t
 _PHONE_SHAPE = re.compile(r"\+?\(?\d[\d ().\-]{5,}\d")
 
 
+def _unmistakable(found: Found) -> bool:
+    """A finding that stays PII even as a short value under a neutral JSON key, where structure would veto it:
+    a number written as a phone number, or a name made of a listed first name or a surname that is no English
+    word (``"owner": "Zoë Kraus"`` in a tool result; ``"item": "Water Bottle"`` stays structure)."""
+    if found.entity == "PHONE_NUMBER":
+        return _phone_shaped(found.value)
+    if found.entity == "PERSON":
+        from slmigrate.pii.false_positives import looks_like_name
+
+        return looks_like_name(found.value)
+    return False
+
+
 def _phone_shaped(value: str) -> bool:
     return (bool(_PHONE_SHAPE.fullmatch(value)) and sum(c.isdigit() for c in value) >= 7
             and (value.startswith("+") or "(" in value or re.search(r"\d[ .\-]\d", value) is not None))
@@ -335,7 +348,7 @@ class CallScrubber:
                 if f.entity == STRUCT or f.value in allow:
                     continue
                 if (f.source != "key" and f.entity in VETOABLE and (f.value in tools_text or (
-                        f.value in structural and not (f.entity == "PHONE_NUMBER" and _phone_shaped(f.value))))):
+                        f.value in structural and not _unmistakable(f)))):
                     continue
                 old = best.get(f.value)
                 if old is None or (f.score, _PRIORITY.get(f.entity, 0)) > (old.score, _PRIORITY.get(old.entity, 0)):
