@@ -61,7 +61,8 @@ def _slm_cost_per_call(probed: dict[str, Any] | None, evals: dict[str, Any] | No
 
     compute_ms = sum(r["compute_ms_per_call"] for r in runs) / len(runs)
     cuda = any(r.get("device") == "cuda" for r in runs)
-    hour = config.prices.gpu_hour_usd if cuda else config.prices.cpu_hour_usd * torch.get_num_threads()
+    threads = max((r.get("cpu_threads") or torch.get_num_threads()) for r in runs)
+    hour = config.prices.gpu_hour_usd if cuda else config.prices.cpu_hour_usd * threads
     latency = sorted(r["latency_p50_ms"] for r in runs)[len(runs) // 2]
     return compute_ms / 1000 * hour / 3600, latency, "few-shot probe"
 

@@ -221,14 +221,35 @@ def fewshot_probe(kind: str, metric: str, pool: list[_Call], queries: list[_Call
                for r in requests]
     max_new = max_new_tokens_for(tokenizer, [E.answer_text(q.answer) for q in queries],
                                  cap=cfg.fewshot_max_new_tokens)
-    gen = generate(model, tokenizer, prompts, batch_size=1, max_new_tokens=max_new)
+    gen, threads = _generate_one_thread(model, tokenizer, prompts, max_new) if gen_device(model) == "cpu" else \
+        (generate(model, tokenizer, prompts, batch_size=1, max_new_tokens=max_new), None)
     found = estimate(_score(kind, metric, [E.parse(t) for t in gen.texts], queries), seed)
     if found is None:
         return {"skipped": True, "reason": f"{metric} is out of scope for every sampled call"}
     return {**found, "model": str(resolved.hub_id or resolved.path), "device": gen.device,
             "compute_ms_per_call": round(sum(gen.compute_ms) / len(gen.compute_ms), 1),
             "latency_p50_ms": round(sorted(gen.latency_ms)[len(gen.latency_ms) // 2], 1),
-            "truncated": gen.truncated, "prompt_tokens_kept": cfg.fewshot_prompt_tokens}
+            "truncated": gen.truncated, "prompt_tokens_kept": cfg.fewshot_prompt_tokens, "cpu_threads": threads}
+
+
+def gen_device(model: Any) -> str:
+    return next(model.parameters()).device.type
+
+
+def _generate_one_thread(model: Any, tokenizer: Any, prompts: list[list[int]], max_new: int):
+    """Generate on one CPU thread. One call at a time on a 135M model gains little from a second thread, and on
+    a machine busy with other work torch's threads spin-wait on each other: 64 new tokens after a 1,024-token
+    prompt took 54 s on two threads and 9 s on one on the team's loaded 2-core box."""
+    import torch
+
+    from slmigrate.generate import generate
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return generate(model, tokenizer, prompts, batch_size=1, max_new_tokens=max_new), 1
+    finally:
+        torch.set_num_threads(before)
 
 
 def _fit(tokenizer: Any, text: str, budget: int) -> list[int]:
