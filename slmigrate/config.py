@@ -130,9 +130,9 @@ class ProbeConfig(Section):
 
     neighbour_calls: int = Field(300, ge=1, description=(
         "Held-out calls per task the nearest-neighbour baseline answers (the most similar train call's answer)."))
-    fewshot_calls: int = Field(3, ge=0, description=(
+    fewshot_calls: int = Field(2, ge=0, description=(
         "Held-out calls per task the local small model answers few-shot (0: skip; `audit --no-fewshot`)."))
-    fewshot_total: int = Field(12, ge=0, description="At most this many few-shot calls over all tasks.")
+    fewshot_total: int = Field(6, ge=0, description="At most this many few-shot calls over all tasks.")
     fewshot_examples: int = Field(2, ge=0, description="Nearest train calls shown as worked examples.")
     fewshot_prompt_tokens: int = Field(1024, ge=64, description=(
         "Prompt tokens the few-shot probe keeps (older turns go first), to stay fast on a CPU."))

@@ -186,7 +186,7 @@ def test_audit_of_tau_bench_airline_estimates_tokens_and_measures_every_task(tmp
     result = _audit("--workspace", str(tmp_path / "ws"), "audit", str(log), "--tools", str(tools),
                     "--assume-model", "gpt-4o", "--out", str(tmp_path / "report"), "--no-fewshot")
     h = result["headline"]
-    assert h["tokens_estimated"] == h["calls"] + 8 or h["tokens_estimated"] >= h["calls"]  # 8 dropped by curate
+    assert h["tokens_estimated"] >= h["calls"]  # every call in the store (the headline counts curated calls)
     assert "o200k_base" in h["tokenizer"] and h["cost_usd"] > 0 and h["assumed_model"] == "gpt-4o"
     for key in ("calls_share", "cost_share"):
         assert h[key]["low"] <= h[key]["value"] <= h[key]["high"] and h[key]["prior"] is not None
@@ -194,7 +194,12 @@ def test_audit_of_tau_bench_airline_estimates_tokens_and_measures_every_task(tmp
                                  for t in h["per_task"])
     assert (tmp_path / "ws" / "probe" / "probe.json").exists()  # the global --workspace holds the audit
     html = (tmp_path / "report" / "report.html").read_text()
-    assert "no timestamps" in html and "o200k_base" in html and "$0.0000" not in html
+    assert "no timestamps" in html and "o200k_base" in html
+    # The cost is estimated, never a $0 for unknown: the overview's tile carries the positive total.
+    import re
+
+    tile = re.search(r'class="v">([^<]*)</div><div class="k">LLM cost of these calls \(estimated\)', html)
+    assert tile and tile.group(1).startswith("$") and float(tile.group(1)[1:].replace(",", "")) > 0
 
 
 @pytest.mark.slow

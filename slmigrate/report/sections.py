@@ -202,12 +202,13 @@ def _reconcile(f: Facts, clusters: list[dict[str, Any]], un: dict[str, Any]) -> 
     one_off, one_off_cost = int(un.get("size") or 0), float(un.get("cost_usd") or 0.0)
     dropped = t["calls"] - in_tasks - one_off
     dropped_cost = t["cost"] - task_cost - one_off_cost
-    text = (f"{t['calls']:,} calls ({_usd(t['cost'])}) = {in_tasks:,} in tasks ({_usd(task_cost)}) + {one_off:,} "
-            f"one-off ({_usd(one_off_cost)})")
+    usd = _usd if _tokens_known(f) else (lambda _v: "cost unknown")
+    text = (f"{t['calls']:,} calls ({usd(t['cost'])}) = {in_tasks:,} in tasks ({usd(task_cost)}) + {one_off:,} "
+            f"one-off ({usd(one_off_cost)})")
     if dropped:
         reasons = ", ".join(f"{v:,} {k.replace('_', ' ')}" for k, v in
                             ((f.curated or {}).get("dropped") or {}).items() if v)
-        text += (f" + {dropped:,} dropped by curation ({_usd(max(dropped_cost, 0.0))}"
+        text += (f" + {dropped:,} dropped by curation ({usd(max(dropped_cost, 0.0))}"
                  + (f": {reasons}" if reasons else "") + "); dropped calls stay with the LLM and count in no task")
     return text + "."
 
@@ -230,8 +231,8 @@ def _log_notes(f: Facts) -> list[str]:
         notes.append(f"{log['tokens_estimated']:,} of {t['calls']:,} calls had no usage in the log: their tokens "
                      f"were counted with the {log['tokenizer']} tokenizer, so tokens and cost are estimates.")
     if log.get("without_tokens"):
-        notes.append(f"{log['without_tokens']:,} calls have no token counts at all (no usage and no tokenizer "
-                     "installed): their cost is unknown, not $0.")
+        notes.append(f"{log['without_tokens']:,} calls have no token counts (no usage in the log, and none "
+                     "estimated at import; re-import them with bpe-openai installed): their cost is unknown, not $0.")
     if log.get("without_model"):
         assumed = f.config.prices.default_model
         notes.append(f"{log['without_model']:,} calls name no model; " + (
