@@ -15,7 +15,7 @@ taken from - the split is by session, so nothing leaks):
 
 Each figure comes with a 95% interval: Wilson's for 0/1 metrics (exact match), a percentile bootstrap of the
 mean for graded ones (ROUGE-L). A task counts as replaceable when the better probe reaches the evaluate
-stage's threshold for its kind; the share of calls and cost that could move is given with the interval from the
+stage's threshold for its kind (the probe with the higher lower bound is the task's figure); the share of calls and cost that could move is given with the interval from the
 tasks whose lower / upper bound reach it.
 
 Writes ``probe/probe.json`` and the manifest ``probe``.
@@ -276,11 +276,12 @@ def lora_probe(enabled: bool) -> dict[str, Any]:
 
 
 def best(result: dict[str, Any]) -> dict[str, Any] | None:
-    """The measured figure of a task: the probe with the higher score (each is a floor a specialist can reach)."""
+    """The measured figure of a task: the probe with the higher lower bound (each is a floor a specialist can
+    reach; ranking by the point score would let 2 lucky few-shot calls outvote 300 neighbour calls)."""
     found = [(name, result[name]) for name in ("neighbour", "fewshot") if not result[name].get("skipped")]
     if not found:
         return None
-    name, figure = max(found, key=lambda nf: (nf[1]["score"], nf[1]["n"]))
+    name, figure = max(found, key=lambda nf: (nf[1]["low"], nf[1]["score"], nf[1]["n"]))
     return {"probe": name, **{k: figure[k] for k in ("score", "low", "high", "n", "interval")}}
 
 
