@@ -43,10 +43,14 @@ class PricesConfig(Section):
         description="Model name prefix -> (input, output) USD per million tokens.",
     )
     default: tuple[float, float] = Field((2.50, 10.00), description="Price for models not in the table.")
+    default_model: str | None = Field(None, description=(
+        "Model assumed for calls whose log names none (`audit --assume-model`), e.g. \"gpt-4o\"; without it "
+        "they are priced at `default`."))
     gpu_hour_usd: float = Field(2.50, description="Hardware price per GPU hour, for the SLM's serving cost.")
     cpu_hour_usd: float = Field(0.10, description="Hardware price per CPU-core hour, for the SLM's serving cost.")
 
     def price(self, model: str | None) -> tuple[float, float]:
+        model = model or self.default_model
         best = None
         for prefix in self.per_million:
             if model and model.startswith(prefix) and (best is None or len(prefix) > len(best)):
@@ -123,6 +127,23 @@ class SelectConfig(Section):
     max_params: float | None = Field(None, description="Largest model to consider, in parameters.")
     top: int = Field(3, ge=1, description="Candidates kept per cluster.")
     probe: int = Field(0, ge=0, description="Calls per cluster to probe local candidates on.")
+
+
+class ProbeConfig(Section):
+    """Measured replaceability per task, cheap enough for an audit (see docs/run.md)."""
+
+    neighbour_calls: int = Field(300, ge=1, description=(
+        "Held-out calls per task the nearest-neighbour baseline answers (the most similar train call's answer)."))
+    fewshot_calls: int = Field(2, ge=0, description=(
+        "Held-out calls per task the local small model answers few-shot (0: skip; `audit --no-fewshot`)."))
+    fewshot_total: int = Field(6, ge=0, description="At most this many few-shot calls over all tasks.")
+    fewshot_examples: int = Field(2, ge=0, description="Nearest train calls shown as worked examples.")
+    fewshot_prompt_tokens: int = Field(1024, ge=64, description=(
+        "Prompt tokens the few-shot probe keeps (older turns go first), to stay fast on a CPU."))
+    fewshot_max_new_tokens: int = Field(64, ge=1, description="Longest few-shot answer generated.")
+    model: str | None = Field(None, description="Small model for the few-shot probe (default SmolLM2-135M).")
+    lora: bool = Field(True, description="Run a budgeted LoRA probe when CUDA is present.")
+    seed: int = Field(0, description="Seed for the samples and the bootstrap.")
 
 
 class FinetuneConfig(Section):
@@ -206,6 +227,7 @@ class Config(Section):
     prices: PricesConfig = Field(default_factory=PricesConfig)
     curate: CurateConfig = Field(default_factory=CurateConfig)
     cluster: ClusterConfig = Field(default_factory=ClusterConfig)
+    probe: ProbeConfig = Field(default_factory=ProbeConfig)
     select: SelectConfig = Field(default_factory=SelectConfig)
     finetune: FinetuneConfig = Field(default_factory=FinetuneConfig)
     evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)

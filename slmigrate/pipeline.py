@@ -28,9 +28,9 @@ from slmigrate.errors import SlmigrateError
 from slmigrate.record import now_iso
 from slmigrate.workspace import Workspace, fingerprint_of
 
-STAGE_ORDER = ("import", "curate", "cluster", "select", "finetune", "evaluate", "report")
-# `audit`: everything up to the up-front estimate (clusters' replaceability and candidate models), no training.
-AUDIT_STAGES = ("import", "curate", "cluster", "select", "report")
+STAGE_ORDER = ("import", "curate", "cluster", "probe", "select", "finetune", "evaluate", "report")
+# `audit`: everything up to the up-front answer (tasks, measured replaceability, candidate models), no training.
+AUDIT_STAGES = ("import", "curate", "cluster", "probe", "select", "report")
 RUNNER_MANIFEST = "run"
 
 Progress = Callable[[str], None]  # one line per stage event ("cluster: running (curate changed)")
@@ -53,6 +53,7 @@ class RunSummary:
     report: str | None = None
     error: str | None = None
     duration_s: float = 0.0
+    answer: dict[str, Any] | None = None  # slmigrate.headline: the share of calls and cost that could move
 
     @property
     def ok(self) -> bool:
@@ -74,7 +75,9 @@ class RunSummary:
 
     def to_dict(self) -> dict[str, Any]:
         out = asdict(self)
-        out.update(ok=self.ok, did_nothing=self.did_nothing, headline=self.headline)
+        # `headline` is the answer the run was for; the line about what ran is `summary`.
+        out.pop("answer")
+        out.update(ok=self.ok, did_nothing=self.did_nothing, summary=self.headline, headline=self.answer)
         return out
 
 
@@ -182,6 +185,13 @@ def _run_select(ctx: _Context) -> dict[str, Any]:
     return _manifest_counts(ctx.ws, "select")
 
 
+def _run_probe(ctx: _Context) -> dict[str, Any]:
+    from slmigrate.probe import probe
+
+    probe(ctx.ws, ctx.config, progress=ctx.stage_bar("probe"))  # reads [probe] and [evaluate]
+    return _manifest_counts(ctx.ws, "probe")
+
+
 def _clusters_json(ws: Workspace) -> list[dict[str, Any]]:
     path = ws.path("clusters", "clusters.json")
     if not path.exists():
@@ -260,13 +270,16 @@ STAGES: dict[str, Stage] = {
         Stage("curate", "slmigrate.curate", "curate", ("import",), _run_curate, extra=_curate_inputs),
         Stage("cluster", "slmigrate.cluster", "cluster", ("curate",), _run_cluster,
               extra=lambda ctx: ctx.config.prices.model_dump(mode="json")),
+        Stage("probe", "slmigrate.probe", "probe", ("curate", "cluster"), _run_probe,
+              extra=lambda ctx: [ctx.config.evaluate.primary, ctx.config.evaluate.threshold,
+                                 ctx.config.evaluate.model]),
         Stage("select", "slmigrate.selection", "select", ("cluster",), _run_select),
         Stage("finetune", "slmigrate.finetune", "finetune", ("curate", "cluster", "select"), _run_finetune,
               extra=lambda ctx: ctx.config.run.train),
         Stage("evaluate", "slmigrate.evaluate", "evaluate", ("curate", "cluster", "finetune"), _run_evaluate,
               extra=lambda ctx: [ctx.config.prices.model_dump(mode="json"), ctx.config.run.train]),
-        Stage("report", "slmigrate.report", "run", ("import", "curate", "cluster", "select", "finetune",
-                                                       "evaluate"), _run_report, extra=_report_inputs,
+        Stage("report", "slmigrate.report", "run", ("import", "curate", "cluster", "probe", "select",
+                                                       "finetune", "evaluate"), _run_report, extra=_report_inputs,
               runner_writes_manifest=True),
     )
 }
@@ -440,15 +453,26 @@ def run(
     return RunSummary(
         workspace=str(ws.root), stages=results, error=error,
         report=str(report) if report and report.exists() else None,
-        duration_s=round(time.monotonic() - started_all, 2),
+        duration_s=round(time.monotonic() - started_all, 2), answer=_answer(ws, config),
     )
 
 
-def audit(paths: Sequence[str | Path], out_dir: str | Path, progress: Progress | None = None, *,
-          bar: Bar | None = None, config: Config | None = None) -> RunSummary:
-    """One-off audit of existing logs: import, curate, cluster, estimate (select, no training), report.
+def _answer(ws: Workspace, config: Config) -> dict[str, Any] | None:
+    from slmigrate.headline import headline
 
-    ``out_dir`` becomes the audit's workspace; the report lands in it as ``report.html`` and ``report.md``.
+    return headline(ws, config)
+
+
+def audit(paths: Sequence[str | Path], out_dir: str | Path | None = None, progress: Progress | None = None, *,
+          bar: Bar | None = None, config: Config | None = None, workspace: str | Path | None = None,
+          tools: str | Path | None = None, assume_model: str | None = None,
+          fewshot: bool | None = None) -> RunSummary:
+    """One-off audit of existing logs: import, curate, cluster, probe, estimate (select, no training), report.
+
+    The workspace is ``workspace`` when given (the report then goes to ``out_dir``, or the workspace's
+    ``reports/``), else ``out_dir`` holds both, the report as ``report.html`` and ``report.md``. ``tools``: the
+    tool schemas of logs that carry none (as `collect import --tools`); ``assume_model``: the model of calls
+    whose log names none, for pricing; ``fewshot=False`` skips the small model's few-shot probe.
     """
     files = [Path(p).expanduser().resolve() for p in paths]
     if not files:
@@ -456,9 +480,22 @@ def audit(paths: Sequence[str | Path], out_dir: str | Path, progress: Progress |
     for f in files:
         if not f.exists():
             raise SlmigrateError(f"log file {f} does not exist; pass paths to existing call logs")
-    out = Path(out_dir).expanduser().resolve()
+    if tools is not None and not Path(tools).expanduser().exists():
+        raise SlmigrateError(f"tools file {tools} does not exist; pass the JSON file of the agent's tool schemas")
+    out = Path(out_dir).expanduser().resolve() if out_dir is not None else None
     config = (config or Config()).model_copy(deep=True)
     config.run.inputs = [str(f) for f in files]
-    config.run.report = str(out / "report.html")
-    ws = Workspace.open(out)
+    if tools is not None:
+        config.run.tools = str(Path(tools).expanduser().resolve())
+    if assume_model:
+        config.prices.default_model = assume_model
+    if fewshot is False:
+        config.probe.fewshot_calls = 0
+    if workspace is not None:
+        ws = Workspace.open(workspace)
+        config.run.report = str(out / "report.html") if out is not None else "report.html"
+    else:
+        out = out or Path("slmigrate-audit").resolve()
+        config.run.report = str(out / "report.html")
+        ws = Workspace.open(out)
     return run(ws, config=config, stages=AUDIT_STAGES, progress=progress, bar=bar)

@@ -27,6 +27,7 @@ except ImportError:  # pragma: no cover - orjson is a declared dependency
 _CROCKFORD = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"
 # The widest integer both stores hold (SQLite INTEGER, PostgreSQL BIGINT); a larger token count is nonsense.
 MAX_COUNT = 2**63 - 1
+TIMESTAMP_MISSING_KEY = "timestamp_missing"  # metadata flag: the log gave no time, the import time stands in
 _SURROGATE = re.compile("[\ud800-\udfff]")
 
 log = logging.getLogger("slmigrate.record")
@@ -135,8 +136,12 @@ class CallRecord:
         if self.completion_tokens is None and usage.get("completion_tokens") is not None:
             self.completion_tokens = usage["completion_tokens"]
         self.normalise()
+        if self.prompt_tokens is None and self.completion_tokens is None and self.request.get("messages"):
+            self._estimate_usage()
         if self.timestamp is None:
+            # The id needs a time; the report must not mistake the import time for when the call happened.
             self.timestamp = now_iso()
+            self.metadata[TIMESTAMP_MISSING_KEY] = True
         if not self.content_hash:
             try:
                 self.content_hash = self.compute_hash()
@@ -150,6 +155,15 @@ class CallRecord:
         if not self.id:
             self.id = new_id(timestamp_ms(self.timestamp), bytes.fromhex(self.content_hash[:20]))
         return self
+
+    def _estimate_usage(self) -> None:
+        """A log without usage: count the tokens with the model's tokenizer, and say so (slmigrate.usage)."""
+        from slmigrate import usage
+
+        counted = usage.estimate(self.request, self.answer, self.model)
+        if counted is not None:
+            self.prompt_tokens, self.completion_tokens = counted
+            self.metadata[usage.ESTIMATED_KEY] = usage.tokenizer_label(self.model)
 
     def normalise(self) -> list[str]:
         """Bring every column into the stores' types: a non-string model or id becomes its JSON text, a

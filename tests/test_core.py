@@ -117,7 +117,7 @@ def test_odd_values_are_normalised_so_the_record_stores(tmp_path):
     assert got.model == '{"name": "gpt-4o"}'
     assert got.prompt_tokens is None and got.completion_tokens == 7
     assert got.latency_ms is None and got.agent == "12" and got.status == "error"
-    assert got.metadata == {"value": ["not", "an", "object"]}
+    assert got.metadata == {"value": ["not", "an", "object"], "timestamp_missing": True}
     assert got.request["messages"][0]["content"] == "bad \ufffd text"
 
 

@@ -94,7 +94,7 @@ def test_openai_shapes_of_other_tools(workspace):
     assert flywheel.agent == "order_lookup" and flywheel.metadata["client_id"] == "acme-support"
     assert flywheel.model == "meta/llama-3.1-70b-instruct" and flywheel.completion_tokens == 8
     openpipe = calls["chatcmpl-5"]
-    assert openpipe.metadata == {"prompt_id": "lookup.v2", "env": "prod"}
+    assert openpipe.metadata == {"prompt_id": "lookup.v2", "env": "prod", "timestamp_missing": True}
     assert _calls(openpipe.answer)[0][2] == '{"order_id":"A-1042"}'  # arguments kept byte for byte
     litellm = calls["litellm-6"]
     assert litellm.session == "trace-42" and litellm.request["temperature"] == 0.2

@@ -81,7 +81,7 @@ def test_changed_config_reruns_that_stage_and_what_follows(workspace):
     config = Config()
     config.cluster.min_size = 9
     summary = run(workspace, config=config, registry=fake.registry)
-    assert fake.executed == ["cluster", "select", "finetune", "evaluate", "report"]
+    assert fake.executed == ["cluster", "probe", "select", "finetune", "evaluate", "report"]
     reasons = {s.stage: s.reason for s in summary.stages}
     assert reasons["cluster"] == "[cluster] config changed"
     assert reasons["select"] == "cluster changed"
@@ -96,7 +96,7 @@ def test_from_and_to(workspace):
     fake.executed.clear()
     # --from runs the named stage even though nothing changed, and what depends on it follows.
     summary = run(workspace, config=Config(), from_stage="curate", to_stage="select", registry=fake.registry)
-    assert fake.executed == ["curate", "cluster", "select"]
+    assert fake.executed == ["curate", "cluster", "probe", "select"]
     assert summary.stages[0].reason == "asked for with --from"
     with pytest.raises(SlmigrateError, match="--from 'train' is not a stage"):
         run(workspace, config=Config(), from_stage="train", registry=fake.registry)
@@ -108,7 +108,7 @@ def test_interrupted_stage_reruns_and_finished_ones_do_not(workspace):
     fake = FakeStages(interrupt_in="finetune")
     with pytest.raises(KeyboardInterrupt):
         run(workspace, config=Config(), registry=fake.registry)
-    assert fake.executed == ["import", "curate", "cluster", "select", "finetune"]
+    assert fake.executed == ["import", "curate", "cluster", "probe", "select", "finetune"]
     assert workspace.manifest("finetune") is None
 
     fake.interrupt_in = None
@@ -143,7 +143,7 @@ def test_stage_run_by_hand_in_between_is_noticed(workspace):
     workspace.write_manifest("cluster", fingerprint="by-hand", counts={})  # e.g. `slmigrate cluster --min-size 3`
     fake.executed.clear()
     summary = run(workspace, config=Config(), registry=fake.registry)
-    assert fake.executed == ["cluster", "select", "finetune", "evaluate", "report"]
+    assert fake.executed == ["cluster", "probe", "select", "finetune", "evaluate", "report"]
     assert {s.stage: s.reason for s in summary.stages}["cluster"] == "ran outside `slmigrate run` since"
 
 
@@ -158,7 +158,7 @@ def test_failed_stage_stops_what_needs_it_and_reports(workspace):
     fake.executed.clear()
     summary = run(workspace, config=Config(), registry=fake.registry)
     assert summary.ok and fake.executed == ["select", "finetune", "evaluate", "report"]
-    assert summary.stages[3].reason == "failed last time"
+    assert {s.stage: s.reason for s in summary.stages}["select"] == "failed last time"
 
 
 def test_unavailable_stage_blocks_the_rest(workspace):
@@ -255,7 +255,7 @@ def test_real_run_twice_on_the_examples_log(tmp_path):
     ws = Workspace.open(tmp_path / "ws")
     first = run(ws, config_path=cfg, to_stage="select")
     assert first.ok, first.error
-    assert [s.status for s in first.stages] == ["ran"] * 4
+    assert [s.status for s in first.stages] == ["ran"] * 5
     assert ws.store.count_calls() == 240
     second = run(ws, config_path=cfg, to_stage="select")
     assert second.did_nothing and second.duration_s < 5

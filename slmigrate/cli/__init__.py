@@ -16,9 +16,9 @@ from slmigrate.errors import SlmigrateError
 # Importing the command modules registers their commands on ``app``.
 from slmigrate.cli import workspace_cmds  # noqa: E402,F401  (init, status)
 
-for _optional in ("collect_cmds", "calls_cmds", "curate_cmds", "cluster_cmds", "models_cmds", "finetune_cmds",
-                  "evaluate_cmds", "serve_cmds", "refine_cmds", "export_cmds", "pipeline_cmds", "keys_cmds",
-                  "proxy_cmds", "select_cmds"):
+for _optional in ("collect_cmds", "calls_cmds", "curate_cmds", "cluster_cmds", "probe_cmds", "models_cmds",
+                  "finetune_cmds", "evaluate_cmds", "serve_cmds", "refine_cmds", "export_cmds", "pipeline_cmds",
+                  "keys_cmds", "proxy_cmds", "select_cmds"):
     # Command groups arrive with their stages; a missing one must not break the rest of the CLI.
     try:
         __import__(f"slmigrate.cli.{_optional}")

@@ -36,7 +36,8 @@ def cluster_cmd(
     json_out: JsonOpt = False,
 ) -> None:
     """Cluster the curated calls into recurring tasks; show each task's size, cost, output kind and an estimate
-    of how replaceable it is by a small model. Writes clusters/ (clusters.json, model, map.png).
+    of how replaceable it is by a small model. Writes clusters/ (clusters.json, model, map.png). With --json and
+    no clustering option it prints the current result (`stale`: the config changed since); --force re-clusters.
 
     Example: slmigrate cluster --granularity fine --min-size 10
 
@@ -54,11 +55,28 @@ def cluster_cmd(
                                            "threshold": threshold, "engine": engine,
                                            "ray_address": ray_address, "workers": workers}})
     ws = open_workspace(workspace, create=False)
+    options = (min_size, granularity, by, threshold)
+    stored = ws.path("clusters", "clusters.json")
+    if json_out and not force and all(o is None for o in options) and stored.exists():
+        # Asking for JSON is asking for the result: show what is there instead of clustering again (--force).
+        print_json(_stored(ws, stored.read_text(), cfg.cluster.model_dump()))
+        return
     result = cluster(ws, cfg, force=force, progress=not json_out)
     if json_out:
         print_json(result)
         return
     _print(result)
+
+
+def _stored(ws, text: str, settings: dict) -> dict:
+    import json
+
+    result = json.loads(text)
+    made_with = (ws.manifest("cluster") or {}).get("config") or {}
+    speed_only = {"engine", "ray_address", "workers"}  # they change how fast, never which clusters
+    result["skipped"] = True
+    result["stale"] = any(made_with.get(k) != v for k, v in settings.items() if k not in speed_only)
+    return result
 
 
 def _print(result: dict) -> None:

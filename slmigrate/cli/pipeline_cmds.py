@@ -74,6 +74,28 @@ def _print_summary(summary, title: str) -> None:
     console.print(("[green]" if summary.ok else "[red]") + escape(summary.headline) + "[/]", highlight=False)
     if summary.report:
         console.print(f"Report: [bold]{summary.report}[/] (and {Path(summary.report).with_suffix('.md').name})")
+    if summary.answer:
+        _print_answer(summary.answer)
+
+
+def _print_answer(answer: dict) -> None:
+    """The headline: per task prior, measured with interval, fine-tuned; then the answer in words."""
+    table = Table(title="What could move to small models", title_justify="left")
+    for col in ("task", "calls", "cost", "prior", "measured (95% interval)", "threshold", "fine-tuned"):
+        table.add_column(col, justify="left" if col == "task" else "right", overflow="fold")
+
+    def pct(x):
+        return "" if x is None else f"{100 * x:.0f}%"
+
+    for t in answer["per_task"]:
+        measured = "" if t["measured"] is None else (
+            f"{t['measured']:.2f} ({t['low']:.2f}-{t['high']:.2f}, {t['probe']}, n={t['n']})")
+        table.add_row(escape(f"{t['cluster']} {t['label'] or ''}"), f"{t['calls']:,}",
+                      f"${t['cost_usd']:,.2f}" if answer["cost_known"] else "unknown", pct(t["prior"]),
+                      escape(measured), "" if t["threshold"] is None else f"{t['threshold']:.2f}",
+                      "" if t["finetuned"] is None else f"{t['finetuned']:.2f}")
+    console.print(table)
+    console.print(f"[bold]{escape(answer['text'])}[/]", highlight=False)
 
 
 def _finish(summary, json_out: bool, title: str) -> None:
@@ -115,26 +137,42 @@ def run_cmd(
 @app.command("audit")
 def audit_cmd(
     paths: Annotated[list[Path], typer.Argument(help="Call logs to audit (any format `collect import` reads).")],
-    out: Annotated[Path, typer.Option("--out", "-o", help="Folder for the audit's workspace and report.")]
-    = Path("slmigrate-audit"),
+    out: Annotated[Optional[Path], typer.Option(
+        "--out", "-o", help="Folder for the report (report.html, report.md); without the global --workspace "
+        "also the audit's workspace.  [default: slmigrate-audit]", show_default=False)] = None,
     config: Annotated[Optional[Path], typer.Option(
         "--config", "-c", help="Config file for stage settings and prices (optional).")] = None,
+    tools: Annotated[Optional[Path], typer.Option(
+        "--tools", help="Tool schemas (JSON) for logs that carry none, as for `collect import --tools`.")] = None,
+    assume_model: Annotated[Optional[str], typer.Option(
+        "--assume-model", help="Model of the calls whose log names none, for pricing (e.g. gpt-4o); "
+        "config: [prices] default_model.")] = None,
+    fewshot: Annotated[bool, typer.Option(
+        "--fewshot/--no-fewshot", help="Also probe the local small model few-shot on a small sample "
+        "(minutes on a CPU); the nearest-neighbour probe always runs.")] = True,
     json_out: JsonOpt = False,
 ) -> None:
-    """One-off audit of logs you already have: import, curate, cluster, estimate (no training), report.
+    """One-off audit of logs you already have: import, curate, cluster, probe, estimate (no training), report.
 
-    Tells you which recurring tasks the agent's LLM calls fall into, what each costs, and how much could move to
-    small models, before you train anything.
+    Ends with the answer: the recurring tasks the agent's LLM calls fall into, what they cost, and the share of
+    calls and cost that could move to small models - measured per task with a 95% interval, beside the hand-set
+    prior - before you train anything. The global --workspace keeps the audit in that workspace.
 
-    Example: slmigrate audit calls.jsonl.gz --out audit/
+    Example: slmigrate audit tau-airline.json --tools airline_tools.json --assume-model gpt-4o --out audit/
     """
+    import os
+
+    from slmigrate import env
+    from slmigrate.cli._app import workspace_path
     from slmigrate.config import load_config
     from slmigrate.pipeline import audit
 
     cfg = load_config(config) if config else None
+    workspace = workspace_path(None) or os.environ.get(env.WORKSPACE) or None
     _quiet_libraries()
     with _Feedback() as fb:
-        summary = audit(paths, out, progress=fb.say, bar=fb.bar, config=cfg)
+        summary = audit(paths, out, progress=fb.say, bar=fb.bar, config=cfg, workspace=workspace, tools=tools,
+                        assume_model=assume_model, fewshot=fewshot)
     _finish(summary, json_out, f"slmigrate audit ({summary.duration_s:.1f}s)")
 
 

@@ -107,9 +107,10 @@ def stacked_share(parts: Sequence[tuple[str, float]], *, title: str) -> str:
 
 
 def grouped_bars(labels: Sequence[str], series: dict[str, Sequence[float | None]], *, xlabel: str,
-                 threshold: float | None = None, colors: dict[str, str] | None = None) -> str:
+                 threshold: float | None = None, colors: dict[str, str] | None = None,
+                 intervals: dict[str, Sequence[tuple[float, float] | None]] | None = None) -> str:
     """One group of horizontal bars per label, one bar per named series (model variants, or estimated vs
-    measured); a missing value is simply not drawn."""
+    measured); a missing value is simply not drawn. ``intervals``: per series, (low, high) whiskers."""
     plt = _plt()
     n, k = len(labels), max(len(series), 1)
     fig, ax = plt.subplots(figsize=(6.4, (0.22 * k + 0.25) * n + 1.0))
@@ -121,8 +122,15 @@ def grouped_bars(labels: Sequence[str], series: dict[str, Sequence[float | None]
         pts = [(y + offset, v) for y, v in zip(ys, values) if v is not None]
         ax.barh([p[0] for p in pts], [p[1] for p in pts], height=h * 0.9,
                 color=colors.get(name, PALETTE[(i + 2) % len(PALETTE)]), label=name)
+        spans = [(y + offset, v, iv) for y, v, iv in zip(ys, values, (intervals or {}).get(name) or [None] * n)
+                 if v is not None and iv is not None]
+        for y, v, (low, high) in spans:
+            ax.plot([low, high], [y, y], color=INK, lw=0.9)
+        ends = {y + offset: iv[1] for y, v, iv in zip(ys, values, (intervals or {}).get(name) or [None] * n)
+                if v is not None and iv is not None}
         for y, v in pts:
-            ax.text(v + 0.01, y, f"{v:.2f}", va="center", fontsize=7, color=INK)
+            # The value's label sits past its whisker, so the two never overlap.
+            ax.text(max(v, ends.get(y, v)) + 0.01, y, f"{v:.2f}", va="center", fontsize=7, color=INK)
     if threshold is not None:
         ax.axvline(threshold, color=PALETTE[3], lw=1, ls="--", label=f"threshold {threshold:g}")
     ax.set_yticks(ys, [_short(str(x)) for x in labels])

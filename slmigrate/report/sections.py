@@ -66,6 +66,8 @@ class Facts:
     selection: dict[str, Any] | None = None
     adapters: list[dict[str, Any]] = field(default_factory=list)
     evals: dict[str, Any] | None = None
+    probe: dict[str, Any] | None = None
+    log: dict[str, Any] = field(default_factory=dict)  # slmigrate.headline.log_facts: what the log lacked
 
     @property
     def agent_names(self) -> str:
@@ -118,6 +120,16 @@ class Facts:
             self.adapters.append({"cluster": metrics_file.parent.parent.name, "model": metrics_file.parent.name,
                                   "metrics": metrics, "png": pngs[0].read_bytes() if pngs else None})
         self.evals = _read_json(ws.path("evals", "latest.json"))
+        from slmigrate.headline import log_facts
+        from slmigrate.probe import PROBE_FILE
+
+        self.probe = _read_json(ws.path("probe", PROBE_FILE))
+        self.log = log_facts(ws)
+
+    def answer(self) -> dict[str, Any] | None:
+        from slmigrate.headline import headline
+
+        return headline(self.ws, self.config)
 
     # --- normalised views over the stage artifacts ---
     def cluster_rows(self) -> list[dict[str, Any]]:
@@ -149,26 +161,91 @@ def overview(f: Facts) -> Section:
     if not t["calls"]:
         s.missing("No calls in the workspace", "slmigrate collect import FILE")
         return s
+    known = _tokens_known(f)
+    estimated = " (estimated)" if f.log.get("tokens_estimated") else ""
     tiles = [("LLM calls", f"{t['calls']:,}"), ("sessions", f"{t['sessions']:,}"),
-             ("tokens (in / out)", f"{_count(t['prompt_tokens'])} / {_count(t['completion_tokens'])}"),
-             ("LLM cost of these calls", _usd(t["cost"]))]
+             ("tokens (in / out)" + estimated,
+              f"{_count(t['prompt_tokens'])} / {_count(t['completion_tokens'])}" if known else "unknown"),
+             ("LLM cost of these calls" + estimated, _usd(t["cost"]) if known else "unknown")]
     clusters = f.cluster_rows()
     if clusters:
         tiles.append(("recurring tasks found", str(len(clusters))))
+        measured = (f.probe or {}).get("overall") or {}
+        for key, label in (("calls_share", "calls"), ("cost_share", "cost")):
+            m = measured.get(key) or {}
+            if m.get("value") is not None:
+                tiles.append((f"measured replaceable ({label}, 95% interval)",
+                              f"{_pct(m['value'])} ({_pct(m['low'])}-{_pct(m['high'])})"))
         est = (f.clusters or {}).get("overall") or {}
         if est.get("call_share") is not None:
-            tiles.append(("estimated replaceable (calls)", _pct(est["call_share"])))
-        if est.get("cost_share") is not None:
-            tiles.append(("estimated replaceable (cost)", _pct(est["cost_share"])))
+            tiles.append(("prior estimate (calls)", _pct(est["call_share"])))
+        if est.get("cost_share") is not None and known:
+            tiles.append(("prior estimate (cost)", _pct(est["cost_share"])))
     measured = ((f.evals or {}).get("plan") or {}).get("measured") or {}
     for key, label in (("calls", "measured migratable (calls)"), ("cost_usd", "measured migratable (cost)")):
         if (measured.get(key) or {}).get("share") is not None:
             tiles.append((label, _pct(measured[key]["share"])))
     s.kpis(tiles)
-    if t["first"] and t["last"]:
-        s.para(f"Calls logged from {t['first'][:19].replace('T', ' ')} to {t['last'][:19].replace('T', ' ')} UTC; "
-               f"{t['failed']:,} failed.", small=True)
+    answer = f.answer()
+    if answer:
+        s.para(answer["text"])
+    for note in _log_notes(f):
+        s.para(note, small=True)
     return s
+
+
+def _reconcile(f: Facts, clusters: list[dict[str, Any]], un: dict[str, Any]) -> str:
+    """How the per-task table adds up to the totals above: tasks + one-off calls + what curation dropped."""
+    t = f.totals
+    in_tasks = sum(int(c.get("size") or 0) for c in clusters)
+    task_cost = sum(_cost(c) for c in clusters)
+    one_off, one_off_cost = int(un.get("size") or 0), float(un.get("cost_usd") or 0.0)
+    dropped = t["calls"] - in_tasks - one_off
+    dropped_cost = t["cost"] - task_cost - one_off_cost
+    usd = _usd if _tokens_known(f) else (lambda _v: "cost unknown")
+    text = (f"{t['calls']:,} calls ({usd(t['cost'])}) = {in_tasks:,} in tasks ({usd(task_cost)}) + {one_off:,} "
+            f"one-off ({usd(one_off_cost)})")
+    if dropped:
+        reasons = ", ".join(f"{v:,} {k.replace('_', ' ')}" for k, v in
+                            ((f.curated or {}).get("dropped") or {}).items() if v)
+        text += (f" + {dropped:,} dropped by curation ({usd(max(dropped_cost, 0.0))}"
+                 + (f": {reasons}" if reasons else "") + "); dropped calls stay with the LLM and count in no task")
+    return text + "."
+
+
+def _no_model(f: Facts) -> str:
+    assumed = f.config.prices.default_model
+    return f"(not in the log; priced as {assumed})" if assumed else "(not in the log; default price)"
+
+
+def _tokens_known(f: Facts) -> bool:
+    """Whether any call has token counts: with none, a cost of $0 would be a lie, not a measurement."""
+    return f.log.get("without_tokens", 0) < f.totals["calls"]
+
+
+def _log_notes(f: Facts) -> list[str]:
+    """What the log lacked and what stands in for it, so no figure passes for more than it is."""
+    t, log = f.totals, f.log
+    notes = []
+    if log.get("tokens_estimated"):
+        notes.append(f"{log['tokens_estimated']:,} of {t['calls']:,} calls had no usage in the log: their tokens "
+                     f"were counted with the {log['tokenizer']} tokenizer, so tokens and cost are estimates.")
+    if log.get("without_tokens"):
+        notes.append(f"{log['without_tokens']:,} calls have no token counts (no usage in the log, and none "
+                     "estimated at import; re-import them with bpe-openai installed): their cost is unknown, not $0.")
+    if log.get("without_model"):
+        assumed = f.config.prices.default_model
+        notes.append(f"{log['without_model']:,} calls name no model; " + (
+            f"they are priced as {assumed} ([prices] default_model / --assume-model)." if assumed else
+            "they are priced at the [prices] default; name the model with `audit --assume-model`."))
+    if log.get("without_timestamp") and log["without_timestamp"] >= t["calls"]:
+        notes.append("The log has no timestamps, so when these calls happened is unknown.")
+    elif t["first"] and t["last"]:
+        missing = (f" ({log['without_timestamp']:,} calls without a timestamp are left out)"
+                   if log.get("without_timestamp") else "")
+        notes.append(f"Calls logged from {t['first'][:19].replace('T', ' ')} to {t['last'][:19].replace('T', ' ')} "
+                     f"UTC{missing}; {t['failed']:,} failed.")
+    return notes
 
 
 def calls_and_cost(f: Facts) -> Section:
@@ -178,7 +255,7 @@ def calls_and_cost(f: Facts) -> Section:
         s.missing("No calls in the workspace", "slmigrate collect import FILE")
         return s
     s.table(["model", "calls", "prompt tokens", "completion tokens", "cost"],
-            [[m["model"] or "(unknown)", num(m["calls"]), num(m["prompt_tokens"]), num(m["completion_tokens"]),
+            [[m["model"] or _no_model(f), num(m["calls"]), num(m["prompt_tokens"]), num(m["completion_tokens"]),
               Cell(_usd(m["cost"]), _usd(m["cost"]), True)] for m in f.by_model])
     clusters = f.cluster_rows()
     if not clusters:
@@ -203,6 +280,7 @@ def calls_and_cost(f: Facts) -> Section:
                      Cell(_usd(un.get("cost_usd")), _usd(un.get("cost_usd")), True)])
     s.table(["task (cluster)", "output", "calls", "share", "prompt p50", "prompt p95", "answer p95", "cost"], rows,
             caption="Token columns are per call (p50 = median, p95 = 95th percentile), for context-window needs.")
+    s.para(_reconcile(f, clusters, un), small=True)
     s.details([(_label(c), str((c.get("representative") or {}).get("view") or ""))
                for c in clusters if (c.get("representative") or {}).get("view")],
               "What a typical call of each task looks like (its task view: instructions | tools | latest turn | "
@@ -246,35 +324,64 @@ def cluster_map(f: Facts) -> Section:
         return s
     s.chart(Chart("cluster_map", "2-D projection of the calls' task embeddings, coloured by cluster",
                   png=f.cluster_map))
+    s.para("PC 1 and PC 2 are the two principal components: the directions in which the task embeddings vary "
+           "most. Distance on the map roughly follows how different two tasks are; the axes have no units.",
+           small=True)
     return s
 
 
 def replaceability(f: Facts) -> Section:
-    s = Section("replaceability", "Replaceability: estimated vs measured",
-                "Estimated from the shape of each task before training; measured by the fine-tuned small model "
-                "on held-out calls.")
+    s = Section("replaceability", "Replaceability: prior, probe and fine-tuned",
+                "The prior is a hand-set score from the shape of each task (structured output, short answers, ...). "
+                "The probe measures, on held-out calls, how well the nearest train call's answer (or the small model "
+                "few-shot) matches the LLM's, with the task's primary metric and a 95% interval (the whisker). "
+                "Fine-tuned is the trained small model on the test calls. A task moves when its score reaches the "
+                "threshold (dashed line).")
     clusters = f.cluster_rows()
     if not clusters:
         s.missing("Replaceability estimate", "slmigrate cluster")
         return s
     measured = {str(e.get("cluster")): e for e in f.eval_clusters()}
-    labels, est, meas, rows = [], [], [], []
+    probed = {str(p.get("cluster")): p for p in (f.probe or {}).get("clusters") or []}
+    labels, est, probe, spans, meas, rows, thresholds = [], [], [], [], [], [], []
     for c in clusters:
         score = c.get("replaceability")
         m = measured.get(str(c.get("id")))
         mscore = _finetuned_score(m) if m else None
+        p = probed.get(str(c.get("id"))) or {}
+        best = p.get("measured") or {}
         labels.append(_label(c))
         est.append(None if score is None else float(score))
+        probe.append(best.get("score"))
+        spans.append((best["low"], best["high"]) if best else None)
         meas.append(None if mscore is None else float(mscore))
+        if p.get("threshold") is not None:
+            thresholds.append(p["threshold"])
+        interval = f"{best['score']:.2f} ({best['low']:.2f}-{best['high']:.2f}), {_probe_name(best)}, n={best['n']}" \
+            if best else "–"
         reasons = c.get("reasons")
-        rows.append([labels[-1], num(score, "{:.2f}"), num(mscore, "{:.2f}"), "; ".join(reasons or [])])
-    s.chart(Chart("replaceability", "Estimated replaceability vs measured score of the fine-tuned model",
-                  svg=charts.grouped_bars(labels, {"estimated": est, "measured": meas}, xlabel="score (0-1)",
-                                          colors={"estimated": charts.MUTED, "measured": charts.PALETTE[0]})))
-    s.table(["task", "estimated", "measured", "why (estimate)"], rows)
+        rows.append([labels[-1], num(score, "{:.2f}"), interval, p.get("metric") or "", num(mscore, "{:.2f}"),
+                     "; ".join(reasons or [])])
+    threshold = thresholds[0] if thresholds and len(set(thresholds)) == 1 else None
+    s.chart(Chart("replaceability", "Prior vs probe (95% interval) vs fine-tuned score, per task",
+                  svg=charts.grouped_bars(labels, {"prior": est, "probe": probe, "fine-tuned": meas},
+                                          xlabel="score (0-1)", threshold=threshold,
+                                          intervals={"probe": spans},
+                                          colors={"prior": charts.MUTED, "probe": charts.PALETTE[1],
+                                                  "fine-tuned": charts.PALETTE[0]})))
+    s.table(["task", "prior", "probe (95% interval)", "metric", "fine-tuned", "why (prior)"], rows)
+    if thresholds and threshold is None:
+        s.para("Thresholds differ by output kind: " + ", ".join(sorted({f"{p['kind']} {p['threshold']:g}"
+                                                                        for p in probed.values()})) + ".", small=True)
+    if not probed:
+        s.missing("Measured replaceability (probe)", "slmigrate probe")
     if not measured:
-        s.missing("Measured scores", "slmigrate finetune && slmigrate evaluate")
+        s.missing("Fine-tuned scores", "slmigrate finetune && slmigrate evaluate")
     return s
+
+
+def _probe_name(best: dict[str, Any]) -> str:
+    return {"neighbour": "nearest neighbour", "fewshot": "small model few-shot"}.get(best.get("probe"), "probe")
 
 
 def _params(n: Any) -> str:
@@ -294,6 +401,10 @@ def candidates(f: Facts) -> Section:
     if hw:
         s.para(f"Hardware assumed: {hw.get('policy') or hw.get('device')}; licence policy: "
                f"{sel.get('license_policy', '?')}.", small=True)
+    s.para("Score = capability - size penalty. Capability is a weighted mean of published benchmarks chosen by the "
+           "task's output: IFEval (following instructions and formats), BFCL (function calling), MMLU (knowledge), "
+           "GSM8K (arithmetic reasoning), HumanEval (code). The size penalty takes points per doubling of "
+           "parameters above 100M, standing for training and serving cost and latency.", small=True)
     for entry in sel.get("clusters") or []:
         cands = entry.get("candidates") or []
         rows = [[num(c.get("rank")), Cell(f"<b>{esc(c.get('name'))}</b>" if c.get("name") == entry.get("choice")

@@ -1,0 +1,165 @@
+"""The answer `audit` and `run` end with: which share of the LLM calls and spend could move to small models.
+
+Built from what the workspace holds - the clusters (tasks, cost, the hand-set prior), the probe (measured
+replaceability with 95% intervals), the evaluation when there is one (the fine-tuned score) - and from the store
+(how many token counts were estimated, calls without a model or a timestamp, the LLM's logged latency). Nothing
+here measures anything new; it only puts the figures side by side, in numbers and in words.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from slmigrate.config import Config
+from slmigrate.record import TIMESTAMP_MISSING_KEY
+from slmigrate.usage import ESTIMATED_KEY
+from slmigrate.workspace import Workspace
+
+
+def log_facts(ws: Workspace) -> dict[str, Any]:
+    """What the log itself lacked: estimated token counts (and by which tokenizer), model, timestamps."""
+    conn = ws.store.conn
+    # metadata is JSON text in both stores; LIKE on the key works in SQLite and PostgreSQL alike.
+    row = conn.execute(
+        "SELECT COUNT(*), "
+        f"COALESCE(SUM(CASE WHEN metadata LIKE '%\"{ESTIMATED_KEY}\"%' THEN 1 ELSE 0 END), 0), "
+        "COALESCE(SUM(CASE WHEN model IS NULL OR model = '' THEN 1 ELSE 0 END), 0), "
+        f"COALESCE(SUM(CASE WHEN metadata LIKE '%\"{TIMESTAMP_MISSING_KEY}\"%' THEN 1 ELSE 0 END), 0), "
+        "COALESCE(SUM(CASE WHEN prompt_tokens IS NULL AND completion_tokens IS NULL THEN 1 ELSE 0 END), 0) "
+        "FROM calls").fetchone()
+    tokenizer = None
+    if row[1]:
+        sample = conn.execute(f"SELECT metadata FROM calls WHERE metadata LIKE '%\"{ESTIMATED_KEY}\"%' LIMIT 1"
+                              ).fetchone()
+        tokenizer = json.loads(sample[0]).get(ESTIMATED_KEY)
+    latencies = sorted(r[0] for r in conn.execute("SELECT latency_ms FROM calls WHERE latency_ms IS NOT NULL"))
+    return {"calls": row[0], "tokens_estimated": row[1], "tokenizer": tokenizer, "without_model": row[2],
+            "without_timestamp": row[3], "without_tokens": row[4],
+            "llm_latency_p50_ms": latencies[len(latencies) // 2] if latencies else None}
+
+
+def _read(path) -> Any:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _slm_cost_per_call(probed: dict[str, Any] | None, evals: dict[str, Any] | None, config: Config
+                       ) -> tuple[float | None, float | None, str | None]:
+    """(USD per call, latency p50 ms, where from) of the small model: the fine-tuned evaluation when there is
+    one, else the few-shot probe's compute time on this machine."""
+    for r in (evals or {}).get("clusters") or []:
+        eff = ((r.get("variants") or {}).get("finetuned") or {}).get("efficiency") or {}
+        if eff.get("cost_per_1k_usd") is not None:
+            return eff["cost_per_1k_usd"] / 1000, eff.get("latency_p50_ms"), "evaluate (fine-tuned)"
+    runs = [t["fewshot"] for t in (probed or {}).get("clusters") or [] if not t["fewshot"].get("skipped")]
+    if not runs:
+        return None, None, None
+    import torch
+
+    compute_ms = sum(r["compute_ms_per_call"] for r in runs) / len(runs)
+    cuda = any(r.get("device") == "cuda" for r in runs)
+    threads = max((r.get("cpu_threads") or torch.get_num_threads()) for r in runs)
+    hour = config.prices.gpu_hour_usd if cuda else config.prices.cpu_hour_usd * threads
+    latency = sorted(r["latency_p50_ms"] for r in runs)[len(runs) // 2]
+    return compute_ms / 1000 * hour / 3600, latency, "few-shot probe"
+
+
+def headline(ws: Workspace, config: Config) -> dict[str, Any] | None:
+    """The answer in numbers (``text``: in words), or None before the cluster stage has run."""
+    clusters = _read(ws.path("clusters", "clusters.json"))
+    if not isinstance(clusters, dict):
+        return None
+    from slmigrate.probe import load_probe
+
+    probed = load_probe(ws)
+    evals = _read(ws.path("evals", "latest.json"))
+    facts = log_facts(ws)
+    tasks = [c for c in clusters.get("clusters") or [] if not c.get("noise")]
+    calls, cost = int(clusters.get("calls") or 0), float(clusters.get("cost_usd") or 0.0)
+    prior = clusters.get("overall") or {}
+    measured = (probed or {}).get("overall") or {}
+    finetuned = {r["cluster"]: (r.get("variants") or {}).get("finetuned", {}).get("primary")
+                 for r in (evals or {}).get("clusters") or []}
+    by_task = {t["cluster"]: t for t in (probed or {}).get("clusters") or []}
+
+    def share(key: str, prior_key: str) -> dict[str, Any]:
+        found = measured.get(key) or {}
+        return {"value": found.get("value"), "low": found.get("low"), "high": found.get("high"),
+                "prior": prior.get(prior_key)}
+
+    slm_cost, slm_latency, slm_source = _slm_cost_per_call(probed, evals, config)
+    savings = None
+    if measured and calls and slm_cost is not None:
+        # Per million calls like these: the LLM spend on the calls that move, less the small model serving them.
+        savings = {k: round(1e6 * (measured["cost_usd"][k] / calls - measured["calls_share"][k] * slm_cost), 2)
+                   for k in ("value", "low", "high")}
+    llm_latency = facts["llm_latency_p50_ms"]
+    out = {
+        "tasks": len(tasks), "calls": calls, "cost_usd": round(cost, 6),
+        "cost_known": facts["without_tokens"] < facts["calls"] or cost > 0,
+        "tokens_estimated": facts["tokens_estimated"], "tokenizer": facts["tokenizer"],
+        "calls_without_model": facts["without_model"], "assumed_model": config.prices.default_model,
+        "calls_without_timestamp": facts["without_timestamp"],
+        "calls_share": share("calls_share", "call_share"), "cost_share": share("cost_share", "cost_share"),
+        "measured": bool(measured),
+        "savings_per_million_calls_usd": savings, "slm_cost_source": slm_source,
+        "latency_ms": {"llm_p50": llm_latency, "slm_p50": slm_latency,
+                       "change": round(slm_latency - llm_latency, 1) if llm_latency and slm_latency else None},
+        "per_task": [_task_line(c, by_task.get(c["id"]), finetuned.get(c["id"])) for c in tasks],
+    }
+    out["text"] = words(out)
+    return out
+
+
+def _task_line(cluster: dict[str, Any], probed: dict[str, Any] | None, finetuned: float | None) -> dict[str, Any]:
+    m = (probed or {}).get("measured") or {}
+    return {"cluster": cluster["id"], "label": cluster.get("label"), "calls": cluster.get("size"),
+            "cost_usd": cluster.get("cost_usd"), "prior": cluster.get("replaceability"),
+            "metric": (probed or {}).get("metric"), "threshold": (probed or {}).get("threshold"),
+            "measured": m.get("score"), "low": m.get("low"), "high": m.get("high"), "probe": m.get("probe"),
+            "n": m.get("n"), "replaceable": (probed or {}).get("replaceable"), "finetuned": finetuned}
+
+
+def _pct(x: float | None) -> str:
+    return "n/a" if x is None else f"{100 * x:.0f}%"
+
+
+def _usd(x: float) -> str:
+    return f"${x:,.2f}" if abs(x) >= 1 else f"${x:,.4f}"
+
+
+def words(h: dict[str, Any]) -> str:
+    """The headline as sentences, for the terminal and the report."""
+    parts = [f"{h['tasks']} recurring task{'s' if h['tasks'] != 1 else ''} in {h['calls']:,} calls"]
+    if h["cost_known"]:
+        parts[0] += f" costing {_usd(h['cost_usd'])}"
+        if h["tokens_estimated"]:
+            parts[0] += f" (tokens of {h['tokens_estimated']:,} calls estimated with {h['tokenizer']})"
+        if h["calls_without_model"] and h["assumed_model"]:
+            parts[0] += f" ({h['calls_without_model']:,} calls without a model priced as {h['assumed_model']})"
+    else:
+        parts[0] += "; cost unknown (the log has no token counts and no tokenizer is installed)"
+    c, k = h["calls_share"], h["cost_share"]
+    if h["measured"]:
+        parts.append(f"measured: {_pct(c['value'])} of calls (95% interval {_pct(c['low'])}-{_pct(c['high'])}) "
+                     f"and {_pct(k['value'])} of cost ({_pct(k['low'])}-{_pct(k['high'])}) could move to small "
+                     "models")
+    else:
+        parts.append("not measured yet (run `slmigrate probe`)")
+    parts.append(f"hand-set prior: {_pct(c['prior'])} of calls, {_pct(k['prior'])} of cost")
+    s = h["savings_per_million_calls_usd"]
+    if s is not None:
+        parts.append(f"saving {_usd(s['value'])} per million calls ({_usd(s['low'])} to {_usd(s['high'])}; small "
+                     f"model priced from the {h['slm_cost_source']})")
+    lat = h["latency_ms"]
+    if lat["change"] is not None:
+        parts.append(f"latency p50 {lat['llm_p50']:,.0f} ms -> {lat['slm_p50']:,.0f} ms")
+    elif lat["slm_p50"] is not None:
+        parts.append(f"latency change unknown (the log has no LLM latencies; small model p50 "
+                     f"{lat['slm_p50']:,.0f} ms)")
+    if h["calls_without_timestamp"]:
+        parts.append(f"{h['calls_without_timestamp']:,} calls have no timestamp in the log")
+    return "; ".join(parts) + "."

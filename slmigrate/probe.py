@@ -1,0 +1,383 @@
+"""Measured replaceability per task: how predictable the LLM's answers are from the task's own calls.
+
+The cluster stage's replaceability is a hand-set prior (+0.3 for structured output, ...). This stage measures,
+per cluster, on held-out calls (the curated validation and test splits, never the train split the answers are
+taken from - the split is by session, so nothing leaks):
+
+- ``neighbour``: answer each held-out call with the recorded answer of its most similar *train* call (TF-IDF
+  cosine over the request's latest turns) and score it against the real answer with the evaluate stage's
+  primary metric for the cluster's output kind. If copying a neighbour already agrees 90% of the time, a
+  specialist trained on those calls will too; cheap enough for every call of an audit.
+- ``fewshot``: the local small model (SmolLM2-135M by default) answers a small sample, shown the nearest train
+  calls as worked examples; its compute time prices the small model for the headline.
+- ``lora``: a budgeted LoRA probe belongs here when CUDA is present; this version records that it did not run
+  and why (fine-tune and evaluate measure the trained model).
+
+Each figure comes with a 95% interval: Wilson's for 0/1 metrics (exact match), a percentile bootstrap of the
+mean for graded ones (ROUGE-L). A task counts as replaceable when the better probe reaches the evaluate
+stage's threshold for its kind (the probe with the higher lower bound is the task's figure); the share of calls and cost that could move is given with the interval from the
+tasks whose lower / upper bound reach it.
+
+Writes ``probe/probe.json`` and the manifest ``probe``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import heapq
+import json
+import math
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+from slmigrate import metrics as M
+from slmigrate.config import Config
+from slmigrate.errors import SlmigrateError
+from slmigrate.workspace import Workspace, fingerprint_of
+
+PROBE_FILE = "probe.json"
+METHOD_VERSION = "probe1"
+POOL_CAP = 5000  # train calls per task searched for neighbours: plenty for a task, bounded for huge logs
+TURN_CHARS = 4000  # request text compared: the end of the conversation, where the task's input is
+Z95 = 1.959964
+
+
+# --- intervals -------------------------------------------------------------------------------------------------
+
+def wilson(successes: float, n: int, z: float = Z95) -> tuple[float, float]:
+    """Wilson score interval for a proportion (sound at 0/n and n/n, unlike the normal approximation)."""
+    if n <= 0:
+        return 0.0, 1.0
+    p = successes / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def bootstrap_mean(values: list[float], seed: int = 0, rounds: int = 2000) -> tuple[float, float]:
+    """95% percentile-bootstrap interval of the mean."""
+    import numpy as np
+
+    x = np.asarray(values, dtype=float)
+    if len(x) == 0:
+        return 0.0, 1.0
+    rng = np.random.default_rng(seed)
+    means = x[rng.integers(0, len(x), size=(rounds, len(x)))].mean(axis=1)
+    return float(np.percentile(means, 2.5)), float(np.percentile(means, 97.5))
+
+
+def estimate(values: list[float | None], seed: int = 0) -> dict[str, Any] | None:
+    """Mean of the in-scope item scores with its 95% interval (Wilson when every score is 0 or 1)."""
+    scoped = [float(v) for v in values if v is not None]
+    if not scoped:
+        return None
+    mean = sum(scoped) / len(scoped)
+    binary = all(v in (0.0, 1.0) for v in scoped)
+    low, high = wilson(sum(scoped), len(scoped)) if binary else bootstrap_mean(scoped, seed)
+    return {"score": round(mean, 4), "low": round(low, 4), "high": round(high, 4), "n": len(scoped),
+            "interval": "wilson" if binary else "bootstrap"}
+
+
+# --- the calls of each task ------------------------------------------------------------------------------------
+
+@dataclass
+class _Call:
+    id: str
+    request: dict[str, Any]
+    answer: dict[str, Any]
+    text: str  # what neighbours are found by
+
+    @property
+    def messages(self) -> list[dict[str, Any]]:  # what evaluate.with_examples reads of an example
+        return list(self.request.get("messages") or [])
+
+
+def request_text(request: dict[str, Any]) -> str:
+    """The end of the conversation as text: the turns that decide the answer, not the shared system prompt."""
+    from slmigrate.usage import message_text
+
+    turns = [m for m in request.get("messages") or [] if isinstance(m, dict) and m.get("role") != "system"]
+    return "\n".join(message_text(m) for m in turns[-4:])[-TURN_CHARS:]
+
+
+def _rank(call_id: str, seed: int) -> int:
+    return int.from_bytes(hashlib.blake2b(f"{seed}:{call_id}".encode(), digest_size=8).digest(), "big")
+
+
+class _Sample:
+    """The ``cap`` calls with the smallest seeded hash of their id: a fixed random sample, whatever the order."""
+
+    def __init__(self, cap: int):
+        self.cap, self.heap = cap, []  # max-heap on rank via negation
+
+    def offer(self, rank: int, make: Callable[[], _Call]) -> None:
+        if len(self.heap) < self.cap:
+            heapq.heappush(self.heap, (-rank, make()))
+        elif -self.heap[0][0] > rank:
+            heapq.heapreplace(self.heap, (-rank, make()))
+
+    def calls(self) -> list[_Call]:
+        return [c for _, c in sorted(self.heap, key=lambda rc: (-rc[0], rc[1].id))]
+
+
+def _iter_rows(ws: Workspace) -> Iterator[dict[str, Any]]:
+    from slmigrate import curated
+
+    for part in curated.iter_batches(ws, ["id", "split", "request", "response"]):
+        for i in range(len(part["id"])):
+            yield {k: part[k][i] for k in part}
+
+
+def task_calls(ws: Workspace, clusters: set[str], held_out_cap: int, seed: int
+               ) -> tuple[dict[str, list[_Call]], dict[str, list[_Call]]]:
+    """Per cluster: (train pool, held-out sample), calls with an answer only, in one pass over the dataset."""
+    assigned = ws.store.clusters_of()
+    pools = {c: _Sample(POOL_CAP) for c in clusters}
+    held = {c: _Sample(held_out_cap) for c in clusters}
+    for row in _iter_rows(ws):
+        cid = assigned.get(row["id"])
+        if cid not in pools:
+            continue
+        target = pools[cid] if row["split"] == "train" else held[cid]
+
+        def make(row=row) -> _Call:
+            request = json.loads(row["request"])
+            choices = (json.loads(row["response"]) or {}).get("choices") or [{}]
+            return _Call(row["id"], request, choices[0].get("message"), request_text(request))
+
+        rank = _rank(row["id"], seed)
+        if len(target.heap) >= target.cap and -target.heap[0][0] <= rank:
+            continue  # not in the sample: skip parsing its JSON
+        call = make()
+        if call.answer is not None:
+            target.offer(rank, lambda call=call: call)
+    return ({c: s.calls() for c, s in pools.items()}, {c: s.calls() for c, s in held.items()})
+
+
+def nearest(pool: list[_Call], queries: list[_Call], k: int = 1) -> list[list[int]]:
+    """Per query, the indices of its ``k`` most similar pool calls (TF-IDF cosine, fitted on the pool only)."""
+    import numpy as np
+    from sklearn.feature_extraction.text import TfidfVectorizer
+
+    if not pool or not queries:
+        return [[] for _ in queries]
+    vec = TfidfVectorizer(sublinear_tf=True, token_pattern=r"(?u)\b\w+\b", max_features=50_000)
+    try:
+        p = vec.fit_transform([c.text for c in pool])
+    except ValueError:  # no words anywhere: every pool call is as near as any other
+        return [list(range(min(k, len(pool)))) for _ in queries]
+    q = vec.transform([c.text for c in queries])
+    out = []
+    for start in range(0, len(queries), 256):
+        sims = (q[start:start + 256] @ p.T).toarray()
+        order = np.argsort(-sims, axis=1, kind="stable")[:, :k]
+        out.extend(order.tolist())
+    return out
+
+
+# --- the probes ------------------------------------------------------------------------------------------------
+
+def _score(kind: str, metric: str, predictions: list[Any], queries: list[_Call]) -> list[float | None]:
+    scores = M.score(kind, predictions, [q.answer for q in queries], M.MetricContext([q.request for q in queries]),
+                     only=[metric])
+    return scores.items.get(metric, [None] * len(queries))
+
+
+def neighbour_probe(kind: str, metric: str, pool: list[_Call], queries: list[_Call], links: list[list[int]],
+                    seed: int) -> dict[str, Any]:
+    if not pool:
+        return {"skipped": True, "reason": "no train calls with an answer in this task"}
+    if not queries:
+        return {"skipped": True, "reason": "no held-out (validation/test) calls with an answer in this task"}
+    found = estimate(_score(kind, metric, [pool[ix[0]].answer for ix in links], queries), seed)
+    return found or {"skipped": True, "reason": f"{metric} is out of scope for every held-out call"}
+
+
+class _SmallModel:
+    """The few-shot probe's model, loaded on first use and shared by every task."""
+
+    def __init__(self, name: str | None):
+        self.name, self.loaded = name, None
+
+    def get(self):
+        if self.loaded is None:
+            from slmigrate.generate import load_model
+
+            self.loaded = load_model(self.name, device="auto")
+        return self.loaded
+
+
+def fewshot_probe(kind: str, metric: str, pool: list[_Call], queries: list[_Call], links: list[list[int]],
+                  cfg: Any, small: _SmallModel, seed: int) -> dict[str, Any]:
+    from slmigrate import evaluate as E
+    from slmigrate.generate import generate, max_new_tokens_for
+
+    model, tokenizer, resolved = small.get()
+    requests = [E.with_examples(q.request, [pool[i] for i in ix[:cfg.fewshot_examples]])
+                for q, ix in zip(queries, links)]
+    prompts = [_fit(tokenizer, E.render(tokenizer, r, cfg.fewshot_prompt_tokens), cfg.fewshot_prompt_tokens)
+               for r in requests]
+    max_new = max_new_tokens_for(tokenizer, [E.answer_text(q.answer) for q in queries],
+                                 cap=cfg.fewshot_max_new_tokens)
+    gen, threads = _generate_one_thread(model, tokenizer, prompts, max_new) if gen_device(model) == "cpu" else \
+        (generate(model, tokenizer, prompts, batch_size=1, max_new_tokens=max_new), None)
+    found = estimate(_score(kind, metric, [E.parse(t) for t in gen.texts], queries), seed)
+    if found is None:
+        return {"skipped": True, "reason": f"{metric} is out of scope for every sampled call"}
+    return {**found, "model": str(resolved.hub_id or resolved.path), "device": gen.device,
+            "compute_ms_per_call": round(sum(gen.compute_ms) / len(gen.compute_ms), 1),
+            "latency_p50_ms": round(sorted(gen.latency_ms)[len(gen.latency_ms) // 2], 1),
+            "truncated": gen.truncated, "prompt_tokens_kept": cfg.fewshot_prompt_tokens, "cpu_threads": threads}
+
+
+def gen_device(model: Any) -> str:
+    return next(model.parameters()).device.type
+
+
+def _generate_one_thread(model: Any, tokenizer: Any, prompts: list[list[int]], max_new: int):
+    """Generate on one CPU thread. One call at a time on a 135M model gains little from a second thread, and on
+    a machine busy with other work torch's threads spin-wait on each other: 64 new tokens after a 1,024-token
+    prompt took 54 s on two threads and 9 s on one on the team's loaded 2-core box."""
+    import torch
+
+    from slmigrate.generate import generate
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return generate(model, tokenizer, prompts, batch_size=1, max_new_tokens=max_new), 1
+    finally:
+        torch.set_num_threads(before)
+
+
+def _fit(tokenizer: Any, text: str, budget: int) -> list[int]:
+    """The prompt's token ids within ``budget``: rendering drops old turns but keeps the system prompt, which on
+    agents is often thousands of tokens of policy; its middle goes too (head and tail stay), or one CPU call
+    takes minutes."""
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    if len(ids) <= budget:
+        return ids
+    head = min(256, budget // 4)
+    return ids[:head] + ids[len(ids) - (budget - head):]
+
+
+def lora_probe(enabled: bool) -> dict[str, Any]:
+    """Clearly not run: on a CPU it cannot fit in an audit's minutes; with CUDA it is not implemented yet."""
+    import torch
+
+    if not enabled:
+        return {"skipped": True, "reason": "turned off ([probe] lora = false)"}
+    if not torch.cuda.is_available():
+        return {"skipped": True, "reason": "needs a GPU (no CUDA device here)"}
+    return {"skipped": True, "reason": "budgeted LoRA probe not implemented yet; `slmigrate finetune` and "
+            "`slmigrate evaluate` measure the trained model"}
+
+
+def best(result: dict[str, Any]) -> dict[str, Any] | None:
+    """The measured figure of a task: the probe with the higher lower bound (each is a floor a specialist can
+    reach; ranking by the point score would let 2 lucky few-shot calls outvote 300 neighbour calls)."""
+    found = [(name, result[name]) for name in ("neighbour", "fewshot") if not result[name].get("skipped")]
+    if not found:
+        return None
+    name, figure = max(found, key=lambda nf: (nf[1]["low"], nf[1]["score"], nf[1]["n"]))
+    return {"probe": name, **{k: figure[k] for k in ("score", "low", "high", "n", "interval")}}
+
+
+def _shares(tasks: list[dict[str, Any]], total_calls: int, total_cost: float) -> dict[str, Any]:
+    """Share of calls and cost in tasks whose measured score (its low / high bound) reaches the threshold."""
+    out: dict[str, Any] = {}
+    for key, bound in (("value", "score"), ("low", "low"), ("high", "high")):
+        moving = [t for t in tasks if t["measured"] and t["measured"][bound] >= t["threshold"]]
+        calls = sum(t["size"] for t in moving)
+        cost = sum(t["cost_usd"] for t in moving)
+        out.setdefault("calls_share", {})[key] = round(calls / total_calls, 4) if total_calls else 0.0
+        out.setdefault("cost_share", {})[key] = round(cost / total_cost, 4) if total_cost > 0 else None
+        out.setdefault("cost_usd", {})[key] = round(cost, 6)
+        if key == "value":
+            out["replaceable_clusters"] = [t["cluster"] for t in moving]
+    return out
+
+
+# --- the stage -------------------------------------------------------------------------------------------------
+
+def probe(ws: Workspace, config: Config | None = None, *, force: bool = False,
+          progress: Callable[[str, int, int], None] | None = None) -> dict[str, Any]:
+    """Probe every cluster; skipped when the clusters and the probe's settings are unchanged."""
+    from slmigrate import curated
+    from slmigrate.evaluate import cluster_kind, load_clusters
+
+    config = config or Config()
+    cfg = config.probe
+    clusters_manifest = ws.manifest("cluster")
+    if clusters_manifest is None or not ws.path("clusters", "clusters.json").exists():
+        raise SlmigrateError(f"no clusters in {ws.root}; run `slmigrate cluster` first, then `slmigrate probe`")
+    import torch
+
+    fingerprint = fingerprint_of(METHOD_VERSION, curated.current_version(ws), clusters_manifest["fingerprint"],
+                                 cfg.model_dump(), config.evaluate.primary, config.evaluate.threshold,
+                                 torch.cuda.is_available())
+    out_file = ws.path("probe", PROBE_FILE)
+    if not force and ws.is_fresh("probe", fingerprint) and out_file.exists():
+        return {**json.loads(out_file.read_text()), "skipped": True}
+    started = time.time()
+    body = json.loads(ws.path("clusters", "clusters.json").read_text())
+    known = {cid: info for cid, info in load_clusters(ws).items() if not info.get("noise") and cid != "-1"}
+    pools, held = task_calls(ws, set(known), cfg.neighbour_calls, cfg.seed)
+    small = _SmallModel(cfg.model or config.evaluate.model)
+    fewshot_left = cfg.fewshot_total if cfg.fewshot_calls else 0
+    lora = lora_probe(cfg.lora)
+    tasks = []
+    order = sorted(known, key=lambda c: (-int(known[c].get("size") or 0), c))  # biggest first get few-shot calls
+    for n, cid in enumerate(order):
+        info = known[cid]
+        kind = cluster_kind(info)
+        metric = M.primary_metric(kind, config.evaluate.primary)
+        pool, queries = pools[cid], held[cid]
+        links = nearest(pool, queries, k=max(1, cfg.fewshot_examples))
+        result: dict[str, Any] = {
+            "cluster": cid, "label": info.get("label"), "kind": kind, "metric": metric,
+            "threshold": config.evaluate.threshold.get(kind, 0.9), "size": int(info.get("size") or 0),
+            "cost_usd": float(info.get("cost_usd") or 0.0), "train_calls": len(pool), "held_out_calls": len(queries),
+            "prior": info.get("replaceability"),
+            "neighbour": neighbour_probe(kind, metric, pool, queries, links, cfg.seed),
+        }
+        take = min(cfg.fewshot_calls, fewshot_left, len(queries))
+        if not cfg.fewshot_calls:
+            result["fewshot"] = {"skipped": True, "reason": "turned off (`--no-fewshot` or [probe] fewshot_calls = 0)"}
+        elif not pool or not take:
+            result["fewshot"] = {"skipped": True, "reason": "no train examples" if not pool else
+                                 "no held-out calls" if not queries else
+                                 f"the few-shot budget ([probe] fewshot_total = {cfg.fewshot_total}) went to "
+                                 "bigger tasks"}
+        else:
+            result["fewshot"] = fewshot_probe(kind, metric, pool, queries[:take], links[:take], cfg, small,
+                                              cfg.seed)
+            fewshot_left -= take
+        result["lora"] = lora
+        result["measured"] = best(result)
+        result["replaceable"] = bool(result["measured"] and result["measured"]["score"] >= result["threshold"])
+        tasks.append(result)
+        if progress:
+            progress("tasks", n + 1, len(order))
+    out = {
+        "method": {"version": METHOD_VERSION, "similarity": "TF-IDF cosine of the last 4 turns",
+                   "held_out": "validation + test splits", "pool": "train split", "confidence": 0.95},
+        "calls": int(body.get("calls") or 0), "cost_usd": float(body.get("cost_usd") or 0.0),
+        "clusters": tasks, "overall": _shares(tasks, int(body.get("calls") or 0), float(body.get("cost_usd") or 0)),
+        "duration_s": round(time.time() - started, 2),
+    }
+    out_file.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out_file.with_name("." + PROBE_FILE + ".tmp")
+    tmp.write_text(json.dumps(out, indent=2, ensure_ascii=False, default=str))
+    tmp.replace(out_file)
+    ws.write_manifest("probe", fingerprint=fingerprint, config=cfg.model_dump(), started=started,
+                      counts={"clusters": len(tasks), "replaceable": len(out["overall"]["replaceable_clusters"]),
+                              "fewshot_calls": cfg.fewshot_total - fewshot_left if cfg.fewshot_calls else 0})
+    return {**out, "skipped": False}
+
+
+def load_probe(ws: Workspace) -> dict[str, Any] | None:
+    path = ws.path("probe", PROBE_FILE)
+    return json.loads(path.read_text()) if path.exists() else None
