@@ -15,8 +15,8 @@ taken from - the split is by session, so nothing leaks):
 
 Each figure comes with a 95% interval: Wilson's for 0/1 metrics (exact match), a percentile bootstrap of the
 mean for graded ones (ROUGE-L). A task counts as replaceable when the better probe reaches the evaluate
-stage's threshold for its kind (the probe with the higher lower bound is the task's figure); the share of calls and cost that could move is given with the interval from the
-tasks whose lower / upper bound reach it.
+stage's threshold for its kind (the probe with the higher lower bound is the task's figure); the share of calls
+and cost that could move is given with the interval from the tasks whose lower / upper bound reach it.
 
 Writes ``probe/probe.json`` and the manifest ``probe``.
 """

@@ -15,14 +15,6 @@ from slmigrate.errors import SlmigrateError
 _STYLE = {"ran": "green", "skipped": "dim", "failed": "bold red", "unavailable": "yellow", "blocked": "yellow"}
 
 
-def _quiet_libraries() -> None:
-    # The runner draws its own bars; the datasets library's per-save bars would interleave with them.
-    import os
-
-    os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
-    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # transformers' "Loading weights" bars too
-
-
 class _Feedback:
     """Stage lines and in-stage progress bars on stderr. A bar lives only while its stage reports progress:
     the next stage line closes it, so it never overlaps a stage module's own bar."""
@@ -127,7 +119,6 @@ def run_cmd(
     from slmigrate.pipeline import run
 
     ws = open_workspace(workspace)
-    _quiet_libraries()
     with _Feedback() as fb:
         summary = run(ws, config_path=config, from_stage=from_stage, to_stage=to_stage, progress=fb.say,
                       bar=fb.bar)
@@ -169,7 +160,6 @@ def audit_cmd(
 
     cfg = load_config(config) if config else None
     workspace = workspace_path(None) or os.environ.get(env.WORKSPACE) or None
-    _quiet_libraries()
     with _Feedback() as fb:
         summary = audit(paths, out, progress=fb.say, bar=fb.bar, config=cfg, workspace=workspace, tools=tools,
                         assume_model=assume_model, fewshot=fewshot)

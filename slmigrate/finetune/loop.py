@@ -192,7 +192,7 @@ class FrozenBottom:
 
         position_ids = torch.arange(hidden.shape[1], device=hidden.device).unsqueeze(0)
         mask = create_causal_mask(config=self.decoder.config, inputs_embeds=hidden, attention_mask=attention_mask,
-                                  past_key_values=None, position_ids=position_ids)
+                                  position_ids=position_ids, **_no_cache(create_causal_mask))
         rotary = self.decoder.rotary_emb(hidden, position_ids=position_ids)
         for layer in layers:
             hidden = layer(hidden, attention_mask=mask, position_embeddings=rotary, position_ids=position_ids)
@@ -422,6 +422,14 @@ def train(model, train_examples: Sequence[Example], val_examples: Sequence[Examp
     if accelerator is not None:
         accelerator.wait_for_everyone()  # no rank moves on (to saving, or the next cluster) alone
     return history, best_state
+
+
+def _no_cache(create_causal_mask) -> dict[str, None]:
+    """"No KV cache" in the spelling of the installed transformers: recent releases renamed ``past_key_values``
+    to ``cache`` and warn on the old name."""
+    import inspect
+
+    return {"cache" if "cache" in inspect.signature(create_causal_mask).parameters else "past_key_values": None}
 
 
 class _Progress:
