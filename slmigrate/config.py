@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import tomllib
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
@@ -19,6 +19,13 @@ from slmigrate.errors import SlmigrateError
 
 class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # Keys that decide what is done with a stage's result, not the result itself (e.g. the CI gate's bar):
+    # changing them must not make the stage run again.
+    not_fingerprinted: ClassVar[frozenset[str]] = frozenset()
+
+    def fingerprint_dump(self) -> dict[str, Any]:
+        """The settings the stage's output depends on, for its fingerprint."""
+        return self.model_dump(mode="json", exclude=set(self.not_fingerprinted))
 
 
 class CollectConfig(Section):
@@ -181,6 +188,7 @@ class FinetuneConfig(Section):
 
 
 class EvaluateConfig(Section):
+    not_fingerprinted: ClassVar[frozenset[str]] = frozenset({"fail_under"})
     variants: list[str] = Field(["base", "icl", "finetuned"], description="Which model variants to evaluate.")
     limit: int | None = Field(None, description="At most this many test calls per cluster.")
     threshold: dict[str, float] = Field(
@@ -190,6 +198,9 @@ class EvaluateConfig(Section):
     primary: dict[str, str] = Field(default_factory=dict, description=(
         "Override the primary metric per output kind, e.g. {text = \"embedding_similarity\"}."))
     min_test_calls: int = Field(5, ge=1, description="Fewer test calls than this: no migrate decision.")
+    fail_under: float | None = Field(None, ge=0, description=(
+        "CI gate: `evaluate` and `run` exit with code 3 when a cluster marked for migration scores below this on "
+        "its primary metric (`--fail-under` overrides)."))
     model: str | None = Field(None, description="Base model when a cluster has no adapter (default SmolLM2-135M).")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="Where the small model runs.")
     batch_size: int = Field(8, ge=1, description="Calls generated together.")

@@ -327,7 +327,7 @@ def evaluate(ws: Workspace, config: EvaluateConfig | None = None, clusters: Sequ
     for c in train:
         train_by[assigned.get(c.id)].append(c)
     adapters = {cid: find_adapter(ws, cid, model) for cid in wanted}
-    fingerprint = fingerprint_of(version, sorted(wanted), variants, limit, config.model_dump(), model,
+    fingerprint = fingerprint_of(version, sorted(wanted), variants, limit, config.fingerprint_dump(), model,
                                  {c: [str(a), a.stat().st_mtime] if a else None for c, a in adapters.items()},
                                  getattr(judge, "model", None), getattr(judge, "mode", None),
                                  _overall_estimate(ws))
@@ -489,7 +489,11 @@ def check_gate(result: dict[str, Any], fail_under: float | None) -> None:
     """Raise ``GateFailed`` (exit code 3) when the gate fails."""
     if fail_under is None:
         return
-    failing = gate(result, fail_under)
+    raise_if_failing(gate(result, fail_under), fail_under)
+
+
+def raise_if_failing(failing: list[dict[str, Any]], fail_under: float) -> None:
+    """``GateFailed`` naming each failing cluster and its score, when there is one."""
     if failing:
         detail = "; ".join(f"{f['cluster']}: {f['metric']} = "
                            f"{'n/a' if f['value'] is None else format(f['value'], '.3f')}" for f in failing)

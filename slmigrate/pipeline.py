@@ -54,6 +54,12 @@ class RunSummary:
     error: str | None = None
     duration_s: float = 0.0
     answer: dict[str, Any] | None = None  # slmigrate.headline: the share of calls and cost that could move
+    # [evaluate] fail_under applied to the evaluation in the workspace: {"fail_under", "failing": [...]}
+    gate: dict[str, Any] | None = None
+
+    @property
+    def gate_failed(self) -> bool:
+        return bool(self.gate and self.gate["failing"])
 
     @property
     def ok(self) -> bool:
@@ -318,7 +324,7 @@ def _select_stages(names: Sequence[str], from_stage: str | None, to_stage: str |
 
 def _parts(stage: Stage, ctx: _Context) -> dict[str, Any]:
     """What the stage's output depends on, by part, so a re-run can say which part changed."""
-    section = getattr(ctx.config, stage.section).model_dump(mode="json") if stage.section else None
+    section = getattr(ctx.config, stage.section).fingerprint_dump() if stage.section else None
     upstream = {}
     for name in stage.reads:
         found = ctx.ws.manifest(STAGES[name].manifest or name)
@@ -451,6 +457,7 @@ def run(
         say(f"{name}: done in {duration:.1f}s")
     report = report_path(ws, config) if "report" in chosen else None
     return RunSummary(
+        gate=_gate(ws, config) if error is None and "evaluate" in chosen else None,
         workspace=str(ws.root), stages=results, error=error,
         report=str(report) if report and report.exists() else None,
         duration_s=round(time.monotonic() - started_all, 2), answer=_answer(ws, config),
@@ -461,6 +468,17 @@ def _answer(ws: Workspace, config: Config) -> dict[str, Any] | None:
     from slmigrate.headline import headline
 
     return headline(ws, config)
+
+
+def _gate(ws: Workspace, config: Config) -> dict[str, Any] | None:
+    """The CI gate on the workspace's evaluation - whether `evaluate` ran now or was unchanged and skipped."""
+    from slmigrate.evaluate import gate
+
+    fail_under = config.evaluate.fail_under
+    latest = ws.path("evals", "latest.json")
+    if fail_under is None or not latest.exists():
+        return None
+    return {"fail_under": fail_under, "failing": gate(json.loads(latest.read_text()), fail_under)}
 
 
 def audit(paths: Sequence[str | Path], out_dir: str | Path | None = None, progress: Progress | None = None, *,

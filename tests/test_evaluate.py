@@ -217,6 +217,28 @@ def test_cli_gate_exit_codes(two_cluster_ws, tmp_path, monkeypatch, capsys):
     assert main(args + ["--cluster", "nope"]) == 1
 
 
+def test_run_applies_the_configured_gate(two_cluster_ws, tmp_path, capsys):
+    """`[evaluate] fail_under` in slmigrate.toml is the CI gate of `slmigrate run` too (it was a flag of
+    `evaluate` only), and changing the bar does not re-run the evaluation."""
+    from slmigrate.cli import main
+
+    ws, base, *_ = two_cluster_ws
+    cfg = tmp_path / "slmigrate.toml"
+    settings = (f'[evaluate]\nmodel = "{base}"\nembedder = "hash"\nbatch_size = 4\ndevice = "cpu"\n'
+                'variants = ["finetuned"]\n')
+    run = ["-w", str(ws.root), "run", "--config", str(cfg), "--from", "evaluate", "--to", "evaluate"]
+    cfg.write_text(settings + "fail_under = 0.95\n")
+    assert main(run + ["--json"]) == 0
+    first = json.loads(capsys.readouterr().out)
+    assert first["gate"] == {"fail_under": 0.95, "failing": []}
+    cfg.write_text(settings + "fail_under = 1.01\n")
+    run_id = ws.manifest("evaluate")["run"]
+    assert main(run) == 3
+    err = capsys.readouterr().err
+    assert "quality gate failed" in err and "c0" in err
+    assert ws.manifest("evaluate")["run"] == run_id  # only the bar changed: the evaluation was reused
+
+
 def test_a_copied_workspace_still_serves_and_reports(two_cluster_ws, tmp_path):
     """Evaluations name adapters relative to the workspace, so a copy (another folder, another machine) loads
     its own adapters, not the original's."""

@@ -26,7 +26,8 @@ def evaluate(
     judge_model: Annotated[Optional[str], typer.Option(help="The judge's model name.")] = None,
     judge_mode: Annotated[Optional[str], typer.Option(help="rubric (score 1-5) or pairwise (swapped twice).")] = None,
     fail_under: Annotated[Optional[float], typer.Option(
-        help="Exit with code 3 when a cluster marked for migration scores below this on its primary metric.")] = None,
+        help="Exit with code 3 when a cluster marked for migration scores below this on its primary metric "
+        "(default: [evaluate] fail_under).")] = None,
     model: Annotated[Optional[str], typer.Option(
         help="Base model (catalogue name or folder) when a cluster has no adapter.")] = None,
     device: Annotated[Optional[str], typer.Option(help="auto, cpu or cuda.")] = None,
@@ -48,7 +49,9 @@ def evaluate(
 
     cfg = load_config(config_file, {"evaluate": {
         "variants": [v.strip() for v in variants.split(",") if v.strip()] if variants else None,
-        "limit": limit, "model": model, "device": device, "batch_size": batch_size, "judge_mode": judge_mode}})
+        "limit": limit, "model": model, "device": device, "batch_size": batch_size, "judge_mode": judge_mode,
+        "fail_under": fail_under}})
+    fail_under = cfg.evaluate.fail_under  # the flag, else [evaluate] fail_under
     ws = open_workspace(workspace, create=False)
     judge_obj = None
     if judge or judge_model:

@@ -68,6 +68,11 @@ def _print_summary(summary, title: str) -> None:
         console.print(f"Report: [bold]{summary.report}[/] (and {Path(summary.report).with_suffix('.md').name})")
     if summary.answer:
         _print_answer(summary.answer)
+    if summary.gate:
+        failing = summary.gate["failing"]
+        console.print(f"Quality gate (fail_under {summary.gate['fail_under']}): "
+                      + ("[red]failed[/] for " + ", ".join(escape(f["cluster"]) for f in failing) if failing
+                         else "[green]passed[/]"), highlight=False)
 
 
 def _print_answer(answer: dict) -> None:
@@ -82,8 +87,9 @@ def _print_answer(answer: dict) -> None:
     for t in answer["per_task"]:
         measured = "" if t["measured"] is None else (
             f"{t['measured']:.2f} ({t['low']:.2f}-{t['high']:.2f}, {t['probe']}, n={t['n']})")
-        table.add_row(escape(f"{t['cluster']} {t['label'] or ''}"), f"{t['calls']:,}",
-                      f"${t['cost_usd']:,.2f}" if answer["cost_known"] else "unknown", pct(t["prior"]),
+        cost = f"${t['cost_usd']:,.2f}" if answer["cost_known"] and t["cost_usd"] is not None else "unknown"
+        table.add_row(escape(f"{t['cluster']} {t['label'] or ''}"), "" if t["calls"] is None else f"{t['calls']:,}",
+                      cost, pct(t["prior"]),
                       escape(measured), "" if t["threshold"] is None else f"{t['threshold']:.2f}",
                       "" if t["finetuned"] is None else f"{t['finetuned']:.2f}")
     console.print(table)
@@ -97,6 +103,10 @@ def _finish(summary, json_out: bool, title: str) -> None:
         _print_summary(summary, title)
     if not summary.ok:
         raise SlmigrateError(summary.error)
+    if summary.gate_failed:
+        from slmigrate.evaluate import raise_if_failing
+
+        raise_if_failing(summary.gate["failing"], summary.gate["fail_under"])  # exit code 3
 
 
 @app.command("run")
