@@ -9,7 +9,7 @@ from pathlib import Path
 import openai
 import pytest
 
-from slmigrate import crypto
+from slmigrate.store import crypto
 from slmigrate.capture import flush, instrument
 from slmigrate.errors import SlmigrateError
 from slmigrate.writer import RecordWriter, shared_writer

@@ -118,7 +118,7 @@ def test_a_failing_store_is_retried_and_what_it_never_took_is_dead_lettered_at_e
 
 
 def test_dead_letter_payloads_are_sealed_when_a_key_is_set(tmp_path, monkeypatch):
-    from slmigrate import crypto
+    from slmigrate.store import crypto
 
     monkeypatch.setenv("SLMIGRATE_ENCRYPTION_KEY", crypto.generate_key())
     db, dead = tmp_path / "s.sqlite", tmp_path / deadletter.FILE_NAME

@@ -5,7 +5,7 @@ import stat
 
 import pytest
 
-from slmigrate import crypto
+from slmigrate.store import crypto
 from slmigrate.cli import main
 from slmigrate.errors import SlmigrateError
 from slmigrate.record import CallRecord

@@ -471,7 +471,7 @@ def test_sigterm_during_load_loses_no_answered_call(tmp_path):
 
 
 def test_proxy_encrypts_payloads_when_a_key_is_set(make_proxy, monkeypatch):
-    from slmigrate import crypto
+    from slmigrate.store import crypto
 
     monkeypatch.setenv("SLMIGRATE_ENCRYPTION_KEY", crypto.generate_key())
     p = make_proxy()

@@ -209,7 +209,7 @@ def test_writer_reconnects_after_a_server_restart(pg_server, pg_url):
 
 
 def test_key_rotation_on_postgres(pg_url):
-    from slmigrate import crypto
+    from slmigrate.store import crypto
     from slmigrate.store import PayloadCodec
 
     old_key, new_key = (crypto.parse_key(crypto.generate_key(), "t") for _ in range(2))

@@ -69,7 +69,7 @@ def _root(
     _state["workspace"] = workspace
     _state["store"] = store
     if key_file is not None:
-        from slmigrate import crypto
+        from slmigrate.store import crypto
 
         crypto.use_key_file(key_file)
 

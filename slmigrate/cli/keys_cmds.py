@@ -27,7 +27,7 @@ def new(
     Example: slmigrate keys new --out ~/.config/slmigrate/key
     && slmigrate --key-file ~/.config/slmigrate/key collect proxy --upstream https://api.openai.com/v1
     """
-    from slmigrate import crypto
+    from slmigrate.store import crypto
 
     text = crypto.generate_key()
     key_id = crypto.key_id(crypto.parse_key(text, "the new key"))
@@ -57,7 +57,7 @@ def rotate(
 
     Example: slmigrate --key-file old.key keys rotate --new-key-file new.key
     """
-    from slmigrate import crypto
+    from slmigrate.store import crypto
 
     new_key = crypto.read_key_file(new_key_file)
     old_key = crypto.configured_key()
@@ -76,7 +76,7 @@ def status(workspace: WorkspaceOpt = None, json_out: JsonOpt = False) -> None:
 
     Example: slmigrate keys status --json
     """
-    from slmigrate import crypto
+    from slmigrate.store import crypto
     from slmigrate.store import PLAIN_CODECS
 
     ws = open_workspace(workspace, create=False)

