@@ -533,15 +533,16 @@ def test_phone_number_under_a_neutral_key_is_not_structure():
 
 @pytest.mark.slow
 def test_a_name_under_a_neutral_key_is_not_structure(real_analyzer):
-    """Short values under keys that name no PII are structure ("item": "Water Bottle"), but a value made of a
-    listed first name or a surname that is no English word is a person wherever it sits."""
+    """Short values under keys that name no PII are structure ("item": "Water Bottle"), but a full name whose
+    every word is a listed first or last name is a person wherever it sits."""
     result = json.dumps({"owner": "Zoë Kraus", "assignee": "Martin Keller", "item": "Water Bottle",
-                         "status": "Shipped"})
+                         "product": "Sierra Hammock", "status": "Shipped"})
     call = _session_call("s1", 0, "Who handles my order?", "Your order is shipped.", tool_result=result)
     [clean], _, _ = scrub_calls([call], analyzer=real_analyzer)
     content = json.loads(clean.request["messages"][3]["content"])
     assert content["owner"].startswith("<PERSON_") and content["assignee"].startswith("<PERSON_")
     assert content["item"] == "Water Bottle" and content["status"] == "Shipped"
+    assert content["product"] == "Sierra Hammock"  # a first name, but "Hammock" is no name: a product
 
 
 def test_request_user_name_fields_and_logprobs():

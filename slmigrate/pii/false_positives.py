@@ -133,6 +133,13 @@ def looks_like_name(value: str) -> bool:
     return any(w in first_names() or (w in person_names() and w not in vocabulary) for w in _words(value))
 
 
+def is_full_name(value: str) -> bool:
+    """Two to four words, each a listed first or last name ("Zoë Kraus", "Anna Smith"): a person even where the
+    context says structure. One ordinary word makes it a thing ("Sierra Hammock", "Jordan Sneakers")."""
+    words = _words(value)
+    return 2 <= len(words) <= 4 and all(w in first_names() or w in person_names() for w in words)
+
+
 def _line(text: str, start: int) -> tuple[int, int]:
     line_start = text.rfind("\n", 0, start) + 1
     line_end = text.find("\n", start)

@@ -276,14 +276,14 @@ _PHONE_SHAPE = re.compile(r"\+?\(?\d[\d ().\-]{5,}\d")
 
 def _unmistakable(found: Found) -> bool:
     """A finding that stays PII even as a short value under a neutral JSON key, where structure would veto it:
-    a number written as a phone number, or a name made of a listed first name or a surname that is no English
-    word (``"owner": "Zoë Kraus"`` in a tool result; ``"item": "Water Bottle"`` stays structure)."""
+    a number written as a phone number, or a full name whose every word is a listed first or last name
+    (``"owner": "Zoë Kraus"`` in a tool result; ``"product": "Sierra Hammock"`` stays structure)."""
     if found.entity == "PHONE_NUMBER":
         return _phone_shaped(found.value)
     if found.entity == "PERSON":
-        from slmigrate.pii.false_positives import looks_like_name
+        from slmigrate.pii.false_positives import is_full_name
 
-        return looks_like_name(found.value)
+        return is_full_name(found.value)
     return False
 
 
