@@ -14,7 +14,8 @@ taken from - the split is by session, so nothing leaks):
   and why (fine-tune and evaluate measure the trained model).
 
 Each figure comes with a 95% interval: Wilson's for 0/1 metrics (exact match), a percentile bootstrap of the
-mean for graded ones (ROUGE-L). A task counts as replaceable when the better probe reaches the evaluate
+mean for graded ones (ROUGE-L), or Hoeffding's bound for fewer than 30 graded scores (where a bootstrap of two
+equal scores would claim certainty). A task counts as replaceable when the better probe reaches the evaluate
 stage's threshold for its kind (the probe with the higher lower bound is the task's figure); the share of calls
 and cost that could move is given with the interval from the tasks whose lower / upper bound reach it.
 
@@ -68,16 +69,32 @@ def bootstrap_mean(values: list[float], seed: int = 0, rounds: int = 2000) -> tu
     return float(np.percentile(means, 2.5)), float(np.percentile(means, 97.5))
 
 
+# Below this many graded scores the bootstrap is not trusted: it resamples what little was seen, so two equal
+# scores give a zero-width interval. Hoeffding's bound holds for any scores in [0, 1] at any n.
+BOOTSTRAP_MIN_N = 30
+
+
+def hoeffding(mean: float, n: int, alpha: float = 0.05) -> tuple[float, float]:
+    """Distribution-free 95% interval of a mean of n scores in [0, 1] (Hoeffding's inequality, two-sided)."""
+    half = math.sqrt(math.log(2 / alpha) / (2 * n))
+    return max(0.0, mean - half), min(1.0, mean + half)
+
+
 def estimate(values: list[float | None], seed: int = 0) -> dict[str, Any] | None:
-    """Mean of the in-scope item scores with its 95% interval (Wilson when every score is 0 or 1)."""
+    """Mean of the in-scope item scores with its 95% interval: Wilson when every score is 0 or 1, else a
+    bootstrap of the mean, or Hoeffding's bound when there are fewer than ``BOOTSTRAP_MIN_N`` scores."""
     scoped = [float(v) for v in values if v is not None]
     if not scoped:
         return None
     mean = sum(scoped) / len(scoped)
-    binary = all(v in (0.0, 1.0) for v in scoped)
-    low, high = wilson(sum(scoped), len(scoped)) if binary else bootstrap_mean(scoped, seed)
+    if all(v in (0.0, 1.0) for v in scoped):
+        (low, high), method = wilson(sum(scoped), len(scoped)), "wilson"
+    elif len(scoped) < BOOTSTRAP_MIN_N:
+        (low, high), method = hoeffding(mean, len(scoped)), "hoeffding"
+    else:
+        (low, high), method = bootstrap_mean(scoped, seed), "bootstrap"
     return {"score": round(mean, 4), "low": round(low, 4), "high": round(high, 4), "n": len(scoped),
-            "interval": "wilson" if binary else "bootstrap"}
+            "interval": method}
 
 
 # --- the calls of each task ------------------------------------------------------------------------------------

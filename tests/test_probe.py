@@ -15,7 +15,7 @@ import pytest
 
 from slmigrate import curated
 from slmigrate.config import Config, PricesConfig
-from slmigrate.probe import bootstrap_mean, estimate, probe, wilson
+from slmigrate.probe import bootstrap_mean, estimate, hoeffding, probe, wilson
 from slmigrate.record import CallRecord
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -40,6 +40,16 @@ def test_estimate_picks_wilson_for_exact_match_and_bootstrap_for_graded_scores()
     assert estimate([None, None]) is None
     low, high = bootstrap_mean([0.5] * 20)
     assert low == high == 0.5
+
+
+def test_few_graded_scores_get_a_distribution_free_interval():
+    """Two ROUGE-L scores of 0.86 bootstrapped to 0.86-0.86 in a real audit: certainty from two calls."""
+    few = estimate([0.86, 0.86])
+    assert few["interval"] == "hoeffding" and few["low"] < 0.1 and few["high"] == 1.0
+    assert estimate([0.5] * 29)["interval"] == "hoeffding"
+    assert estimate([0.5] * 30)["interval"] == "bootstrap"
+    low, high = hoeffding(0.5, 100)
+    assert (low, high) == pytest.approx((0.3642, 0.6358), abs=1e-4)  # sqrt(ln(40) / 200) = 0.1358
 
 
 # --- the probe on a hand-made workspace ------------------------------------------------------------------------
