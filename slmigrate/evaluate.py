@@ -99,6 +99,7 @@ def with_examples(request: dict[str, Any], examples: Sequence[CuratedCall]) -> d
     Each example is its call's latest turn as a user message and the LLM's answer, written in the same text
     form the model's answers are parsed from, so the examples also teach the answer format.
     """
+    from slmigrate.chat_format import message_text
     from slmigrate.judge import task_text
 
     messages = list(request.get("messages") or [])
@@ -106,10 +107,8 @@ def with_examples(request: dict[str, Any], examples: Sequence[CuratedCall]) -> d
     shots: list[dict[str, Any]] = []
     for ex in examples:
         last = ex.messages[-1] if ex.messages else {}
-        turn = last.get("content") if last.get("role") == "user" else task_text({"messages": ex.messages[-2:]})
-        if isinstance(turn, list):
-            turn = M.content_of({"content": turn})
-        shots += [{"role": "user", "content": str(turn or "")},
+        turn = message_text(last) if last.get("role") == "user" else task_text({"messages": ex.messages[-2:]})
+        shots += [{"role": "user", "content": turn},
                   {"role": "assistant", "content": answer_text(ex.answer)}]
     return {**request, "messages": head + shots + messages[len(head):]}
 
