@@ -13,7 +13,7 @@ import json
 import re
 import time
 from collections import Counter
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +21,7 @@ from slmigrate import curated, engines
 from slmigrate.chat_format import message_text
 from slmigrate.config import CurateConfig
 from slmigrate.errors import SlmigrateError
+from slmigrate.progress import Progress
 from slmigrate.record import CallRecord, canonical_bytes, canonical_json
 from slmigrate.workspace import Workspace, fingerprint_of
 
@@ -30,7 +31,6 @@ DROP_REASONS = ("failed", "empty_answer", "truncated", "invalid_tool_arguments",
                 "below_min_outcome", "duplicate", "near_duplicate")
 EXPORT_FORMATS = ("openai", "openai-ft")
 
-Progress = Callable[[str, int, int], None]
 
 
 # --- filters ---
