@@ -21,7 +21,7 @@ class _Feedback:
     the next stage line closes it, so it never overlaps a stage module's own bar."""
 
     def __init__(self) -> None:
-        # A log file or CI: the stage lines are enough.
+        # Bars only on a terminal: in a log file or CI the stage lines are enough.
         self.bars = Bars(err_console.is_terminal, console=err_console, label="  {task.description}")
 
     def say(self, message: str) -> None:
