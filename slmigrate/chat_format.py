@@ -39,9 +39,10 @@ import copy
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Literal, Sequence
 
 Message = dict[str, Any]
+OtherParts = Literal["drop", "name", "json"]
 
 TOOL_CALL_OPEN = "<tool_call>"
 TOOL_CALL_CLOSE = "</tool_call>"
@@ -56,15 +57,45 @@ MIN_PREFIX_CHARS = 64
 
 # --- messages -------------------------------------------------------------------------------------------
 
-def text_of(content: Any) -> str:
-    """Message content as plain text (OpenAI content parts are joined; images and audio are dropped)."""
+def message_text(message: Message | None, *, sep: str = "", other_parts: OtherParts = "drop") -> str:
+    """The text of a message's content, the one place content becomes text.
+
+    A string is itself; None (or no message) is ""; a list of OpenAI content parts is the parts' text joined by
+    ``sep`` - a part's text is its ``text`` (or ``input_text``), a bare string part is itself; any other value
+    is JSON. Tool calls, names and refusals are not content: callers that want them add them.
+
+    ``other_parts`` is what becomes of a part without text (an image, audio, a refusal part):
+
+    * ``"drop"``: left out - the text a model reads and writes (prompts, answers, metrics, the judge, curate);
+    * ``"name"``: shown as ``[image_url]`` - the cluster view, where an image in the turn says something about
+      the task (with ``sep=" "``; both feed view fingerprints and embedding caches, so they must not change);
+    * ``"json"``: kept as JSON - token counts, since a part is sent and paid for whether or not it is text.
+    """
+    content = (message or {}).get("content")
     if content is None:
         return ""
     if isinstance(content, str):
         return content
     if isinstance(content, list):
-        return "".join(p.get("text", "") if isinstance(p, dict) else str(p) for p in content)
-    return str(content)
+        texts = (_part_text(part, other_parts) for part in content)
+        return sep.join(t for t in texts if t is not None)
+    return json.dumps(content, ensure_ascii=False, default=str)
+
+
+def _part_text(part: Any, other_parts: OtherParts) -> str | None:
+    """One content part's text, or None when it is dropped."""
+    if isinstance(part, str):
+        return part
+    if isinstance(part, dict):
+        # An empty text counts as no text: the cluster view has always named such a part "[text]".
+        text = part.get("text") or part.get("input_text")
+        if text:
+            return str(text)
+    if other_parts == "name":
+        return f"[{part.get('type', 'part')}]" if isinstance(part, dict) else str(part)
+    if other_parts == "json":
+        return json.dumps(part, ensure_ascii=False, default=str)
+    return None
 
 
 def _arguments_object(arguments: Any) -> Any:
@@ -82,7 +113,7 @@ def serialise_answer(message: Message | None) -> str:
     if not message:
         return ""
     parts = []
-    content = text_of(message.get("content")).strip()
+    content = message_text(message).strip()
     if content:
         parts.append(content)
     for call in message.get("tool_calls") or []:
@@ -170,7 +201,7 @@ def _plain_messages(messages: list[Message], tools: list[Message], native_tools:
             role = "system"
         if role == "function":  # legacy function result
             role = "tool"
-        item: Message = {"role": role, "content": text_of(msg.get("content"))}
+        item: Message = {"role": role, "content": message_text(msg)}
         if role == "assistant" and (msg.get("tool_calls") or msg.get("function_call")):
             if native_tools and msg.get("tool_calls"):
                 item["tool_calls"] = [
@@ -287,7 +318,7 @@ def count_tokens(tokenizer, text: str) -> int:
 
 def system_text(messages: list[Message]) -> str | None:
     if messages and messages[0].get("role") in ("system", "developer"):
-        return text_of(messages[0].get("content"))
+        return message_text(messages[0])
     return None
 
 

@@ -37,6 +37,7 @@ from slmigrate import engines, formats
 from slmigrate.errors import SlmigrateError
 from slmigrate.formats import ConvertContext, FormatError
 from slmigrate.formats._common import normalise_tools
+from slmigrate.progress import Progress  # reported as (file, bytes read, file size)
 from slmigrate.record import CallRecord, RecordError, new_id
 from slmigrate.record import log as record_log
 from slmigrate.workspace import Workspace
@@ -63,8 +64,6 @@ MAX_DEPTH = 200
 # once (the raw line, its parsed objects, a worker's copy), so it is skipped unread instead.
 MAX_LINE_BYTES = 64 << 20
 _MB = 1 << 20
-
-Progress = Callable[[str, int, int], None]  # (file, bytes read, file size)
 
 
 class _Bad:

@@ -13,13 +13,15 @@ import json
 import re
 import time
 from collections import Counter
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
 from slmigrate import curated, engines
+from slmigrate.chat_format import message_text
 from slmigrate.config import CurateConfig
 from slmigrate.errors import SlmigrateError
+from slmigrate.progress import Progress
 from slmigrate.record import CallRecord, canonical_bytes, canonical_json
 from slmigrate.workspace import Workspace, fingerprint_of
 
@@ -29,7 +31,6 @@ DROP_REASONS = ("failed", "empty_answer", "truncated", "invalid_tool_arguments",
                 "below_min_outcome", "duplicate", "near_duplicate")
 EXPORT_FORMATS = ("openai", "openai-ft")
 
-Progress = Callable[[str, int, int], None]
 
 
 # --- filters ---
@@ -60,10 +61,7 @@ def drop_reason(call: CallRecord, config: CurateConfig) -> str | None:
     tool_calls = list(answer.get("tool_calls") or [])
     if answer.get("function_call"):
         tool_calls.append({"function": answer["function_call"]})
-    content = answer.get("content")
-    if isinstance(content, list):
-        content = "".join(p.get("text") or "" for p in content if isinstance(p, dict))
-    if not tool_calls and not (content or "").strip():
+    if not tool_calls and not message_text(answer).strip():
         return "empty_answer"
     offered = offered_tools(call)
     for tc in tool_calls:

@@ -25,11 +25,11 @@ from typing import Any
 
 from slmigrate import env
 from slmigrate.errors import SlmigrateError
+from slmigrate.progress import Advance
 
 ENGINES = ("local", "ray")
 BatchFn = Callable[[list[Any]], list[Any]]
 Factory = Callable[[], BatchFn]
-Progress = Callable[[int], None]
 
 # Hub libraries on the workers must never try the network: the models are pip packages in the same Python.
 OFFLINE_ENV = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
@@ -52,7 +52,7 @@ def check_engine(engine: str, address: str | None = None) -> None:
 
 
 def map_batches(items: Sequence[Any], factory: Factory, *, engine: str = "local", workers: int | None = 1,
-                address: str | None = None, batch_size: int = 64, progress: Progress | None = None) -> list[Any]:
+                address: str | None = None, batch_size: int = 64, progress: Advance | None = None) -> list[Any]:
     """``fn(batch)`` over ``items`` in batches of ``batch_size``, ``fn = factory()`` loaded once per worker.
 
     ``workers=None`` means one per CPU (of this machine, or of the Ray cluster). Returns one result per item, in
@@ -122,7 +122,7 @@ def _run_process(batch: list[Any]) -> list[Any]:
     return _checked(_FN, batch)
 
 
-def _process_map(batches: list[list[Any]], factory: Factory, workers: int, progress: Progress | None) -> list[Any]:
+def _process_map(batches: list[list[Any]], factory: Factory, workers: int, progress: Advance | None) -> list[Any]:
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor
 
@@ -205,7 +205,7 @@ class _RayBatchActor:
 
 
 def _ray_map(items: list[Any], factory: Factory, workers: int | None, address: str | None, batch_size: int,
-             progress: Progress | None) -> list[Any]:
+             progress: Advance | None) -> list[Any]:
     ray = ray_init(workers, address)
     from ray.data import DataContext
 

@@ -23,10 +23,11 @@ from pathlib import Path
 from typing import Any
 
 from slmigrate import metrics as M
-from slmigrate.chat_format import StaticPrompt
+from slmigrate.chat_format import StaticPrompt, message_text
 from slmigrate.config import EvaluateConfig, PricesConfig
 from slmigrate.curated import CuratedCall, current_version, load_curated
 from slmigrate.errors import GateFailed, SlmigrateError
+from slmigrate.progress import Bars
 from slmigrate.workspace import Workspace, fingerprint_of
 
 VARIANTS = ("base", "icl", "finetuned")
@@ -106,10 +107,8 @@ def with_examples(request: dict[str, Any], examples: Sequence[CuratedCall]) -> d
     shots: list[dict[str, Any]] = []
     for ex in examples:
         last = ex.messages[-1] if ex.messages else {}
-        turn = last.get("content") if last.get("role") == "user" else task_text({"messages": ex.messages[-2:]})
-        if isinstance(turn, list):
-            turn = M.content_of({"content": turn})
-        shots += [{"role": "user", "content": str(turn or "")},
+        turn = message_text(last) if last.get("role") == "user" else task_text({"messages": ex.messages[-2:]})
+        shots += [{"role": "user", "content": turn},
                   {"role": "assistant", "content": answer_text(ex.answer)}]
     return {**request, "messages": head + shots + messages[len(head):]}
 
@@ -351,8 +350,7 @@ def evaluate(ws: Workspace, config: EvaluateConfig | None = None, clusters: Sequ
     tmp = ws.path("evals", f".{run}.tmp")
     (tmp / "predictions").mkdir(parents=True)
     results, skipped = [], []
-    bar = _Progress(progress)
-    with bar:
+    with Bars(progress) as bar:
         for cid in wanted:
             calls = by_cluster.get(cid, [])[: limit or None]
             if not calls:
@@ -424,11 +422,12 @@ def _evaluate_cluster(ws, cid, info, calls, train, variants, adapter, model_name
                                        cap=config.max_new_tokens)
         examples = icl_examples(train, config.icl_examples, config.seed) if variant == "icl" else ()
         static = StaticPrompt.load(adapter) if variant == "finetuned" and adapter is not None else None
-        task = bar.add(f"{cid} {variant}", len(calls))
+        what = f"{cid} {variant}"
+        bar(what, 0, len(calls))
         out["variants"][variant] = evaluate_variant(
             model, tokenizer, calls, kind, examples=examples, config=config, prices=prices,
             llm_cost=llm["cost_per_1k_usd"], ctx=ctx, max_new_tokens=max_new, static=static,
-            progress=lambda done, t=task: bar.update(t, done))
+            progress=lambda done, what=what: bar(what, done, len(calls)))
         if examples:
             out["variants"][variant]["examples"] = [e.id for e in examples]
     if adapter is not None and (adapter / "metrics.json").exists():
@@ -438,34 +437,6 @@ def _evaluate_cluster(ws, cid, info, calls, train, variants, adapter, model_name
     out["decision"] = decide(kind, len(calls), out["variants"].get("finetuned"), metric, threshold,
                              config.min_test_calls)
     return out
-
-
-class _Progress:
-    """A rich progress bar on stderr, or nothing."""
-
-    def __init__(self, enabled: bool):
-        self.enabled, self.progress = enabled, None
-
-    def __enter__(self):
-        if self.enabled:
-            from rich.console import Console
-            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-            self.progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                                     TimeElapsedColumn(), console=Console(stderr=True), transient=True)
-            self.progress.__enter__()
-        return self
-
-    def __exit__(self, *exc):
-        if self.progress is not None:
-            self.progress.__exit__(*exc)
-
-    def add(self, description: str, total: int):
-        return self.progress.add_task(description, total=total) if self.progress else None
-
-    def update(self, task, done: int) -> None:
-        if self.progress is not None and task is not None:
-            self.progress.update(task, completed=done)
 
 
 # --- the CI gate ---------------------------------------------------------------------------------------------

@@ -18,6 +18,7 @@ import re
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Sequence
 
+from slmigrate.chat_format import message_text
 from slmigrate.errors import SlmigrateError
 
 MODES = ("rubric", "pairwise")
@@ -55,13 +56,11 @@ def task_text(request: dict[str, Any] | None, max_chars: int = 4000) -> str:
     """The last few turns of the request, newest last, cut from the front to ``max_chars``."""
     lines = []
     for m in (request or {}).get("messages") or []:
-        content = m.get("content")
-        if isinstance(content, list):
-            content = "".join(p.get("text", "") for p in content if isinstance(p, dict))
+        content = message_text(m)
         if m.get("tool_calls"):
-            content = (content or "") + " [tool calls: " + ", ".join(
+            content += " [tool calls: " + ", ".join(
                 (tc.get("function") or {}).get("name", "") for tc in m["tool_calls"]) + "]"
-        lines.append(f"{m.get('role', '?')}: {content or ''}")
+        lines.append(f"{m.get('role', '?')}: {content}")
     text = "\n".join(lines[-6:])
     return text[-max_chars:]
 

@@ -31,6 +31,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from slmigrate.chat_format import message_text
 from slmigrate.errors import SlmigrateError
 
 KINDS = ("tool_call", "json", "label", "text")
@@ -157,15 +158,6 @@ def parse_json_text(text: str | None) -> Any:
         return json.loads(body)
     except (json.JSONDecodeError, TypeError):
         return _MISSING
-
-
-def content_of(msg: Message | None) -> str:
-    if not msg:
-        return ""
-    content = msg.get("content")
-    if isinstance(content, list):  # content parts
-        return "".join(p.get("text", "") for p in content if isinstance(p, dict))
-    return content or ""
 
 
 # --- tool calls --------------------------------------------------------------------------------------------
@@ -330,15 +322,15 @@ def _flatten(value: Any, prefix: str = "") -> dict[str, str]:
 
 @register_metric("json", "json_valid", description="The answer parses as JSON (a Markdown code fence is allowed).")
 def json_valid(preds, refs, ctx):
-    return [float(parse_json_text(content_of(p)) is not _MISSING) for p in preds]
+    return [float(parse_json_text(message_text(p)) is not _MISSING) for p in preds]
 
 
 def _json_scores(preds, refs, score: Callable[[Any, Any], float]) -> list[float | None]:
     """``score(pred, ref)`` per pair whose reference parses as JSON (None otherwise); ``pred`` may be _MISSING."""
     out: list[float | None] = []
     for p, r in zip(preds, refs):
-        ref = parse_json_text(content_of(r))
-        out.append(None if ref is _MISSING else score(parse_json_text(content_of(p)), ref))
+        ref = parse_json_text(message_text(r))
+        out.append(None if ref is _MISSING else score(parse_json_text(message_text(p)), ref))
     return out
 
 
@@ -386,7 +378,7 @@ def normalise_label(text: str) -> str:
 
 @register_metric("label", "label_exact", primary=True, description="Normalised exact match of the label.")
 def label_exact(preds, refs, ctx):
-    return [float(normalise_label(content_of(p)) == normalise_label(content_of(r))) for p, r in zip(preds, refs)]
+    return [float(normalise_label(message_text(p)) == normalise_label(message_text(r))) for p, r in zip(preds, refs)]
 
 
 # --- free text ---------------------------------------------------------------------------------------------
@@ -427,7 +419,7 @@ def rouge_l(prediction: str, reference: str) -> float:
 
 @register_metric("text", "rouge_l", primary=True, description="ROUGE-L F1 (longest common word subsequence).")
 def rouge_l_metric(preds, refs, ctx):
-    return [rouge_l(content_of(p), content_of(r)) for p, r in zip(preds, refs)]
+    return [rouge_l(message_text(p), message_text(r)) for p, r in zip(preds, refs)]
 
 
 @register_metric("text", "embedding_similarity", needs=("embedder",), description=(
@@ -435,7 +427,7 @@ def rouge_l_metric(preds, refs, ctx):
 def embedding_similarity(preds, refs, ctx):
     import numpy as np
 
-    p_texts, r_texts = [content_of(p) for p in preds], [content_of(r) for r in refs]
+    p_texts, r_texts = [message_text(p) for p in preds], [message_text(r) for r in refs]
     if not p_texts:
         return []
     # One encode call for both sides: embedders batch, and each distinct text is embedded once.
@@ -456,5 +448,5 @@ def embedding_similarity(preds, refs, ctx):
 @register_metric("text", "judge", needs=("judge",), description=(
     "An LLM judge: rubric score scaled to [0, 1], or pairwise preference vs the reference (0.5 = as good)."))
 def judge_metric(preds, refs, ctx):
-    return ctx.judge.score([content_of(p) for p in preds], [content_of(r) for r in refs],
+    return ctx.judge.score([message_text(p) for p in preds], [message_text(r) for r in refs],
                            [_request(ctx, i) for i in range(len(preds))])

@@ -22,10 +22,11 @@ import shutil
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from slmigrate import env
 from slmigrate.errors import SlmigrateError
+from slmigrate.progress import Say
 
 DEFAULT_MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"
 
@@ -129,7 +130,7 @@ def _is_model_dir(path: Path) -> bool:
 
 
 def resolve(name: str | None = None, *, pull: bool = True,
-            progress: Callable[[str], None] | None = None) -> ResolvedModel:
+            progress: Say | None = None) -> ResolvedModel:
     """Find (and with ``pull``, fetch or convert) the weights for ``name``; default SmolLM2-135M-Instruct."""
     name = name or DEFAULT_MODEL
     say = progress or (lambda _msg: None)
@@ -168,12 +169,12 @@ def resolve(name: str | None = None, *, pull: bool = True,
     )
 
 
-def pull(name: str, progress: Callable[[str], None] | None = None) -> ResolvedModel:
+def pull(name: str, progress: Say | None = None) -> ResolvedModel:
     """Make ``name`` available locally (convert or download once); later calls return the cached copy."""
     return resolve(name, pull=True, progress=progress)
 
 
-def _from_hub(hub_id: str, *, pull: bool, say: Callable[[str], None]) -> Path | None:
+def _from_hub(hub_id: str, *, pull: bool, say: Say) -> Path | None:
     """The hub snapshot: from the local hub cache first, downloading only when the hub is allowed."""
     try:
         from huggingface_hub import snapshot_download
@@ -246,7 +247,7 @@ def load_tokenizer(path: str | Path):
 
 
 def load(name: str | Path | None = None, *, device: str = "cpu", dtype: Any = None,
-         progress: Callable[[str], None] | None = None):
+         progress: Say | None = None):
     """Resolve and load ``(model, tokenizer, resolved)``; fp32 on CPU, bf16 on CUDA unless ``dtype`` says."""
     import torch
     from transformers import AutoModelForCausalLM

@@ -25,6 +25,7 @@ from typing import Any
 
 from slmigrate.config import Config, load_config
 from slmigrate.errors import SlmigrateError
+from slmigrate.progress import Progress, Say
 from slmigrate.record import now_iso
 from slmigrate.workspace import Workspace, fingerprint_of
 
@@ -33,8 +34,6 @@ STAGE_ORDER = ("import", "curate", "cluster", "probe", "select", "finetune", "ev
 AUDIT_STAGES = ("import", "curate", "cluster", "probe", "select", "report")
 RUNNER_MANIFEST = "run"
 
-Progress = Callable[[str], None]  # one line per stage event ("cluster: running (curate changed)")
-Bar = Callable[[str, int, int], None]  # (what, done, total) from inside a stage, for a progress bar
 
 
 @dataclass
@@ -92,10 +91,10 @@ class _Context:
     ws: Workspace
     config: Config
     base_dir: Path  # relative paths in the config resolve against the config file's folder
-    progress: Progress
-    bar: Bar | None = None
+    progress: Say  # one line per stage event ("cluster: running (curate changed)")
+    bar: Progress | None = None  # (what, done, total) from inside a stage
 
-    def stage_bar(self, stage: str) -> Callable[[str, int, int], None] | None:
+    def stage_bar(self, stage: str) -> Progress | None:
         """The stage modules' (phase or file, done, total) callback, labelled with the stage."""
         if self.bar is None:
             return None
@@ -377,9 +376,9 @@ def run(
     config_path: str | Path | None = None,
     from_stage: str | None = None,
     to_stage: str | None = None,
-    progress: Progress | None = None,
+    progress: Say | None = None,
     *,
-    bar: Bar | None = None,
+    bar: Progress | None = None,
     config: Config | None = None,
     stages: Sequence[str] = STAGE_ORDER,
     registry: dict[str, Stage] | None = None,
@@ -481,8 +480,8 @@ def _gate(ws: Workspace, config: Config) -> dict[str, Any] | None:
     return {"fail_under": fail_under, "failing": gate(json.loads(latest.read_text()), fail_under)}
 
 
-def audit(paths: Sequence[str | Path], out_dir: str | Path | None = None, progress: Progress | None = None, *,
-          bar: Bar | None = None, config: Config | None = None, workspace: str | Path | None = None,
+def audit(paths: Sequence[str | Path], out_dir: str | Path | None = None, progress: Say | None = None, *,
+          bar: Progress | None = None, config: Config | None = None, workspace: str | Path | None = None,
           tools: str | Path | None = None, assume_model: str | None = None,
           fewshot: bool | None = None) -> RunSummary:
     """One-off audit of existing logs: import, curate, cluster, probe, estimate (select, no training), report.

@@ -113,10 +113,10 @@ class _Call:
 
 def request_text(request: dict[str, Any]) -> str:
     """The end of the conversation as text: the turns that decide the answer, not the shared system prompt."""
-    from slmigrate.usage import message_text
+    from slmigrate.usage import counted_text
 
     turns = [m for m in request.get("messages") or [] if isinstance(m, dict) and m.get("role") != "system"]
-    return "\n".join(message_text(m) for m in turns[-4:])[-TURN_CHARS:]
+    return "\n".join(counted_text(m) for m in turns[-4:])[-TURN_CHARS:]
 
 
 def _rank(call_id: str, seed: int) -> int:

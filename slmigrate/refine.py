@@ -31,6 +31,7 @@ from typing import Any
 
 import numpy as np
 
+from slmigrate.chat_format import message_text
 from slmigrate.config import Config
 from slmigrate.errors import SlmigrateError
 from slmigrate.record import CallRecord
@@ -121,9 +122,9 @@ def propose_clusters(model: Any, pool: Sequence[CallRecord], min_size: int) -> l
         members = [v for v, label in zip(distinct, fitted.labels) if label == k]
         size = int(sum(counts[i] for i, label in enumerate(fitted.labels) if label == k))
         example = first[members[0]]
-        last_user = next((m.get("content") for m in reversed(example.messages) if m.get("role") == "user"), "")
+        last_user = next((m for m in reversed(example.messages) if m.get("role") == "user"), None)
         proposals.append({"size": size, "distinct_views": len(members), "example_call": example.id,
-                          "example": str(last_user)[:160]})
+                          "example": message_text(last_user)[:160]})
     return proposals
 
 

@@ -20,6 +20,8 @@ import json
 import logging
 from typing import Any
 
+from slmigrate.chat_format import message_text
+
 log = logging.getLogger(__name__)
 
 ESTIMATED_KEY = "usage_estimated"  # metadata key: the tokenizer that estimated the call's token counts
@@ -63,22 +65,20 @@ def count(text: str, model: str | None = None) -> int | None:
     return sum(len(enc.encode_ordinary(text[i:i + _CHUNK])) for i in range(0, len(text), _CHUNK))
 
 
-def _text(value: Any) -> str:
+def _json_text(value: Any) -> str:
+    """Tool-call arguments as sent: a string as is (the usual JSON text), anything else as JSON."""
     if value is None:
         return ""
-    if isinstance(value, str):
-        return value
-    if isinstance(value, list):  # content parts: their text, and anything else as JSON
-        return "".join(p.get("text", "") if isinstance(p, dict) and "text" in p else json.dumps(p) for p in value)
-    return json.dumps(value, ensure_ascii=False)
+    return value if isinstance(value, str) else json.dumps(value, ensure_ascii=False)
 
 
-def message_text(message: dict[str, Any]) -> str:
-    """What of a message the model reads or writes: role, content, tool calls (name and arguments), name."""
-    parts = [str(message.get("role") or ""), _text(message.get("content"))]
+def counted_text(message: dict[str, Any]) -> str:
+    """What of a message the model reads or writes: role, content (parts without text as JSON: they are sent
+    too), tool calls (name and arguments), name."""
+    parts = [str(message.get("role") or ""), message_text(message, other_parts="json")]
     for call in message.get("tool_calls") or []:
         fn = (call or {}).get("function") or {}
-        parts += [str(fn.get("name") or ""), _text(fn.get("arguments"))]
+        parts += [str(fn.get("name") or ""), _json_text(fn.get("arguments"))]
     if message.get("name"):
         parts.append(str(message["name"]))
     return "\n".join(p for p in parts if p)
@@ -87,11 +87,11 @@ def message_text(message: dict[str, Any]) -> str:
 def estimate(request: dict[str, Any], answer: dict[str, Any] | None, model: str | None) -> tuple[int, int] | None:
     """(prompt tokens, completion tokens) of one call, or None when no tokenizer is installed."""
     messages = [m for m in request.get("messages") or [] if isinstance(m, dict)]
-    prompt_text = "\n".join(message_text(m) for m in messages)
+    prompt_text = "\n".join(counted_text(m) for m in messages)
     if request.get("tools"):
         prompt_text += "\n" + json.dumps(request["tools"], ensure_ascii=False)
     prompt = count(prompt_text, model)
     if prompt is None:
         return None
-    completion = count(message_text(answer), model) if answer else 0
+    completion = count(counted_text(answer), model) if answer else 0
     return prompt + PER_MESSAGE * len(messages) + PER_REPLY, completion or 0

@@ -543,3 +543,30 @@ def test_real_smollm2_learns_a_narrow_task(workspace):
           f"fine-tuned {tuned_score:.3f} ({res['steps']} steps, {res['tokens_trained']} tokens, "
           f"{res['tokens_per_second']:.0f} tok/s, {res['seconds']:.0f} s training)")
     assert tuned_score >= 0.8 and tuned_score > base_score
+
+
+def test_the_bar_ends_where_early_stopping_ended_training(tmp_path, capsys, monkeypatch):
+    """Not frozen part-way (30/48 after an early stop): full at the last step, saying why it stopped."""
+    monkeypatch.setenv("COLUMNS", "200")  # stderr is no terminal here: rich would fold the bar to 80 columns
+    import torch
+
+    from slmigrate.finetune import loop
+    from slmigrate.finetune.data import IGNORE, Example
+
+    class Table(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.table = torch.nn.Parameter(torch.zeros(16, 16))
+
+        def forward(self, input_ids, attention_mask, labels):
+            return _Bigram.output(self.table[input_ids], labels)
+
+    data = [Example(f"e{a}", [a, (a + 3) % 16], [IGNORE, (a + 3) % 16]) for a in range(12)]
+    torch.manual_seed(0)
+    history, _ = loop.train(Table(), data * 3, data[8:], _settings(total_steps=60, lr=0.5, stop_when_exact=True),
+                            tmp_path, progress=True, label="c1")
+    last = history.steps[-1]
+    assert history.stopped_early and last < 60
+    err = capsys.readouterr().err
+    assert f"{last}/{last}" in err and "/60" not in err
+    assert "c1 (stopped early: every validation answer exact)" in err

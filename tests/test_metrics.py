@@ -237,7 +237,7 @@ def test_every_kind_has_a_primary_metric_and_overrides_are_checked():
 def test_third_party_metric_registers_like_builtins():
     @m.register_metric("label", "first_letter")
     def first_letter(preds, refs, ctx):
-        return [float(m.content_of(p)[:1].lower() == m.content_of(r)[:1].lower()) for p, r in zip(preds, refs)]
+        return [float(m.message_text(p)[:1].lower() == m.message_text(r)[:1].lower()) for p, r in zip(preds, refs)]
 
     try:
         s = m.score("label", [text("Bill"), text("x")], [text("billing"), text("y")])

@@ -44,19 +44,11 @@ def import_cmd(
     ws = open_workspace(workspace)
     total = sum(p.stat().st_size for p in paths if p.is_file())
     if total >= _BAR_MIN_BYTES:
-        from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn
+        from slmigrate.progress import Bars
 
-        bar = Progress(TextColumn("importing {task.description}"), BarColumn(), DownloadColumn(),
-                       TimeRemainingColumn(), console=err_console, transient=True)
-        tasks: dict[str, int] = {}
-
-        def progress(file: str, done: int, size: int) -> None:
-            if file not in tasks:
-                tasks[file] = bar.add_task(Path(file).name, total=size)
-            bar.update(tasks[file], completed=done)
-
-        with bar:
-            result = import_calls(ws, paths, format=format, agent=cfg.agent, tools_file=tools, progress=progress)
+        with Bars(console=err_console, unit="bytes", label="importing {task.description}") as bars:
+            result = import_calls(ws, paths, format=format, agent=cfg.agent, tools_file=tools,
+                                  progress=lambda file, done, size: bars(Path(file).name, done, size))
     else:
         result = import_calls(ws, paths, format=format, agent=cfg.agent, tools_file=tools)
 

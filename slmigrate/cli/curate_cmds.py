@@ -18,13 +18,6 @@ curate_app = typer.Typer(invoke_without_command=True)
 app.add_typer(curate_app, name="curate")
 
 
-def _progress_bar():
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-    return Progress(TextColumn("{task.description:>8}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                    console=err_console, transient=True)
-
-
 @curate_app.callback()
 def curate_cmd(
     ctx: typer.Context,
@@ -66,15 +59,10 @@ def curate_cmd(
     if json_out:
         report = curate(ws, cfg, force=force)
     else:
-        with _progress_bar() as bar:
-            tasks: dict[str, int] = {}
+        from slmigrate.progress import Bars
 
-            def progress(phase: str, done: int, total: int) -> None:
-                if phase not in tasks:
-                    tasks[phase] = bar.add_task(phase, total=total)
-                bar.update(tasks[phase], completed=done, total=total)
-
-            report = curate(ws, cfg, progress=progress, force=force)
+        with Bars(console=err_console, label="{task.description:>8}") as bars:
+            report = curate(ws, cfg, progress=bars, force=force)
     if json_out:
         print_json(report)
         return

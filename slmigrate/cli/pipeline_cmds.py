@@ -11,6 +11,7 @@ from rich.table import Table
 
 from slmigrate.cli._app import ConfigOpt, JsonOpt, WorkspaceOpt, app, console, err_console, open_workspace, print_json
 from slmigrate.errors import SlmigrateError
+from slmigrate.progress import Bars
 
 _STYLE = {"ran": "green", "skipped": "dim", "failed": "bold red", "unavailable": "yellow", "blocked": "yellow"}
 
@@ -20,31 +21,15 @@ class _Feedback:
     the next stage line closes it, so it never overlaps a stage module's own bar."""
 
     def __init__(self) -> None:
-        self.progress = None
-        self.tasks: dict[str, object] = {}
+        # Bars only on a terminal: in a log file or CI the stage lines are enough.
+        self.bars = Bars(err_console.is_terminal, console=err_console, label="  {task.description}")
 
     def say(self, message: str) -> None:
         self.close()
         err_console.print(f"[dim]›[/] {escape(message)}", highlight=False)
 
-    def bar(self, what: str, done: int, total: int) -> None:
-        if not err_console.is_terminal:
-            return  # a log file or CI: the stage lines are enough
-        if self.progress is None:
-            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-            self.progress = Progress(TextColumn("  {task.description}"), BarColumn(), MofNCompleteColumn(),
-                                     TimeElapsedColumn(), console=err_console, transient=True)
-            self.progress.start()
-            self.tasks = {}
-        if what not in self.tasks:
-            self.tasks[what] = self.progress.add_task(what, total=total or None)
-        self.progress.update(self.tasks[what], completed=done, total=total or None)
-
     def close(self) -> None:
-        if self.progress is not None:
-            self.progress.stop()
-            self.progress = None
+        self.bars.close()
 
     def __enter__(self) -> "_Feedback":
         return self
@@ -131,7 +116,7 @@ def run_cmd(
     ws = open_workspace(workspace)
     with _Feedback() as fb:
         summary = run(ws, config_path=config, from_stage=from_stage, to_stage=to_stage, progress=fb.say,
-                      bar=fb.bar)
+                      bar=fb.bars)
     _finish(summary, json_out, f"slmigrate run ({summary.duration_s:.1f}s)")
 
 
@@ -171,7 +156,7 @@ def audit_cmd(
     cfg = load_config(config) if config else None
     workspace = workspace_path(None) or os.environ.get(env.WORKSPACE) or None
     with _Feedback() as fb:
-        summary = audit(paths, out, progress=fb.say, bar=fb.bar, config=cfg, workspace=workspace, tools=tools,
+        summary = audit(paths, out, progress=fb.say, bar=fb.bars, config=cfg, workspace=workspace, tools=tools,
                         assume_model=assume_model, fewshot=fewshot)
     _finish(summary, json_out, f"slmigrate audit ({summary.duration_s:.1f}s)")
 

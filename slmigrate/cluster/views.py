@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any
 
+from slmigrate.chat_format import message_text
 from slmigrate.record import CallRecord
 
 OUTPUT_KINDS = ("tool_call", "json", "label", "text")
@@ -47,21 +48,10 @@ def digest64(text: str) -> int:
     return int.from_bytes(hashlib.blake2b(text.encode("utf-8", "surrogatepass"), digest_size=8).digest(), "big")
 
 
-def content_text(content: Any) -> str:
-    """The text of a message's ``content`` (a string, or a list of OpenAI content parts)."""
-    if content is None:
-        return ""
-    if isinstance(content, str):
-        return content
-    if isinstance(content, list):
-        parts = []
-        for part in content:
-            if isinstance(part, dict):
-                parts.append(str(part.get("text") or part.get("input_text") or f"[{part.get('type', 'part')}]"))
-            else:
-                parts.append(str(part))
-        return " ".join(parts)
-    return json.dumps(content, ensure_ascii=False, default=str)
+def view_text(message: dict[str, Any]) -> str:
+    """A message's content as the view sees it: parts joined by spaces, an image or audio part named
+    (``[image_url]``). Views feed fingerprints and embedding caches, so this rule must not change."""
+    return message_text(message, sep=" ", other_parts="name")
 
 
 @dataclass(frozen=True)
@@ -84,7 +74,7 @@ def system_prompt(messages: list[dict[str, Any]]) -> str:
     parts = []
     for message in messages:
         if message.get("role") in ("system", "developer"):
-            parts.append(content_text(message.get("content")))
+            parts.append(view_text(message))
         else:
             break
     return "\n".join(p for p in parts if p)
@@ -96,7 +86,7 @@ def latest_turn(messages: list[dict[str, Any]]) -> str:
         role = message.get("role")
         if role in ("user", "tool", "function"):
             label = "user" if role == "user" else "tool result"
-            return f"{label}: {content_text(message.get('content'))}"
+            return f"{label}: {view_text(message)}"
     return "no user turn"
 
 
@@ -106,7 +96,7 @@ def output_kind(message: dict[str, Any] | None) -> str:
         return "text"
     if message.get("tool_calls") or message.get("function_call"):
         return "tool_call"
-    text = content_text(message.get("content")).strip()
+    text = view_text(message).strip()
     if _json_value(text) is not None:
         return "json"
     words = text.split()
@@ -145,7 +135,7 @@ def answer_shape(message: dict[str, Any] | None) -> tuple[str, str, str | None]:
             described.append(f"{fn.get('name') or '?'}({', '.join(map(str, keys))})")
         first = (calls[0].get("function") or {}).get("name")
         return "calls tool " + "; ".join(described), kind, first
-    text = content_text(message.get("content"))
+    text = view_text(message)
     if kind == "json":
         value = _json_value(text)
         if isinstance(value, dict):

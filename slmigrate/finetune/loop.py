@@ -22,8 +22,10 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from slmigrate.finetune.data import IGNORE, Example, collate, length_grouped_batches
+from slmigrate.progress import Bars
 
 CHECKPOINTS_KEPT = 2
+_STOP_REASONS = {"exact": "every validation answer exact", "patience": "validation loss stopped improving"}
 
 
 def world_size() -> int:
@@ -361,7 +363,8 @@ def train(model, train_examples: Sequence[Example], val_examples: Sequence[Examp
         history.train_seconds += time.perf_counter() - began  # part of training's cost: tokens/s stays honest
     model.train()
     epochs_cache: dict[int, list[list[int]]] = {}
-    bar = _Progress(progress, label, s.total_steps, start)
+    bar = Bars(progress, transient=False, fields={"loss": "loss {}", "tps": "{} tok/s"})
+    bar(label, start, s.total_steps)
     with bar:
         for step in range(start, s.total_steps):
             if stop_after is not None and step - start >= stop_after:
@@ -415,9 +418,12 @@ def train(model, train_examples: Sequence[Example], val_examples: Sequence[Examp
                         history.stopped_early, history.stop_reason = True, "patience"
             if done % s.checkpoint_every == 0 and done < s.total_steps and main:
                 save_checkpoint(checkpoint_dir, done, unwrapped, optimizer, scheduler, history, best_state)
-            bar.update(done, float(loss), history.tokens_per_second)
+            if math.isfinite(float(loss)):
+                bar(label, done, s.total_steps, loss=f"{float(loss):.4f}", tps=f"{history.tokens_per_second:,.0f}")
             if history.stopped_early:
-                bar.stopped(done, history.stop_reason)
+                # End the bar where training stopped, saying why, instead of leaving it frozen part-way.
+                bar.end(label, done, "stopped early: " + _STOP_REASONS.get(history.stop_reason or "",
+                                                                            str(history.stop_reason)))
                 break
     if accelerator is not None:
         accelerator.wait_for_everyone()  # no rank moves on (to saving, or the next cluster) alone
@@ -430,42 +436,3 @@ def _no_cache(create_causal_mask) -> dict[str, None]:
     import inspect
 
     return {"cache" if "cache" in inspect.signature(create_causal_mask).parameters else "past_key_values": None}
-
-
-class _Progress:
-    """A rich progress bar on stderr with loss, tokens/s and ETA (silent when disabled)."""
-
-    def __init__(self, enabled: bool, label: str, total: int, start: int):
-        self.enabled, self.label, self.total, self.start = enabled, label, total, start
-
-    def __enter__(self):
-        if self.enabled:
-            from rich.console import Console
-            from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
-                                       TimeRemainingColumn)
-
-            self.progress = Progress(
-                TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                TextColumn("loss {task.fields[loss]}"), TextColumn("{task.fields[tps]} tok/s"),
-                TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(),
-                console=Console(stderr=True), transient=False,
-            )
-            self.progress.__enter__()
-            self.task = self.progress.add_task(self.label, total=self.total, completed=self.start,
-                                               loss="-", tps="-")
-        return self
-
-    def update(self, done: int, loss: float, tps: float) -> None:
-        if self.enabled and math.isfinite(loss):
-            self.progress.update(self.task, completed=done, loss=f"{loss:.4f}", tps=f"{tps:,.0f}")
-
-    def stopped(self, done: int, reason: str | None) -> None:
-        """End the bar where training stopped, saying why, instead of leaving it frozen part-way."""
-        if self.enabled:
-            why = {"exact": "every validation answer exact", "patience": "validation loss stopped improving"}
-            self.progress.update(self.task, total=done, completed=done,
-                                 description=f"{self.label} (stopped early: {why.get(reason or '', reason)})")
-
-    def __exit__(self, *exc):
-        if self.enabled:
-            self.progress.__exit__(*exc)

@@ -10,11 +10,12 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 
 from slmigrate.pii.engine import (ALL_ENTITIES, DEFAULT_ENTITIES, OPTIONAL_ENTITIES, Found, TextAnalyzer,
                                   analyze_parallel, build_analyzer)
 from slmigrate.pii.scrub import SAFE_METADATA_KEYS, CallScrubber, replace_in_text, texts_of
+from slmigrate.progress import Progress
 from slmigrate.record import CallRecord
 
 __all__ = ["ALL_ENTITIES", "DEFAULT_ENTITIES", "OPTIONAL_ENTITIES", "SAFE_METADATA_KEYS", "Found", "TextAnalyzer",
@@ -41,7 +42,7 @@ def resolve_entities(entities: Iterable[str] | None) -> list[str]:
 def scrub_calls(
     calls: list[CallRecord], *, mode: str = "placeholder", entities: Iterable[str] | None = None,
     workers: int | None = None, seed: int = 0, allow: Iterable[str] = (), score_threshold: float = 0.4,
-    analyzer: TextAnalyzer | None = None, progress: Callable[[str, int, int], None] | None = None,
+    analyzer: TextAnalyzer | None = None, progress: Progress | None = None,
     engine: str = "local", address: str | None = None, keep_metadata: Iterable[str] = (),
 ) -> tuple[list[CallRecord], list[dict[str, str]], TextAnalyzer | None]:
     """Scrub ``calls``; returns the scrubbed copies, per call the replacements made (replacement -> entity

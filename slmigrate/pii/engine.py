@@ -19,6 +19,7 @@ from typing import Any, NamedTuple
 from slmigrate.pii.false_positives import not_a_person
 from slmigrate.pii.recognizers import (ACCOUNT_ENTITIES, SECRET_ENTITIES, SPACY_MODEL, entity_for_key,
                                        extra_recognizers)
+from slmigrate.progress import Advance
 
 
 # What `curate` scrubs unless told otherwise: what identifies a person or an account, and secrets. LOCATION,
@@ -293,7 +294,7 @@ class TextAnalyzer:
         supported = set(self.engine.get_supported_entities("en"))
         return [e for e in self.entities if e in supported]
 
-    def analyze_many(self, texts: Iterable[str], progress: Callable[[int], None] | None = None) -> None:
+    def analyze_many(self, texts: Iterable[str], progress: Advance | None = None) -> None:
         """Fill the cache for every text not yet in it, batching the NLP pass through spaCy's nlp.pipe."""
         todo = list(dict.fromkeys(t for t in texts if t and t not in self.cache))
         if not todo:
@@ -347,7 +348,7 @@ DEFAULT_MAX_WORKERS = 8
 
 
 def analyze_parallel(analyzer: TextAnalyzer, texts: list[str], workers: int | None = None,
-                     progress: Callable[[int], None] | None = None, chunk: int = 64, engine: str = "local",
+                     progress: Advance | None = None, chunk: int = 64, engine: str = "local",
                      address: str | None = None) -> None:
     """Analyse ``texts`` into ``analyzer.cache`` with ``workers`` workers on ``engine`` (local: processes, or this
     process for one worker or little work; ray: actors, see slmigrate/engines.py). ``workers`` None: one per
