@@ -25,7 +25,7 @@ import time
 from pathlib import Path
 from typing import Any, Sequence
 
-from slmigrate import chat_format, models
+from slmigrate import artifacts, chat_format, models
 from slmigrate.config import FinetuneConfig
 from slmigrate.errors import SlmigrateError
 from slmigrate.finetune import loop
@@ -38,25 +38,17 @@ __all__ = ["finetune", "finetune_cluster", "defaults", "plan"]
 # --- which clusters, which model -------------------------------------------------------------------------
 
 def _cluster_ids(ws: Workspace) -> list[str]:
-    """Cluster ids from ``clusters/clusters.json`` (noise excluded), else from the stored assignments."""
-    path = ws.path("clusters", "clusters.json")
-    if path.exists():
-        data = json.loads(path.read_text(encoding="utf-8"))
-        items = data.get("clusters", data) if isinstance(data, dict) else data
-        if isinstance(items, dict):
-            items = [{"id": k, **v} for k, v in items.items()]
-        return [str(c.get("id", c.get("cluster"))) for c in items
-                if isinstance(c, dict) and not c.get("noise") and str(c.get("id", c.get("cluster"))) != "-1"]
-    return sorted({c for c in ws.store.clusters_of().values() if c is not None and c != "-1"})
+    """The cluster stage's task ids, else (a workspace clustered by other means) those in the stored assignments."""
+    found = artifacts.clusters_file(ws, required=False)
+    if found is not None:
+        return [c["id"] for c in found["clusters"]]
+    return sorted({c for c in ws.store.clusters_of().values() if c is not None})
 
 
 def _selected_models(ws: Workspace) -> dict[str, str]:
     """Cluster id -> the model ``slmigrate select`` chose (empty when select has not run)."""
-    path = ws.path("selection.json")
-    if not path.exists():
-        return {}
-    data = json.loads(path.read_text(encoding="utf-8"))
-    return {str(c["cluster"]): c["choice"] for c in data.get("clusters", []) if c.get("choice")}
+    found = artifacts.selection(ws, required=False)
+    return {c["cluster"]: c["choice"] for c in (found or {"clusters": []})["clusters"] if c.get("choice")}
 
 
 def plan(ws: Workspace, config: FinetuneConfig, clusters: Sequence[str] | None = None,
