@@ -125,6 +125,11 @@ def path(ws: Workspace, parts: tuple[str, ...]) -> Path:
     return ws.path(*parts)
 
 
+def relative_name(parts: tuple[str, ...]) -> str:
+    """The file as shown to people: relative to the workspace."""
+    return "/".join(parts)
+
+
 def exists(ws: Workspace, parts: tuple[str, ...]) -> bool:
     return ws.path(*parts).exists()
 
@@ -208,7 +213,7 @@ def write_evaluation(ws: Workspace, body: EvaluationFile) -> None:
     write_json(ws.path(*EVALUATION), body)
 
 
-def evaluation_run_file(ws: Workspace, run: str) -> str:
+def evaluation_run_file(run: str) -> str:
     """Where a run's results are, as shown to people (relative to the workspace)."""
     return "/".join((EVALUATION[0], run, EVAL_RUN_RESULTS))
 

@@ -331,7 +331,7 @@ def select(ws: Workspace, config: SelectConfig | None = None, *, force: bool = F
     chosen = sum(1 for c in per_cluster if c["choice"])
     ws.write_manifest("select", fingerprint=fingerprint, config=config.model_dump(),
                       counts={"clusters": len(per_cluster), "chosen": chosen, "catalogue": len(entries)},
-                      started=started, extra={"artifact": artifacts.path(ws, artifacts.SELECTION).name})
+                      started=started, extra={"artifact": artifacts.relative_name(artifacts.SELECTION)})
     result["fresh"] = False
     return result
 
