@@ -20,6 +20,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from slmigrate import artifacts
 from slmigrate.errors import SlmigrateError
 from slmigrate.record import CallRecord
 
@@ -123,11 +124,10 @@ def prepare(ws: Any, root: str | Path, *, categories: tuple[str, ...] = CATEGORI
                             {"test_share": test_share, "validation_share": validation_share, "seed": seed})
     ws.store.set_clusters({r.id: CLUSTER for r in records})
     counts = {s: sum(v == s for v in splits.values()) for s in ("train", "validation", "test")}
-    ws.path("clusters").mkdir(exist_ok=True)
-    (ws.path("clusters") / "clusters.json").write_text(json.dumps({"clusters": [{
+    artifacts.write_clusters(ws, {"clusters": [{
         "id": CLUSTER, "label": "BFCL function calling (" + ", ".join(categories) + ")",
         "output_kind": "tool_call", "size": len(records),
-    }]}, indent=2))
+    }]})
     return {"calls": len(records), "inserted": inserted, "curated_version": version, "splits": counts,
             "cluster": CLUSTER}
 

@@ -226,8 +226,7 @@ def curate(ws: Workspace, config: CurateConfig | None = None, progress: Progress
     version = curated.write_curated(ws, rows(), finish_report, config.model_dump(mode="json"))
     report["version"] = version
     # The version lives in the report file too, for `skipped` re-runs that return it.
-    (curated.version_dir(ws, version) / "report.json").write_text(
-        json.dumps(report, indent=2, ensure_ascii=False, default=str))
+    curated.write_report(ws, version, report)
     ws.write_manifest("curate", fingerprint=fp, config=config.model_dump(mode="json"),
                       counts={"calls_in": report["calls_in"], "calls_out": report["calls_out"], **report["splits"]},
                       started=started, extra={"store_fingerprint": ws.store.fingerprint(), "version": version})

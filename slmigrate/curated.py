@@ -29,6 +29,7 @@ SPLITS = ("train", "validation", "test")
 COLUMNS = ("id", "input_id", "session", "agent", "model", "timestamp", "split", "request", "response",
            "prompt_tokens", "completion_tokens", "outcome", "metadata")
 WRITE_BATCH = 2000  # rows per Arrow record batch when writing a version
+REPORT_FILE = "report.json"  # in each version folder: the curate report
 
 
 @dataclass
@@ -119,7 +120,7 @@ def write_curated(ws: Workspace, rows: Iterable[dict[str, Any]],
         data_file.unlink()
         datasets.Dataset.from_dict({c: [] for c in COLUMNS}, features=features).save_to_disk(str(folder))
     report = report() if callable(report) else report
-    (tmp / "report.json").write_text(json.dumps(report, indent=2, ensure_ascii=False, default=str))
+    _write_report(tmp, report)
     (tmp / "config.json").write_text(json.dumps(config, indent=2, default=str))
     tmp.rename(target)
     (root / "CURRENT").write_text(version + "\n")
@@ -172,4 +173,13 @@ def load_curated(ws: Workspace, split: str | None = None, version: str | None = 
 
 
 def load_report(ws: Workspace, version: str | None = None) -> dict[str, Any]:
-    return json.loads((version_dir(ws, version) / "report.json").read_text())
+    return json.loads((version_dir(ws, version) / REPORT_FILE).read_text())
+
+
+def write_report(ws: Workspace, version: str, report: dict[str, Any]) -> None:
+    """Replace a written version's report (curate adds the version's own name to it)."""
+    _write_report(version_dir(ws, version), report)
+
+
+def _write_report(folder: Path, report: dict[str, Any]) -> None:
+    (folder / REPORT_FILE).write_text(json.dumps(report, indent=2, ensure_ascii=False, default=str))

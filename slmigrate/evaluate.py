@@ -22,7 +22,9 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from slmigrate import artifacts
 from slmigrate import metrics as M
+from slmigrate.artifacts import ClusterInfo
 from slmigrate.chat_format import StaticPrompt, message_text
 from slmigrate.config import EvaluateConfig, PricesConfig
 from slmigrate.curated import CuratedCall, current_version, load_curated
@@ -35,20 +37,13 @@ VARIANTS = ("base", "icl", "finetuned")
 
 # --- inputs from other stages ------------------------------------------------------------------------------
 
-def load_clusters(ws: Workspace) -> dict[str, dict[str, Any]]:
-    """Cluster id -> its description from ``clusters/clusters.json`` (output kind, label, estimate...)."""
-    path = ws.path("clusters", "clusters.json")
-    if not path.exists():
-        raise SlmigrateError(f"no clusters in {ws.root} ({path} is missing); run `slmigrate cluster` first")
-    data = json.loads(path.read_text())
-    items = data.get("clusters", data) if isinstance(data, dict) else data
-    if isinstance(items, dict):
-        items = [{"id": k, **v} for k, v in items.items()]
-    return {str(c.get("id", c.get("cluster"))): c for c in items}
+def load_clusters(ws: Workspace) -> dict[str, ClusterInfo]:
+    """Cluster id -> its description from the cluster stage (output kind, label, estimate...)."""
+    return {c["id"]: c for c in ws.clusters()}
 
 
-def cluster_kind(info: dict[str, Any]) -> str:
-    kind = info.get("output_kind") or info.get("kind") or "text"
+def cluster_kind(info: ClusterInfo) -> str:
+    kind = info.get("output_kind", "text")
     return kind if kind in M.KINDS else "text"
 
 
@@ -271,22 +266,17 @@ def migration_plan(ws: Workspace, results: list[dict[str, Any]], clusters: dict[
             "estimate": _overall_estimate(ws)}
 
 
-def cluster_estimate(info: dict[str, Any]) -> Any:
+def cluster_estimate(info: ClusterInfo) -> dict[str, Any] | None:
     """``slmigrate cluster``'s up-front replaceability guess for one cluster (score, verdict, reasons)."""
-    score = info.get("replaceability", info.get("estimate"))
-    if isinstance(score, dict) or score is None:
-        return score
-    return {"score": score, "likely_replaceable": info.get("likely_replaceable"), "reasons": info.get("reasons")}
+    if "replaceability" not in info:
+        return None
+    return {"score": info["replaceability"], "likely_replaceable": info.get("likely_replaceable"),
+            "reasons": info.get("reasons")}
 
 
 def _overall_estimate(ws: Workspace) -> Any:
-    path = ws.path("clusters", "clusters.json")
-    data = json.loads(path.read_text()) if path.exists() else {}
-    if isinstance(data, dict):
-        for key in ("overall", "estimate", "replaceability"):
-            if key in data:
-                return data[key]
-    return None
+    found = artifacts.clusters_file(ws, required=False)
+    return None if found is None else found.get("overall")
 
 
 # --- the whole run -------------------------------------------------------------------------------------------
@@ -307,9 +297,7 @@ def evaluate(ws: Workspace, config: EvaluateConfig | None = None, clusters: Sequ
         raise SlmigrateError(f"unknown variant(s) {', '.join(bad)}; choose from {', '.join(VARIANTS)}")
     started = time.time()
     known = load_clusters(ws)
-    # The noise bucket (one-off calls) is no task: nothing to migrate there unless asked for by id.
-    wanted = list(clusters) if clusters else sorted(c for c, info in known.items()
-                                                    if not info.get("noise") and c != "-1")
+    wanted = list(clusters) if clusters else sorted(known)  # unclustered calls are no task: not in ``known``
     missing = [c for c in wanted if c not in known]
     if missing:
         raise SlmigrateError(f"unknown cluster(s) {', '.join(missing)}; see `slmigrate cluster --json` for ids "
@@ -330,13 +318,11 @@ def evaluate(ws: Workspace, config: EvaluateConfig | None = None, clusters: Sequ
                                  {c: [str(a), a.stat().st_mtime] if a else None for c, a in adapters.items()},
                                  getattr(judge, "model", None), getattr(judge, "mode", None),
                                  _overall_estimate(ws))
-    latest = ws.path("evals", "latest.json")
-    if not force and ws.is_fresh("evaluate", fingerprint) and latest.exists():
-        cached = json.loads(latest.read_text())
-        cached["skipped_unchanged"] = True
-        return cached
-    previous = json.loads(latest.read_text()) if latest.exists() else {}
-    previously = {r["cluster"] for r in previous.get("clusters", []) if r.get("decision", {}).get("migrate")}
+    previous = ws.evaluation()
+    if not force and previous is not None and ws.is_fresh("evaluate", fingerprint):
+        return {**previous, "skipped_unchanged": True}
+    previously = {r["cluster"] for r in (previous or {"clusters": []})["clusters"]
+                  if r.get("decision", {}).get("migrate")}
 
     if embedder is None and config.embedder != "none" and any(cluster_kind(known[c]) == "text" for c in wanted):
         from slmigrate.embed import get_embedder
@@ -376,9 +362,9 @@ def evaluate(ws: Workspace, config: EvaluateConfig | None = None, clusters: Sequ
         "clusters": results, "skipped": skipped, "plan": plan,
         "duration_s": round(time.time() - started, 1),
     }
-    (tmp / "results.json").write_text(json.dumps(body, indent=2, ensure_ascii=False, default=str))
+    artifacts.write_evaluation_run(tmp, body)
     tmp.rename(out_dir)
-    latest.write_text(json.dumps(body, indent=2, ensure_ascii=False, default=str))
+    artifacts.write_evaluation(ws, body)
     ws.write_manifest("evaluate", fingerprint=fingerprint, config=config.model_dump(), started=started,
                       counts={"clusters": len(results), "migrate": len(plan["migrating_clusters"]),
                               "test_calls": sum(r["test_calls"] for r in results)},

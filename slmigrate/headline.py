@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
+from slmigrate import artifacts
 from slmigrate.config import Config
 from slmigrate.record import TIMESTAMP_MISSING_KEY
 from slmigrate.usage import ESTIMATED_KEY
@@ -39,13 +40,6 @@ def log_facts(ws: Workspace) -> dict[str, Any]:
             "llm_latency_p50_ms": latencies[len(latencies) // 2] if latencies else None}
 
 
-def _read(path) -> Any:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
-
-
 def _slm_cost_per_call(probed: dict[str, Any] | None, evals: dict[str, Any] | None, config: Config
                        ) -> tuple[float | None, float | None, str | None]:
     """(USD per call, latency p50 ms, where from) of the small model: the fine-tuned evaluation when there is
@@ -69,15 +63,13 @@ def _slm_cost_per_call(probed: dict[str, Any] | None, evals: dict[str, Any] | No
 
 def headline(ws: Workspace, config: Config) -> dict[str, Any] | None:
     """The answer in numbers (``text``: in words), or None before the cluster stage has run."""
-    clusters = _read(ws.path("clusters", "clusters.json"))
-    if not isinstance(clusters, dict):
+    clusters = artifacts.clusters_file(ws, required=False)
+    if clusters is None:
         return None
-    from slmigrate.probe import load_probe
-
-    probed = load_probe(ws)
-    evals = _read(ws.path("evals", "latest.json"))
+    probed = ws.probe()
+    evals = ws.evaluation()
     facts = log_facts(ws)
-    tasks = [c for c in clusters.get("clusters") or [] if not c.get("noise")]
+    tasks = clusters["clusters"]
     calls, cost = int(clusters.get("calls") or 0), float(clusters.get("cost_usd") or 0.0)
     prior = clusters.get("overall") or {}
     measured = (probed or {}).get("overall") or {}

@@ -16,7 +16,6 @@ the stage manifest's creation time), so ``slmigrate status`` keeps showing only 
 from __future__ import annotations
 
 import importlib
-import json
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -197,26 +196,11 @@ def _run_probe(ctx: _Context) -> dict[str, Any]:
     return _manifest_counts(ctx.ws, "probe")
 
 
-def _clusters_json(ws: Workspace) -> list[dict[str, Any]]:
-    path = ws.path("clusters", "clusters.json")
-    if not path.exists():
-        raise SlmigrateError(f"no clusters in {ws.root}; run `slmigrate run --from cluster` (or `slmigrate cluster`)")
-    data = json.loads(path.read_text(encoding="utf-8"))
-    items = data.get("clusters", []) if isinstance(data, dict) else data
-    if isinstance(items, dict):
-        items = [{"id": k, **v} for k, v in items.items()]
-    return [c for c in items if isinstance(c, dict) and not c.get("noise")]
-
-
-def _likely(cluster: dict[str, Any]) -> bool:
-    return bool(cluster.get("likely_replaceable"))
-
-
 def train_clusters(ws: Workspace, config: Config) -> list[str] | None:
     """The clusters `run` fine-tunes and evaluates: those estimated replaceable, or all (None)."""
     if config.run.train == "all":
         return None
-    return [str(c.get("id")) for c in _clusters_json(ws) if _likely(c)]
+    return [c["id"] for c in ws.clusters() if c.get("likely_replaceable")]
 
 
 def _run_finetune(ctx: _Context) -> dict[str, Any]:
@@ -474,10 +458,10 @@ def _gate(ws: Workspace, config: Config) -> dict[str, Any] | None:
     from slmigrate.evaluate import gate
 
     fail_under = config.evaluate.fail_under
-    latest = ws.path("evals", "latest.json")
-    if fail_under is None or not latest.exists():
+    evaluation = ws.evaluation()
+    if fail_under is None or evaluation is None:
         return None
-    return {"fail_under": fail_under, "failing": gate(json.loads(latest.read_text()), fail_under)}
+    return {"fail_under": fail_under, "failing": gate(dict(evaluation), fail_under)}
 
 
 def audit(paths: Sequence[str | Path], out_dir: str | Path | None = None, progress: Say | None = None, *,

@@ -33,12 +33,12 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
+from slmigrate import artifacts
 from slmigrate import metrics as M
 from slmigrate.config import Config
 from slmigrate.errors import SlmigrateError
 from slmigrate.workspace import Workspace, fingerprint_of
 
-PROBE_FILE = "probe.json"
 METHOD_VERSION = "probe1"
 POOL_CAP = 5000  # train calls per task searched for neighbours: plenty for a task, bounded for huge logs
 TURN_CHARS = 4000  # request text compared: the end of the conversation, where the task's input is
@@ -323,24 +323,24 @@ def probe(ws: Workspace, config: Config | None = None, *, force: bool = False,
           progress: Callable[[str, int, int], None] | None = None) -> dict[str, Any]:
     """Probe every cluster; skipped when the clusters and the probe's settings are unchanged."""
     from slmigrate import curated
-    from slmigrate.evaluate import cluster_kind, load_clusters
+    from slmigrate.evaluate import cluster_kind
 
     config = config or Config()
     cfg = config.probe
     clusters_manifest = ws.manifest("cluster")
-    if clusters_manifest is None or not ws.path("clusters", "clusters.json").exists():
+    body = artifacts.clusters_file(ws, required=False)
+    if clusters_manifest is None or body is None:
         raise SlmigrateError(f"no clusters in {ws.root}; run `slmigrate cluster` first, then `slmigrate probe`")
     import torch
 
     fingerprint = fingerprint_of(METHOD_VERSION, curated.current_version(ws), clusters_manifest["fingerprint"],
                                  cfg.model_dump(), config.evaluate.primary, config.evaluate.threshold,
                                  torch.cuda.is_available())
-    out_file = ws.path("probe", PROBE_FILE)
-    if not force and ws.is_fresh("probe", fingerprint) and out_file.exists():
-        return {**json.loads(out_file.read_text()), "skipped": True}
+    stored = ws.probe() if not force and ws.is_fresh("probe", fingerprint) else None
+    if stored is not None:
+        return {**stored, "skipped": True}
     started = time.time()
-    body = json.loads(ws.path("clusters", "clusters.json").read_text())
-    known = {cid: info for cid, info in load_clusters(ws).items() if not info.get("noise") and cid != "-1"}
+    known = {c["id"]: c for c in body["clusters"]}
     pools, held = task_calls(ws, set(known), cfg.neighbour_calls, cfg.seed)
     small = _SmallModel(cfg.model or config.evaluate.model)
     fewshot_left = cfg.fewshot_total if cfg.fewshot_calls else 0
@@ -385,16 +385,9 @@ def probe(ws: Workspace, config: Config | None = None, *, force: bool = False,
         "clusters": tasks, "overall": _shares(tasks, int(body.get("calls") or 0), float(body.get("cost_usd") or 0)),
         "duration_s": round(time.time() - started, 2),
     }
-    out_file.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_file.with_name("." + PROBE_FILE + ".tmp")
-    tmp.write_text(json.dumps(out, indent=2, ensure_ascii=False, default=str))
-    tmp.replace(out_file)
+    artifacts.write_probe(ws, out)
     ws.write_manifest("probe", fingerprint=fingerprint, config=cfg.model_dump(), started=started,
                       counts={"clusters": len(tasks), "replaceable": len(out["overall"]["replaceable_clusters"]),
                               "fewshot_calls": cfg.fewshot_total - fewshot_left if cfg.fewshot_calls else 0})
     return {**out, "skipped": False}
 
-
-def load_probe(ws: Workspace) -> dict[str, Any] | None:
-    path = ws.path("probe", PROBE_FILE)
-    return json.loads(path.read_text()) if path.exists() else None

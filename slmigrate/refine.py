@@ -149,7 +149,7 @@ def plan_refine(ws: Workspace, config: Config, *,
                 metric_fn: Callable[[Any, Sequence[CallRecord]], float | None] | None = None,
                 cluster_model: Any = None) -> dict[str, Any]:
     """Everything refine would do, without changing anything."""
-    from slmigrate.cluster.model import ClusterModel, load_clusters
+    from slmigrate.cluster.model import ClusterModel
     from slmigrate.serve.deployment import load_deployments
 
     since = _baseline_seq(ws)
@@ -164,7 +164,7 @@ def plan_refine(ws: Workspace, config: Config, *,
     curated, dropped = curate_new(calls, config)
     plan.update(curated=len(curated), dropped=dict(dropped))
     model = cluster_model or ClusterModel.load(ws)
-    known = {c["id"]: c for c in load_clusters(ws).get("clusters", [])}
+    known = {c["id"]: c for c in ws.clusters()}
     ids = model.assign_many(curated)
     new_by = defaultdict(list)
     for call, cid in zip(curated, ids):
@@ -277,8 +277,7 @@ def _apply_retraining(ws: Workspace, config: Config, clusters: list[str], why: d
     known = dict(zip([c.id for c in calls], model.assign_many(calls)))
     ws.store.set_clusters(known)
     stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
-    evals = ws.path("evals", "latest.json")
-    previous = {r["cluster"]: r for r in json.loads(evals.read_text()).get("clusters", [])} if evals.exists() else {}
+    previous = {r["cluster"]: r for r in (ws.evaluation() or {"clusters": []})["clusters"]}
     warm = {}
     for cid in clusters:
         current = find_adapter(ws, cid)

@@ -23,19 +23,19 @@ cluster's ``choice``.
 
 from __future__ import annotations
 
-import json
 import math
 import time
 from pathlib import Path
 from typing import Any, Callable
 
+from slmigrate import artifacts
 from slmigrate import catalog as cat
+from slmigrate.artifacts import ClusterInfo, SelectionFile
 from slmigrate.config import SelectConfig
 from slmigrate.errors import SlmigrateError
 from slmigrate.record import now_iso
 from slmigrate.workspace import Workspace, fingerprint_of
 
-SELECTION_FILE = "selection.json"
 KINDS = ("tool_call", "json", "label", "text")
 DEFAULT_SEQ_LEN = 2048
 MIN_SEQ_LEN = 64
@@ -55,31 +55,13 @@ GIB_FMT = "{:.1f}"
 
 # --- inputs ----------------------------------------------------------------------------------------------------
 
-def load_clusters(ws: Workspace) -> list[dict[str, Any]]:
-    """Clusters from ``clusters/clusters.json``: a list, or ``{"clusters": [...]}`` / ``{"clusters": {id: ...}}``."""
-    path = ws.path("clusters", "clusters.json")
-    if not path.exists():
-        raise SlmigrateError(f"no clusters in {ws.root} ({path} is missing); run `slmigrate cluster` first")
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as exc:
-        raise SlmigrateError(f"cannot read {path}: {exc}; re-run `slmigrate cluster`") from exc
-    items = data.get("clusters", []) if isinstance(data, dict) else data
-    if isinstance(items, dict):
-        items = [{"id": k, **v} for k, v in items.items()]
-    out = []
-    for c in items or []:
-        if not isinstance(c, dict):
-            continue
-        cid = c.get("id", c.get("cluster"))
-        if cid is None:
-            continue
-        if c.get("noise") or str(cid) in ("-1", "noise"):
-            continue  # calls no recurring task claimed: nothing to specialise a model for
-        out.append(c)
-    if not out:
-        raise SlmigrateError(f"{path} holds no clusters; run `slmigrate cluster` on more calls")
-    return out
+def load_clusters(ws: Workspace) -> list[ClusterInfo]:
+    """The cluster stage's tasks; an error when there are none to pick a model for."""
+    found = ws.clusters()
+    if not found:
+        raise SlmigrateError(f"the cluster stage found no recurring task in {ws.root}; run `slmigrate cluster` "
+                             "on more calls (or with a smaller --min-size)")
+    return found
 
 
 def _num(*values: Any) -> float | None:
@@ -89,21 +71,13 @@ def _num(*values: Any) -> float | None:
     return None
 
 
-def cluster_needs(c: dict[str, Any]) -> tuple[str, int, bool]:
+def cluster_needs(c: ClusterInfo) -> tuple[str, int, bool]:
     """(output kind, tokens a call needs: p95 prompt + p95 completion, whether the tokens were known)."""
-    kind = c.get("output_kind") or c.get("kind") or "text"
+    kind = c.get("output_kind", "text")
     kind = kind if kind in KINDS else "text"
-    def sub(key: str) -> dict[str, Any]:
-        return c.get(key) if isinstance(c.get(key), dict) else {}
-
-    # The cluster stage writes {"prompt_tokens": {"p95": ...}, "completion_tokens": {"p95": ...}}; flatter
-    # spellings (a "tokens" block, or prompt_tokens_p95) are accepted too.
-    tokens = sub("tokens")
-    prompt = _num(sub("prompt_tokens").get("p95"), tokens.get("prompt_p95"), c.get("prompt_tokens_p95"),
-                  c.get("prompt_p95"))
-    completion = _num(sub("completion_tokens").get("p95"), tokens.get("completion_p95"),
-                      c.get("completion_tokens_p95"), c.get("completion_p95"))
-    if prompt is None:
+    prompt = _num(c.get("prompt_tokens", {}).get("p95"))
+    completion = _num(c.get("completion_tokens", {}).get("p95"))
+    if prompt is None:  # a cluster file without token figures (bfcl.prepare's)
         return kind, DEFAULT_SEQ_LEN, False
     return kind, max(MIN_SEQ_LEN, int(math.ceil(prompt + (completion or 0)))), True
 
@@ -200,7 +174,7 @@ def _params_text(n: int) -> str:
 
 # --- the stage -------------------------------------------------------------------------------------------------
 
-def rank_cluster(c: dict[str, Any], entries: list[cat.ModelEntry], config: SelectConfig, hw: dict[str, Any],
+def rank_cluster(c: ClusterInfo, entries: list[cat.ModelEntry], config: SelectConfig, hw: dict[str, Any],
                  licence_ok: Callable[[cat.ModelEntry], bool], licence_text: str,
                  floors: dict[str, float]) -> dict[str, Any]:
     kind, seq_len, known = cluster_needs(c)
@@ -242,7 +216,7 @@ def rank_cluster(c: dict[str, Any], entries: list[cat.ModelEntry], config: Selec
                                                       f"{len(ranked)} (score {r['score']:.1f}) below --top "
                                                       f"{config.top}"})
     return {
-        "cluster": c.get("id", c.get("cluster")), "label": c.get("label") or c.get("group"), "output_kind": kind,
+        "cluster": c["id"], "label": c.get("label") or c.get("group"), "output_kind": kind,
         "size": c.get("size", c.get("calls")), "seq_len": seq_len, "tokens_known": known,
         "candidates": top, "rejected": rejected,
         "choice": top[0]["name"] if top else None, "choice_reason": None,
@@ -326,17 +300,15 @@ def select(ws: Workspace, config: SelectConfig | None = None, *, force: bool = F
     entries = list(cat.load(ws).values())
     hw = hardware(config)
     licence_ok, licence_text = license_filter(config.license)
-    clusters_text = ws.path("clusters", "clusters.json").read_text(encoding="utf-8")
+    clusters_text = artifacts.text(ws, artifacts.CLUSTERS)
     # Which weights are obtainable decides the choice, so pulling a model later makes the selection stale.
     check = weights_of or weights_available
     weights = {e.name: check(e.name) for e in entries}
     fingerprint = fingerprint_of("select", clusters_text, config.model_dump(),
                                  [e.raw for e in entries], weights)
-    out_path = ws.path(SELECTION_FILE)
-    if not force and ws.is_fresh("select", fingerprint) and out_path.exists():
-        cached = json.loads(out_path.read_text(encoding="utf-8"))
-        cached["fresh"] = True
-        return cached
+    cached = artifacts.selection(ws, required=False) if not force and ws.is_fresh("select", fingerprint) else None
+    if cached is not None:
+        return {**cached, "fresh": True}
     floors = _floors(entries)
     per_cluster = [rank_cluster(c, entries, config, hw, licence_ok, licence_text, floors) for c in clusters]
     probe_note = None
@@ -355,27 +327,18 @@ def select(ws: Workspace, config: SelectConfig | None = None, *, force: bool = F
         "probe": probe_note,
         "clusters": per_cluster,
     }
-    _write_json(out_path, result)
+    artifacts.write_selection(ws, result)
     chosen = sum(1 for c in per_cluster if c["choice"])
     ws.write_manifest("select", fingerprint=fingerprint, config=config.model_dump(),
                       counts={"clusters": len(per_cluster), "chosen": chosen, "catalogue": len(entries)},
-                      started=started, extra={"artifact": SELECTION_FILE})
+                      started=started, extra={"artifact": artifacts.relative_name(artifacts.SELECTION)})
     result["fresh"] = False
     return result
 
 
-def load_selection(ws: Workspace) -> dict[str, Any]:
+def load_selection(ws: Workspace) -> SelectionFile:
     """The saved selection (for finetune: ``clusters[i]["choice"]`` and ``candidates[0]``)."""
-    path = ws.path(SELECTION_FILE)
-    if not path.exists():
-        raise SlmigrateError(f"no model selection in {ws.root}; run `slmigrate select` first")
-    return json.loads(path.read_text(encoding="utf-8"))
-
-
-def _write_json(path: Path, data: Any) -> None:
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-    tmp.replace(path)
+    return ws.selection()
 
 
 def _apply_probe(ws: Workspace, per_cluster: list[dict[str, Any]], config: SelectConfig,

@@ -14,7 +14,7 @@ from functools import cached_property
 from pathlib import Path
 from typing import Any
 
-from slmigrate import env
+from slmigrate import artifacts, env
 from slmigrate.errors import SlmigrateError
 from slmigrate.record import now_iso
 from slmigrate.store import Store
@@ -98,6 +98,25 @@ class Workspace:
                 if part in ARTIFACT_DIRS and (self.root.joinpath(*parts[i:])).exists():
                     return self.root.joinpath(*parts[i:])
         return path
+
+    # --- the stages' artifacts (slmigrate/artifacts.py names the files and owns their shapes) ---
+    def clusters(self) -> list[artifacts.ClusterInfo]:
+        """The tasks ``slmigrate cluster`` found, largest first; a SlmigrateError before it has run."""
+        return artifacts.clusters(self)
+
+    def selection(self) -> artifacts.SelectionFile:
+        """The models ``slmigrate select`` ranked and chose; a SlmigrateError before it has run."""
+        found = artifacts.selection(self)
+        assert found is not None  # required: raises instead
+        return found
+
+    def evaluation(self) -> artifacts.EvaluationFile | None:
+        """The newest ``slmigrate evaluate`` results, or None before it has run."""
+        return artifacts.evaluation(self, required=False)
+
+    def probe(self) -> artifacts.ProbeFile | None:
+        """The ``slmigrate probe`` measurements, or None before it has run."""
+        return artifacts.probe(self)
 
     # --- manifests ---
     def write_manifest(

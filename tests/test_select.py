@@ -173,8 +173,7 @@ def test_choice_falls_back_to_a_model_whose_weights_are_here(ws):
 def test_reads_the_cluster_stage_token_layout(workspace):
     workspace.path("clusters", "clusters.json").write_text(json.dumps({"clusters": [
         {"id": "c3", "group": "airline", "output_kind": "tool_call", "size": 40,
-         "prompt_tokens": {"total": 1, "p50": 4000, "p95": 9000}, "completion_tokens": {"p50": 50, "p95": 120}},
-        {"id": "-1", "output_kind": "text", "size": 3, "prompt_tokens": {"p95": 10}}]}))
+         "prompt_tokens": {"total": 1, "p50": 4000, "p95": 9000}, "completion_tokens": {"p50": 50, "p95": 120}}]}))
     (c,) = select(workspace, SelectConfig(cpu_only=True))["clusters"]
     assert c["seq_len"] == 9120 and c["tokens_known"] and c["label"] == "airline"
 
@@ -248,7 +247,7 @@ def test_probe_runs_the_offline_smollm2_on_validation_calls(workspace):
     workspace.store.set_clusters(assign)
     workspace.path("clusters", "clusters.json").write_text(json.dumps({"clusters": [
         {"id": "1", "label": "intent", "output_kind": "label", "size": 16,
-         "tokens": {"prompt_p95": 150, "completion_p95": 5}}]}))
+         "prompt_tokens": {"p95": 150}, "completion_tokens": {"p95": 5}}]}))
     result = select(workspace, SelectConfig(cpu_only=True, top=2, probe=2, max_params=4e8))
     cands = {r["name"]: r for r in result["clusters"][0]["candidates"]}
     probed = cands["smollm2-135m-instruct"]["probe"]

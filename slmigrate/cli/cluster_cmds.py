@@ -7,6 +7,7 @@ from typing import Annotated, Optional
 import typer
 from rich.table import Table
 
+from slmigrate import artifacts
 from slmigrate.cli._app import (
     ConfigOpt, ForceOpt, JsonOpt, RayAddressOpt, WorkspaceOpt, app, console, open_workspace, print_json,
 )
@@ -56,22 +57,19 @@ def cluster_cmd(
                                            "ray_address": ray_address, "workers": workers}})
     ws = open_workspace(workspace, create=False)
     options = (min_size, granularity, by, threshold)
-    stored = ws.path("clusters", "clusters.json")
-    if json_out and not force and all(o is None for o in options) and stored.exists():
+    stored = artifacts.clusters_file(ws, required=False) if json_out and not force else None
+    if stored is not None and all(o is None for o in options):
         # Asking for JSON is asking for the result: show what is there instead of clustering again (--force).
-        print_json(_stored(ws, stored.read_text(), cfg.cluster.model_dump()))
+        print_json(_stored(ws, dict(stored), cfg.cluster.model_dump()))
         return
     result = cluster(ws, cfg, force=force, progress=not json_out)
     if json_out:
         print_json(result)
         return
-    _print(result)
+    _print(ws, result)
 
 
-def _stored(ws, text: str, settings: dict) -> dict:
-    import json
-
-    result = json.loads(text)
+def _stored(ws, result: dict, settings: dict) -> dict:
     made_with = (ws.manifest("cluster") or {}).get("config") or {}
     speed_only = {"engine", "ray_address", "workers"}  # they change how fast, never which clusters
     result["skipped"] = True
@@ -79,7 +77,7 @@ def _stored(ws, text: str, settings: dict) -> dict:
     return result
 
 
-def _print(result: dict) -> None:
+def _print(ws, result: dict) -> None:
     table = Table(title=f"{len(result['clusters'])} tasks in {result['calls']:,} calls"
                         + (" (unchanged, not re-run)" if result.get("skipped") else ""), title_justify="left")
     for col in ("cluster", "label", "kind", "calls", "share", "cost $", "prompt p50/p95", "compl. p50/p95",
@@ -98,4 +96,4 @@ def _print(result: dict) -> None:
     console.print(f"Likely replaceable by small models: [bold]{o['call_share']:.0%}[/] of calls, "
                   f"[bold]{o['cost_share']:.0%}[/] of cost ({len(o['replaceable_clusters'])} clusters).")
     if result.get("map"):
-        console.print(f"Map: {result['map']}")
+        console.print(f"Map: {ws.resolve(result['map'])}")

@@ -7,6 +7,7 @@ from typing import Annotated, Optional
 import typer
 from rich.table import Table
 
+from slmigrate import artifacts
 from slmigrate.cli._app import ConfigOpt, JsonOpt, WorkspaceOpt, app, console, open_workspace, print_json
 
 
@@ -119,4 +120,5 @@ def show(result: dict) -> None:
         console.print(f"  up-front estimate from `slmigrate cluster`: {est['call_share']:.0%} of calls, "
                       f"{est.get('cost_share', 0):.0%} of cost in {len(est.get('replaceable_clusters', []))} "
                       "likely-replaceable cluster(s)")
-    console.print(f"[dim]results: evals/{result['run']}/results.json and evals/latest.json[/]")
+    console.print(f"[dim]results: {artifacts.evaluation_run_file(result['run'])} and "
+                  f"{artifacts.relative_name(artifacts.EVALUATION)}[/]")

@@ -7,6 +7,7 @@ from typing import Annotated, Optional
 
 import typer
 
+from slmigrate import artifacts
 from slmigrate.cli._app import JsonOpt, WorkspaceOpt, app, console, open_workspace, print_json
 from slmigrate.errors import SlmigrateError
 
@@ -88,4 +89,4 @@ def select(
             console.print(f"  [yellow]no candidate[/]: {c['note']}")
         for rej in c["rejected"]:
             console.print(f"  [dim]rejected {rej['name']}: {rej['reason']}[/]")
-    console.print(f"Saved {ws.path('selection.json')}", style="dim")
+    console.print(f"Saved {artifacts.path(ws, artifacts.SELECTION)}", style="dim")

@@ -6,7 +6,8 @@ model used by ``assign`` (``model``), a 2-D map and each call's cluster in the s
 method, the clusters.json schema and the measured quality figures.
 """
 
-from slmigrate.cluster.model import ClusterModel, load_clusters
+from slmigrate.artifacts import clusters_file as load_clusters  # the one reader of clusters.json
+from slmigrate.cluster.model import ClusterModel
 from slmigrate.cluster.run import cluster, cluster_calls
 from slmigrate.cluster.views import next_action, output_kind, task_view
 

@@ -40,7 +40,6 @@ from slmigrate.workspace import Workspace
 
 MODEL_FILE = "model.npz"
 UNKNOWN_AGENT = "unknown"  # the --by agent group of calls without an agent tag
-CLUSTERS_FILE = "clusters.json"
 # Bump when request_signature changes: a table learnt with another recipe is ignored (no fast path) on load.
 SIGNATURE_VERSION = 1
 MAX_UNCLUSTERED_SHARE = 0.05
@@ -233,13 +232,5 @@ def learn_signatures(model: ClusterModel, calls: Sequence[CallRecord], assignmen
                            request_path)
 
 
-def load_clusters(ws: Workspace) -> dict:
-    """clusters.json (schema in docs/cluster.md)."""
-    path = ws.path("clusters", CLUSTERS_FILE)
-    if not path.exists():
-        raise SlmigrateError(f"no clusters in {ws.root}; run `slmigrate cluster` first")
-    return json.loads(path.read_text())
-
-
-__all__ = ["BLOCKS", "ClusterModel", "learn_signatures", "load_clusters", "request_signature", "signature_table",
+__all__ = ["BLOCKS", "ClusterModel", "learn_signatures", "request_signature", "signature_table",
            "slug", "task_tag"]

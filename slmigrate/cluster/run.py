@@ -11,11 +11,11 @@ from typing import Any
 
 import numpy as np
 
-from slmigrate import curated, engines
+from slmigrate import artifacts, curated, engines
 from slmigrate.cluster.calltable import GROUP, TAG, CallTable
 from slmigrate.cluster.features import WEIGHTS, Layout, featurize
 from slmigrate.cluster.fit import Fitted, assign_rest, fit_group, nearest
-from slmigrate.cluster.model import CLUSTERS_FILE, ClusterModel, signature_table, slug
+from slmigrate.cluster.model import ClusterModel, signature_table, slug
 from slmigrate.cluster.stats import cluster_stats, keywords
 from slmigrate.cluster.views import TaskView
 from slmigrate.config import ClusterConfig, Config, PricesConfig
@@ -379,10 +379,10 @@ def cluster(ws: Workspace, config: Config | None = None, *, embedder: Embedder |
     fingerprint = fingerprint_of(version, settings, config.prices.model_dump(), METHOD_VERSION,
                                  embedder.name if embedder else cfg.embedder)
     out = ws.path("clusters")
-    if not force and ws.is_fresh("cluster", fingerprint) and (out / CLUSTERS_FILE).exists():
-        body = json.loads((out / CLUSTERS_FILE).read_text())
-        body["skipped"] = True
-        return body
+    stored = artifacts.clusters_file(ws, required=False) if not force and ws.is_fresh("cluster", fingerprint) \
+        else None
+    if stored is not None:
+        return {**stored, "skipped": True}
     started = time.time()
     n_calls = curated.load_dataset(ws).num_rows
     if not n_calls:
@@ -397,11 +397,9 @@ def cluster(ws: Workspace, config: Config | None = None, *, embedder: Embedder |
     if cfg.map:
         draw_map(out / "map.png", map_data, f"{len(body['clusters'])} clusters of {body['calls']} calls "
                                             f"({cfg.granularity})")
-        body["map"] = str(out / "map.png")
+        body["map"] = ws.relative(out / "map.png")
     (out / "config.json").write_text(json.dumps(cfg.model_dump(), indent=2))
-    tmp = out / (".tmp-" + CLUSTERS_FILE)
-    tmp.write_text(json.dumps(body, indent=2, ensure_ascii=False))
-    tmp.replace(out / CLUSTERS_FILE)
+    artifacts.write_clusters(ws, body)
     ws.store.set_clusters(zip(_iter_ids(ws), assignment))  # the dataset's order, as the calls were read
     ws.write_manifest("cluster", fingerprint=fingerprint, config=cfg.model_dump(), started=started,
                       counts={"calls": body["calls"], "clusters": len(body["clusters"]),

@@ -25,7 +25,7 @@ import time
 from pathlib import Path
 from typing import Any, Sequence
 
-from slmigrate import chat_format, models
+from slmigrate import artifacts, chat_format, models
 from slmigrate.config import FinetuneConfig
 from slmigrate.errors import SlmigrateError
 from slmigrate.finetune import loop
@@ -38,25 +38,17 @@ __all__ = ["finetune", "finetune_cluster", "defaults", "plan"]
 # --- which clusters, which model -------------------------------------------------------------------------
 
 def _cluster_ids(ws: Workspace) -> list[str]:
-    """Cluster ids from ``clusters/clusters.json`` (noise excluded), else from the stored assignments."""
-    path = ws.path("clusters", "clusters.json")
-    if path.exists():
-        data = json.loads(path.read_text(encoding="utf-8"))
-        items = data.get("clusters", data) if isinstance(data, dict) else data
-        if isinstance(items, dict):
-            items = [{"id": k, **v} for k, v in items.items()]
-        return [str(c.get("id", c.get("cluster"))) for c in items
-                if isinstance(c, dict) and not c.get("noise") and str(c.get("id", c.get("cluster"))) != "-1"]
-    return sorted({c for c in ws.store.clusters_of().values() if c is not None and c != "-1"})
+    """The cluster stage's task ids, else (a workspace clustered by other means) those in the stored assignments."""
+    found = artifacts.clusters_file(ws, required=False)
+    if found is not None:
+        return [c["id"] for c in found["clusters"]]
+    return sorted({c for c in ws.store.clusters_of().values() if c is not None})
 
 
 def _selected_models(ws: Workspace) -> dict[str, str]:
     """Cluster id -> the model ``slmigrate select`` chose (empty when select has not run)."""
-    path = ws.path("selection.json")
-    if not path.exists():
-        return {}
-    data = json.loads(path.read_text(encoding="utf-8"))
-    return {str(c["cluster"]): c["choice"] for c in data.get("clusters", []) if c.get("choice")}
+    found = artifacts.selection(ws, required=False)
+    return {c["cluster"]: c["choice"] for c in (found or {"clusters": []})["clusters"] if c.get("choice")}
 
 
 def plan(ws: Workspace, config: FinetuneConfig, clusters: Sequence[str] | None = None,
@@ -144,7 +136,8 @@ def finetune_cluster(ws: Workspace, cluster: str, model_name: str, train_calls: 
     fingerprint = fingerprint_of(_examples_digest(train), _examples_digest(val), config.model_dump(), hp,
                                  str(resolved.path), str(init_adapter or ""))
     if not force and not resume and _finished(out, fingerprint):
-        return {**json.loads((out / "metrics.json").read_text()), "status": "fresh"}
+        # The stored path is workspace-relative (a copied workspace still holds it); callers get it usable.
+        return {**json.loads((out / "metrics.json").read_text()), "path": str(out), "status": "fresh"}
     checkpoints = out / "checkpoints"
     _check_resume(checkpoints, fingerprint, resume)
 
@@ -175,7 +168,7 @@ def finetune_cluster(ws: Workspace, cluster: str, model_name: str, train_calls: 
     if not loop.is_main_process():
         return {"cluster": cluster, "model": resolved.slug, "status": "trained", "saved_by": "rank 0"}
     metrics = _save(out, model, tokenizer, resolved, config, hp, history, fingerprint, static,
-                    train, train_report, val_report, started, cluster)
+                    train, train_report, val_report, started, cluster, ws.relative(out))
     shutil.rmtree(checkpoints, ignore_errors=True)  # finished: nothing left to resume
     return {**metrics, "status": "trained"}
 
@@ -275,7 +268,8 @@ def _check_resume(checkpoints: Path, fingerprint: str, resume: bool) -> None:
 def _save(out: Path, model, tokenizer, resolved: models.ResolvedModel, config: FinetuneConfig,
           hp: dict[str, Any], history: loop.History, fingerprint: str, static: chat_format.StaticPrompt,
           train: Sequence[Example],
-          train_report: BuildReport, val_report: BuildReport, started: float, cluster: str) -> dict[str, Any]:
+          train_report: BuildReport, val_report: BuildReport, started: float, cluster: str,
+          stored_path: str) -> dict[str, Any]:
     out.mkdir(parents=True, exist_ok=True)
     base_ref = resolved.hub_id or str(resolved.path)
     if config.method == "full":
@@ -326,7 +320,7 @@ def _save(out: Path, model, tokenizer, resolved: models.ResolvedModel, config: F
         "history": {"steps": history.steps, "train_loss": history.train_loss, "val_steps": history.val_steps,
                     "val_loss": history.val_loss, "val_exact": history.val_exact},
     }
-    (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    (out / "metrics.json").write_text(json.dumps({**metrics, "path": stored_path}, indent=2) + "\n")
     _plot(out / "loss.png", history, f"{cluster} / {resolved.slug} ({config.method})")
     return metrics
 

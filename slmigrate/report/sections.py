@@ -10,6 +10,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from slmigrate import artifacts
+from slmigrate.artifacts import ClusterInfo, ClustersFile, EvaluationFile, ProbeFile, SelectionFile
 from slmigrate.config import Config
 from slmigrate.report import charts
 from slmigrate.report.doc import Cell, Chart, Section, esc, md_cell, num, pill
@@ -61,12 +63,12 @@ class Facts:
     by_agent: list[dict[str, Any]]
     manifests: dict[str, dict[str, Any] | None]
     curated: dict[str, Any] | None = None
-    clusters: dict[str, Any] | None = None
+    clusters: ClustersFile | None = None
     cluster_map: bytes | None = None
-    selection: dict[str, Any] | None = None
+    selection: SelectionFile | None = None
     adapters: list[dict[str, Any]] = field(default_factory=list)
-    evals: dict[str, Any] | None = None
-    probe: dict[str, Any] | None = None
+    evals: EvaluationFile | None = None
+    probe: ProbeFile | None = None
     log: dict[str, Any] = field(default_factory=dict)  # slmigrate.headline.log_facts: what the log lacked
 
     @property
@@ -108,22 +110,21 @@ class Facts:
                 self.curated = curated.load_report(ws)
             except (OSError, ValueError):
                 self.curated = None
-        self.clusters = _read_json(ws.path("clusters", "clusters.json"))
+        self.clusters = artifacts.clusters_file(ws, required=False)
         maps = sorted(ws.path("clusters").glob("*.png")) if ws.path("clusters").exists() else []
         if maps:
             self.cluster_map = maps[0].read_bytes()
-        self.selection = _read_json(ws.path("selection.json"))
+        self.selection = artifacts.selection(ws, required=False)
         adapters = ws.path("adapters")
         for metrics_file in sorted(adapters.glob("*/*/metrics.json")) if adapters.exists() else []:
             metrics = _read_json(metrics_file) or {}
             pngs = sorted(metrics_file.parent.glob("*.png"))
             self.adapters.append({"cluster": metrics_file.parent.parent.name, "model": metrics_file.parent.name,
                                   "metrics": metrics, "png": pngs[0].read_bytes() if pngs else None})
-        self.evals = _read_json(ws.path("evals", "latest.json"))
+        self.evals = ws.evaluation()
         from slmigrate.headline import log_facts
-        from slmigrate.probe import PROBE_FILE
 
-        self.probe = _read_json(ws.path("probe", PROBE_FILE))
+        self.probe = ws.probe()
         self.log = log_facts(ws)
 
     def answer(self) -> dict[str, Any] | None:
@@ -132,23 +133,17 @@ class Facts:
         return headline(self.ws, self.config)
 
     # --- normalised views over the stage artifacts ---
-    def cluster_rows(self) -> list[dict[str, Any]]:
-        data = self.clusters or {}
-        rows = data.get("clusters") if isinstance(data, dict) else data
-        return [r for r in rows or [] if isinstance(r, dict)]
+    def cluster_rows(self) -> list[ClusterInfo]:
+        return self.clusters["clusters"] if self.clusters else []
 
     def cluster_label(self, cid: Any) -> str:
         for c in self.cluster_rows():
-            if str(c.get("id")) == str(cid):
+            if c["id"] == str(cid):
                 return _label(c)
         return str(cid)
 
     def eval_clusters(self) -> list[dict[str, Any]]:
-        data = self.evals or {}
-        rows = data.get("clusters") if isinstance(data, dict) else data
-        if isinstance(rows, dict):
-            rows = [{"cluster": k, **v} for k, v in rows.items()]
-        return [r for r in rows or [] if isinstance(r, dict)]
+        return self.evals["clusters"] if self.evals else []
 
 
 # --- sections ------------------------------------------------------------------------------------------------

@@ -9,8 +9,9 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
+from slmigrate import artifacts
+from slmigrate.artifacts import EvaluationFile
 from slmigrate.chat_format import StaticPrompt
 from slmigrate.errors import SlmigrateError
 from slmigrate.workspace import Workspace
@@ -34,18 +35,18 @@ class Deployment:
         return "".join(ch if ch.isalnum() or ch in "-_" else "-" for ch in self.cluster)
 
 
-def _evaluation(ws: Workspace) -> dict[str, Any]:
-    path = ws.path("evals", "latest.json")
-    if not path.exists():
-        raise SlmigrateError(f"no evaluation in {ws.root} ({path} is missing); run `slmigrate evaluate` first so "
-                             "the router knows which clusters may be answered by a small model")
-    return json.loads(path.read_text())
+def _evaluation(ws: Workspace) -> EvaluationFile:
+    found = artifacts.evaluation(ws, required=False)
+    if found is None:
+        raise SlmigrateError(f"no evaluation in {ws.root}; run `slmigrate evaluate` first so the router knows which "
+                             "clusters may be answered by a small model")
+    return found
 
 
 def load_deployments(ws: Workspace, *, include_failed: bool = False) -> list[Deployment]:
     """Migrated clusters with an adapter on disk (``include_failed``: every evaluated cluster with one)."""
     out = []
-    for result in _evaluation(ws).get("clusters", []):
+    for result in _evaluation(ws)["clusters"]:
         if not result.get("adapter"):
             continue
         path = ws.resolve(result["adapter"])
