@@ -101,9 +101,23 @@ def headline(ws: Workspace, config: Config) -> dict[str, Any] | None:
         "latency_ms": {"llm_p50": llm_latency, "slm_p50": slm_latency,
                        "change": round(slm_latency - llm_latency, 1) if llm_latency and slm_latency else None},
         "per_task": [_task_line(c, by_task.get(c["id"]), finetuned.get(c["id"])) for c in tasks],
+        "evaluated": _evaluated(evals),
     }
     out["text"] = words(out)
     return out
+
+
+def _evaluated(evals: dict[str, Any] | None) -> dict[str, Any] | None:
+    """What the evaluation decided, when there is one: the fine-tuned models measured on held-out calls outrank
+    the probe's prediction for the tasks they cover."""
+    plan = (evals or {}).get("plan")
+    if not plan:
+        return None
+    measured = plan.get("measured") or {}
+    return {"migrating": list(plan.get("migrating_clusters") or []),
+            "evaluated": [r["cluster"] for r in (evals or {}).get("clusters") or []],
+            "calls_share": (measured.get("calls") or {}).get("share"),
+            "cost_share": (measured.get("cost_usd") or {}).get("share")}
 
 
 def _task_line(cluster: dict[str, Any], probed: dict[str, Any] | None, finetuned: float | None) -> dict[str, Any]:
@@ -136,11 +150,17 @@ def words(h: dict[str, Any]) -> str:
         parts[0] += "; cost unknown (the log has no token counts and no tokenizer is installed)"
     c, k = h["calls_share"], h["cost_share"]
     if h["measured"]:
-        parts.append(f"measured: {_pct(c['value'])} of calls (95% interval {_pct(c['low'])}-{_pct(c['high'])}) "
+        parts.append(f"measured by the probe (no training): {_pct(c['value'])} of calls (95% interval "
+                     f"{_pct(c['low'])}-{_pct(c['high'])}) "
                      f"and {_pct(k['value'])} of cost ({_pct(k['low'])}-{_pct(k['high'])}) could move to small "
                      "models")
     else:
         parts.append("not measured yet (run `slmigrate probe`)")
+    e = h.get("evaluated")
+    if e:
+        moving = ", ".join(e["migrating"]) or "none"
+        parts.append(f"evaluated fine-tuned on held-out calls ({len(e['evaluated'])} task(s)): migrating {moving}, "
+                     f"{_pct(e['calls_share'])} of calls and {_pct(e['cost_share'])} of cost")
     parts.append(f"hand-set prior: {_pct(c['prior'])} of calls, {_pct(k['prior'])} of cost")
     s = h["savings_per_million_calls_usd"]
     if s is not None:

@@ -139,6 +139,28 @@ def test_headline_puts_measured_share_beside_the_prior(tmp_path):
     per = {t["cluster"]: t for t in h["per_task"]}
     assert per["fruit"]["measured"] == 1.0 and per["fruit"]["low"] > 0.9 and per["fruit"]["probe"] == "neighbour"
     assert "50% of calls" in h["text"] and "75% of cost" in h["text"]
+    assert h["evaluated"] is None and "evaluated fine-tuned" not in h["text"]
+
+
+def test_headline_says_what_the_evaluation_decided_beside_the_probe(tmp_path):
+    """After `run` trained and evaluated, the answer must not contradict the migration plan: the probe's
+    prediction and the evaluated decision stand side by side."""
+    from slmigrate import artifacts
+    from slmigrate.headline import headline
+
+    ws = _workspace(tmp_path)
+    cfg = Config()
+    cfg.probe.fewshot_calls = 0
+    probe(ws, cfg)
+    artifacts.write_evaluation(ws, {"clusters": [{"cluster": "fruit", "variants": {"finetuned": {"primary": 1.0}}}],
+                                    "plan": {"migrating_clusters": ["fruit"], "measured": {
+                                        "calls": {"share": 0.5}, "cost_usd": {"share": 0.25}}}})
+    h = headline(ws, cfg)
+    assert h["evaluated"] == {"migrating": ["fruit"], "evaluated": ["fruit"], "calls_share": 0.5,
+                              "cost_share": 0.25}
+    assert "evaluated fine-tuned on held-out calls (1 task(s)): migrating fruit, 50% of calls and 25% of cost" \
+        in h["text"]
+    assert {t["cluster"]: t["finetuned"] for t in h["per_task"]}["fruit"] == 1.0
 
 
 # --- logs as they come -----------------------------------------------------------------------------------------
