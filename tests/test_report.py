@@ -207,9 +207,10 @@ def populate(ws) -> None:
                  "completion_tokens": {"p50": 20, "p95": 40}, "replaceability": score,
                  "likely_replaceable": likely, "reasons": ["short answers" if likely else "long free text"]}
                 for i, (cid, label, kind, score, likely) in enumerate(tasks)]
-    (ws.path("clusters") / "clusters.json").write_text(json.dumps(
-        {"clusters": clusters, "unclustered": {"size": 0, "share": 0, "cost_usd": 0},
-         "overall": {"call_share": 2 / 3, "cost_share": 0.5}}))
+    from slmigrate import artifacts
+
+    artifacts.write_clusters(ws, {"clusters": clusters, "unclustered": {"size": 0, "share": 0, "cost_usd": 0},
+                                  "overall": {"call_share": 2 / 3, "cost_share": 0.5}, "map": "clusters/map.png"})
     _map_png(ws.path("clusters", "map.png"))
     select(ws, SelectConfig(cpu_only=True))
     for cid in ("intent", "extract"):

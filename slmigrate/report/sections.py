@@ -111,9 +111,9 @@ class Facts:
             except (OSError, ValueError):
                 self.curated = None
         self.clusters = artifacts.clusters_file(ws, required=False)
-        maps = sorted(ws.path("clusters").glob("*.png")) if ws.path("clusters").exists() else []
-        if maps:
-            self.cluster_map = maps[0].read_bytes()
+        stored_map = (self.clusters or {}).get("map")
+        if stored_map and ws.resolve(stored_map).exists():  # the file the cluster stage says it drew
+            self.cluster_map = ws.resolve(stored_map).read_bytes()
         self.selection = artifacts.selection(ws, required=False)
         adapters = ws.path("adapters")
         for metrics_file in sorted(adapters.glob("*/*/metrics.json")) if adapters.exists() else []:

@@ -189,11 +189,13 @@ def bench(n: int, work: Path, embedder: str, seed: int, stages_to_run: tuple[str
     out = {"bench": "million_calls", "calls": n, "embedder": embedder, "generate_s": round(gen_s, 1),
            "file_mb": round(data.stat().st_size / 2**20, 1), "stages": stages,
            "total_s": round(sum(s["wall_s"] for s in stages.values()), 1), "log": str(log)}
-    clusters = ws / "clusters" / "clusters.json"
-    if clusters.exists():
-        body = json.loads(clusters.read_text())
+    from slmigrate import artifacts
+    from slmigrate.workspace import Workspace
+
+    body = artifacts.clusters_file(Workspace.open(ws, create=False), required=False) if ws.exists() else None
+    if body is not None:
         out["clusters"] = len(body["clusters"])
-        out["clustered_calls"] = body["clustered_calls"]
+        out["clustered_calls"] = body.get("clustered_calls")
     return out
 
 
