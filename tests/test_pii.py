@@ -178,7 +178,7 @@ def test_address_shapes(text, address):
     from slmigrate.pii.recognizers import address_patterns
 
     found = [text[a:b] for e, a, b, _ in regex_findings(text, address_patterns()) if e == "STREET_ADDRESS"]
-    assert any(address in f or f in address for f in found), found
+    assert any(address in f for f in found), found  # the whole address is inside one found span
 
 
 def test_address_country_postcode_tail_and_non_addresses():
