@@ -327,13 +327,17 @@ def probe(ws: Workspace, config: Config | None = None, *, force: bool = False,
 
     config = config or Config()
     cfg = config.probe
-    clusters_manifest = ws.manifest("cluster")
     body = artifacts.clusters_file(ws, required=False)
-    if clusters_manifest is None or body is None:
+    if body is None:
         raise SlmigrateError(f"no clusters in {ws.root}; run `slmigrate cluster` first, then `slmigrate probe`")
+    # Clusters written without the cluster stage (`python -m slmigrate.bfcl` makes one task by hand) have no
+    # manifest: their file's text stands for them.
+    clusters_manifest = ws.manifest("cluster")
+    clusters_id = (clusters_manifest["fingerprint"] if clusters_manifest is not None
+                   else fingerprint_of(artifacts.text(ws, artifacts.CLUSTERS)))
     import torch
 
-    fingerprint = fingerprint_of(METHOD_VERSION, curated.current_version(ws), clusters_manifest["fingerprint"],
+    fingerprint = fingerprint_of(METHOD_VERSION, curated.current_version(ws), clusters_id,
                                  cfg.model_dump(), config.evaluate.primary, config.evaluate.threshold,
                                  torch.cuda.is_available())
     stored = ws.probe() if not force and ws.is_fresh("probe", fingerprint) else None

@@ -377,5 +377,15 @@ def test_bfcl_prepare_makes_a_workspace_finetune_and_evaluate_read(tmp_path):
     assert {c.split for c in load_curated(ws)} == {"train", "validation", "test"}
     assert set(ws.store.clusters_of().values()) == {"bfcl"}
     assert E.load_clusters(ws)["bfcl"]["output_kind"] == "tool_call"
+    # the probe measures the hand-made task too (it has no cluster-stage manifest to key on)
+    from slmigrate.config import Config
+    from slmigrate.probe import probe
+
+    cfg = Config()
+    cfg.probe.fewshot_calls = 0
+    measured = probe(ws, cfg)["clusters"][0]["measured"]
+    assert measured["probe"] == "neighbour" and measured["n"] == info["splits"]["validation"] + \
+        info["splits"]["test"]
+    assert measured["low"] <= measured["score"] <= measured["high"]
     again = bfcl.split_of("simple_python_7", 0.3, 0.1, 0)
     assert again == bfcl.split_of("simple_python_7", 0.3, 0.1, 0)
