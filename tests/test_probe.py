@@ -232,6 +232,14 @@ def test_audit_of_tau_bench_airline_estimates_tokens_and_measures_every_task(tmp
 
     tile = re.search(r'class="v">([^<]*)</div><div class="k">LLM cost of these calls \(estimated\)', html)
     assert tile and tile.group(1).startswith("$") and float(tile.group(1)[1:].replace(",", "")) > 0
+    # ... and the report renders in a real browser: no console error, no network request, every chart drawn
+    from test_report import OUT, render_in_chromium
+
+    OUT.mkdir(parents=True, exist_ok=True)
+    shown = render_in_chromium(tmp_path / "report" / "report.html", OUT / "report-audit-tau-bench.png")
+    assert shown["errors"] == [] and [r for r in shown["requests"] if not r.startswith(("file:", "data:"))] == []
+    assert shown["charts"] and all(c["ok"] for c in shown["charts"]), shown["charts"]
+    assert "replaceability" in {c["name"] for c in shown["charts"]}
 
 
 @pytest.mark.slow
