@@ -93,3 +93,29 @@ def test_worker_processes_die_with_a_killed_parent(tmp_path):
                 os.kill(int(name), signal.SIGKILL)
             except ProcessLookupError:
                 pass
+
+
+def test_every_file_a_command_writes_is_owner_only(tmp_path):
+    """Not only the store: curated data, exports and the import's own files hold logged prompts too."""
+    from slmigrate.cli import main
+
+    log = tmp_path / "calls.jsonl"
+    subprocess.run([sys.executable, str(ROOT / "examples" / "agent_log.py"), "--out", str(log), "--calls", "60",
+                    "--seed", "2"], check=True, capture_output=True)
+    cli = [sys.executable, "-m", "slmigrate", "--workspace", str(tmp_path / "ws")]
+    for args in (["collect", "import", str(log)], ["curate", "--pii", "off"],
+                 ["curate", "export", "--out", str(tmp_path / "ws" / "exports" / "train.jsonl")]):
+        proc = subprocess.run([*cli, *args], capture_output=True, text=True)
+        assert proc.returncode == 0, proc.stderr
+    written = list((tmp_path / "ws").rglob("*"))
+    assert any(p.name.endswith(".arrow") for p in written) and (tmp_path / "ws" / "exports" / "train.jsonl").exists()
+    wide = [f"{p.relative_to(tmp_path)} {_mode(p):o}" for p in written
+            if _mode(p) != (0o700 if p.is_dir() else 0o600)]
+    assert wide == []
+    # run in-process, the CLI gives the caller its umask back
+    before = os.umask(0o022)
+    try:
+        assert main(["--workspace", str(tmp_path / "ws"), "status"]) == 0
+        assert os.umask(0o022) == 0o022
+    finally:
+        os.umask(before)

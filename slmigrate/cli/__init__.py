@@ -7,6 +7,7 @@ place that imports typer; each command group lives in its own module and registe
 
 from __future__ import annotations
 
+import os
 import sys
 
 from slmigrate import env
@@ -29,6 +30,17 @@ for _optional in ("collect_cmds", "calls_cmds", "curate_cmds", "cluster_cmds", "
 
 def main(argv: list[str] | None = None) -> int:
     env.quiet_libraries()
+    # Everything a command writes - the store, curated data, adapters, reports, exports, dead letters - holds
+    # logged prompts or what was learnt from them: owner-only (files 0600, folders 0700). Restored on return,
+    # for callers that run main() in-process.
+    saved_umask = os.umask(0o077)
+    try:
+        return _main(argv)
+    finally:
+        os.umask(saved_umask)
+
+
+def _main(argv: list[str] | None) -> int:
     try:
         # Without standalone mode click returns a `typer.Exit(code)` as the value instead of exiting.
         result = app(args=argv, standalone_mode=False)
