@@ -175,22 +175,17 @@ class CallRecord:
             if value is not None and not isinstance(value, str):
                 setattr(self, name, _as_text(value))
                 changed.append(f"{name} was a {type(value).__name__}, kept as its JSON text")
-        for name in ("prompt_tokens", "completion_tokens"):
-            value = getattr(self, name)
-            if value is None:
-                continue
-            count = _as_count(value)
-            if count is None:
-                changed.append(f"{name} {_short(value)} is not a count in 0..2**63-1; dropped")
-            setattr(self, name, count)
-        for name in ("latency_ms", "ttft_ms", "outcome"):
-            value = getattr(self, name)
-            if value is None:
-                continue
-            number = _as_float(value)
-            if number is None:
-                changed.append(f"{name} {_short(value)} is not a finite number; dropped")
-            setattr(self, name, number)
+        numeric = ((("prompt_tokens", "completion_tokens"), _as_count, "is not a count in 0..2**63-1"),
+                   (("latency_ms", "ttft_ms", "outcome"), _as_float, "is not a finite number"))
+        for names, convert, problem in numeric:
+            for name in names:
+                value = getattr(self, name)
+                if value is None:
+                    continue
+                fixed = convert(value)
+                if fixed is None:
+                    changed.append(f"{name} {_short(value)} {problem}; dropped")
+                setattr(self, name, fixed)
         if not isinstance(self.metadata, dict):
             self.metadata = {"value": self.metadata}
             changed.append("metadata was not an object; kept under 'value'")

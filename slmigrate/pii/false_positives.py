@@ -18,10 +18,9 @@ Two signals, each robust on its own:
 from __future__ import annotations
 
 import functools
-import importlib
 import re
 
-from slmigrate.pii.recognizers import _NAME_LOCALES, SPACY_MODEL, common_words, person_names
+from slmigrate.pii.recognizers import SPACY_MODEL, common_words, faker_names, person_names
 
 # UI, form and shop words that some locale's name list also holds ("date", "mode", "card") but that in agent
 # logs are nearly always words. Only words that are rare as people's names belong here.
@@ -78,14 +77,7 @@ def english_words() -> frozenset[str]:
 @functools.lru_cache(maxsize=1)
 def first_names() -> frozenset[str]:
     """Lower-case first names of the locales the name gazetteer uses, less names that are common words."""
-    names: set[str] = set()
-    for locale in _NAME_LOCALES:
-        try:
-            provider = importlib.import_module(f"faker.providers.person.{locale}").Provider
-        except (ImportError, AttributeError):
-            continue
-        for attr in ("first_names", "first_names_male", "first_names_female"):
-            names.update(n.lower() for n in (getattr(provider, attr, None) or ()) if len(n) > 1)
+    names = faker_names(("first_names", "first_names_male", "first_names_female"))
     return frozenset(names - common_words() - UI_WORDS)
 
 

@@ -280,19 +280,25 @@ def person_names() -> set[str]:
     """First and last names (lower case) from Faker's locale data, shipped with the faker wheel: offline."""
     global _NAMES
     if _NAMES is None:
-        import importlib
-
-        names: set[str] = set()
-        for locale in _NAME_LOCALES:
-            try:
-                provider = importlib.import_module(f"faker.providers.person.{locale}").Provider
-            except (ImportError, AttributeError):
-                continue
-            for attr in ("first_names", "last_names", "first_names_male", "first_names_female",
-                         "last_names_male", "last_names_female"):
-                names.update(n.lower() for n in (getattr(provider, attr, None) or ()) if len(n) > 1)
-        _NAMES = names - _COMMON_WORDS
+        _NAMES = faker_names(("first_names", "last_names", "first_names_male", "first_names_female",
+                              "last_names_male", "last_names_female")) - _COMMON_WORDS
     return _NAMES
+
+
+def faker_names(attributes: tuple[str, ...]) -> set[str]:
+    """The lower-case names of two letters or more under ``attributes`` (e.g. ``first_names``) of the person
+    providers of the gazetteer's locales."""
+    import importlib
+
+    names: set[str] = set()
+    for locale in _NAME_LOCALES:
+        try:
+            provider = importlib.import_module(f"faker.providers.person.{locale}").Provider
+        except (ImportError, AttributeError):
+            continue
+        for attr in attributes:
+            names.update(n.lower() for n in (getattr(provider, attr, None) or ()) if len(n) > 1)
+    return names
 
 
 # Words that introduce a name, so the word after them is one whatever its case ("my name is vitoria").
