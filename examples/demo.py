@@ -30,6 +30,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0, help="Seed of the generated log (default 0).")
     parser.add_argument("--fresh", action="store_true", help="Delete the workspace first and start over.")
     args = parser.parse_args(argv)
+    os.umask(0o077)  # the generated log and its workspace are owner-only, like everything slmigrate writes
 
     ws = Path(args.workspace).resolve()
     if args.fresh:
