@@ -375,18 +375,10 @@ def test_stop_when_exact_ends_training_once_validation_answers_are_reproduced(tm
     import torch
 
     from slmigrate.finetune import loop
-    from slmigrate.finetune.data import IGNORE, Example
 
-    class Table(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.table = torch.nn.Parameter(torch.zeros(16, 16))
+    Table = _successor_table()
 
-        def forward(self, input_ids, attention_mask, labels):
-            return _Bigram.output(self.table[input_ids], labels)
-
-    # The task: after token a comes a + 3. Learnable by the table in a few steps of a high learning rate.
-    data = [Example(f"e{a}", [a, (a + 3) % 16], [IGNORE, (a + 3) % 16]) for a in range(12)]
+    data = _successor_examples()
     train, val = data * 3, data[8:]
     for stop in (True, False):
         torch.manual_seed(0)
@@ -552,7 +544,23 @@ def test_the_bar_ends_where_early_stopping_ended_training(tmp_path, capsys, monk
     import torch
 
     from slmigrate.finetune import loop
-    from slmigrate.finetune.data import IGNORE, Example
+
+    Table = _successor_table()
+
+    data = _successor_examples()
+    torch.manual_seed(0)
+    history, _ = loop.train(Table(), data * 3, data[8:], _settings(total_steps=60, lr=0.5, stop_when_exact=True),
+                            tmp_path, progress=True, label="c1")
+    last = history.steps[-1]
+    assert history.stopped_early and last < 60
+    err = capsys.readouterr().err
+    assert f"{last}/{last}" in err and "/60" not in err
+    assert "c1 (stopped early: every validation answer exact)" in err
+
+
+def _successor_table():
+    """A 16x16 next-token table (a tiny trainable model for the loop's tests)."""
+    import torch
 
     class Table(torch.nn.Module):
         def __init__(self):
@@ -562,12 +570,11 @@ def test_the_bar_ends_where_early_stopping_ended_training(tmp_path, capsys, monk
         def forward(self, input_ids, attention_mask, labels):
             return _Bigram.output(self.table[input_ids], labels)
 
-    data = [Example(f"e{a}", [a, (a + 3) % 16], [IGNORE, (a + 3) % 16]) for a in range(12)]
-    torch.manual_seed(0)
-    history, _ = loop.train(Table(), data * 3, data[8:], _settings(total_steps=60, lr=0.5, stop_when_exact=True),
-                            tmp_path, progress=True, label="c1")
-    last = history.steps[-1]
-    assert history.stopped_early and last < 60
-    err = capsys.readouterr().err
-    assert f"{last}/{last}" in err and "/60" not in err
-    assert "c1 (stopped early: every validation answer exact)" in err
+    return Table
+
+
+def _successor_examples():
+    """The task: after token a comes a + 3; the table learns it in a few steps of a high learning rate."""
+    from slmigrate.finetune.data import IGNORE, Example
+
+    return [Example(f"e{a}", [a, (a + 3) % 16], [IGNORE, (a + 3) % 16]) for a in range(12)]
