@@ -7,7 +7,7 @@ ENCRYPTION_KEY = "SLMIGRATE_ENCRYPTION_KEY"
 ADMIN_TOKEN = "SLMIGRATE_ADMIN_TOKEN"
 STORE = "SLMIGRATE_STORE"
 MODEL_CACHE = "SLMIGRATE_MODEL_CACHE"
-EMBED_CACHE = "SLMIGRATE_EMBED_CACHE"  # entries in the in-memory embedding LRU cache (embed.py)
+EMBED_CACHE = "SLMIGRATE_EMBED_CACHE"  # entries in the in-memory embedding LRU cache (cluster/embed.py)
 
 DEFAULT_WORKSPACE = ".slmigrate"
 

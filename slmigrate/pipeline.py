@@ -149,7 +149,7 @@ def _import_inputs(ctx: _Context) -> list[Any]:
 
 
 def _run_import(ctx: _Context) -> dict[str, Any]:
-    from slmigrate.collect import import_calls
+    from slmigrate.collect.importer import import_calls
 
     files = _input_files(ctx)
     if not files:
@@ -169,7 +169,7 @@ def _run_import(ctx: _Context) -> dict[str, Any]:
 
 
 def _run_curate(ctx: _Context) -> dict[str, Any]:
-    from slmigrate.curate import curate
+    from slmigrate.curate.run import curate
 
     curate(ctx.ws, ctx.config.curate, progress=ctx.stage_bar("curate"))
     return _manifest_counts(ctx.ws, "curate")
@@ -183,7 +183,7 @@ def _run_cluster(ctx: _Context) -> dict[str, Any]:
 
 
 def _run_select(ctx: _Context) -> dict[str, Any]:
-    from slmigrate.selection import select
+    from slmigrate.selection.run import select
 
     select(ctx.ws, ctx.config.select)
     return _manifest_counts(ctx.ws, "select")
@@ -217,7 +217,7 @@ def _run_finetune(ctx: _Context) -> dict[str, Any]:
 
 
 def _run_evaluate(ctx: _Context) -> dict[str, Any]:
-    from slmigrate.evaluate import evaluate
+    from slmigrate.evaluate.run import evaluate
 
     clusters = train_clusters(ctx.ws, ctx.config)
     if clusters == []:
@@ -254,18 +254,18 @@ def _curate_inputs(ctx: _Context) -> Any:
 STAGES: dict[str, Stage] = {
     s.name: s for s in (
         # Only [run] inputs/format/tools (in _import_inputs) feed import: a new report path must not re-import.
-        Stage("import", "slmigrate.collect", None, (), _run_import, extra=_import_inputs,
+        Stage("import", "slmigrate.collect.importer", None, (), _run_import, extra=_import_inputs,
               runner_writes_manifest=True),
-        Stage("curate", "slmigrate.curate", "curate", ("import",), _run_curate, extra=_curate_inputs),
+        Stage("curate", "slmigrate.curate.run", "curate", ("import",), _run_curate, extra=_curate_inputs),
         Stage("cluster", "slmigrate.cluster", "cluster", ("curate",), _run_cluster,
               extra=lambda ctx: ctx.config.prices.model_dump(mode="json")),
         Stage("probe", "slmigrate.probe", "probe", ("curate", "cluster"), _run_probe,
               extra=lambda ctx: [ctx.config.evaluate.primary, ctx.config.evaluate.threshold,
                                  ctx.config.evaluate.model]),
-        Stage("select", "slmigrate.selection", "select", ("cluster",), _run_select),
+        Stage("select", "slmigrate.selection.run", "select", ("cluster",), _run_select),
         Stage("finetune", "slmigrate.finetune", "finetune", ("curate", "cluster", "select"), _run_finetune,
               extra=lambda ctx: ctx.config.run.train),
-        Stage("evaluate", "slmigrate.evaluate", "evaluate", ("curate", "cluster", "finetune"), _run_evaluate,
+        Stage("evaluate", "slmigrate.evaluate.run", "evaluate", ("curate", "cluster", "finetune"), _run_evaluate,
               extra=lambda ctx: [ctx.config.prices.model_dump(mode="json"), ctx.config.run.train]),
         Stage("report", "slmigrate.report", "run", ("import", "curate", "cluster", "probe", "select",
                                                        "finetune", "evaluate"), _run_report, extra=_report_inputs,
@@ -455,7 +455,7 @@ def _answer(ws: Workspace, config: Config) -> dict[str, Any] | None:
 
 def _gate(ws: Workspace, config: Config) -> dict[str, Any] | None:
     """The CI gate on the workspace's evaluation - whether `evaluate` ran now or was unchanged and skipped."""
-    from slmigrate.evaluate import gate
+    from slmigrate.evaluate.run import gate
 
     fail_under = config.evaluate.fail_under
     evaluation = ws.evaluation()

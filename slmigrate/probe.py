@@ -34,7 +34,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from slmigrate import artifacts
-from slmigrate import metrics as M
+from slmigrate.evaluate import metrics as M
 from slmigrate.config import Config
 from slmigrate.errors import SlmigrateError
 from slmigrate.workspace import Workspace, fingerprint_of
@@ -140,7 +140,7 @@ class _Sample:
 
 
 def _iter_rows(ws: Workspace) -> Iterator[dict[str, Any]]:
-    from slmigrate import curated
+    from slmigrate.curate import dataset as curated
 
     for part in curated.iter_batches(ws, ["id", "split", "request", "response"]):
         for i in range(len(part["id"])):
@@ -220,7 +220,7 @@ class _SmallModel:
 
     def get(self):
         if self.loaded is None:
-            from slmigrate.generate import load_model
+            from slmigrate.evaluate.generate import load_model
 
             self.loaded = load_model(self.name, device="auto")
         return self.loaded
@@ -228,8 +228,8 @@ class _SmallModel:
 
 def fewshot_probe(kind: str, metric: str, pool: list[_Call], queries: list[_Call], links: list[list[int]],
                   cfg: Any, small: _SmallModel, seed: int) -> dict[str, Any]:
-    from slmigrate import evaluate as E
-    from slmigrate.generate import generate, max_new_tokens_for
+    from slmigrate.evaluate import run as E
+    from slmigrate.evaluate.generate import generate, max_new_tokens_for
 
     model, tokenizer, resolved = small.get()
     requests = [E.with_examples(q.request, [pool[i] for i in ix[:cfg.fewshot_examples]])
@@ -259,7 +259,7 @@ def _generate_one_thread(model: Any, tokenizer: Any, prompts: list[list[int]], m
     prompt took 54 s on two threads and 9 s on one on the team's loaded 2-core box."""
     import torch
 
-    from slmigrate.generate import generate
+    from slmigrate.evaluate.generate import generate
 
     before = torch.get_num_threads()
     torch.set_num_threads(1)
@@ -322,15 +322,15 @@ def _shares(tasks: list[dict[str, Any]], total_calls: int, total_cost: float) ->
 def probe(ws: Workspace, config: Config | None = None, *, force: bool = False,
           progress: Callable[[str, int, int], None] | None = None) -> dict[str, Any]:
     """Probe every cluster; skipped when the clusters and the probe's settings are unchanged."""
-    from slmigrate import curated
-    from slmigrate.evaluate import cluster_kind
+    from slmigrate.curate import dataset as curated
+    from slmigrate.evaluate.run import cluster_kind
 
     config = config or Config()
     cfg = config.probe
     body = artifacts.clusters_file(ws, required=False)
     if body is None:
         raise SlmigrateError(f"no clusters in {ws.root}; run `slmigrate cluster` first, then `slmigrate probe`")
-    # Clusters written without the cluster stage (`python -m slmigrate.bfcl` makes one task by hand) have no
+    # Clusters written without the cluster stage (`python -m slmigrate.collect.bfcl` makes one task by hand) have no
     # manifest: their file's text stands for them.
     clusters_manifest = ws.manifest("cluster")
     clusters_id = (clusters_manifest["fingerprint"] if clusters_manifest is not None

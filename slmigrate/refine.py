@@ -66,8 +66,8 @@ def new_calls(ws: Workspace, since_seq: int) -> tuple[list[CallRecord], int]:
 
 
 def curate_new(calls: list[CallRecord], config: Config) -> tuple[list[CallRecord], Counter]:
-    from slmigrate import pii
-    from slmigrate.curate import drop_reason
+    from slmigrate.curate import pii
+    from slmigrate.curate.run import drop_reason
 
     dropped: Counter = Counter()
     kept = []
@@ -130,9 +130,9 @@ def propose_clusters(model: Any, pool: Sequence[CallRecord], min_size: int) -> l
 
 def fresh_metric(ws: Workspace, deployment: Any, calls: Sequence[CallRecord], config: Config) -> float | None:
     """The deployed adapter's primary metric on fresh calls (the same scoring as ``slmigrate evaluate``)."""
-    from slmigrate import evaluate as E
-    from slmigrate import generate as G
-    from slmigrate import metrics as M
+    from slmigrate.evaluate import run as E
+    from slmigrate.evaluate import generate as G
+    from slmigrate.evaluate import metrics as M
 
     sample = [c for c in calls if c.answer is not None][:FRESH_EVAL_LIMIT]
     if not sample:
@@ -174,7 +174,7 @@ def plan_refine(ws: Workspace, config: Config, *,
     new_dist = _distances(model, curated, ids)
 
     # Training-time distances of each cluster, from a sample of its curated calls, as the drift baseline.
-    from slmigrate.curated import load_curated
+    from slmigrate.curate.dataset import load_curated
 
     old = load_curated(ws, "train")
     old_ids = ws.store.clusters_of([c.id for c in old])
@@ -266,9 +266,9 @@ def refine(ws: Workspace, config: Config | None = None, *, dry_run: bool = False
 def _apply_retraining(ws: Workspace, config: Config, clusters: list[str], why: dict[str, str]) -> None:
     """Re-curate (stable splits keep old calls where they were), keep the old adapters, retrain, re-evaluate."""
     from slmigrate.cluster.model import ClusterModel
-    from slmigrate.curate import curate
-    from slmigrate.curated import load_curated
-    from slmigrate.evaluate import evaluate, find_adapter
+    from slmigrate.curate.run import curate
+    from slmigrate.curate.dataset import load_curated
+    from slmigrate.evaluate.run import evaluate, find_adapter
     from slmigrate.finetune import finetune
 
     curate(ws, config.curate, progress=None)

@@ -24,8 +24,8 @@ OWNERS = {
     "results.json": "slmigrate/artifacts.py",
     "probe.json": "slmigrate/artifacts.py",
     "model.npz": "slmigrate/cluster/model.py",
-    "deadletter.jsonl": "slmigrate/deadletter.py",
-    "report.json": "slmigrate/curated.py",
+    "deadletter.jsonl": "slmigrate/collect/deadletter.py",
+    "report.json": "slmigrate/curate/dataset.py",
 }
 
 
@@ -104,9 +104,9 @@ def test_round_trip_in_the_writers_shape(workspace):
 
 
 def test_finetune_evaluate_and_select_see_the_same_tasks(workspace):
-    from slmigrate.evaluate import load_clusters as evaluate_clusters
+    from slmigrate.evaluate.run import load_clusters as evaluate_clusters
     from slmigrate.finetune import _cluster_ids
-    from slmigrate.selection import load_clusters as select_clusters
+    from slmigrate.selection.run import load_clusters as select_clusters
 
     artifacts.write_clusters(workspace, {"clusters": [_cluster("c01"), _cluster("task-triage", source="task_tag")]})
     assert _cluster_ids(workspace) == ["c01", "task-triage"]

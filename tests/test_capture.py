@@ -1,4 +1,4 @@
-"""`slmigrate.capture.instrument()` with real openai clients against the stub upstream."""
+"""`slmigrate.collect.capture.instrument()` with real openai clients against the stub upstream."""
 
 from __future__ import annotations
 
@@ -10,9 +10,9 @@ import openai
 import pytest
 
 from slmigrate.store import crypto
-from slmigrate.capture import flush, instrument
+from slmigrate.collect.capture import flush, instrument
 from slmigrate.errors import SlmigrateError
-from slmigrate.writer import RecordWriter, shared_writer
+from slmigrate.collect.writer import RecordWriter, shared_writer
 
 sys.path.insert(0, str(Path(__file__).parent))
 from stub_llm import StubLLM, expected_completion, free_port, stream_chunks  # noqa: E402
@@ -135,7 +135,7 @@ def test_instrument_rejects_other_objects(workspace):
 
 
 def test_sdk_capture_marks_broken_answers_and_dead_letters_unstorable_ones(stub, workspace):
-    from slmigrate import deadletter
+    from slmigrate.collect import deadletter
 
     client = instrument(openai.OpenAI(base_url=stub.url, api_key="k", max_retries=0), workspace=workspace)
     messages = [{"role": "user", "content": "odd answers"}]

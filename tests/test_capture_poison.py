@@ -22,10 +22,10 @@ import openai
 import pytest
 from stub_llm import DEEP, ServerThread, StubLLM, expected_completion, free_port, wait_http
 
-from slmigrate import deadletter
+from slmigrate.collect import deadletter
 from slmigrate.record import CallRecord, RecordError
 from slmigrate.store import Store
-from slmigrate.writer import RecordWriter, _store_failure
+from slmigrate.collect.writer import RecordWriter, _store_failure
 
 ROOT = Path(__file__).resolve().parent.parent
 SECRETS = ("alice", "pa55word", "sekrit-key")

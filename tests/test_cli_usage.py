@@ -95,7 +95,7 @@ def test_cli_start_up_and_the_proxy_import_no_heavy_library():
         "import sys\n"
         "from slmigrate.cli import main\n"
         "main(['--help']); main(['collect', 'proxy', '--help'])\n"
-        "import slmigrate.proxy.app\n"
+        "import slmigrate.collect.proxy.app\n"
         "heavy = ('torch', 'transformers', 'presidio_analyzer', 'spacy', 'sentence_transformers', 'datasets',\n"
         "         'sklearn', 'matplotlib', 'peft')\n"
         "print('LOADED', [m for m in heavy if m in sys.modules])\n"

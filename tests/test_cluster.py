@@ -8,11 +8,11 @@ from collections import Counter
 
 import pytest
 
-from slmigrate import curated
+from slmigrate.curate import dataset as curated
 from slmigrate.cluster import ClusterModel, cluster, cluster_calls, load_clusters, next_action, task_view
 from slmigrate.cluster.views import answer_shape, latest_turn, mask, output_kind
 from slmigrate.config import ClusterConfig, Config
-from slmigrate.embed import HashEmbedder
+from slmigrate.cluster.embed import HashEmbedder
 from slmigrate.errors import SlmigrateError
 from slmigrate.record import CallRecord
 

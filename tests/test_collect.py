@@ -9,7 +9,7 @@ import pytest
 
 from slmigrate.calls import export_calls, list_calls, show_call
 from slmigrate.cli import main
-from slmigrate.collect import _iter_array, import_calls
+from slmigrate.collect.importer import _iter_array, import_calls
 from slmigrate.errors import SlmigrateError
 from slmigrate.workspace import Workspace
 
@@ -235,7 +235,7 @@ def test_worker_processes_import_exactly_what_in_process_import_does(tmp_path, m
     # Big JSON Lines files go through worker processes; with the size floor at 0 a small file does too, so the two
     # paths can be compared row for row: same ids (clock ids for calls without a timestamp included), hashes,
     # payloads, counts and errors by line, over many small batches.
-    from slmigrate import collect
+    from slmigrate.collect import importer as collect
 
     monkeypatch.setattr(collect, "PARALLEL_MIN_BYTES", 0)
     monkeypatch.setattr(collect.time, "time", lambda: 1_750_000_000.0)

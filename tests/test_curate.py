@@ -11,10 +11,10 @@ import pytest
 from conftest import shared_file
 from test_pii import SECRETS, FakeAnalyzer
 
-from slmigrate import curated
+from slmigrate.curate import dataset as curated
 from slmigrate.cli import main
 from slmigrate.config import CurateConfig
-from slmigrate.curate import curate, drop_reason, export, near_key, split_of
+from slmigrate.curate.run import curate, drop_reason, export, near_key, split_of
 from slmigrate.record import CallRecord
 
 TOOLS = [{"type": "function", "function": {"name": "get_order", "parameters": {
@@ -45,7 +45,7 @@ def _store(ws, calls):
 @pytest.fixture
 def fake_pii(monkeypatch):
     """Scrub with regexes + key rules + a fixed name list instead of spaCy (the real one is in the slow tests)."""
-    import slmigrate.pii as pii
+    import slmigrate.curate.pii as pii
 
     monkeypatch.setattr(pii, "TextAnalyzer", FakeAnalyzer)
 
@@ -240,7 +240,7 @@ def _tau2_subset(tmp_path, share: int = 6) -> tuple[str, list[dict]]:
 
 
 def _import(ws, path: str) -> None:
-    from slmigrate.collect import import_calls
+    from slmigrate.collect.importer import import_calls
 
     import_calls(ws, [path])
 
@@ -322,7 +322,7 @@ def test_tau2_no_customer_pii_or_planted_secret_survives(workspace, tmp_path):
 
 @pytest.mark.slow
 def test_presidio_research_recall_precision():
-    from slmigrate.pii.evaluate import evaluate
+    from slmigrate.curate.pii.evaluate import evaluate
 
     result = evaluate(shared_file("presidio-research/synth_dataset_v2.json"))
     per = result["per_type"]

@@ -5,7 +5,7 @@ import pickle
 import numpy as np
 import pytest
 
-from slmigrate.embed import Embedder, HashEmbedder, MiniLMEmbedder, get_embedder
+from slmigrate.cluster.embed import Embedder, HashEmbedder, MiniLMEmbedder, get_embedder
 from slmigrate.errors import SlmigrateError
 
 

@@ -7,7 +7,7 @@ import pytest
 
 from slmigrate.config import EvaluateConfig
 from slmigrate.errors import GateFailed
-from slmigrate import evaluate as E
+from slmigrate.evaluate import run as E
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -56,7 +56,7 @@ def test_decide():
 
 
 def test_icl_examples_are_inserted_after_the_system_prompt_in_answer_form():
-    from slmigrate.curated import CuratedCall
+    from slmigrate.curate.dataset import CuratedCall
 
     ex = CuratedCall(request={"messages": [{"role": "user", "content": "weather in Rome"}]},
                      response={"choices": [{"message": {"role": "assistant", "content": None, "tool_calls": [
@@ -122,8 +122,8 @@ def _train_constant_adapter(base_dir, out_dir, target: str, prompts: list[str], 
 def two_cluster_ws(tmp_path_factory):
     from tiny_model import tiny_model_dir
 
-    from slmigrate.curated import to_row, write_curated
-    from slmigrate.evaluate import render
+    from slmigrate.curate.dataset import to_row, write_curated
+    from slmigrate.evaluate.run import render
     from slmigrate.workspace import Workspace
 
     root = tmp_path_factory.mktemp("eval")
@@ -156,7 +156,7 @@ def two_cluster_ws(tmp_path_factory):
 
 
 def test_evaluate_end_to_end(two_cluster_ws):
-    from slmigrate.embed import HashEmbedder
+    from slmigrate.cluster.embed import HashEmbedder
 
     ws, base, label_calls, text_calls = two_cluster_ws
     cfg = EvaluateConfig(model=str(base), embedder="hash", batch_size=4, device="cpu")
@@ -244,7 +244,7 @@ def test_a_copied_workspace_still_serves_and_reports(two_cluster_ws, tmp_path):
     its own adapters, not the original's."""
     import shutil
 
-    from slmigrate.embed import HashEmbedder
+    from slmigrate.cluster.embed import HashEmbedder
     from slmigrate.report import report
     from slmigrate.serve.deployment import load_deployments
     from slmigrate.serve.engine import SlmEngine
@@ -294,8 +294,8 @@ def _judge_app(position_biased: bool):
 def test_judge_rubric_and_pairwise_cancel_position_bias():
     from stub_llm import ServerThread
 
-    from slmigrate import metrics as M
-    from slmigrate.judge import Judge
+    from slmigrate.evaluate import metrics as M
+    from slmigrate.evaluate.judge import Judge
 
     preds = [{"content": "gold"}, {"content": "tin"}]
     refs = [{"content": "gold"}, {"content": "gold"}]
@@ -317,7 +317,7 @@ def test_judge_rubric_and_pairwise_cancel_position_bias():
 
 def test_judge_unreachable_endpoint_is_a_user_error():
     from slmigrate.errors import SlmigrateError
-    from slmigrate.judge import Judge
+    from slmigrate.evaluate.judge import Judge
 
     judge = Judge("http://127.0.0.1:9/v1", "judge", api_key="k", timeout=2)
     with pytest.raises(SlmigrateError, match="--judge"):
@@ -329,8 +329,8 @@ def test_judge_unreachable_endpoint_is_a_user_error():
 def test_bfcl_questions_become_openai_requests_with_ground_truth_calls():
     from conftest import shared_file
 
-    from slmigrate import bfcl
-    from slmigrate import metrics as M
+    from slmigrate.collect import bfcl
+    from slmigrate.evaluate import metrics as M
 
     root = shared_file("bfcl/BFCL_v4_simple_python.json").parent
     records = bfcl.load(root)
@@ -366,8 +366,8 @@ def test_bfcl_questions_become_openai_requests_with_ground_truth_calls():
 def test_bfcl_prepare_makes_a_workspace_finetune_and_evaluate_read(tmp_path):
     from conftest import shared_file
 
-    from slmigrate import bfcl
-    from slmigrate.curated import load_curated
+    from slmigrate.collect import bfcl
+    from slmigrate.curate.dataset import load_curated
     from slmigrate.workspace import Workspace
 
     root = shared_file("bfcl/BFCL_v4_multiple.json").parent

@@ -38,7 +38,7 @@ def _migrated(ws, tmp_path: Path, static: StaticPrompt) -> Path:
 
 
 def test_vllm_command_serves_every_migrated_adapter(workspace, tmp_path):
-    from slmigrate.export import export_vllm
+    from slmigrate.serve.export import export_vllm
 
     with pytest.raises(SlmigrateError, match="slmigrate evaluate"):
         export_vllm(workspace)  # nothing evaluated yet: the error says what to run
@@ -57,8 +57,8 @@ def test_merged_model_answers_like_the_adapter_and_keeps_the_static_prompt(works
     import torch
     from transformers import AutoModelForCausalLM
 
-    from slmigrate import generate as G
-    from slmigrate.export import export_merged
+    from slmigrate.evaluate import generate as G
+    from slmigrate.serve.export import export_merged
 
     static = StaticPrompt("You are the order desk. " * 4, tuple(TOOLS))
     adapter = _migrated(workspace, tmp_path, static)

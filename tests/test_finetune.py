@@ -16,7 +16,7 @@ import pytest
 
 from slmigrate import chat_format
 from slmigrate.config import FinetuneConfig
-from slmigrate.curated import to_row, write_curated
+from slmigrate.curate.dataset import to_row, write_curated
 from slmigrate.errors import SlmigrateError
 from slmigrate.finetune import data as D
 from slmigrate.finetune import finetune, loop
@@ -518,7 +518,7 @@ def test_real_smollm2_learns_a_narrow_task(workspace):
     fill_workspace(workspace, calls[:112], lambda r: "intent",
                    split=lambda r: "train" if r.input_id in train_ids else
                    "validation" if r.input_id in val_ids else "test")
-    from slmigrate.curated import load_curated
+    from slmigrate.curate.dataset import load_curated
 
     test = load_curated(workspace, "test")
     assert len(test) == 40

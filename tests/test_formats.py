@@ -4,10 +4,10 @@ import json
 
 import pytest
 
-from slmigrate import formats
-from slmigrate.collect import import_calls
-from slmigrate.formats import ConvertContext, FormatError
-from slmigrate.formats._common import merge_stream, parse_sse, upgrade_messages, upgrade_request
+from slmigrate.collect import formats
+from slmigrate.collect.importer import import_calls
+from slmigrate.collect.formats import ConvertContext, FormatError
+from slmigrate.collect.formats._common import merge_stream, parse_sse, upgrade_messages, upgrade_request
 from slmigrate.record import CallRecord
 
 from conftest import FIXTURES

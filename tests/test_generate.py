@@ -4,7 +4,7 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from slmigrate.generate import generate, max_new_tokens_for  # noqa: E402
+from slmigrate.evaluate.generate import generate, max_new_tokens_for  # noqa: E402
 
 
 @pytest.fixture(autouse=True, scope="module")

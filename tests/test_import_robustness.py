@@ -11,8 +11,9 @@ import sys
 
 import pytest
 
-from slmigrate import collect, formats
-from slmigrate.collect import MAX_DEPTH, MAX_LINE_BYTES, _iter_array, _raw_lines, import_calls
+from slmigrate.collect import importer as collect
+from slmigrate.collect import formats
+from slmigrate.collect.importer import MAX_DEPTH, MAX_LINE_BYTES, _iter_array, _raw_lines, import_calls
 from slmigrate.errors import SlmigrateError
 from slmigrate.workspace import Workspace
 
@@ -98,7 +99,7 @@ def _check_result(out, path):
     assert [(e["file"], e["line"]) for e in out["errors"]] == [(str(path), line) for line in SKIPPED]
     for error in out["errors"]:
         assert SKIPPED[error["line"]] in error["reason"], error
-    assert "slmigrate.collect.MAX_DEPTH" in out["errors"][0]["reason"]  # the limit and how to fix
+    assert "slmigrate.collect.importer.MAX_DEPTH" in out["errors"][0]["reason"]  # the limit and how to fix
     assert "flatten" in out["errors"][0]["reason"] and "64 MB" in out["errors"][2]["reason"]
     assert sorted(note["line"] for note in out["notes"]) == sorted(NORMALISED) == list(range(7, 12)) + [15]
     for note in out["notes"]:

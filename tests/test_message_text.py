@@ -11,7 +11,11 @@ from __future__ import annotations
 
 import pytest
 
-from slmigrate import chat_format, curate, judge, metrics, usage
+from slmigrate import chat_format
+from slmigrate.curate import run as curate
+from slmigrate.evaluate import judge
+from slmigrate.evaluate import metrics
+from slmigrate import usage
 from slmigrate.chat_format import message_text
 from slmigrate.cluster import views
 from slmigrate.config import CurateConfig

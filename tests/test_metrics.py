@@ -5,7 +5,7 @@ import json
 import numpy as np
 import pytest
 
-from slmigrate import metrics as m
+from slmigrate.evaluate import metrics as m
 from slmigrate.errors import SlmigrateError
 
 

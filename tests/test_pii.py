@@ -8,10 +8,10 @@ import socket
 
 import pytest
 
-from slmigrate.pii import CallScrubber, scrub_calls, texts_of
-from slmigrate.pii.engine import (STRUCT, Found, TextAnalyzer, _from_results, _keep, is_json_container, json_view,
-                                  text_ranges)
-from slmigrate.pii.recognizers import (ACCOUNT_PATTERNS, ADDRESS_PATTERNS, SECRET_PATTERNS, entity_for_key,
+from slmigrate.curate.pii import CallScrubber, scrub_calls, texts_of
+from slmigrate.curate.pii.engine import (STRUCT, Found, TextAnalyzer, _from_results, _keep, is_json_container,
+                                         json_view, text_ranges)
+from slmigrate.curate.pii.recognizers import (ACCOUNT_PATTERNS, ADDRESS_PATTERNS, SECRET_PATTERNS, entity_for_key,
                                        regex_findings)
 from slmigrate.record import CallRecord
 
@@ -175,14 +175,14 @@ def test_fragments_inside_longer_spans_are_dropped():
     ("Dayton\n, OH\n 45402", "OH\n 45402"),  # "<City>, <ST> <ZIP>" tail, split over lines
 ])
 def test_address_shapes(text, address):
-    from slmigrate.pii.recognizers import address_patterns
+    from slmigrate.curate.pii.recognizers import address_patterns
 
     found = [text[a:b] for e, a, b, _ in regex_findings(text, address_patterns()) if e == "STREET_ADDRESS"]
     assert any(address in f for f in found), found  # the whole address is inside one found span
 
 
 def test_address_country_postcode_tail_and_non_addresses():
-    from slmigrate.pii.recognizers import address_patterns
+    from slmigrate.curate.pii.recognizers import address_patterns
 
     def found(text):
         return [text[a:b] for e, a, b, _ in regex_findings(text, address_patterns()) if e == "STREET_ADDRESS"]
@@ -202,13 +202,13 @@ def test_address_country_postcode_tail_and_non_addresses():
     ("Dr Anna K. Berg will see you", "Anna K. Berg"),
 ])
 def test_name_cues(text, name):
-    from slmigrate.pii.recognizers import NAME_CUES
+    from slmigrate.curate.pii.recognizers import NAME_CUES
 
     assert [text[a:b] for _, a, b, _ in regex_findings(text, NAME_CUES)] == [name]
 
 
 def test_name_cues_stop_at_function_words():
-    from slmigrate.pii.recognizers import NAME_CUES
+    from slmigrate.curate.pii.recognizers import NAME_CUES
 
     text = "my name is nadia and I lost my card"
     assert [text[a:b] for _, a, b, _ in regex_findings(text, NAME_CUES)] == ["nadia"]
@@ -421,7 +421,7 @@ def test_real_scrub_of_a_call(real_analyzer):
 
 @pytest.mark.slow
 def test_worker_processes_find_the_same(real_analyzer):
-    from slmigrate.pii.engine import analyze_parallel
+    from slmigrate.curate.pii.engine import analyze_parallel
 
     texts = [f"Ticket {i}: Mia Li (mia_li_{3000 + i}) wrote from mia{i}@example.com about order #W{4000000 + i}."
              for i in range(140)]
@@ -520,7 +520,7 @@ def test_one_replacement_per_value_across_a_session_even_interleaved():
 
 
 def test_phone_number_under_a_neutral_key_is_not_structure():
-    from slmigrate.pii.scrub import _phone_shaped
+    from slmigrate.curate.pii.scrub import _phone_shaped
 
     result = json.dumps({"status": "ok", "contact": "+1 (415) 555-0142", "item_id": "4768869376"})
     call = _session_call("s1", 0, "Who do I call?", "Call the number on file.", tool_result=result)

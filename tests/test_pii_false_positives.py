@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import pytest
 
-from slmigrate.pii.evaluate import score
-from slmigrate.pii.false_positives import (all_everyday_words, in_label_position, names_organisation,
+from slmigrate.curate.pii.evaluate import score
+from slmigrate.curate.pii.false_positives import (all_everyday_words, in_label_position, names_organisation,
                                            not_a_person)
 
 
@@ -80,7 +80,7 @@ def test_precision_and_recall_on_a_hand_made_corpus():
 # --- through presidio and the real spaCy model ---
 @pytest.fixture(scope="module")
 def analyzer():
-    from slmigrate.pii import TextAnalyzer
+    from slmigrate.curate.pii import TextAnalyzer
 
     return TextAnalyzer()
 
@@ -115,7 +115,7 @@ def test_names_next_to_labels_are_found(analyzer, text, name):
 
 @pytest.mark.slow
 def test_a_label_is_not_replaced_in_a_scrubbed_call(analyzer):
-    from slmigrate.pii import CallScrubber
+    from slmigrate.curate.pii import CallScrubber
     from slmigrate.record import CallRecord
 
     text = "**Flight Date:** 2024-05-28\n**Passenger:** John Smith"

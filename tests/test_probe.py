@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from slmigrate import curated
+from slmigrate.curate import dataset as curated
 from slmigrate.config import Config, PricesConfig
 from slmigrate.probe import bootstrap_mean, estimate, hoeffding, probe, wilson
 from slmigrate.record import CallRecord

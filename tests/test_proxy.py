@@ -21,10 +21,10 @@ import httpx
 import openai
 import pytest
 
-from slmigrate.proxy.app import ProxySettings, create_app
+from slmigrate.collect.proxy.app import ProxySettings, create_app
 from slmigrate.store import Store
-from slmigrate.streaming import chunks_from_sse, merge_chunks, merge_timed_sse
-from slmigrate.writer import RecordWriter
+from slmigrate.collect.streaming import chunks_from_sse, merge_chunks, merge_timed_sse
+from slmigrate.collect.writer import RecordWriter
 
 sys.path.insert(0, str(Path(__file__).parent))
 from stub_llm import ServerThread, StubLLM, expected_completion, free_port, stored_calls, stream_chunks  # noqa: E402
@@ -518,7 +518,7 @@ def test_hard_kill_loses_at_most_the_last_flush_interval(tmp_path):
 ])
 def test_broken_200_answers_reach_the_client_unchanged_and_are_stored_as_errors(proxy, stub, model, stream, why):
     from slmigrate.config import CurateConfig
-    from slmigrate.curate import drop_reason
+    from slmigrate.curate.run import drop_reason
 
     body = {"model": model, "messages": [{"role": "user", "content": "is this answer sound"}], "stream": stream}
     direct = httpx.post(stub.url + "/chat/completions", json=body)
@@ -538,7 +538,7 @@ def test_broken_200_answers_reach_the_client_unchanged_and_are_stored_as_errors(
 
 
 def test_completion_problem_names_what_is_missing():
-    from slmigrate.proxy.exchange import completion_problem
+    from slmigrate.collect.proxy.exchange import completion_problem
 
     good = expected_completion({"model": "m", "messages": [{"role": "user", "content": "x"}]})
     assert completion_problem(good) is None

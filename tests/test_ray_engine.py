@@ -10,12 +10,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from slmigrate import curated, engines
+from slmigrate import engines
+from slmigrate.curate import dataset as curated
 from slmigrate.cli import main
 from slmigrate.cluster.run import _embed_pass, cluster_calls
 from slmigrate.config import ClusterConfig, Config, CurateConfig
-from slmigrate.curate import curate
-from slmigrate.embed import HashEmbedder
+from slmigrate.curate.run import curate
+from slmigrate.cluster.embed import HashEmbedder
 from slmigrate.errors import SlmigrateError
 from slmigrate.record import CallRecord
 from conftest import skip_unless_required  # noqa: E402
@@ -81,7 +82,7 @@ def test_missing_ray_names_the_extra(workspace, monkeypatch, capsys):
 
 
 def test_ray_is_not_imported_by_the_local_engine(workspace):
-    from slmigrate.collect import import_calls
+    from slmigrate.collect.importer import import_calls
 
     rows = _agent_log(40)
     path = workspace.root / "log.jsonl"
@@ -135,7 +136,7 @@ def test_cluster_spreads_a_large_embedding_pass_over_the_cores_by_default(monkey
 
 
 def test_engine_settings_do_not_change_the_fingerprints(workspace):
-    from slmigrate.curate import fingerprint
+    from slmigrate.curate.run import fingerprint
 
     assert fingerprint(workspace, CurateConfig()) == fingerprint(
         workspace, CurateConfig(engine="ray", ray_address="auto", workers=8))
@@ -154,7 +155,7 @@ def test_ray_engine_gives_the_local_results(tmp_path):
         skip_unless_required("ray", "ray is not installed (pip install 'slmigrate[ray]')")
     import json
 
-    from slmigrate.collect import import_calls
+    from slmigrate.collect.importer import import_calls
     from slmigrate.workspace import Workspace
 
     path = tmp_path / "log.jsonl"

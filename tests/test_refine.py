@@ -39,7 +39,7 @@ def _translation_calls(n: int) -> list[CallRecord]:
 
 def _relabelled_intents(ws, n: int) -> list[CallRecord]:
     """Intent calls whose answers now use new label names (the agent's taxonomy changed): drift."""
-    from slmigrate.curated import load_curated
+    from slmigrate.curate.dataset import load_curated
 
     calls = [c for c in load_curated(ws) if "Classify the customer's message" in str(c.messages[0]["content"])][:n]
     out = []
@@ -54,8 +54,8 @@ def _relabelled_intents(ws, n: int) -> list[CallRecord]:
 @pytest.fixture(scope="module")
 def pipeline_ws(tmp_path_factory):
     from slmigrate.cluster import cluster
-    from slmigrate.collect import import_calls
-    from slmigrate.curate import curate
+    from slmigrate.collect.importer import import_calls
+    from slmigrate.curate.run import curate
     from slmigrate.workspace import Workspace
 
     tmp = tmp_path_factory.mktemp("refine")
@@ -85,7 +85,7 @@ def test_new_task_and_drift_yield_a_plan_and_unchanged_yields_nothing(pipeline_w
     ws, config = pipeline_ws
     assert plan_refine(ws, config)["nothing_to_do"] is True
 
-    from slmigrate.curated import load_curated
+    from slmigrate.curate.dataset import load_curated
 
     membership = ws.store.clusters_of()
     intent_call = next(c for c in load_curated(ws) if "Classify the customer's message" in

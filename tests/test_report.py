@@ -188,9 +188,9 @@ def _calls(n: int = 60):
 
 def populate(ws) -> None:
     """Every stage's artifact, in the format its module writes, with made-up figures (for rendering only)."""
-    from slmigrate import curated
+    from slmigrate.curate import dataset as curated
     from slmigrate.config import SelectConfig
-    from slmigrate.selection import select
+    from slmigrate.selection.run import select
 
     calls = _calls(90)
     ws.store.insert_calls(calls)

@@ -15,11 +15,11 @@ from pathlib import Path
 
 import pytest
 
-from slmigrate import curated
+from slmigrate.curate import dataset as curated
 from slmigrate.cluster.run import cluster_calls, iter_compact
 from slmigrate.cluster.views import task_view
 from slmigrate.config import ClusterConfig
-from slmigrate.embed import HashEmbedder
+from slmigrate.cluster.embed import HashEmbedder
 from slmigrate.record import CallRecord
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -102,7 +102,7 @@ def test_compact_calls_cluster_like_the_full_calls(workspace, calls):
 
 def test_curate_streams_with_pii_off(workspace, calls):
     from slmigrate.config import CurateConfig
-    from slmigrate.curate import curate
+    from slmigrate.curate.run import curate
 
     some = calls[:200]
     workspace.store.insert_calls(some + some[:20])  # the repeats are kept by the store? then curate drops them

@@ -9,7 +9,7 @@ from slmigrate import catalog
 from slmigrate.cli import main
 from slmigrate.config import SelectConfig
 from slmigrate.errors import SlmigrateError
-from slmigrate.selection import load_selection, select
+from slmigrate.selection.run import load_selection, select
 
 # Shaped like the tau2-bench agent calls (airline / retail / telecom agent turns, p95 prompts of 5-9k tokens,
 # short tool-call answers) plus the narrow tasks of examples/agent_log.py, in the cluster stage's layout.
@@ -230,7 +230,7 @@ def test_probe_runs_the_offline_smollm2_on_validation_calls(workspace):
     import importlib.util
 
     from conftest import ROOT
-    from slmigrate.curated import to_row, write_curated
+    from slmigrate.curate.dataset import to_row, write_curated
     from slmigrate.record import CallRecord
 
     spec = importlib.util.spec_from_file_location("agent_log", ROOT / "examples" / "agent_log.py")

@@ -19,7 +19,7 @@ from slmigrate.serve.engine import SlmAnswer
 from slmigrate.serve.router import Canary
 from slmigrate.serve.validation import validate_answer
 from slmigrate.store import Store
-from slmigrate.writer import RecordWriter
+from slmigrate.collect.writer import RecordWriter
 
 LOOKUP_TOOL = {"type": "function", "function": {
     "name": "lookup_order", "description": "Find an order.",

@@ -16,7 +16,7 @@ from test_cluster import _call, hash_cfg, synthetic_log
 
 from slmigrate.cluster import cluster_calls
 from slmigrate.cluster.model import MODEL_FILE, ClusterModel, learn_signatures, request_signature
-from slmigrate.embed import HashEmbedder
+from slmigrate.cluster.embed import HashEmbedder
 from slmigrate.errors import SlmigrateError
 from slmigrate.record import CallRecord
 from slmigrate.serve.assign import request_assigner
@@ -241,7 +241,7 @@ def test_lru_cache_bound_and_knob(monkeypatch):
 
 @pytest.mark.slow
 def test_direct_minilm_encode_matches_sentence_transformers():
-    from slmigrate.embed import MiniLMEmbedder
+    from slmigrate.cluster.embed import MiniLMEmbedder
 
     emb = MiniLMEmbedder(cache_size=0)
     model = emb._load()
@@ -259,9 +259,9 @@ def test_direct_minilm_encode_matches_sentence_transformers():
 def test_fast_path_agrees_with_the_embedding_path_on_real_minilm(tmp_path):
     """The examples generator's agent, clustered with the real MiniLM; new requests of another seed."""
     from slmigrate.cluster import cluster
-    from slmigrate.collect import import_calls
+    from slmigrate.collect.importer import import_calls
     from slmigrate.config import load_config
-    from slmigrate.curate import curate
+    from slmigrate.curate.run import curate
     from slmigrate.workspace import Workspace
 
     logs = {}

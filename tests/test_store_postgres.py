@@ -189,7 +189,7 @@ def test_concurrent_writers_lose_nothing_and_number_batches_in_commit_order(pg_u
 
 
 def test_writer_reconnects_after_a_server_restart(pg_server, pg_url):
-    from slmigrate.writer import RecordWriter
+    from slmigrate.collect.writer import RecordWriter
 
     writer = RecordWriter(lambda: Store(pg_url), flush_interval=0.05)
     try:
@@ -227,11 +227,11 @@ def test_stages_on_postgres_match_sqlite(pg_url, tmp_path, monkeypatch):
     results with the calls in PostgreSQL as in the workspace's SQLite file."""
     from test_cluster import hash_cfg, synthetic_log
 
-    from slmigrate import curated
+    from slmigrate.curate import dataset as curated
     from slmigrate.cli import main
     from slmigrate.cluster import cluster
     from slmigrate.config import Config, CurateConfig
-    from slmigrate.curate import curate
+    from slmigrate.curate.run import curate
     from slmigrate.status import status
     from slmigrate.workspace import Workspace
 

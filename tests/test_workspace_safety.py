@@ -30,7 +30,7 @@ def test_workspace_folders_and_store_are_private(tmp_path):
 
 
 def test_a_crashed_curate_version_is_cleared_by_the_next(tmp_path):
-    from slmigrate.curated import write_curated
+    from slmigrate.curate.dataset import write_curated
 
     ws = Workspace.open(tmp_path / "ws")
     stale = ws.path("curated", ".v0001.tmp")

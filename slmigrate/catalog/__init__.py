@@ -3,7 +3,7 @@
 The built-in entries live in ``models.json`` next to this file. A workspace may extend or correct them with
 ``<workspace>/catalog.json`` (same format, ``{"models": [...]}`` or a bare list): an entry whose ``name`` exists
 updates that entry field by field (``shape`` and ``scores`` merge key by key), a new name adds a model and must
-be complete. Parameters and memory are always computed from the shape (``slmigrate.footprint``).
+be complete. Parameters and memory are always computed from the shape (``slmigrate.catalog.footprint``).
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from slmigrate.errors import SlmigrateError
-from slmigrate.footprint import DEFAULT_SEQ_LEN, Footprint, Shape, footprint, params
+from slmigrate.catalog.footprint import DEFAULT_SEQ_LEN, Footprint, Shape, footprint, params
 
 BUILTIN = Path(__file__).with_name("models.json")
 WORKSPACE_FILE = "catalog.json"

@@ -37,7 +37,7 @@ def import_cmd(
 
     Example: slmigrate collect import calls.jsonl.gz traces.json --format auto --agent support-bot
     """
-    from slmigrate.collect import import_calls
+    from slmigrate.collect.importer import import_calls
     from slmigrate.config import load_config
 
     cfg = load_config(config, {"collect": {"agent": agent}}).collect

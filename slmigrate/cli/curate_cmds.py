@@ -49,7 +49,7 @@ def curate_cmd(
     if ctx.invoked_subcommand is not None:
         return
     from slmigrate.config import load_config
-    from slmigrate.curate import curate
+    from slmigrate.curate.run import curate
 
     ent_list = [e for e in entities.split(",") if e.strip()] if entities else None
     cfg = load_config(config, {"curate": {"pii": pii, "entities": ent_list, "workers": workers,
@@ -115,7 +115,7 @@ def export_cmd(
 
     Example: slmigrate curate export --format openai-ft --split train --out train.jsonl
     """
-    from slmigrate.curate import export
+    from slmigrate.curate.run import export
 
     info = export(open_workspace(workspace, create=False), out, fmt, split, version)
     if json_out:

@@ -46,7 +46,7 @@ def evaluate(
     Example: slmigrate evaluate --variants base,finetuned --limit 50 --fail-under 0.9
     """
     from slmigrate.config import load_config
-    from slmigrate.evaluate import check_gate, evaluate as run_evaluate
+    from slmigrate.evaluate.run import check_gate, evaluate as run_evaluate
 
     cfg = load_config(config_file, {"evaluate": {
         "variants": [v.strip() for v in variants.split(",") if v.strip()] if variants else None,
@@ -57,7 +57,7 @@ def evaluate(
     judge_obj = None
     if judge or judge_model:
         from slmigrate.errors import SlmigrateError
-        from slmigrate.judge import Judge
+        from slmigrate.evaluate.judge import Judge
 
         if not (judge and judge_model):
             raise SlmigrateError("--judge URL and --judge-model NAME go together; pass both or neither")
@@ -65,7 +65,7 @@ def evaluate(
     result = run_evaluate(ws, cfg.evaluate, clusters=cluster, judge=judge_obj, prices=cfg.prices, force=force,
                           progress=not json_out)
     if json_out:
-        from slmigrate.evaluate import gate
+        from slmigrate.evaluate.run import gate
 
         print_json({**result, "gate": None if fail_under is None else {
             "fail_under": fail_under, "failing": gate(result, fail_under)}})

@@ -25,7 +25,7 @@ def export_vllm(
 
     Example: slmigrate export vllm --out deploy/
     """
-    from slmigrate.export import export_vllm as run
+    from slmigrate.serve.export import export_vllm as run
 
     result = run(open_workspace(workspace, create=False), out, port=port)
     if json_out:
@@ -50,7 +50,7 @@ def export_merged(
 
     Example: slmigrate export merged --cluster c2 --out merged-c2/
     """
-    from slmigrate.export import export_merged as run
+    from slmigrate.serve.export import export_merged as run
 
     result = run(open_workspace(workspace, create=False), cluster, out)
     if json_out:

@@ -89,7 +89,7 @@ def _finish(summary, json_out: bool, title: str) -> None:
     if not summary.ok:
         raise SlmigrateError(summary.error)
     if summary.gate_failed:
-        from slmigrate.evaluate import raise_if_failing
+        from slmigrate.evaluate.run import raise_if_failing
 
         raise_if_failing(summary.gate["failing"], summary.gate["fail_under"])  # exit code 3
 

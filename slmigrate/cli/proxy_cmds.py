@@ -39,7 +39,7 @@ def proxy(
     Example (many proxies, one database): slmigrate collect proxy --upstream URL --store postgresql://slm@db/calls
     """
     from slmigrate.config import load_config
-    from slmigrate.proxy import serve
+    from slmigrate.collect.proxy import serve
 
     ws = open_workspace(workspace, store=store)
     if agent is None:

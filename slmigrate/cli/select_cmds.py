@@ -54,7 +54,7 @@ def select(
     Example: slmigrate select --cpu-only --license permissive --top 3
     """
     from slmigrate.config import load_config
-    from slmigrate.selection import select as run_select
+    from slmigrate.selection.run import select as run_select
 
     cfg = load_config(config_file, {"select": {
         "gpu_memory_gb": gpu_memory, "cpu_only": cpu_only, "cpu_memory_gb": cpu_memory, "license": license,

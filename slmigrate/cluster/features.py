@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from slmigrate.cluster.views import OUTPUT_KINDS, TaskView
-from slmigrate.embed import Embedder
+from slmigrate.cluster.embed import Embedder
 
 BLOCKS = ("system", "tools", "turn", "answer", "shape")
 # Blocks the router can compute before the model answers (assign() on a request without a response).

@@ -33,7 +33,7 @@ import numpy as np
 from slmigrate.cluster.features import BLOCKS, Layout, featurize
 from slmigrate.cluster.fit import nearest
 from slmigrate.cluster.views import TURN_CHARS, _mask_system, digest64, latest_turn, mask, system_prompt, task_view
-from slmigrate.embed import Embedder, get_embedder
+from slmigrate.cluster.embed import Embedder, get_embedder
 from slmigrate.errors import SlmigrateError
 from slmigrate.record import CallRecord
 from slmigrate.workspace import Workspace

@@ -11,7 +11,8 @@ from typing import Any
 
 import numpy as np
 
-from slmigrate import artifacts, curated, engines
+from slmigrate import artifacts, engines
+from slmigrate.curate import dataset as curated
 from slmigrate.cluster.calltable import GROUP, TAG, CallTable
 from slmigrate.cluster.features import WEIGHTS, Layout, featurize
 from slmigrate.cluster.fit import Fitted, assign_rest, fit_group, nearest
@@ -19,7 +20,7 @@ from slmigrate.cluster.model import ClusterModel, signature_table, slug
 from slmigrate.cluster.stats import cluster_stats, keywords
 from slmigrate.cluster.views import TaskView
 from slmigrate.config import ClusterConfig, Config, PricesConfig
-from slmigrate.embed import Embedder, get_embedder
+from slmigrate.cluster.embed import Embedder, get_embedder
 from slmigrate.errors import SlmigrateError
 from slmigrate.progress import progress_bar
 from slmigrate.record import CallRecord

@@ -353,7 +353,7 @@ def finetune(ws: Workspace, config: FinetuneConfig | None = None, clusters: Sequ
 
     ``init_adapters`` (cluster -> adapter folder) warm-starts those clusters from an existing adapter (refine).
     """
-    from slmigrate.curated import load_curated
+    from slmigrate.curate.dataset import load_curated
 
     config = config or FinetuneConfig()
     started = time.time()

@@ -102,7 +102,7 @@ class Facts:
         return facts
 
     def _load_artifacts(self) -> None:
-        from slmigrate import curated
+        from slmigrate.curate import dataset as curated
 
         ws = self.ws
         if curated.current_version(ws):

@@ -19,7 +19,7 @@ __all__ = ["Deployment", "RouterSettings", "build_app", "load_deployments", "ser
 def agreement_score(kind: str, prediction: dict[str, Any], reference: dict[str, Any],
                     request: dict[str, Any]) -> float:
     """Shadow agreement: the cluster kind's primary evaluation metric on one (SLM, LLM) answer pair."""
-    from slmigrate import metrics as M
+    from slmigrate.evaluate import metrics as M
 
     metric = M.primary_metric(kind if kind in M.KINDS else "text")
     scores = M.score(kind if kind in M.KINDS else "text", [prediction], [reference],
@@ -31,12 +31,12 @@ def agreement_score(kind: str, prediction: dict[str, Any], reference: dict[str, 
 def build_app(ws: Workspace, settings: RouterSettings, *, device: str = "auto", writer: Any = None,
               engine: Any = None, assign: Any = None):
     """The router ASGI app and its ``Router`` (for tests and embedding)."""
-    from slmigrate import deadletter
-    from slmigrate.proxy.app import ProxySettings, create_app
+    from slmigrate.collect import deadletter
+    from slmigrate.collect.proxy.app import ProxySettings, create_app
     from slmigrate.serve.app import RouterApp
     from slmigrate.serve.engine import SlmEngine
     from slmigrate.serve.router import Router
-    from slmigrate.writer import RecordWriter
+    from slmigrate.collect.writer import RecordWriter
 
     if writer is None:
         writer = RecordWriter(ws.store.opener(), name="slmigrate-router-writer",
@@ -59,7 +59,7 @@ def build_app(ws: Workspace, settings: RouterSettings, *, device: str = "auto", 
 def serve(ws: Workspace, settings: RouterSettings, *, host: str = "127.0.0.1", port: int = 8788,
           device: str = "auto", on_ready: Any = None) -> dict[str, Any]:
     """Run the router until SIGTERM/SIGINT; returns the final routing counters, and the log's under "capture"."""
-    from slmigrate.proxy import run_server
+    from slmigrate.collect.proxy import run_server
 
     app, router = build_app(ws, settings, device=device)
     writer = app.proxy_app.state.writer

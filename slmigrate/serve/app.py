@@ -45,7 +45,7 @@ class RouterApp:
         from starlette.requests import Request
         from starlette.responses import JSONResponse, PlainTextResponse
 
-        from slmigrate.proxy.app import unauthorised
+        from slmigrate.collect.proxy.app import unauthorised
 
         request = Request(scope, receive)
         if not self.proxy_app.state.authorised(request):  # the proxy's check: one token for every admin endpoint

@@ -20,7 +20,7 @@ def request_assigner(ws: Workspace, embedder: Any = None, *,
     the LLM. The model reports no distance, so the second value is None. ``fast=False`` always embeds.
     """
     from slmigrate.cluster.model import ClusterModel
-    from slmigrate.embed import ROUTER_CACHE, cache_size_from_env, get_embedder
+    from slmigrate.cluster.embed import ROUTER_CACHE, cache_size_from_env, get_embedder
 
     model = ClusterModel.load(ws, embedder=embedder)
     if embedder is None:

@@ -27,7 +27,7 @@ class SlmAnswer:
 
 class SlmEngine:
     def __init__(self, deployments: list[Deployment], *, device: str = "auto", base_model: str | None = None):
-        from slmigrate import generate as G
+        from slmigrate.evaluate import generate as G
 
         self.deployments = {d.cluster: d for d in deployments}
         self._lock = threading.Lock()
@@ -48,8 +48,8 @@ class SlmEngine:
     def answer(self, cluster: str, request: dict[str, Any]) -> SlmAnswer:
         """Generate the cluster's specialist answer for an OpenAI chat request (blocking)."""
         from slmigrate import chat_format
-        from slmigrate.evaluate import context_budget
-        from slmigrate.generate import generate
+        from slmigrate.evaluate.run import context_budget
+        from slmigrate.evaluate.generate import generate
 
         d = self.deployments[cluster]
         # The specialist was trained without its cluster's static prompt parts: serve it the same way.

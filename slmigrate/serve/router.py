@@ -230,7 +230,7 @@ class Router:
 
     def log_slm_call(self, request: dict[str, Any], body: dict[str, Any], route: Route, answer: Any,
                      agent: str | None, session: str | None, started: float) -> None:
-        from slmigrate.proxy.exchange import LiveCall
+        from slmigrate.collect.proxy.exchange import LiveCall
 
         clean = {k: v for k, v in request.items() if k not in ("user", "safety_identifier")}
         rec = CallRecord(

@@ -1,7 +1,7 @@
 """BFCL function calling: base vs fine-tuned SmolLM2-135M-Instruct, name and name+arguments accuracy.
 
 The BFCL questions (simple_python + multiple) go into a fresh workspace as one tool-call cluster whose "LLM
-answers" are the ground truth (``slmigrate.bfcl``); slmigrate's own finetune (LoRA) trains on the train
+answers" are the ground truth (``slmigrate.collect.bfcl``); slmigrate's own finetune (LoRA) trains on the train
 split and evaluate scores base and fine-tuned on the held-out test split. Prints one JSON line.
 
     .venv/bin/python tests/benchmarks/bfcl_eval.py --limit 120 --epochs 2 --threads 1
@@ -38,9 +38,9 @@ def main() -> None:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    from slmigrate import bfcl
+    from slmigrate.collect import bfcl
     from slmigrate.config import EvaluateConfig, FinetuneConfig
-    from slmigrate.evaluate import evaluate
+    from slmigrate.evaluate.run import evaluate
     from slmigrate.finetune import finetune
     from slmigrate.workspace import Workspace
 

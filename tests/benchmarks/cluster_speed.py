@@ -30,7 +30,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 from slmigrate.cluster import cluster_calls  # noqa: E402
 from slmigrate.config import ClusterConfig  # noqa: E402
-from slmigrate.embed import MiniLMEmbedder  # noqa: E402
+from slmigrate.cluster.embed import MiniLMEmbedder  # noqa: E402
 from slmigrate.record import CallRecord  # noqa: E402
 
 PRODUCTS = [f"{a} {b}" for a in ("Trail", "Summit", "Canyon", "Harbor", "Glacier") for b in

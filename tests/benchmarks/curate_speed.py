@@ -38,11 +38,11 @@ def main() -> None:
     from slmigrate import env
 
     env.offline_hub()
-    from slmigrate.collect import import_calls
+    from slmigrate.collect.importer import import_calls
     from slmigrate.config import CurateConfig
-    from slmigrate.curate import curate
-    from slmigrate.pii import TextAnalyzer, texts_of
-    from slmigrate.pii.engine import DEFAULT_ENTITIES, _keep, Found
+    from slmigrate.curate.run import curate
+    from slmigrate.curate.pii import TextAnalyzer, texts_of
+    from slmigrate.curate.pii.engine import DEFAULT_ENTITIES, _keep, Found
     from slmigrate.workspace import Workspace
 
     curate_times, report = [], {}

@@ -44,7 +44,8 @@ def use_orjson(on: bool) -> None:
     """Switch the three places that use orjson (parse, hash, payload encode) on or off."""
     import orjson
 
-    from slmigrate import collect, record, store
+    from slmigrate import record, store
+    from slmigrate.collect import importer as collect
 
     collect._fast_loads = orjson.loads if on else None
     record.orjson = orjson if on else None
@@ -57,7 +58,7 @@ def _children_cpu() -> float:
 
 
 def timed_import(path: Path, tmp: Path, tag: str, workers: int | None, cores: int) -> dict:
-    from slmigrate.collect import import_calls
+    from slmigrate.collect.importer import import_calls
     from slmigrate.workspace import Workspace
 
     ws = Workspace.open(tmp / f"ws-{tag}")
@@ -111,7 +112,7 @@ def main() -> None:
                  "load_avg_start": os.getloadavg()}
     with tempfile.TemporaryDirectory(prefix="slmigrate-bench-") as tmp_name:
         tmp = Path(tmp_name)
-        from slmigrate import formats
+        from slmigrate.collect import formats
 
         formats.names()  # load the format modules now, so the first timed run does not pay for it
         runs: dict[str, list[dict]] = {m: [] for m in MODES}

@@ -59,14 +59,15 @@ def main() -> None:
         print(json.dumps({"skipped": f"{path} not present (shared data is only on the team's machines)"}))
         return
 
-    from slmigrate import curated, engines, env
+    from slmigrate import engines, env
+    from slmigrate.curate import dataset as curated
 
     env.offline_hub()
     from slmigrate.cluster.run import cluster_calls
-    from slmigrate.collect import import_calls
+    from slmigrate.collect.importer import import_calls
     from slmigrate.config import ClusterConfig, CurateConfig
-    from slmigrate.curate import curate
-    from slmigrate.embed import get_embedder
+    from slmigrate.curate.run import curate
+    from slmigrate.cluster.embed import get_embedder
     from slmigrate.workspace import Workspace
 
     result: dict = {"input": path.name, "loadavg_start": [round(x, 2) for x in os.getloadavg()]}

@@ -43,9 +43,9 @@ def main() -> None:
 
     from slmigrate.cluster import cluster
     from slmigrate.cluster.views import latest_turn, mask, TURN_CHARS
-    from slmigrate.collect import import_calls
+    from slmigrate.collect.importer import import_calls
     from slmigrate.config import load_config
-    from slmigrate.curate import curate
+    from slmigrate.curate.run import curate
     from slmigrate.record import CallRecord
     from slmigrate.serve.assign import request_assigner
     from slmigrate.serve.validation import validate_answer

@@ -1,0 +1,9 @@
+"""Step S2 of the paper: turn the stored calls into a dataset that is safe to fine-tune on.
+
+``run.curate`` filters, de-duplicates, scrubs (``pii``) and splits; ``dataset`` owns the curated versions it
+writes (``curated/vNNNN/``) and is how every later stage reads them.
+"""
+
+from slmigrate.curate.run import curate, drop_reason, export
+
+__all__ = ["curate", "drop_reason", "export"]

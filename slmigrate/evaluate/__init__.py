@@ -1,0 +1,9 @@
+"""The gate between fine-tuning and serving: is the small model good enough for this task?
+
+``run.evaluate`` answers each test call with the small model (``generate``), scores it against the LLM's
+answer (``metrics``, or an LLM ``judge``) and writes the migration plan.
+"""
+
+from slmigrate.evaluate.run import evaluate, find_adapter
+
+__all__ = ["evaluate", "find_adapter"]
