@@ -149,7 +149,21 @@ class ProbeConfig(Section):
         "Prompt tokens the few-shot probe keeps (older turns go first), to stay fast on a CPU."))
     fewshot_max_new_tokens: int = Field(64, ge=1, description="Longest few-shot answer generated.")
     model: str | None = Field(None, description="Small model for the few-shot probe (default SmolLM2-135M).")
-    lora: bool = Field(True, description="Run a budgeted LoRA probe when CUDA is present.")
+    lora: Literal["auto", "on", "off"] = Field("auto", description=(
+        "Budgeted LoRA probe: `auto` runs it when CUDA is present, `on` on a CPU too (minutes per task; "
+        "`probe --lora`), `off` never. true/false read as auto/off."))
+    lora_steps: int = Field(48, ge=1, description=(
+        "Training steps of the LoRA probe ([finetune]'s settings otherwise; the demo fine-tunes 48 steps)."))
+    lora_train_calls: int = Field(256, ge=1, description="Train calls per task the LoRA probe learns from.")
+    lora_test_calls: int = Field(32, ge=1, description="Held-out calls per task the LoRA probe's model answers.")
+    lora_tasks: int = Field(4, ge=0, description="The LoRA probe trains at most this many tasks (biggest first).")
+    lora_clusters: list[str] = Field(default_factory=list, description=(
+        "Only these tasks get the LoRA probe (`probe --cluster ID`); empty: the `lora_tasks` biggest."))
+
+    @field_validator("lora", mode="before")
+    @classmethod
+    def _lora_flag(cls, value: Any) -> Any:
+        return {True: "auto", False: "off"}.get(value, value) if isinstance(value, bool) else value
     seed: int = Field(0, description="Seed for the samples and the bootstrap.")
 
 

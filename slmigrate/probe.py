@@ -10,8 +10,10 @@ taken from - the split is by session, so nothing leaks):
   specialist trained on those calls will too; cheap enough for every call of an audit.
 - ``fewshot``: the local small model (SmolLM2-135M by default) answers a small sample, shown the nearest train
   calls as worked examples; its compute time prices the small model for the headline.
-- ``lora``: a budgeted LoRA probe belongs here when CUDA is present; this version records that it did not run
-  and why (fine-tune and evaluate measure the trained model).
+- ``lora``: a budgeted LoRA fine-tune (``[probe] lora_steps`` steps on a sample of the train split, in memory,
+  with ``[finetune]``'s settings) answers held-out calls as ``evaluate`` would: the estimate closest to what the
+  trained specialist will score. It runs when CUDA is present, or on a CPU when asked (``probe --lora``, minutes
+  per task); otherwise the result says why it did not run.
 
 Each figure comes with a 95% interval: Wilson's for 0/1 metrics (exact match), a percentile bootstrap of the
 mean for graded ones (ROUGE-L), or Hoeffding's bound for fewer than 30 graded scores (where a bootstrap of two
@@ -109,6 +111,10 @@ class _Call:
     @property
     def messages(self) -> list[dict[str, Any]]:  # what evaluate.with_examples reads of an example
         return list(self.request.get("messages") or [])
+
+    @property
+    def tools(self) -> list[dict[str, Any]]:  # with ``messages``, what fine-tuning's example builder reads
+        return list(self.request.get("tools") or [])
 
 
 def request_text(request: dict[str, Any]) -> str:
@@ -280,22 +286,59 @@ def _fit(tokenizer: Any, text: str, budget: int) -> list[int]:
     return ids[:head] + ids[len(ids) - (budget - head):]
 
 
-def lora_probe(enabled: bool) -> dict[str, Any]:
-    """Clearly not run: on a CPU it cannot fit in an audit's minutes; with CUDA it is not implemented yet."""
+def lora_skip_reason(mode: str) -> str | None:
+    """Why the LoRA probe does not run here, or None when it does."""
     import torch
 
-    if not enabled:
-        return {"skipped": True, "reason": "turned off ([probe] lora = false)"}
-    if not torch.cuda.is_available():
-        return {"skipped": True, "reason": "needs a GPU (no CUDA device here)"}
-    return {"skipped": True, "reason": "budgeted LoRA probe not implemented yet; `slmigrate finetune` and "
-            "`slmigrate evaluate` measure the trained model"}
+    if mode == "off":
+        return 'turned off ([probe] lora = "off")'
+    if mode == "auto" and not torch.cuda.is_available():
+        return ("runs when a GPU is present; on this CPU with `slmigrate probe --lora` ([probe] lora = \"on\"), "
+                "a few minutes per task")
+    return None
+
+
+def lora_probe(kind: str, metric: str, pool: list[_Call], queries: list[_Call], config: Config) -> dict[str, Any]:
+    """Fine-tune the task's small model for a budget of steps on a sample of its train calls, in memory, and score
+    its answers to held-out calls: the closest a probe gets to what ``finetune`` + ``evaluate`` will measure,
+    through the same training (``finetune.train_budgeted``) and the same generation and scoring
+    (``evaluate.evaluate_variant``)."""
+    from slmigrate import finetune as F
+    from slmigrate import models
+    from slmigrate.evaluate import run as E
+    from slmigrate.evaluate.generate import max_new_tokens_for
+
+    cfg = config.probe
+    if not queries:
+        return {"skipped": True, "reason": "no held-out (validation/test) calls with an answer in this task"}
+    train = pool[:cfg.lora_train_calls]
+    val = pool[cfg.lora_train_calls:cfg.lora_train_calls + 16]  # early stopping and best weights, as finetune
+    method = "qlora" if config.finetune.method == "qlora" else "lora"
+    ft = config.finetune.model_copy(update={"method": method})
+    name = cfg.model or config.finetune.model or models.DEFAULT_MODEL
+    trained = F.train_budgeted(name, train, val, ft, cfg.lora_steps)
+    if trained is None:
+        return {"skipped": True, "reason": f"fewer than [finetune] min_examples = {ft.min_examples} train calls"}
+    asked = queries[:cfg.lora_test_calls]
+    max_new = max_new_tokens_for(trained.tokenizer, [E.answer_text(q.answer) for q in asked],
+                                 cap=config.evaluate.max_new_tokens)
+    ctx = M.MetricContext([q.request for q in asked])
+    found = E.evaluate_variant(trained.model, trained.tokenizer, asked, kind, config=config.evaluate,
+                               prices=config.prices, llm_cost=None, ctx=ctx, max_new_tokens=max_new,
+                               static=trained.static)
+    scores = [item.get(metric) for item in found["_items"]]
+    figure = estimate(scores, cfg.seed)
+    if figure is None:
+        return {"skipped": True, "reason": f"{metric} is out of scope for every sampled call"}
+    return {**figure, "model": name, "method": method, "steps": trained.steps, "train_calls": trained.examples,
+            "train_seconds": trained.seconds, "final_train_loss": trained.final_train_loss,
+            "latency_p50_ms": found["efficiency"].get("latency_p50_ms")}
 
 
 def best(result: dict[str, Any]) -> dict[str, Any] | None:
     """The measured figure of a task: the probe with the higher lower bound (each is a floor a specialist can
     reach; ranking by the point score would let 2 lucky few-shot calls outvote 300 neighbour calls)."""
-    found = [(name, result[name]) for name in ("neighbour", "fewshot") if not result[name].get("skipped")]
+    found = [(name, result[name]) for name in ("neighbour", "fewshot", "lora") if not result[name].get("skipped")]
     if not found:
         return None
     name, figure = max(found, key=lambda nf: (nf[1]["low"], nf[1]["score"], nf[1]["n"]))
@@ -339,7 +382,10 @@ def probe(ws: Workspace, config: Config | None = None, *, force: bool = False,
 
     fingerprint = fingerprint_of(METHOD_VERSION, curated.current_version(ws), clusters_id,
                                  cfg.model_dump(), config.evaluate.primary, config.evaluate.threshold,
-                                 torch.cuda.is_available())
+                                 torch.cuda.is_available(),
+                                 # the LoRA probe trains with [finetune]'s settings and answers as evaluate does
+                                 [config.finetune.model_dump(), config.evaluate.fingerprint_dump()]
+                                 if lora_skip_reason(cfg.lora) is None else None)
     stored = ws.probe() if not force and ws.is_fresh("probe", fingerprint) else None
     if stored is not None:
         return {**stored, "skipped": True}
@@ -348,7 +394,8 @@ def probe(ws: Workspace, config: Config | None = None, *, force: bool = False,
     pools, held = task_calls(ws, set(known), cfg.neighbour_calls, cfg.seed)
     small = _SmallModel(cfg.model or config.evaluate.model)
     fewshot_left = cfg.fewshot_total if cfg.fewshot_calls else 0
-    lora = lora_probe(cfg.lora)
+    lora_skip = lora_skip_reason(cfg.lora)
+    lora_left = cfg.lora_tasks
     tasks = []
     order = sorted(known, key=lambda c: (-int(known[c].get("size") or 0), c))  # biggest first get few-shot calls
     for n, cid in enumerate(order):
@@ -376,7 +423,16 @@ def probe(ws: Workspace, config: Config | None = None, *, force: bool = False,
             result["fewshot"] = fewshot_probe(kind, metric, pool, queries[:take], links[:take], cfg, small,
                                               cfg.seed)
             fewshot_left -= take
-        result["lora"] = lora
+        if lora_skip:
+            result["lora"] = {"skipped": True, "reason": lora_skip}
+        elif cfg.lora_clusters and cid not in cfg.lora_clusters:
+            result["lora"] = {"skipped": True, "reason": "not among [probe] lora_clusters (`probe --cluster`)"}
+        elif not lora_left:
+            result["lora"] = {"skipped": True, "reason": f"the LoRA probe trains the {cfg.lora_tasks} biggest tasks "
+                                                         "([probe] lora_tasks)"}
+        else:
+            result["lora"] = lora_probe(kind, metric, pool, queries, config)
+            lora_left -= 1
         result["measured"] = best(result)
         result["replaceable"] = bool(result["measured"] and result["measured"]["score"] >= result["threshold"])
         tasks.append(result)

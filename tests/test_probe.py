@@ -114,6 +114,28 @@ def test_neighbour_probe_separates_a_predictable_task_from_a_random_one(tmp_path
     assert probe(ws, cfg)["skipped"]  # unchanged: not measured again
 
 
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_lora_probe_trains_in_memory_and_scores_held_out_calls(tmp_path):
+    """The LoRA probe on a CPU when asked: a few steps of the real fine-tuning recipe on SmolLM2, answers scored
+    as evaluate scores them; nothing is written into the workspace's adapters."""
+    ws = _workspace(tmp_path)
+    cfg = Config()
+    cfg.probe.fewshot_calls = 0
+    cfg.probe.lora, cfg.probe.lora_steps, cfg.probe.lora_test_calls = "on", 4, 6
+    cfg.probe.lora_train_calls, cfg.probe.lora_clusters = 32, ["fruit"]
+    cfg.finetune.device = "cpu"
+    tasks = {t["cluster"]: t for t in probe(ws, cfg)["clusters"]}
+    lora = tasks["fruit"]["lora"]
+    assert not lora.get("skipped"), lora
+    assert lora["n"] == 6 and lora["steps"] == 4 and lora["train_calls"] == 32 and lora["method"] == "lora"
+    assert 0.0 <= lora["low"] <= lora["score"] <= lora["high"] <= 1.0 and lora["interval"] == "wilson"
+    assert "lora_clusters" in tasks["coin"]["lora"]["reason"]
+    assert not ws.path("adapters").exists()
+    cfg.probe.lora = "off"
+    assert "turned off" in probe(ws, cfg)["clusters"][0]["lora"]["reason"]  # settings changed: measured again
+
+
 def test_no_held_out_call_is_its_own_neighbour(tmp_path):
     """The pool is the train split only: a held-out call never finds itself (that would score a perfect 1)."""
     from slmigrate.probe import nearest, task_calls
@@ -261,3 +283,32 @@ def test_audit_of_the_examples_log_reports_the_probe_per_task(tmp_path):
     assert not probed["clusters"][0]["fewshot"].get("skipped"), probed["clusters"][0]["fewshot"]
     assert "What could move" not in result  # JSON mode prints JSON only
     assert h["text"].startswith(f"{h['tasks']} recurring tasks")
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(3000)
+def test_lora_probe_interval_contains_the_fine_tuned_score_of_the_demo_tasks(tmp_path):
+    """The budgeted LoRA probe predicts what fine-tuning will measure: on the examples log, run as `make demo`
+    runs it (examples/demo.py: import -> curate -> cluster -> select -> finetune -> evaluate with the demo's
+    config), then `slmigrate probe --lora` on the tasks the demo trained; each task's probe interval must
+    contain the score evaluate gave its fine-tuned model."""
+    import os
+
+    ws = tmp_path / "demo"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    done = subprocess.run([sys.executable, "examples/demo.py", "--workspace", str(ws)], capture_output=True,
+                          text=True, cwd=ROOT, timeout=2000, env=env)
+    assert done.returncode == 0, done.stderr[-3000:]
+    evals = json.loads((ws / "evals" / "latest.json").read_text())
+    trained = {c["cluster"]: c["variants"]["finetuned"] for c in evals["clusters"]
+               if not c["variants"].get("finetuned", {}).get("skipped")}
+    assert trained, evals
+    args = ["--workspace", str(ws), "probe", "-c", str(ws / "slmigrate.toml"), "--lora", "--no-fewshot"]
+    for cid in trained:
+        args += ["--cluster", cid]
+    probed = {t["cluster"]: t for t in _audit(*args, timeout=1500)["clusters"]}
+    for cid, finetuned in trained.items():
+        lora = probed[cid]["lora"]
+        assert not lora.get("skipped"), lora
+        assert lora["low"] <= finetuned["primary"] <= lora["high"], (cid, lora, finetuned["primary"])
+        assert probed[cid]["measured"]["probe"] in {"lora", "neighbour"}

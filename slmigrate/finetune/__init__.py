@@ -22,6 +22,7 @@ import json
 import math
 import shutil
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -32,7 +33,7 @@ from slmigrate.finetune import loop
 from slmigrate.finetune.data import BuildReport, Example, build_examples, length_grouped_batches, padding_share
 from slmigrate.workspace import Workspace, fingerprint_of
 
-__all__ = ["finetune", "finetune_cluster", "defaults", "plan"]
+__all__ = ["Trained", "defaults", "finetune", "finetune_cluster", "plan", "train_budgeted"]
 
 
 # --- which clusters, which model -------------------------------------------------------------------------
@@ -107,6 +108,44 @@ def batch_tokens(config: FinetuneConfig, device: str) -> int:
 
 # --- one cluster: load, wrap, train, save ----------------------------------------------------------------
 
+@dataclass
+class _Loaded:
+    """Step 1's result: the model's files, its tokenizer and the examples built with it."""
+
+    resolved: models.ResolvedModel
+    tokenizer: Any
+    static: chat_format.StaticPrompt
+    train: list[Example]
+    val: list[Example]
+    train_report: BuildReport
+    val_report: BuildReport
+    device: str
+
+
+def _load(model_name: str, train_calls: Sequence[Any], val_calls: Sequence[Any],
+          config: FinetuneConfig) -> _Loaded:
+    device = models.pick_device(config.device)
+    if config.method == "qlora" and device != "cuda":
+        raise SlmigrateError("--method qlora needs a CUDA GPU (bitsandbytes 4-bit NF4); use --method lora on a "
+                             "CPU, or run on a machine with a GPU")
+    resolved = models.resolve(model_name)
+    tokenizer = models.load_tokenizer(resolved.path)
+    static = chat_format.StaticPrompt.of(train_calls) if config.prune_static_prefix else chat_format.StaticPrompt()
+    train, train_report = build_examples(tokenizer, train_calls, max_length=config.max_length, static=static)
+    val, val_report = build_examples(tokenizer, val_calls, max_length=config.max_length, static=static)
+    return _Loaded(resolved, tokenizer, static, train, val, train_report, val_report, device)
+
+
+def _settings(config: FinetuneConfig, hp: dict[str, Any], loaded: _Loaded) -> loop.LoopSettings:
+    return loop.LoopSettings(
+        total_steps=hp["total_steps"], lr=hp["lr"], warmup_steps=hp["warmup_steps"],
+        weight_decay=config.weight_decay, batch_tokens=hp["batch_tokens"],
+        checkpoint_every=config.checkpoint_every, eval_every=hp["eval_every"], patience=config.patience,
+        seed=config.seed, device=loaded.device, pad_id=loaded.tokenizer.pad_token_id, bf16=loaded.device == "cuda",
+        stop_when_exact=config.stop_when_exact,
+    )
+
+
 def finetune_cluster(ws: Workspace, cluster: str, model_name: str, train_calls: Sequence[Any],
                      val_calls: Sequence[Any], config: FinetuneConfig, *, resume: bool = False,
                      force: bool = False, progress: bool = True, stop_after: int | None = None,
@@ -116,23 +155,16 @@ def finetune_cluster(ws: Workspace, cluster: str, model_name: str, train_calls: 
     started = time.time()
     # 1. load: the model's files, the examples, the hyper-parameters, the base weights.
     loop.distributed()  # under `accelerate launch`: join the process group, pick this rank's GPU before loading
-    device = models.pick_device(config.device)
-    if config.method == "qlora" and device != "cuda":
-        raise SlmigrateError("--method qlora needs a CUDA GPU (bitsandbytes 4-bit NF4); use --method lora on a "
-                             "CPU, or run on a machine with a GPU")
-    resolved = models.resolve(model_name)
+    loaded = _load(model_name, train_calls, val_calls, config)
+    resolved, tokenizer, static, train, val = loaded.resolved, loaded.tokenizer, loaded.static, loaded.train, loaded.val
     out = ws.path("adapters", cluster, resolved.slug)
-    tokenizer = models.load_tokenizer(resolved.path)
-    static = chat_format.StaticPrompt.of(train_calls) if config.prune_static_prefix else chat_format.StaticPrompt()
-    train, train_report = build_examples(tokenizer, train_calls, max_length=config.max_length, static=static)
-    val, val_report = build_examples(tokenizer, val_calls, max_length=config.max_length, static=static)
     if len(train) < config.min_examples:
         return {"cluster": cluster, "model": resolved.slug, "status": "skipped",
                 "reason": f"{len(train)} training examples, fewer than min_examples={config.min_examples}"}
-    base = _load_base(resolved.path, config, device)
+    base = _load_base(resolved.path, config, loaded.device)
     n_params = sum(p.numel() for p in base.parameters())
-    per_epoch = loop.steps_per_epoch(train, batch_tokens(config, device), config.seed)
-    hp = defaults(config, len(train), n_params, device, per_epoch)
+    per_epoch = loop.steps_per_epoch(train, batch_tokens(config, loaded.device), config.seed)
+    hp = defaults(config, len(train), n_params, loaded.device, per_epoch)
     fingerprint = fingerprint_of(_examples_digest(train), _examples_digest(val), config.model_dump(), hp,
                                  str(resolved.path), str(init_adapter or ""))
     if not force and not resume and _finished(out, fingerprint):
@@ -146,13 +178,7 @@ def finetune_cluster(ws: Workspace, cluster: str, model_name: str, train_calls: 
     model = _wrap(base, config, hp, init_adapter)
 
     # 3. train.
-    settings = loop.LoopSettings(
-        total_steps=hp["total_steps"], lr=hp["lr"], warmup_steps=hp["warmup_steps"],
-        weight_decay=config.weight_decay, batch_tokens=hp["batch_tokens"],
-        checkpoint_every=config.checkpoint_every, eval_every=hp["eval_every"], patience=config.patience,
-        seed=config.seed, device=device, pad_id=tokenizer.pad_token_id, bf16=device == "cuda",
-        stop_when_exact=config.stop_when_exact,
-    )
+    settings = _settings(config, hp, loaded)
     if loop.is_main_process():  # under `accelerate launch` only rank 0 writes (docs/finetune.md, Several GPUs)
         checkpoints.mkdir(parents=True, exist_ok=True)
         (checkpoints / "FINGERPRINT").write_text(fingerprint + "\n")
@@ -168,9 +194,56 @@ def finetune_cluster(ws: Workspace, cluster: str, model_name: str, train_calls: 
     if not loop.is_main_process():
         return {"cluster": cluster, "model": resolved.slug, "status": "trained", "saved_by": "rank 0"}
     metrics = _save(out, model, tokenizer, resolved, config, hp, history, fingerprint, static,
-                    train, train_report, val_report, started, cluster, ws.relative(out))
+                    train, loaded.train_report, loaded.val_report, started, cluster, ws.relative(out))
     shutil.rmtree(checkpoints, ignore_errors=True)  # finished: nothing left to resume
     return {**metrics, "status": "trained"}
+
+
+@dataclass
+class Trained:
+    """A model trained in memory by ``train_budgeted``: nothing of it is written to the workspace."""
+
+    model: Any
+    tokenizer: Any
+    static: chat_format.StaticPrompt
+    steps: int
+    examples: int
+    final_train_loss: float | None
+    seconds: float
+
+
+def train_budgeted(model_name: str, train_calls: Sequence[Any], val_calls: Sequence[Any],
+                   config: FinetuneConfig, max_steps: int, *, progress: bool = False) -> Trained | None:
+    """Steps 1-3 of ``finetune_cluster`` capped at ``max_steps``, kept in memory (the probe's LoRA estimate).
+
+    The same loading, example building, hyper-parameters and loop as a real fine-tune, so the estimate measures
+    what ``finetune`` would train, only shorter; None when there are fewer than ``min_examples`` examples.
+    """
+    import tempfile
+
+    import torch
+
+    started = time.time()
+    loaded = _load(model_name, train_calls, val_calls, config)
+    if len(loaded.train) < config.min_examples:
+        return None
+    base = _load_base(loaded.resolved.path, config, loaded.device)
+    n_params = sum(p.numel() for p in base.parameters())
+    per_epoch = loop.steps_per_epoch(loaded.train, batch_tokens(config, loaded.device), config.seed)
+    hp = defaults(config, len(loaded.train), n_params, loaded.device, per_epoch)
+    hp["total_steps"] = min(hp["total_steps"], max_steps)
+    hp["warmup_steps"] = min(hp["warmup_steps"], hp["total_steps"] // 4)
+    torch.manual_seed(config.seed)
+    model = _wrap(base, config, hp)
+    with tempfile.TemporaryDirectory(prefix="slmigrate-probe-") as checkpoints:
+        history, best = loop.train(model, loaded.train, loaded.val, _settings(config, hp, loaded),
+                                   Path(checkpoints), progress=progress, label=f"probe / {loaded.resolved.slug}")
+    if best is not None:
+        loop.load_trainable(model, best)
+    model.eval()
+    return Trained(model, loaded.tokenizer, loaded.static, history.steps[-1] if history.steps else 0,
+                   len(loaded.train), history.train_loss[-1] if history.train_loss else None,
+                   round(time.time() - started, 1))
 
 
 def _load_base(path: Path, config: FinetuneConfig, device: str):

@@ -376,7 +376,8 @@ def replaceability(f: Facts) -> Section:
 
 
 def _probe_name(best: dict[str, Any]) -> str:
-    return {"neighbour": "nearest neighbour", "fewshot": "small model few-shot"}.get(best.get("probe"), "probe")
+    return {"neighbour": "nearest neighbour", "fewshot": "small model few-shot",
+            "lora": "budgeted LoRA"}.get(best.get("probe"), "probe")
 
 
 def _params(n: Any) -> str:
