@@ -1,6 +1,6 @@
 """The core install works without the machine-learning extras (pyproject.toml: `cluster`, `train`).
 
-The proxy, `collect import`, `calls`, `status` and `curate` run in subprocesses where torch, transformers, peft,
+The proxy, `collect import`, `calls`, `status`, `report` and `curate` run in subprocesses where torch, transformers, peft,
 accelerate and sentence-transformers cannot be imported (a sitecustomize that makes them look uninstalled), and
 a command that needs a missing extra stops with `Error: ... pip install 'slmigrate[EXTRA]'` and no traceback.
 """
@@ -85,7 +85,7 @@ def test_the_blocker_blocks(bare_env, tmp_path):
     assert out.stdout.strip() == "blocked", out.stderr
 
 
-def test_proxy_import_calls_and_status_without_ml_extras(bare_env, tmp_path):
+def test_proxy_import_calls_status_and_report_without_ml_extras(bare_env, tmp_path):
     ws = tmp_path / "ws"
     with StubLLM() as stub:
         port = free_port()
@@ -126,6 +126,9 @@ def test_proxy_import_calls_and_status_without_ml_extras(bare_env, tmp_path):
     listed = _cli(bare_env, "-w", str(ws), "calls", "list", "--json", cwd=tmp_path)
     assert listed.returncode == 0, listed.stderr
     assert len(json.loads(listed.stdout)) == 4
+    reported = _cli(bare_env, "-w", str(ws), "report", "--json", cwd=tmp_path)
+    assert reported.returncode == 0, reported.stderr
+    assert Path(json.loads(reported.stdout)["html"]).exists()
 
 
 def test_a_command_needing_a_missing_extra_names_it(bare_env, tmp_path):

@@ -207,7 +207,6 @@ def embedder_names() -> list[str]:
     return [*BUILTIN, *_REGISTERED]
 
 
-
 def get_embedder(name: str = "minilm", **kwargs) -> Embedder:
     """``minilm`` (all-MiniLM-L6-v2, the default), or a name registered with ``register_embedder``."""
     if name in BUILTIN:
