@@ -1,8 +1,9 @@
 """The core install works without the machine-learning extras (pyproject.toml: `cluster`, `train`).
 
-The proxy, `collect import`, `calls`, `status`, `report` and `curate` run in subprocesses where torch, transformers, peft,
-accelerate and sentence-transformers cannot be imported (a sitecustomize that makes them look uninstalled), and
-a command that needs a missing extra stops with `Error: ... pip install 'slmigrate[EXTRA]'` and no traceback.
+The proxy, `collect import`, `calls`, `status`, `report` and `curate` run in subprocesses where torch,
+transformers, peft, accelerate and sentence-transformers cannot be imported (a sitecustomize that makes them look
+uninstalled), and a command that needs a missing extra stops with `Error: ... pip install 'slmigrate[EXTRA]'`
+and no traceback.
 """
 
 from __future__ import annotations
