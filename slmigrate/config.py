@@ -112,7 +112,7 @@ class ClusterConfig(Section):
         0.7, gt=0, le=1,
         description="A call is a one-off unless it has min_size similar calls within threshold x core_ratio.")
     max_points: int = Field(4000, ge=100, description="Distinct task views clustered directly; the rest are assigned.")
-    embedder: Literal["minilm", "hash"] = Field("minilm", description="Embedding model (hash: tests only).")
+    embedder: str = Field("minilm", description="Embedding model: minilm (all-MiniLM-L6-v2, the one built in).")
     task_tag_key: str | None = Field(
         "task_tag", description="Metadata key of a user's own task tag; tagged calls form their own clusters.")
     replaceable_at: float = Field(0.6, ge=0, le=1, description="Replaceability score counted as likely replaceable.")
@@ -222,8 +222,8 @@ class EvaluateConfig(Section):
                                 "its reference answers, up to this).")
     icl_examples: int = Field(3, ge=0, description="Worked examples from the train split in the icl variant.")
     seed: int = Field(0, description="Seed for choosing the icl examples.")
-    embedder: Literal["minilm", "hash", "none"] = Field("minilm", description=(
-        "Embedder for the text similarity metric (none: skip it)."))
+    embedder: str = Field("minilm", description=(
+        "Embedder for the text similarity metric: minilm, or none to skip it."))
     judge_mode: Literal["rubric", "pairwise"] = Field("rubric", description="LLM judge mode, with --judge.")
 
 
@@ -280,6 +280,41 @@ def load_config(path: str | Path | None = None, overrides: dict[str, dict[str, A
     except ValidationError as exc:
         problems = "; ".join(_problem(e) for e in exc.errors())
         raise SlmigrateError(f"invalid configuration in {file}: {problems}; see `docs/configuration.md`") from exc
+
+
+# Stage manifest -> the config section it records (``Workspace.write_manifest(config=...)``).
+RECORDED_SECTIONS = {"curate": "curate", "cluster": "cluster", "probe": "probe", "select": "select",
+                     "finetune": "finetune", "evaluate": "evaluate"}
+
+
+def workspace_config(ws: Any, path: str | Path | None = None) -> Config:
+    """The config of commands that act on what a workspace already holds (``report``, ``refine``): ``path``
+    (their ``--config``) when given; otherwise each section as the workspace's stages recorded it in their
+    manifests when they last ran (prices as the evaluation or the cluster stage used them), and defaults for the
+    rest. Never ``./slmigrate.toml``: the same workspace gives the same result from any directory."""
+    if path:
+        return load_config(path)
+    data: dict[str, Any] = {}
+    for stage, section in RECORDED_SECTIONS.items():
+        found = (ws.manifest(stage) or {}).get("config")
+        if isinstance(found, dict) and found:
+            data[section] = _known_keys(section, found)
+    evaluation = ws.evaluation() if hasattr(ws, "evaluation") else None
+    prices = (evaluation or {}).get("prices") or ((ws.manifest("cluster") or {}).get("prices"))
+    if isinstance(prices, dict) and prices:
+        data["prices"] = _known_keys("prices", prices)
+    try:
+        return Config.model_validate(data)
+    except ValidationError as exc:
+        problems = "; ".join(_problem(e) for e in exc.errors())
+        raise SlmigrateError(f"the configuration recorded in the workspace {getattr(ws, 'root', '')} is no longer "
+                             f"valid: {problems}; pass the config file with --config") from exc
+
+
+def _known_keys(section: str, values: dict[str, Any]) -> dict[str, Any]:
+    """A recorded section without keys this version no longer has (a workspace outlives upgrades)."""
+    fields = Config.model_fields[section].annotation.model_fields  # type: ignore[union-attr]
+    return {k: v for k, v in values.items() if k in fields}
 
 
 def _problem(error: Any) -> str:

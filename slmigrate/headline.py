@@ -51,11 +51,9 @@ def _slm_cost_per_call(probed: dict[str, Any] | None, evals: dict[str, Any] | No
     runs = [t["fewshot"] for t in (probed or {}).get("clusters") or [] if not t["fewshot"].get("skipped")]
     if not runs:
         return None, None, None
-    import torch
-
     compute_ms = sum(r["compute_ms_per_call"] for r in runs) / len(runs)
     cuda = any(r.get("device") == "cuda" for r in runs)
-    threads = max((r.get("cpu_threads") or torch.get_num_threads()) for r in runs)
+    threads = max((r.get("cpu_threads") or _torch_threads()) for r in runs)
     hour = config.prices.gpu_hour_usd if cuda else config.prices.cpu_hour_usd * threads
     latency = sorted(r["latency_p50_ms"] for r in runs)[len(runs) // 2]
     return compute_ms / 1000 * hour / 3600, latency, "few-shot probe"
@@ -175,3 +173,15 @@ def words(h: dict[str, Any]) -> str:
     if h["calls_without_timestamp"]:
         parts.append(f"{h['calls_without_timestamp']:,} calls have no timestamp in the log")
     return "; ".join(parts) + "."
+
+
+def _torch_threads() -> int:
+    """The CPU threads torch would use; the report also runs on a core install without torch (the `train`
+    extra), where the machine's CPU count stands in."""
+    try:
+        import torch
+    except ImportError:
+        import os
+
+        return os.cpu_count() or 1
+    return torch.get_num_threads()

@@ -411,7 +411,15 @@ def run(
         records.put(name, {"started": now_iso(), "finished": None, "parts": parts})
         t0, t_wall = time.monotonic(), time.time()
         try:
-            counts = stage.execute(ctx)
+            try:
+                counts = stage.execute(ctx)
+            except ImportError as missing:  # an optional extra the stage needs is not installed
+                from slmigrate.extras import as_missing_extra
+
+                needed = as_missing_extra(missing)
+                if needed is None:
+                    raise
+                raise needed from missing
         except SlmigrateError as exc:
             records.put(name, {**records.get(name), "failed": str(exc)})
             results.append(StageResult(name, "failed", str(exc), round(time.monotonic() - t0, 2)))

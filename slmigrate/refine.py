@@ -5,16 +5,19 @@ One pass, in this order:
 1. the new calls: everything stored since the last refine (or since curate, the first time) - from the proxy,
    the router or an import. Calls a small model answered are counted but never learned from: a specialist must
    learn the LLM's answers, not its own;
-2. curate only those (the same filters and PII scrubbing as ``slmigrate curate``);
+2. curate only those, through curate's own entry point (``curate.curate_calls``: the same filters,
+   de-duplication and PII scrubbing as ``slmigrate curate``);
 3. assign them to the existing clusters with the saved cluster model; the rest form the unassigned pool, and
-   when the pool holds a recurring task (a cluster of at least ``min_size`` calls), it is proposed as a new
-   cluster;
+   when the cluster stage's own clustering (``cluster.cluster_calls``) finds a recurring task in the pool (a
+   cluster of at least ``min_size`` calls), it is proposed as a new cluster;
 4. drift per cluster: its share of traffic then and now, how far its new calls sit from its centre compared with
-   its training calls, and - for deployed adapters - the primary metric on the fresh calls;
+   its training calls, and - for deployed adapters - the primary metric on the fresh calls, scored by
+   ``evaluate.evaluate_calls`` (the code path ``slmigrate evaluate`` runs on the test split);
 5. retrain, warm-started from the current adapter, where the metric fell under the threshold or the cluster's
    data grew by ``grow_ratio``; the adapter it replaces is kept under ``adapters/<cluster>/.versions/`` with its
    evaluation and the reason for the new one.
 
+The settings are the workspace's own (``config.workspace_config``) unless the caller passes a config.
 ``dry_run`` stops after the plan. The plan is returned (and printed by the CLI); an unchanged workspace gives
 "nothing to do".
 """
@@ -27,6 +30,7 @@ import time
 from collections import Counter, defaultdict
 from collections.abc import Callable, Sequence
 from datetime import datetime, timezone
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -66,21 +70,10 @@ def new_calls(ws: Workspace, since_seq: int) -> tuple[list[CallRecord], int]:
 
 
 def curate_new(calls: list[CallRecord], config: Config) -> tuple[list[CallRecord], Counter]:
-    from slmigrate.curate import pii
-    from slmigrate.curate.run import drop_reason
+    """The new calls through curate's own filters, de-duplication and PII scrubbing (``curate.curate_calls``)."""
+    from slmigrate.curate import curate_calls
 
-    dropped: Counter = Counter()
-    kept = []
-    for call in calls:
-        reason = drop_reason(call, config.curate)
-        if reason:
-            dropped[reason] += 1
-        else:
-            kept.append(call)
-    scrubbed, _, _ = pii.scrub_calls(kept, mode=config.curate.pii, entities=config.curate.entities,
-                                     workers=config.curate.workers, seed=config.curate.seed,
-                                     allow=config.curate.allow, keep_metadata=config.curate.keep_metadata)
-    return scrubbed, dropped
+    return curate_calls(calls, config.curate)
 
 
 def _distances(model: Any, calls: Sequence[CallRecord], ids: Sequence[str | None]) -> dict[str, list[float]]:
@@ -98,51 +91,39 @@ def _distances(model: Any, calls: Sequence[CallRecord], ids: Sequence[str | None
     return out
 
 
-def propose_clusters(model: Any, pool: Sequence[CallRecord], min_size: int) -> list[dict[str, Any]]:
-    """Recurring tasks among calls no cluster claims: the cluster stage's own fitting, run on the pool."""
-    if len(pool) < min_size:
+def propose_clusters(model: Any, pool: Sequence[CallRecord], config: Config) -> list[dict[str, Any]]:
+    """Recurring tasks among calls no cluster claims: the cluster stage's own clustering (``cluster.cluster_calls``
+    with the workspace's [cluster] settings and the saved model's embedder), run on the pool."""
+    if len(pool) < config.cluster.min_size:
         return []
-    from slmigrate.cluster.fit import fit_group
-    from slmigrate.cluster.views import task_view
+    from slmigrate.cluster import cluster_calls
 
-    views = [task_view(c) for c in pool]
-    tally = Counter(views)
-    first = {}  # each distinct view's first call
-    for call, view in zip(pool, views):
-        first.setdefault(view, call)
-    distinct = list(first)
-    counts = np.array([tally[v] for v in distinct], dtype=float)
-    x = model.vectors([first[v] for v in distinct])
-    # The same cut as the existing clusters: the median radius of the clusters found from the original data.
-    threshold = float(np.median(model.radius)) if len(model.radius) else 1.0
-    fitted = fit_group(x, counts, threshold=max(threshold, 1e-3), core_ratio=1.0, min_size=min_size,
-                       request_mask=model.layout.request_mask())
+    body, _, _, _ = cluster_calls(pool, config.cluster, config.prices, embedder=model.embedder)
+    by_id = {c.id: c for c in pool}
     proposals = []
-    for k in range(len(fitted.centroids)):
-        members = [v for v, label in zip(distinct, fitted.labels) if label == k]
-        size = int(sum(counts[i] for i, label in enumerate(fitted.labels) if label == k))
-        example = first[members[0]]
+    for found in body["clusters"]:
+        if found.get("source") != "clustered":
+            continue  # a user's task tag is their own cluster already, not a discovery
+        rep = (found.get("representative") or {}).get("id")
+        example = by_id.get(rep) or pool[0]
         last_user = next((m for m in reversed(example.messages) if m.get("role") == "user"), None)
-        proposals.append({"size": size, "distinct_views": len(members), "example_call": example.id,
+        proposals.append({"size": int(found["size"]), "label": found.get("label"), "output_kind":
+                          found.get("output_kind"), "example_call": example.id,
                           "example": message_text(last_user)[:160]})
     return proposals
 
 
 def fresh_metric(ws: Workspace, deployment: Any, calls: Sequence[CallRecord], config: Config) -> float | None:
-    """The deployed adapter's primary metric on fresh calls (the same scoring as ``slmigrate evaluate``)."""
-    from slmigrate.evaluate import run as E
-    from slmigrate.evaluate import generate as G
-    from slmigrate.evaluate import metrics as M
+    """The deployed adapter's primary metric on fresh calls: ``evaluate.evaluate_calls``, the scoring
+    ``slmigrate evaluate`` gives the test split, on up to ``FRESH_EVAL_LIMIT`` of them."""
+    from slmigrate.evaluate import evaluate_calls
 
     sample = [c for c in calls if c.answer is not None][:FRESH_EVAL_LIMIT]
     if not sample:
         return None
-    model, tokenizer, _ = G.load_model(deployment.base_model, adapter=deployment.adapter, device=config.evaluate.device)
-    max_new = G.max_new_tokens_for(tokenizer, [E.answer_text(c.answer) for c in sample])
-    result = E.evaluate_variant(model, tokenizer, sample, deployment.kind, config=config.evaluate, prices=config.prices,
-                                llm_cost=None, ctx=M.MetricContext([c.request for c in sample]), max_new_tokens=max_new,
-                                static=deployment.static)
-    return result["primary"]
+    result = evaluate_calls(ws, deployment.cluster, sample, config.evaluate, variants=("finetuned",),
+                            prices=config.prices, model=Path(deployment.adapter).name)
+    return (result["variants"].get("finetuned") or {}).get("primary")
 
 
 def plan_refine(ws: Workspace, config: Config, *,
@@ -224,7 +205,7 @@ def plan_refine(ws: Workspace, config: Config, *,
             plan["actions"].append({"action": "retrain", "cluster": cid, "why": "; ".join(reasons)})
         plan["clusters"][cid] = entry
 
-    plan["proposed"] = propose_clusters(model, pool, config.cluster.min_size)
+    plan["proposed"] = propose_clusters(model, pool, config)
     for i, prop in enumerate(plan["proposed"], 1):
         plan["actions"].append({"action": "propose_cluster", "cluster": f"new-{i}",
                                 "why": f"{prop['size']} unassigned calls form a recurring task, e.g. "
@@ -242,10 +223,13 @@ def plan_refine(ws: Workspace, config: Config, *,
 def refine(ws: Workspace, config: Config | None = None, *, dry_run: bool = False,
            metric_fn: Callable[[Any, Sequence[CallRecord]], float | None] | None = None,
            cluster_model: Any = None) -> dict[str, Any]:
-    """Plan, and unless ``dry_run``, carry out the plan: re-curate, retrain warm-started, re-evaluate."""
-    from slmigrate.config import Config
+    """Plan, and unless ``dry_run``, carry out the plan: re-curate, retrain warm-started, re-evaluate.
 
-    config = config or Config()  # the CLI reads slmigrate.toml; a library call never depends on the cwd
+    ``config``: default the workspace's own (``config.workspace_config``: what its stages recorded), never the
+    current directory's slmigrate.toml."""
+    from slmigrate.config import workspace_config
+
+    config = config or workspace_config(ws)
     started = time.time()
     plan = plan_refine(ws, config, metric_fn=metric_fn, cluster_model=cluster_model)
     plan["dry_run"] = dry_run

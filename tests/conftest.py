@@ -16,6 +16,12 @@ ROOT = Path(__file__).resolve().parent.parent
 SHARED_DATA = ROOT.parent / "shared" / "data"
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
 
+# The deterministic test embedder (tests/fakes.py) is no user option of the package: the suite registers it, so
+# configs in tests may say `embedder = "hash"`.
+import fakes  # noqa: E402
+
+fakes.register()
+
 
 # What CI promises to provide (`.ci/run` sets e.g. SLMIGRATE_TESTS_REQUIRE=chromium,postgres,shared,ray,smollm2):
 # there a missing piece fails the tests that need it instead of skipping them, so the suite cannot go green while

@@ -12,7 +12,7 @@ from slmigrate.curate import dataset as curated
 from slmigrate.cluster import ClusterModel, cluster, cluster_calls, load_clusters, next_action, task_view
 from slmigrate.cluster.views import answer_shape, latest_turn, mask, output_kind
 from slmigrate.config import ClusterConfig, Config
-from slmigrate.cluster.embed import HashEmbedder
+from fakes import HashEmbedder
 from slmigrate.errors import SlmigrateError
 from slmigrate.record import CallRecord
 

@@ -154,6 +154,29 @@ def test_curate_scrubs_with_report_and_examples(workspace, fake_pii):
     assert curated.load_report(workspace)["calls_out"] == 2
 
 
+def test_curate_calls_keeps_and_scrubs_what_curate_keeps(workspace, fake_pii):
+    """``curate_calls`` (refine's way in) on a batch gives the calls, drops and scrubbing ``curate`` gives the
+    same calls in the store: one code path, no second curate."""
+    from slmigrate.curate import curate_calls
+
+    calls = [_call("I'm Mia Li, key " + SECRETS["OPENAI_API_KEY"], session="a", ts="2025-01-01T00:00:01Z"),
+             _call("I'm Mia Li, key " + SECRETS["OPENAI_API_KEY"], session="a", ts="2025-01-01T00:00:02Z"),
+             _call("Order of James Lee please", session="b", answer="Hello James Lee!", ts="2025-01-01T00:00:03Z"),
+             _call("Order of  James Lee please", session="b", answer="Hi James Lee!", ts="2025-01-01T00:00:04Z"),
+             _call("Refund me", session="c", finish="length", ts="2025-01-01T00:00:05Z"),
+             _call("Look it up!", session="c", tool="drop_table", ts="2025-01-01T00:00:06Z")]
+    config = CurateConfig(pii="placeholder", split=(1.0, 0.0, 0.0))
+    _store(workspace, [CallRecord(**c.__dict__) for c in calls])
+    report = curate(workspace, config)
+    kept, dropped = curate_calls([CallRecord(**c.__dict__).finalise() for c in calls], config)
+    assert {k: v for k, v in report["dropped"].items() if v} == dict(dropped) == {
+        "duplicate": 1, "near_duplicate": 1, "truncated": 1, "unknown_tool": 1}
+    stored = curated.load_curated(workspace)
+    assert [(c.request, c.answer) for c in kept] == [(c.request, c.answer) for c in stored]
+    assert "James Lee" not in json.dumps([c.request for c in kept]) and kept[1].answer["content"] == \
+        "Hello <PERSON_1>!"
+
+
 def test_curate_and_export_scrub_metadata_keeping_task_labels(workspace, fake_pii, tmp_path):
     """tau-bench's task info rides in the metadata: names, dobs and user ids there are scrubbed like the
     messages; known task labels and the keys [curate] keep_metadata names stay usable."""

@@ -1,11 +1,15 @@
 """The embedder interface: normalised rows, each distinct text encoded once, real MiniLM offline."""
 
+import os
 import pickle
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 
-from slmigrate.cluster.embed import Embedder, HashEmbedder, MiniLMEmbedder, get_embedder
+from fakes import HashEmbedder
+from slmigrate.cluster.embed import Embedder, MiniLMEmbedder, get_embedder, register_embedder
 from slmigrate.errors import SlmigrateError
 
 
@@ -53,9 +57,31 @@ def test_each_distinct_text_is_encoded_once():
 
 def test_empty_input_and_unknown_name():
     assert HashEmbedder(dim=8).encode([]).shape == (0, 8)
-    with pytest.raises(SlmigrateError, match="unknown embedder"):
+    with pytest.raises(SlmigrateError, match="unknown embedder 'word2vec'; valid embedders: minilm"):
         get_embedder("word2vec")
-    assert isinstance(get_embedder("hash"), Embedder)
+    assert isinstance(get_embedder("hash"), Embedder)  # registered by tests/conftest.py
+
+
+def test_the_test_embedder_is_no_user_option(tmp_path):
+    """Without the test suite's registration, "hash" is an unknown embedder: the CLI says which ones exist."""
+    from conftest import ROOT
+
+    code = ("from slmigrate.cluster.embed import get_embedder\n"
+            "try:\n    get_embedder('hash')\nexcept Exception as exc:\n    print(type(exc).__name__, exc)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path,
+                         env={**os.environ, "PYTHONPATH": str(ROOT)}, check=True).stdout
+    assert out.startswith("SlmigrateError unknown embedder 'hash'; valid embedders: minilm"), out
+    from slmigrate.cluster import embed
+
+    assert not hasattr(embed, "HashEmbedder")
+    # A registered name can be taken back, and built-in names are not replaceable.
+    register_embedder("tmp", HashEmbedder)
+    assert get_embedder("tmp", dim=4).dim == 4
+    register_embedder("tmp", None)
+    with pytest.raises(SlmigrateError, match="unknown embedder 'tmp'"):
+        get_embedder("tmp")
+    with pytest.raises(ValueError):
+        register_embedder("minilm", HashEmbedder)
 
 
 @pytest.mark.slow

@@ -3,6 +3,7 @@
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from slmigrate.config import EvaluateConfig
@@ -156,7 +157,7 @@ def two_cluster_ws(tmp_path_factory):
 
 
 def test_evaluate_end_to_end(two_cluster_ws):
-    from slmigrate.cluster.embed import HashEmbedder
+    from fakes import HashEmbedder
 
     ws, base, label_calls, text_calls = two_cluster_ws
     cfg = EvaluateConfig(model=str(base), embedder="hash", batch_size=4, device="cpu")
@@ -244,7 +245,7 @@ def test_a_copied_workspace_still_serves_and_reports(two_cluster_ws, tmp_path):
     its own adapters, not the original's."""
     import shutil
 
-    from slmigrate.cluster.embed import HashEmbedder
+    from fakes import HashEmbedder
     from slmigrate.report import report
     from slmigrate.serve.deployment import load_deployments
     from slmigrate.serve.engine import SlmEngine
@@ -389,3 +390,81 @@ def test_bfcl_prepare_makes_a_workspace_finetune_and_evaluate_read(tmp_path):
     assert measured["low"] <= measured["score"] <= measured["high"]
     again = bfcl.split_of("simple_python_7", 0.3, 0.1, 0)
     assert again == bfcl.split_of("simple_python_7", 0.3, 0.1, 0)
+
+
+# --- refine re-checks a deployed adapter the way evaluate scores it -----------------------------------------
+
+class _OneCluster:
+    """A stand-in for the saved cluster model that puts every call in ``c0`` (clustering is not under test)."""
+
+    ids = ["c0", "c1"]
+    centroids = np.zeros((2, 4), dtype="float32")
+    radius = np.ones(2)
+
+    def assign_many(self, calls, fast=True):
+        return ["c0"] * len(calls)
+
+    def vectors(self, calls):
+        return np.zeros((len(calls), 4), dtype="float32")
+
+
+def test_refine_dry_run_scores_fresh_calls_as_evaluate_does(two_cluster_ws, tmp_path, monkeypatch, capsys):
+    """The same calls give the same score through `evaluate` (as the test split) and `refine --dry-run` (as fresh
+    traffic): both go through evaluate's code path. The CLI's refine takes the workspace's settings, so a
+    ./slmigrate.toml in the current directory changes nothing; --config does."""
+    import shutil
+
+    from slmigrate.cli import main
+    from slmigrate.cluster.model import ClusterModel
+    from slmigrate.config import CurateConfig, workspace_config
+    from slmigrate.curate.dataset import load_curated, to_row, write_curated
+    from slmigrate.record import CallRecord
+    from slmigrate.refine import refine
+    from slmigrate.workspace import Workspace
+
+    src, base, label_calls, text_calls = two_cluster_ws
+    ws = Workspace.open(shutil.copytree(src.root, tmp_path / "ws"), create=False)
+    # Half of c0's held-out calls now want another label: the constant "refund" adapter scores 0.5 on them.
+    n_train = LABELS * 2 // 3
+    test = [_call(i, "Route the ticket.", f"ticket {i}: I want my money back", "exchange" if i % 2 else "refund")
+            for i in range(n_train, LABELS)]
+    ws.store.insert_calls(test)
+    ws.store.set_clusters({c.id: "c0" for c in test})
+    rows = [to_row(c, c.split) for c in load_curated(ws) if c.split == "train"] + [to_row(c, "test") for c in test]
+    write_curated(ws, rows, {}, {})
+    curate_cfg = CurateConfig(pii="off", near_duplicates=False)  # the fixture's tickets differ only by number
+    ws.write_manifest("curate", fingerprint="test", config=curate_cfg.model_dump(mode="json"))
+    cfg = EvaluateConfig(model=str(base), embedder="hash", batch_size=4, device="cpu", threshold={"label": 0.3},
+                         variants=["finetuned"])
+    evaluated = E.evaluate(ws, cfg, clusters=["c0"], progress=False)
+    [c0] = evaluated["clusters"]
+    score = c0["variants"]["finetuned"]["primary"]
+    assert score == pytest.approx(0.5) and c0["decision"]["migrate"]
+
+    # The same calls arrive again as new traffic.
+    ws.write_manifest("refine", fingerprint="0", extra={"last_seq": ws.store.max_seq()})
+    fresh = [CallRecord(request=c.request, response=c.response, session=f"fresh-{k}", latency_ms=c.latency_ms,
+                        timestamp="2025-02-01T00:00:00Z", source="import").finalise() for k, c in enumerate(test)]
+    assert ws.store.insert_calls(fresh) == (len(fresh), 0)
+    monkeypatch.setattr(ClusterModel, "load", classmethod(lambda cls, ws, embedder=None: _OneCluster()))
+    config = workspace_config(ws)
+    assert config.evaluate.threshold["label"] == 0.3 and config.curate == curate_cfg
+    plan = refine(ws, dry_run=True)
+    assert plan["curated"] == len(fresh)
+    assert plan["clusters"]["c0"]["metric"] == score
+    assert not [a for a in plan["actions"] if a["action"] == "retrain"]
+
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (elsewhere / "slmigrate.toml").write_text(
+        f'[curate]\npii = "off"\nnear_duplicates = false\n[evaluate]\nmodel = "{base}"\ndevice = "cpu"\n'
+        'batch_size = 4\nthreshold = {label = 0.99}\n')
+    monkeypatch.chdir(elsewhere)
+    assert main(["refine", "--dry-run", "-w", str(ws.root), "--json"]) == 0
+    from_elsewhere = json.loads(capsys.readouterr().out)
+    assert from_elsewhere["clusters"]["c0"]["metric"] == score
+    assert from_elsewhere["clusters"]["c0"]["threshold"] == 0.3 and from_elsewhere["actions"] == plan["actions"]
+    assert main(["refine", "--dry-run", "-w", str(ws.root), "--config", "slmigrate.toml", "--json"]) == 0
+    named = json.loads(capsys.readouterr().out)
+    assert named["clusters"]["c0"]["threshold"] == 0.99
+    assert ("retrain", "c0") in {(a["action"], a["cluster"]) for a in named["actions"]}

@@ -104,6 +104,28 @@ def test_from_and_to(workspace):
         run(workspace, config=Config(), from_stage="evaluate", to_stage="curate", registry=fake.registry)
 
 
+def test_a_stage_missing_an_extra_fails_naming_it(workspace):
+    """A stage whose optional libraries are not installed fails with the extra to install; what needs its
+    output is blocked, and any other ImportError stays a bug with its traceback."""
+    fake = FakeStages()
+
+    def no_torch(ctx):
+        raise ModuleNotFoundError("No module named 'torch'", name="torch")
+
+    fake.registry["finetune"].execute = no_torch
+    summary = run(workspace, config=Config(), registry=fake.registry)
+    status = {s.stage: (s.status, s.reason) for s in summary.stages}
+    assert status["finetune"][0] == "failed" and "pip install 'slmigrate[train]'" in status["finetune"][1]
+    assert status["evaluate"][0] == "blocked" and not summary.ok
+
+    def broken(ctx):
+        raise ModuleNotFoundError("No module named 'slmigrate.nope'", name="slmigrate.nope")
+
+    fake.registry["finetune"].execute = broken
+    with pytest.raises(ModuleNotFoundError):
+        run(workspace, config=Config(), registry=fake.registry)
+
+
 def test_interrupted_stage_reruns_and_finished_ones_do_not(workspace):
     fake = FakeStages(interrupt_in="finetune")
     with pytest.raises(KeyboardInterrupt):

@@ -16,7 +16,7 @@ from slmigrate.cli import main
 from slmigrate.cluster.run import _embed_pass, cluster_calls
 from slmigrate.config import ClusterConfig, Config, CurateConfig
 from slmigrate.curate.run import curate
-from slmigrate.cluster.embed import HashEmbedder
+from fakes import HashEmbedder
 from slmigrate.errors import SlmigrateError
 from slmigrate.record import CallRecord
 from conftest import skip_unless_required  # noqa: E402

@@ -20,10 +20,17 @@ from slmigrate.refine import plan_refine, refine
 pytestmark = pytest.mark.slow
 
 
+ITEMS = ("parcel", "order", "package", "delivery", "shipment", "gift box")
+PROBLEMS = ("arrived late and the box was damaged", "never arrived at my house", "was left at the wrong door",
+            "came with a missing item")
+
+
 def _translation_calls(n: int) -> list[CallRecord]:
+    """Distinct messages (curate drops near-duplicates, as it would in `slmigrate curate`) of one new task."""
     out = []
     for i in range(n):
-        text = f"My parcel number {1000 + i} arrived late and the box was damaged, what can you do?"
+        item, problem = ITEMS[i % len(ITEMS)], PROBLEMS[(i // len(ITEMS)) % len(PROBLEMS)]
+        text = f"My {item} number {1000 + i} {problem}, what can you do?"
         out.append(CallRecord(
             request={"model": "gpt-4o", "messages": [
                 {"role": "system", "content": "Translate the customer's message into French. Answer with the "

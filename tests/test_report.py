@@ -359,3 +359,31 @@ def test_cli_report_and_audit_errors(workspace, tmp_path, capsys):
     assert not (workspace.root / "reports" / "report.md").exists()
     assert main(["audit", str(tmp_path / "nope.jsonl"), "--out", str(tmp_path / "a")]) == 1
     assert "nope.jsonl does not exist" in capsys.readouterr().err
+
+
+def test_cli_report_uses_the_workspace_config_not_the_current_directory(workspace, tmp_path, monkeypatch, capsys):
+    """`slmigrate report` run from a folder whose ./slmigrate.toml prices calls 100x higher reports the same
+    costs: it takes the workspace's settings; only --config names another file."""
+    from slmigrate.cli import main
+
+    calls = _calls(12)
+    workspace.store.insert_calls(calls)
+    default = sum(Config().prices.cost(c.model, c.prompt_tokens, c.completion_tokens) for c in calls)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (elsewhere / "slmigrate.toml").write_text('[prices]\nper_million = {"gpt-4.1" = [200.0, 800.0]}\n')
+
+    def cost_shown(*args: str) -> str:
+        out = tmp_path / "r.html"
+        assert main(["report", "--workspace", str(workspace.root), "--out", str(out), *args]) == 0, \
+            capsys.readouterr().err
+        capsys.readouterr()
+        return out.read_text()
+
+    here = cost_shown()
+    monkeypatch.chdir(elsewhere)
+    there = cost_shown()
+    assert f"${default:,.4f}" in here and f"${default:,.4f}" in there
+    assert f"${100 * default:,.4f}" not in there
+    named = cost_shown("--config", "slmigrate.toml")
+    assert f"${100 * default:,.4f}" in named or f"${100 * default:,.2f}" in named

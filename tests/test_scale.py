@@ -19,7 +19,7 @@ from slmigrate.curate import dataset as curated
 from slmigrate.cluster.run import cluster_calls, iter_compact
 from slmigrate.cluster.views import task_view
 from slmigrate.config import ClusterConfig
-from slmigrate.cluster.embed import HashEmbedder
+from fakes import HashEmbedder
 from slmigrate.record import CallRecord
 
 ROOT = Path(__file__).resolve().parent.parent

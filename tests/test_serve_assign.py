@@ -16,7 +16,7 @@ from test_cluster import _call, hash_cfg, synthetic_log
 
 from slmigrate.cluster import cluster_calls
 from slmigrate.cluster.model import MODEL_FILE, ClusterModel, learn_signatures, request_signature
-from slmigrate.cluster.embed import HashEmbedder
+from fakes import HashEmbedder
 from slmigrate.errors import SlmigrateError
 from slmigrate.record import CallRecord
 from slmigrate.serve.assign import request_assigner

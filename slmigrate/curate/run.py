@@ -167,7 +167,7 @@ def curate(ws: Workspace, config: CurateConfig | None = None, progress: Progress
         if report is not None:
             return {**report, "skipped": True,
                     "skip_reason": "no new calls and the same config since the last curate run"}
-    from slmigrate.curate.pii import resolve_entities, scrub_calls
+    from slmigrate.curate.pii import resolve_entities
 
     entities = resolve_entities(config.entities)
     total = ws.store.count_calls()
@@ -184,11 +184,7 @@ def curate(ws: Workspace, config: CurateConfig | None = None, progress: Progress
         analyzer = None
     else:
         # The scrubber's whole-batch vetoes and consistent replacements need every kept call in memory.
-        scrubbed, replaced, analyzer = scrub_calls(
-            list(kept_calls), mode=config.pii, entities=entities, seed=config.seed, workers=config.workers,
-            allow=config.allow, score_threshold=config.score_threshold, progress=progress,
-            engine=config.engine, address=config.ray_address, keep_metadata=config.keep_metadata,
-        )
+        scrubbed, replaced, analyzer = _scrub(list(kept_calls), config, entities, progress)
     entity_counts: Counter[str] = Counter()
     for r in replaced:
         entity_counts.update(r.values())
@@ -238,12 +234,23 @@ def _kept(ws: Workspace, config: CurateConfig, total: int, dropped: Counter[str]
           progress: Progress | None) -> Iterator[CallRecord]:
     """The stored calls that pass the filters and are no (near-)duplicate of an earlier one, streamed page by page
     from the store. Only 16-byte digests of the keys are remembered (about 100 bytes per call), never the calls."""
+
+    def counted() -> Iterator[CallRecord]:
+        for i, call in enumerate(ws.store.iter_calls()):
+            calls_in[0] = i + 1
+            if progress and (i % 200 == 0 or i == total - 1):
+                progress("load", i + 1, total)
+            yield call
+
+    return _filtered(counted(), config, dropped)
+
+
+def _filtered(calls: Iterable[CallRecord], config: CurateConfig, dropped: Counter[str]) -> Iterator[CallRecord]:
+    """The calls that pass the quality filters and are no (near-)duplicate of an earlier one of ``calls``; each
+    dropped call is counted in ``dropped`` under its reason."""
     seen_exact: set[bytes] = set()
     seen_near: set[bytes] = set()
-    for i, call in enumerate(ws.store.iter_calls()):
-        calls_in[0] = i + 1
-        if progress and (i % 200 == 0 or i == total - 1):
-            progress("load", i + 1, total)
+    for call in calls:
         reason = drop_reason(call, config)
         if reason is None:
             key = bytes.fromhex(exact_key(call))[:16]
@@ -259,6 +266,32 @@ def _kept(ws: Workspace, config: CurateConfig, total: int, dropped: Counter[str]
             dropped[reason] += 1
         else:
             yield call
+
+
+def _scrub(calls: list[CallRecord], config: CurateConfig, entities: Any,
+           progress: Progress | None) -> tuple[list[CallRecord], list[dict[str, str]], Any]:
+    from slmigrate.curate.pii import scrub_calls
+
+    return scrub_calls(calls, mode=config.pii, entities=entities, seed=config.seed, workers=config.workers,
+                       allow=config.allow, score_threshold=config.score_threshold, progress=progress,
+                       engine=config.engine, address=config.ray_address, keep_metadata=config.keep_metadata)
+
+
+def curate_calls(calls: Iterable[CallRecord], config: CurateConfig | None = None, *,
+                 progress: Progress | None = None) -> tuple[list[CallRecord], Counter[str]]:
+    """Curate a given batch of calls the way ``curate`` curates the store: the same quality filters,
+    (near-)duplicate removal within the batch, and PII scrubbing with the same settings; nothing is written.
+    Returns (the kept calls, scrubbed; drops by reason). ``slmigrate refine`` curates new traffic with it."""
+    config = config or CurateConfig()
+    engines.check_engine(config.engine, config.ray_address)
+    dropped: Counter[str] = Counter()
+    kept = list(_filtered(calls, config, dropped))
+    if config.pii == "off" or not kept:
+        return kept, dropped
+    from slmigrate.curate.pii import resolve_entities
+
+    scrubbed, _, _ = _scrub(kept, config, resolve_entities(config.entities), progress)
+    return list(scrubbed), dropped
 
 
 def _examples(calls: list[CallRecord], replaced: list[dict[str, str]], limit: int) -> list[dict[str, Any]]:

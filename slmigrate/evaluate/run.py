@@ -30,6 +30,7 @@ from slmigrate.config import EvaluateConfig, PricesConfig
 from slmigrate.curate.dataset import CuratedCall, current_version, load_curated
 from slmigrate.errors import GateFailed, SlmigrateError
 from slmigrate.progress import Bars
+from slmigrate.record import CallRecord
 from slmigrate.workspace import Workspace, fingerprint_of
 
 VARIANTS = ("base", "icl", "finetuned")
@@ -286,8 +287,6 @@ def evaluate(ws: Workspace, config: EvaluateConfig | None = None, clusters: Sequ
              prices: PricesConfig | None = None, embedder: Any = None, model: str | None = None,
              force: bool = False, progress: bool = True) -> dict[str, Any]:
     """Evaluate each cluster on its test split and decide which migrate; store and return the results."""
-    from slmigrate.evaluate import generate as G
-
     config = config or EvaluateConfig()
     prices = prices or PricesConfig()
     variants = list(variants or config.variants)
@@ -324,10 +323,7 @@ def evaluate(ws: Workspace, config: EvaluateConfig | None = None, clusters: Sequ
     previously = {r["cluster"] for r in (previous or {"clusters": []})["clusters"]
                   if r.get("decision", {}).get("migrate")}
 
-    if embedder is None and config.embedder != "none" and any(cluster_kind(known[c]) == "text" for c in wanted):
-        from slmigrate.cluster.embed import get_embedder
-
-        embedder = get_embedder(config.embedder)
+    embedder = _text_embedder(config, [known[c] for c in wanted], embedder)
     run = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S%fZ")[:-4]
     out_dir = ws.path("evals", run)
     # Runs killed mid-way leave their .RUN.tmp folders; no reader looks at them, so clear them all.
@@ -342,10 +338,8 @@ def evaluate(ws: Workspace, config: EvaluateConfig | None = None, clusters: Sequ
             if not calls:
                 skipped.append({"cluster": cid, "reason": "no test calls with an answer"})
                 continue
-            cluster_judge = judge if cluster_kind(known[cid]) == "text" else None
-            ctx = M.MetricContext([c.request for c in calls], embedder, cluster_judge)
-            res = _evaluate_cluster(ws, cid, known[cid], calls, train_by.get(cid, []), variants, adapters[cid],
-                                    model, config, prices, ctx, bar, G)
+            res = _score_cluster(ws, cid, known[cid], calls, train_by.get(cid, []), variants, adapters[cid],
+                                 model, config, prices, embedder, judge, bar)
             res["decision"]["previously_migrated"] = cid in previously
             items = {v: res["variants"][v].pop("_items", []) for v in res["variants"]}
             with (tmp / "predictions" / f"{_safe(cid)}.jsonl").open("w") as fh:
@@ -370,6 +364,55 @@ def evaluate(ws: Workspace, config: EvaluateConfig | None = None, clusters: Sequ
                               "test_calls": sum(r["test_calls"] for r in results)},
                       extra={"run": run})
     return body
+
+
+def evaluate_calls(ws: Workspace, cluster: str, calls: Sequence[CallRecord], config: EvaluateConfig | None = None,
+                   *, variants: Sequence[str] = ("finetuned",), train: Sequence[CuratedCall] = (),
+                   prices: PricesConfig | None = None, embedder: Any = None, judge: Any = None,
+                   model: str | None = None, progress: bool = False) -> dict[str, Any]:
+    """Evaluate one cluster's model variants on the given ``calls`` (those with an answer) instead of its test
+    split, and decide as ``evaluate`` would: the same adapter, generation, scoring and decision, nothing stored.
+    Returns the per-cluster result ``evaluate`` lists (``variants.<name>.primary`` is the primary metric).
+    ``slmigrate refine`` re-checks a deployed adapter on fresh traffic with it."""
+    config = config or EvaluateConfig()
+    prices = prices or PricesConfig()
+    bad = [v for v in variants if v not in VARIANTS]
+    if bad:
+        raise SlmigrateError(f"unknown variant(s) {', '.join(bad)}; choose from {', '.join(VARIANTS)}")
+    known = load_clusters(ws)
+    if cluster not in known:
+        raise SlmigrateError(f"unknown cluster {cluster}; see `slmigrate cluster --json` for ids "
+                             f"({', '.join(sorted(known)[:10])})")
+    calls = [c for c in calls if c.answer is not None]
+    if not calls:
+        raise SlmigrateError(f"no calls with an answer to evaluate cluster {cluster} on")
+    embedder = _text_embedder(config, [known[cluster]], embedder)
+    with Bars(progress) as bar:
+        result = _score_cluster(ws, cluster, known[cluster], calls, list(train), list(variants),
+                                find_adapter(ws, cluster, model), model, config, prices, embedder, judge, bar)
+    for variant in result["variants"].values():
+        variant.pop("_items", None)
+    return result
+
+
+def _text_embedder(config: EvaluateConfig, clusters: Sequence[ClusterInfo], embedder: Any) -> Any:
+    """The embedder for the text-similarity metric: the given one, else the configured one when a text cluster
+    is evaluated (``none`` skips the metric)."""
+    if embedder is None and config.embedder != "none" and any(cluster_kind(c) == "text" for c in clusters):
+        from slmigrate.cluster.embed import get_embedder
+
+        embedder = get_embedder(config.embedder)
+    return embedder
+
+
+def _score_cluster(ws, cid, info, calls, train, variants, adapter, model_name, config, prices, embedder, judge, bar):
+    """One cluster's variants on ``calls``: the metric context (text clusters get the embedder and the judge),
+    then generation, scoring and the decision. ``evaluate`` and ``evaluate_calls`` both come through here."""
+    from slmigrate.evaluate import generate as G
+
+    cluster_judge = judge if cluster_kind(info) == "text" else None
+    ctx = M.MetricContext([c.request for c in calls], embedder, cluster_judge)
+    return _evaluate_cluster(ws, cid, info, calls, train, variants, adapter, model_name, config, prices, ctx, bar, G)
 
 
 def _safe(name: str) -> str:

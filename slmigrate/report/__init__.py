@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from slmigrate.config import Config
+from slmigrate.config import Config, workspace_config
 from slmigrate.errors import SlmigrateError
 from slmigrate.record import now_iso
 from slmigrate.report import sections as S
@@ -23,7 +23,8 @@ def report(ws: Workspace, out: str | Path = "report.html", markdown: bool = True
            config: Config | None = None) -> dict[str, Any]:
     """Write the HTML report to ``out`` (and ``out`` with ``.md`` when ``markdown``); returns what it wrote."""
     started = time.monotonic()
-    config = config or Config()  # the CLI reads slmigrate.toml; a library call never depends on the cwd
+    # The workspace's own settings (what its stages ran with), never the current directory's slmigrate.toml.
+    config = config or workspace_config(ws)
     out = Path(out)
     facts = S.Facts.load(ws, config)
     sections = [build(facts) for build in S.BUILDERS]

@@ -154,6 +154,17 @@ def run_stage(args: list[str], log_path: Path) -> dict:
 
 
 STAGES = ("import", "curate", "cluster")
+TESTS = Path(__file__).resolve().parents[1]
+
+
+def _slmigrate(embedder: str) -> list[str]:
+    """The CLI as a subprocess: ``-m slmigrate``, or for the test suite's hash embedder (no user option of the
+    package) a prelude that registers it first (tests/fakes.py)."""
+    if embedder != "hash":
+        return ["-m", "slmigrate"]
+    prelude = (f"import sys; sys.path.insert(0, {str(TESTS)!r}); import fakes; fakes.register(); "
+               "from slmigrate.cli import main; sys.exit(main(sys.argv[1:]))")
+    return ["-c", prelude]
 
 
 def bench(n: int, work: Path, embedder: str, seed: int, stages_to_run: tuple[str, ...] = STAGES) -> dict:
@@ -168,7 +179,7 @@ def bench(n: int, work: Path, embedder: str, seed: int, stages_to_run: tuple[str
     ws = work / f"ws-{n}"
     if "import" in stages_to_run:  # a fresh workspace; without import, the later stages re-run on the last one
         subprocess.run(["rm", "-rf", str(ws)], check=True)
-    cli = [sys.executable, "-m", "slmigrate", "--workspace", str(ws)]
+    cli = [sys.executable, *_slmigrate(embedder), "--workspace", str(ws)]
     log = work / f"log-{n}.txt"
     config = work / f"slmigrate-{n}.toml"
     config.write_text(f'[cluster]\nembedder = "{embedder}"\n')
