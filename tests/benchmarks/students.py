@@ -52,6 +52,7 @@ def run_model(name: str, calls: list[dict], n_train: int, steps: int, batch_toke
     t0 = time.perf_counter()
     model, tokenizer, _ = models.load(name)
     load_s = time.perf_counter() - t0
+    n_params = sum(p.numel() for p in model.parameters())  # before peft adds the adapter's
     train_ids = {c["id"] for c in calls[:n_train]}
     with tempfile.TemporaryDirectory() as tmp:
         ws = Workspace.open(Path(tmp) / "ws")
@@ -73,7 +74,7 @@ def run_model(name: str, calls: list[dict], n_train: int, steps: int, batch_toke
     per_token = [lat / max(1, n) for lat, n in zip(out.latency_ms, out.new_tokens)]
     losses = res["history"]["train_loss"]
     return {
-        "model": name, "params": sum(p.numel() for p in model.parameters()), "load_s": round(load_s, 1),
+        "model": name, "params": n_params, "load_s": round(load_s, 1),
         "steps": res["steps"], "loss_first": round(losses[0], 3), "loss_last": round(losses[-1], 3),
         "s_per_step": round(res["seconds"] / max(1, res["steps"]), 2),
         "train_tokens_per_s": round(res["tokens_per_second"], 1),
