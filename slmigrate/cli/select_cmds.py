@@ -27,6 +27,11 @@ def _count(text: str | None) -> float | None:
     return value
 
 
+
+# Where a candidate's weights are, as the ranking shows it: finetune can only train what is here or downloadable.
+WEIGHTS_TEXT = {"local": " [green]local[/]", "builtin": " [green]built in[/]", "hub": " [dim]downloads[/]",
+                None: " [yellow]needs download[/]"}
+
 @app.command()
 def select(
     gpu_memory: Annotated[Optional[float], typer.Option(
@@ -81,8 +86,9 @@ def select(
                  f"calls, {c['seq_len']:,} tokens p95")
         console.print(f"[bold]{title}[/]")
         for r in c["candidates"]:
+            where = WEIGHTS_TEXT.get(r.get("weights"), "")
             console.print(f"  {r['rank']}. [bold]{r['name']}[/] ({r['method']}, train {r['train_memory_gib']:.1f} "
-                          f"GiB, score {r['score']:.1f}): {r['reason']}", highlight=False)
+                          f"GiB, score {r['score']:.1f}){where}: {r['reason']}", highlight=False)
         if c.get("choice"):
             console.print(f"  -> trains [bold]{c['choice']}[/] ({c['choice_reason']})", highlight=False)
         if not c["candidates"]:

@@ -144,15 +144,19 @@ def load_trainable(model, state: dict[str, Any]) -> None:
             params[name].copy_(value.to(params[name].device))
 
 
-# Architectures whose logits are exactly ``lm_head(last hidden state)``: no soft-capping or logit scaling.
-ANSWER_ONLY_HEAD = {"llama", "mistral", "qwen2", "qwen3", "phi3"}
+# Architectures whose logits are exactly ``lm_head(last hidden state)``: no soft-capping or logit scaling
+# (Gemma 3 only when its config sets no final soft-capping, as the 270M's does). For Gemma's 262K-token
+# vocabulary the head is most of a step's work, so computing it on answer positions only pays most there.
+ANSWER_ONLY_HEAD = {"llama", "mistral", "qwen2", "qwen3", "phi3", "gemma3_text"}
 
 
 def _body_and_head(model):
     """(decoder, output head) when the head may be applied to answer positions only, else (None, None)."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     # A DDP/FSDP wrapper has no config: its forward must run (that is where gradients sync), so no shortcut.
-    if getattr(getattr(base, "config", None), "model_type", None) not in ANSWER_ONLY_HEAD:
+    config = getattr(base, "config", None)
+    if getattr(config, "model_type", None) not in ANSWER_ONLY_HEAD \
+            or getattr(config, "final_logit_softcapping", None) is not None:
         return None, None
     return base.get_decoder(), base.get_output_embeddings()
 

