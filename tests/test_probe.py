@@ -98,7 +98,7 @@ def test_neighbour_probe_separates_a_predictable_task_from_a_random_one(tmp_path
     cfg = Config()
     cfg.probe.fewshot_calls = 0
     result = probe(ws, cfg)
-    tasks = {t["cluster"]: t for t in result["clusters"]}
+    tasks = {t["cluster"]: t for t in result.clusters}
     fruit, coin = tasks["fruit"]["neighbour"], tasks["coin"]["neighbour"]
     # Held-out calls only: validation + test, 40 of 200 per task; the pool is the 160 train calls.
     assert tasks["fruit"]["held_out_calls"] == 40 and tasks["fruit"]["train_calls"] == 160
@@ -107,11 +107,11 @@ def test_neighbour_probe_separates_a_predictable_task_from_a_random_one(tmp_path
     assert tasks["fruit"]["replaceable"] and not tasks["coin"]["replaceable"]
     assert tasks["fruit"]["fewshot"]["skipped"] and "turned off" in tasks["fruit"]["fewshot"]["reason"]
     assert tasks["fruit"]["lora"]["skipped"]
-    overall = result["overall"]
+    overall = result.overall
     assert overall["replaceable_clusters"] == ["fruit"]
     assert overall["calls_share"] == {"value": 0.5, "low": 0.5, "high": 0.5}
     assert overall["cost_share"]["value"] == 0.75
-    assert probe(ws, cfg)["skipped"]  # unchanged: not measured again
+    assert probe(ws, cfg).skipped  # unchanged: not measured again
 
 
 def test_no_held_out_call_is_its_own_neighbour(tmp_path):

@@ -4,6 +4,6 @@
 writes (``curated/vNNNN/``) and is how every later stage reads them.
 """
 
-from slmigrate.curate.run import curate, drop_reason, export
+from slmigrate.curate.run import CurateResult, curate, drop_reason, export
 
-__all__ = ["curate", "drop_reason", "export"]
+__all__ = ["CurateResult", "curate", "drop_reason", "export"]

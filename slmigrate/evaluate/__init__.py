@@ -4,6 +4,6 @@
 answer (``metrics``, or an LLM ``judge``) and writes the migration plan.
 """
 
-from slmigrate.evaluate.run import evaluate, find_adapter
+from slmigrate.evaluate.run import EvaluateResult, evaluate, find_adapter
 
-__all__ = ["evaluate", "find_adapter"]
+__all__ = ["EvaluateResult", "evaluate", "find_adapter"]

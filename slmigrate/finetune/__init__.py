@@ -22,6 +22,7 @@ import json
 import math
 import shutil
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -30,9 +31,11 @@ from slmigrate.config import FinetuneConfig
 from slmigrate.errors import SlmigrateError
 from slmigrate.finetune import loop
 from slmigrate.finetune.data import BuildReport, Example, build_examples, length_grouped_batches, padding_share
+from slmigrate.progress import Progress
+from slmigrate.results import StageOutput
 from slmigrate.workspace import Workspace, fingerprint_of
 
-__all__ = ["finetune", "finetune_cluster", "defaults", "plan"]
+__all__ = ["FinetuneResult", "finetune", "finetune_cluster", "defaults", "plan"]
 
 
 # --- which clusters, which model -------------------------------------------------------------------------
@@ -109,7 +112,7 @@ def batch_tokens(config: FinetuneConfig, device: str) -> int:
 
 def finetune_cluster(ws: Workspace, cluster: str, model_name: str, train_calls: Sequence[Any],
                      val_calls: Sequence[Any], config: FinetuneConfig, *, resume: bool = False,
-                     force: bool = False, progress: bool = True, stop_after: int | None = None,
+                     force: bool = False, progress: Progress | None = None, stop_after: int | None = None,
                      init_adapter: str | Path | None = None) -> dict[str, Any]:
     import torch
 
@@ -346,10 +349,24 @@ def _plot(path: Path, history: loop.History, title: str) -> None:
 
 # --- all clusters -----------------------------------------------------------------------------------------
 
-def finetune(ws: Workspace, config: FinetuneConfig | None = None, clusters: Sequence[str] | None = None,
-             selected: bool = False, *, resume: bool = False, force: bool = False, progress: bool = True,
-             stop_after: int | None = None, init_adapters: dict[str, str] | None = None) -> dict[str, Any]:
+@dataclass(frozen=True)
+class FinetuneResult(StageOutput):
+    """``finetune``'s result: one dict per cluster (its metrics.json with ``status``: trained, fresh, skipped or
+    interrupted, and ``path``), how many of each, and the seconds taken."""
+
+    adapters: list[dict[str, Any]]
+    counts: dict[str, int]
+    seconds: float
+
+
+def finetune(ws: Workspace, config: FinetuneConfig | None = None, *, progress: Progress | None = None,
+             force: bool = False, clusters: Sequence[str] | None = None, selected: bool = False,
+             resume: bool = False, stop_after: int | None = None,
+             init_adapters: dict[str, str] | None = None) -> FinetuneResult:
     """Fine-tune one model per cluster; returns one result per cluster and writes the ``finetune`` manifest.
+
+    ``progress`` hears of each cluster's steps as ``("CLUSTER / MODEL", step, total steps, loss=..., tps=...)``;
+    a run that stops early ends with a ``note`` (slmigrate.progress).
 
     ``init_adapters`` (cluster -> adapter folder) warm-starts those clusters from an existing adapter (refine).
     """
@@ -372,4 +389,4 @@ def finetune(ws: Workspace, config: FinetuneConfig | None = None, clusters: Sequ
         ws.write_manifest("finetune", fingerprint=fingerprint_of([r.get("fingerprint") for r in results]),
                           config=config.model_dump(), counts={"clusters": len(results), **counts}, started=started,
                           extra={"adapters": [r.get("path") for r in results if r.get("path")]})
-    return {"adapters": results, "counts": counts, "seconds": round(time.time() - started, 1)}
+    return FinetuneResult.of({"adapters": results, "counts": counts, "seconds": round(time.time() - started, 1)})
