@@ -128,3 +128,23 @@ def test_an_early_stop_ends_the_pass_with_a_note(tmp_path):
     what, done, total, fields = heard.reports[-1]
     assert history.stopped_early and (what, done, total) == ("c1", history.steps[-1], history.steps[-1])
     assert fields == {NOTE: "stopped early: every validation answer exact"}
+
+
+def test_a_result_reads_its_fields_and_gives_back_the_body_key_for_key():
+    """``to_dict()`` is what ``--json`` prints: the stage's body in its own key order, keys without a field too."""
+    import dataclasses
+
+    from slmigrate.cluster import ClusterResult
+    from slmigrate.curate.run import CurateResult
+
+    body = {"calls_in": 3, "calls_out": 2, "dropped": {"failed": 1}, "store_fingerprint": "abc", "version": "v0002",
+            "skipped": True, "skip_reason": "no new calls"}
+    result = CurateResult.of(body)
+    assert (result.calls_out, result.version, result.skipped, result.sessions) == (2, "v0002", True, {})
+    assert result.to_dict() == body and list(result.to_dict()) == list(body)
+    result.to_dict()["calls_out"] = 99  # a copy: the result stays as the stage made it
+    assert result.calls_out == 2 and result.to_dict()["calls_out"] == 2
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        result.calls_out = 5  # type: ignore[misc]
+    with pytest.raises(KeyError, match="'clusters'"):
+        ClusterResult.of({"calls": 1})

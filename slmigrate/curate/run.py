@@ -154,16 +154,17 @@ def fingerprint(ws: Workspace, config: CurateConfig) -> str:
 
 @dataclass(frozen=True)
 class CurateResult(StageOutput):
-    """``curate``'s report; ``to_dict()`` is the report file's body (with ``skip_reason`` when skipped)."""
+    """``curate``'s report; ``to_dict()`` is the report file's body (with ``skip_reason`` when skipped). Every
+    field has a default: a skipped run returns the stored report, which an older version may have written."""
 
-    calls_in: int
-    calls_out: int
-    dropped: dict[str, int]
-    splits: dict[str, int]
-    sessions: dict[str, int]
-    pii: str
-    entities: dict[str, int]
-    duration_s: float
+    calls_in: int = 0
+    calls_out: int = 0
+    dropped: dict[str, int] = field(default_factory=dict)
+    splits: dict[str, int] = field(default_factory=dict)
+    sessions: dict[str, int] = field(default_factory=dict)
+    pii: str = "off"
+    entities: dict[str, int] = field(default_factory=dict)
+    duration_s: float = 0.0
     version: str | None = None
     examples: list[dict[str, Any]] = field(default_factory=list)
     skipped: bool = False  # nothing changed since the last run: this is that run's report
