@@ -532,7 +532,7 @@ def test_real_smollm2_learns_a_narrow_task(workspace):
     tuned_score = _exact_match(tuned, tokenizer, test, prefix)
     print(f"\nintent exact match on {len(test)} held-out calls: base {base_score:.3f} -> "
           f"fine-tuned {tuned_score:.3f} ({res['steps']} steps, {res['tokens_trained']} tokens, "
-          f"{res['tokens_per_second']:.0f} tok/s, {res.seconds:.0f} s training)")
+          f"{res['tokens_per_second']:.0f} tok/s, {res['seconds']:.0f} s training)")
     assert tuned_score >= 0.8 and tuned_score > base_score
 
 
