@@ -210,7 +210,7 @@ def _ray_map(items: list[Any], factory: Factory, workers: int | None, address: s
     from ray.data import DataContext
 
     ctx = DataContext.get_current()
-    ctx.enable_progress_bars = False  # the stage draws its own bar on stderr
+    ctx.enable_progress_bars = False  # the stage reports through its own progress callback
     ctx.verbose_progress = False
     ctx.print_on_execution_start = False
     cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))

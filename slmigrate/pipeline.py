@@ -93,12 +93,16 @@ class _Context:
     progress: Say  # one line per stage event ("cluster: running (curate changed)")
     bar: Progress | None = None  # (what, done, total) from inside a stage
 
-    def stage_bar(self, stage: str) -> Progress | None:
-        """The stage modules' (phase or file, done, total) callback, labelled with the stage."""
+    def stage_bar(self, stage: str, name: Callable[[str], str] = str) -> Progress | None:
+        """The stage's ``Progress`` callback: its reports, ``what`` (through ``name``) labelled with the stage."""
         if self.bar is None:
             return None
         bar = self.bar
-        return lambda what, done, total: bar(f"{stage} {Path(str(what)).name}", done, total)
+
+        def report(what: str, done: int, total: int, /, **fields: Any) -> None:
+            bar(f"{stage} {name(what)}", done, total, **fields)
+
+        return report
 
 
 @dataclass
@@ -159,7 +163,7 @@ def _run_import(ctx: _Context) -> dict[str, Any]:
         tools = Path(ctx.config.run.tools)
         tools = tools if tools.is_absolute() else ctx.base_dir / tools
     result = import_calls(ctx.ws, files, format=ctx.config.run.format, agent=ctx.config.collect.agent,
-                          tools_file=tools, progress=ctx.stage_bar("import"))
+                          tools_file=tools, progress=ctx.stage_bar("import", lambda file: Path(file).name))
     counts = _as_dict(result)
     keep = {k: counts[k] for k in ("imported", "duplicates") if k in counts}
     if counts.get("skipped"):
@@ -178,14 +182,14 @@ def _run_curate(ctx: _Context) -> dict[str, Any]:
 def _run_cluster(ctx: _Context) -> dict[str, Any]:
     from slmigrate.cluster import cluster
 
-    cluster(ctx.ws, ctx.config, progress=ctx.bar is not None)  # reads [cluster] and [prices]
+    cluster(ctx.ws, ctx.config, progress=ctx.stage_bar("cluster"))  # reads [cluster] and [prices]
     return _manifest_counts(ctx.ws, "cluster")
 
 
 def _run_select(ctx: _Context) -> dict[str, Any]:
     from slmigrate.selection.run import select
 
-    select(ctx.ws, ctx.config.select)
+    select(ctx.ws, ctx.config.select, progress=ctx.stage_bar("select"))
     return _manifest_counts(ctx.ws, "select")
 
 
@@ -209,8 +213,8 @@ def _run_finetune(ctx: _Context) -> dict[str, Any]:
     clusters = train_clusters(ctx.ws, ctx.config)
     if clusters == []:
         return {"clusters": 0, "note": "no cluster is estimated replaceable; nothing to fine-tune"}
-    result = finetune(ctx.ws, ctx.config.finetune, clusters=clusters, progress=ctx.bar is not None)
-    counts = dict(result.get("counts") or {})
+    result = finetune(ctx.ws, ctx.config.finetune, progress=ctx.stage_bar("finetune"), clusters=clusters)
+    counts = dict(result.counts)
     if counts.get("interrupted"):
         raise KeyboardInterrupt  # a cluster's training stopped early: the stage did not finish
     return _manifest_counts(ctx.ws, "finetune") or counts
@@ -222,8 +226,8 @@ def _run_evaluate(ctx: _Context) -> dict[str, Any]:
     clusters = train_clusters(ctx.ws, ctx.config)
     if clusters == []:
         return {"clusters": 0, "note": "no cluster was fine-tuned; nothing to evaluate"}
-    evaluate(ctx.ws, ctx.config.evaluate, clusters=clusters, prices=ctx.config.prices,
-             progress=ctx.bar is not None)
+    evaluate(ctx.ws, ctx.config.evaluate, progress=ctx.stage_bar("evaluate"), clusters=clusters,
+             prices=ctx.config.prices)
     return _manifest_counts(ctx.ws, "evaluate")
 
 
@@ -236,8 +240,8 @@ def _run_report(ctx: _Context) -> dict[str, Any]:
     from slmigrate.report import report
 
     out = report_path(ctx.ws, ctx.config)
-    written = report(ctx.ws, out=out, markdown=True, config=ctx.config)
-    return {"sections": written.get("sections_present"), "html": str(out)}
+    written = report(ctx.ws, ctx.config, progress=ctx.stage_bar("report"), out=out, markdown=True)
+    return {"sections": written.sections_present, "html": str(out)}
 
 
 def _report_inputs(ctx: _Context) -> Any:

@@ -39,6 +39,8 @@ from slmigrate import artifacts
 from slmigrate.evaluate import metrics as M
 from slmigrate.config import Config
 from slmigrate.errors import SlmigrateError
+from slmigrate.progress import Progress
+from slmigrate.results import StageOutput
 from slmigrate.workspace import Workspace, fingerprint_of
 
 METHOD_VERSION = "probe1"
@@ -362,9 +364,22 @@ def _shares(tasks: list[dict[str, Any]], total_calls: int, total_cost: float) ->
 
 # --- the stage -------------------------------------------------------------------------------------------------
 
-def probe(ws: Workspace, config: Config | None = None, *, force: bool = False,
-          progress: Callable[[str, int, int], None] | None = None) -> dict[str, Any]:
-    """Probe every cluster; skipped when the clusters and the probe's settings are unchanged."""
+@dataclass(frozen=True)
+class ProbeResult(StageOutput):
+    """``probe``'s result; ``to_dict()`` is probe.json's body with ``skipped``."""
+
+    clusters: list[dict[str, Any]]
+    overall: dict[str, Any]
+    calls: int = 0
+    cost_usd: float = 0.0
+    skipped: bool = False  # the clusters and settings are unchanged: this is the stored probe
+
+
+def probe(ws: Workspace, config: Config | None = None, *, progress: Progress | None = None,
+          force: bool = False) -> ProbeResult:
+    """Probe every cluster; skipped when the clusters and the probe's settings are unchanged.
+
+    ``config`` is the whole config: the probe reads [probe] and [evaluate] (metrics, thresholds, model)."""
     from slmigrate.curate import dataset as curated
     from slmigrate.evaluate.run import cluster_kind
 
@@ -388,7 +403,7 @@ def probe(ws: Workspace, config: Config | None = None, *, force: bool = False,
                                  if lora_skip_reason(cfg.lora) is None else None)
     stored = ws.probe() if not force and ws.is_fresh("probe", fingerprint) else None
     if stored is not None:
-        return {**stored, "skipped": True}
+        return ProbeResult.of({**stored, "skipped": True})
     started = time.time()
     known = {c["id"]: c for c in body["clusters"]}
     pools, held = task_calls(ws, set(known), cfg.neighbour_calls, cfg.seed)
@@ -449,5 +464,5 @@ def probe(ws: Workspace, config: Config | None = None, *, force: bool = False,
     ws.write_manifest("probe", fingerprint=fingerprint, config=cfg.model_dump(), started=started,
                       counts={"clusters": len(tasks), "replaceable": len(out["overall"]["replaceable_clusters"]),
                               "fewshot_calls": cfg.fewshot_total - fewshot_left if cfg.fewshot_calls else 0})
-    return {**out, "skipped": False}
+    return ProbeResult.of({**out, "skipped": False})
 

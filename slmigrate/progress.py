@@ -1,29 +1,67 @@
 """The one progress protocol, and the one progress bar that draws it.
 
-Library code reports progress through a callback and never draws: a stage takes ``progress: Progress | None``
-and calls ``progress(what, done, total)`` as work advances (``what`` names the phase, file or item; ``done``
-counts up to ``total``). Inside one pass, helpers that only know "n more items finished" take an ``Advance``.
-Messages that are no count (a stage starting, a model being pulled) go through ``Say``.
+Library code reports progress through a callback and never draws: every stage takes
+``progress: Progress | None = None`` and calls ``progress(what, done, total, **fields)`` as work advances
+(``what`` names the phase, file or item; ``done`` counts up to ``total``; ``fields`` are extra values a
+drawer may show, e.g. fine-tuning's ``loss=`` and ``tps=``). A callback must accept (and may ignore) fields.
 
-``Bars`` is the only code that draws: rich bars on stderr, one per ``what``, started at the first report so a
-pass that reports nothing draws nothing. Calling a ``Bars`` is the ``Progress`` protocol, so the CLI hands one to
-a stage as its callback. ``progress_bar`` is the short form for one pass with an ``Advance``::
+A pass that ends before its total (fine-tuning's early stopping) says so with one last report at
+``total == done`` and a ``note``: ``progress(what, done, done, note="stopped early: patience")``; ``NOTE`` names
+that field. Inside one pass, helpers that only know "n more items finished" take an ``Advance``; ``counter``
+turns a ``Progress`` into one. Messages that are no count (a stage starting, a model being pulled) go through
+``Say``.
 
-    with progress_bar(show, "embedding", len(texts)) as advance:
-        ...; advance(len(batch))
+``Bars`` is the only code that draws, and only slmigrate/cli/ builds one: rich bars on stderr, one per
+``what``, started at the first report so a pass that reports nothing draws nothing. Calling a ``Bars`` is the
+``Progress`` protocol, so the CLI hands one to a stage as its callback::
 
-rich is imported only when a bar is actually shown, so library callers that pass ``enabled=False`` (tests,
-``--json`` runs) never pay for it.
+    with Bars(not json_out, console=err_console) as bars:
+        result = stage(ws, cfg, progress=bars)
+
+rich is imported only when a bar is actually shown: a library call with ``progress=None`` never imports it.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import Any, Protocol
 
-Progress = Callable[[str, int, int], None]  # (what, done, total)
+NOTE = "note"  # the field of a pass's last report when it ended before its total (see the module docstring)
+
+
+class Progress(Protocol):
+    """``progress(what, done, total, **fields)``: ``what`` has ``done`` of ``total`` items finished."""
+
+    def __call__(self, what: str, done: int, total: int, /, **fields: Any) -> None: ...
+
+
 Advance = Callable[[int], None]  # n more items of the current pass are done
 Say = Callable[[str], None]  # one line per event
+
+
+def silent(what: str, done: int, total: int, /, **fields: Any) -> None:
+    """The ``Progress`` that ignores every report: ``report = progress or silent`` saves a check per report."""
+
+
+def counter(progress: Progress | None, what: str, total: int, *, min_total: int = 1) -> Advance:
+    """An ``Advance`` for one pass over ``total`` items that reports ``what``'s running count to ``progress``;
+    it reports nothing without a callback or when the pass is shorter than ``min_total`` (no bar flickers by).
+    The pass's start (0 of ``total``) is reported at once."""
+    if progress is None or total < max(min_total, 1):
+        return _ignore
+    done = 0
+    progress(what, 0, total)
+
+    def advance(n: int) -> None:
+        nonlocal done
+        done += n
+        progress(what, done, total)
+
+    return advance
+
+
+def _ignore(_n: int) -> None:
+    return None
 
 
 class Bars:
@@ -41,8 +79,12 @@ class Bars:
         self._progress: Any = None
         self._tasks: dict[str, Any] = {}
 
-    def __call__(self, what: str, done: int, total: int, **fields: Any) -> None:
+    def __call__(self, what: str, done: int, total: int, /, **fields: Any) -> None:
         if not self.enabled:
+            return
+        if NOTE in fields:
+            self(what, done, total)  # a pass that ends at its first report still gets its bar
+            self.end(what, done, str(fields[NOTE]))
             return
         if self._progress is None:
             self._start()
@@ -82,22 +124,3 @@ class Bars:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
-
-
-class progress_bar:
-    """``with`` gives ``advance(n)``; nothing is drawn unless ``enabled`` and ``total >= min_total``."""
-
-    def __init__(self, enabled: bool, desc: str, total: int, min_total: int = 1) -> None:
-        self.bars = Bars(enabled and total >= max(min_total, 1))
-        self.desc, self.total, self.done = desc, total, 0
-
-    def __enter__(self) -> Advance:
-        self.bars(self.desc, 0, self.total)
-        return self._advance
-
-    def _advance(self, n: int) -> None:
-        self.done += n
-        self.bars(self.desc, self.done, self.total)
-
-    def __exit__(self, *exc: object) -> None:
-        self.bars.close()

@@ -255,7 +255,7 @@ def _apply_retraining(ws: Workspace, config: Config, clusters: list[str], why: d
     from slmigrate.evaluate.run import evaluate, find_adapter
     from slmigrate.finetune import finetune
 
-    curate(ws, config.curate, progress=None)
+    curate(ws, config.curate)
     model = ClusterModel.load(ws)
     calls = load_curated(ws)
     known = dict(zip([c.id for c in calls], model.assign_many(calls)))
@@ -275,6 +275,6 @@ def _apply_retraining(ws: Workspace, config: Config, clusters: list[str], why: d
             "evaluation": previous.get(cid, {}).get("variants", {}).get("finetuned"),
             "decision": previous.get(cid, {}).get("decision")}, indent=2, default=str))
         warm[cid] = keep
-    finetune(ws, config.finetune, clusters=clusters, force=True, progress=False,
+    finetune(ws, config.finetune, clusters=clusters, force=True,
              init_adapters={cid: str(path) for cid, path in warm.items()})
-    evaluate(ws, config.evaluate, clusters=clusters, progress=False)
+    evaluate(ws, config.evaluate, clusters=clusters)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import re
+from typing import Any
 
 import numpy as np
 
@@ -45,7 +46,7 @@ class HashEmbedder(Embedder):
             self._words[word] = vec
         return vec
 
-    def _encode_unique(self, texts: list[str], *, progress: bool, desc: str) -> np.ndarray:
+    def _encode_unique(self, texts: list[str], *, progress: Any, desc: str) -> np.ndarray:
         out = np.zeros((len(texts), self.dim), dtype=np.float32)
         for row, text in enumerate(texts):
             words = _TOKEN.findall(text.lower())

@@ -170,29 +170,29 @@ def test_stage_writes_artifacts_assignments_and_skips(workspace):
     calls, truth = synthetic_log()
     _write_curated(workspace, calls)
     config = Config(cluster=hash_cfg(map=True))
-    result = cluster(workspace, config, progress=False)
-    assert result["skipped"] is False and len(result["clusters"]) == 3
+    result = cluster(workspace, config)
+    assert result.skipped is False and len(result.clusters) == 3
     folder = workspace.path("clusters")
     for name in ("clusters.json", "model.npz", "map.png", "config.json"):
         assert (folder / name).exists(), name
     assert (folder / "map.png").read_bytes()[:4] == b"\x89PNG"
-    assert load_clusters(workspace)["clusters"] == result["clusters"]
+    assert load_clusters(workspace)["clusters"] == result.clusters
     stored = workspace.store.clusters_of([c.id for c in calls])
     assert [stored[c.id] for c in calls[-6:]] == [None] * 6
     assert Counter(stored.values())[None] == 6
     manifest = workspace.manifest("cluster")
     assert manifest["fingerprint"] and manifest["counts"]["clusters"] == 3
     # Unchanged input and config: skipped; --force or a config change re-runs.
-    assert cluster(workspace, config, progress=False)["skipped"] is True
-    assert cluster(workspace, config, force=True, progress=False)["skipped"] is False
-    again = cluster(workspace, Config(cluster=hash_cfg(min_size=40)), progress=False)
-    assert again["skipped"] is False and again["clusters"] == []
+    assert cluster(workspace, config).skipped is True
+    assert cluster(workspace, config, force=True).skipped is False
+    again = cluster(workspace, Config(cluster=hash_cfg(min_size=40)))
+    assert again.skipped is False and again.clusters == []
 
 
 def test_saved_model_assigns_new_calls_and_requests(workspace):
     calls, truth = synthetic_log()
     _write_curated(workspace, calls)
-    result = cluster(workspace, Config(cluster=hash_cfg()), progress=False)
+    result = cluster(workspace, Config(cluster=hash_cfg()))
     model = ClusterModel.load(workspace, embedder=HashEmbedder())
     stored = workspace.store.clusters_of()
     assert model.assign_many(calls) == [stored[c.id] for c in calls]
@@ -204,7 +204,7 @@ def test_saved_model_assigns_new_calls_and_requests(workspace):
     requests = [CallRecord(request=c.request).finalise() for c in fresh]
     assert model.assign_many(requests) == got
     assert model.assign(requests[0]) == got[0]
-    assert {c["id"] for c in result["clusters"]} == set(model.ids)
+    assert {c["id"] for c in result.clusters} == set(model.ids)
 
 
 def test_stage_errors(workspace):
@@ -267,7 +267,7 @@ def test_tau2_coarse_clusters_recover_role_domain_mode():
     from sklearn.metrics import adjusted_rand_score
 
     calls, truth = load_tau2()
-    body, _, assignment, _ = cluster_calls(calls, ClusterConfig(map=False), progress=True)
+    body, _, assignment, _ = cluster_calls(calls, ClusterConfig(map=False))
     ari = adjusted_rand_score(truth, [a or "unclustered" for a in assignment])
     print(f"tau2 coarse: {len(body['clusters'])} clusters, unclustered {body['unclustered']['share']:.3f}, "
           f"ARI {ari:.3f}")
@@ -280,7 +280,7 @@ def test_tau_bench_fine_clusters_separate_next_action():
 
     calls = load_tau_bench(trajectories=100)
     truth = [next_action(c) for c in calls]
-    body, _, assignment, _ = cluster_calls(calls, ClusterConfig(map=False, granularity="fine"), progress=True)
+    body, _, assignment, _ = cluster_calls(calls, ClusterConfig(map=False, granularity="fine"))
     clustered = [i for i, a in enumerate(assignment) if a]
     h_all = homogeneity_score(truth, [a or "unclustered" for a in assignment])
     h_in = homogeneity_score([truth[i] for i in clustered], [assignment[i] for i in clustered])

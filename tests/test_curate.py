@@ -105,10 +105,10 @@ def test_curate_filters_dedup_splits_and_skip(workspace):
     ]
     _store(workspace, calls)
     report = curate(workspace, CurateConfig(pii="off"))
-    assert report["calls_in"] == 9 and report["calls_out"] == 2
-    assert report["dropped"] == {"failed": 1, "empty_answer": 1, "truncated": 1, "invalid_tool_arguments": 1,
+    assert report.calls_in == 9 and report.calls_out == 2
+    assert report.dropped == {"failed": 1, "empty_answer": 1, "truncated": 1, "invalid_tool_arguments": 1,
                                  "unknown_tool": 1, "below_min_outcome": 0, "duplicate": 1, "near_duplicate": 1}
-    assert report["version"] == "v0001" and not report["skipped"]
+    assert report.version == "v0001" and not report.skipped
     kept = curated.load_curated(workspace)
     assert [c.messages[-1]["content"] for c in kept] == ["Where is order 1?", "Look it up"]
     for c in kept:
@@ -117,10 +117,10 @@ def test_curate_filters_dedup_splits_and_skip(workspace):
     assert manifest["store_fingerprint"] == workspace.store.fingerprint()
     # unchanged -> skipped, no new version
     again = curate(workspace, CurateConfig(pii="off"))
-    assert again["skipped"] and again["version"] == "v0001" and "no new calls" in again["skip_reason"]
+    assert again.skipped and again.version == "v0001" and "no new calls" in again.skip_reason
     assert curated.current_version(workspace) == "v0001"
     # a changed config runs again
-    assert curate(workspace, CurateConfig(pii="off", near_duplicates=False))["calls_out"] == 3
+    assert curate(workspace, CurateConfig(pii="off", near_duplicates=False)).calls_out == 3
 
 
 def test_adding_data_never_moves_an_old_call(workspace):
@@ -133,7 +133,7 @@ def test_adding_data_never_moves_an_old_call(workspace):
             for i in range(40)]
     _store(workspace, more)
     report = curate(workspace, CurateConfig(pii="off", near_duplicates=False))
-    assert report["version"] == "v0002" and report["calls_out"] == 80
+    assert report.version == "v0002" and report.calls_out == 80
     after = {c.id: c.split for c in curated.load_curated(workspace)}
     assert all(after[i] == s for i, s in before.items())
     assert set(before.values()) >= {"train"} and len(set(after.values())) >= 2
@@ -144,12 +144,12 @@ def test_curate_scrubs_with_report_and_examples(workspace, fake_pii):
              _call("Order of James Lee please", session="b", answer="Hello James Lee!", ts="2025-01-01T00:00:02Z")]
     _store(workspace, calls)
     report = curate(workspace, CurateConfig(pii="placeholder"))
-    assert report["entities"]["PERSON"] >= 2 and report["entities"]["OPENAI_API_KEY"] == 1
+    assert report.entities["PERSON"] >= 2 and report.entities["OPENAI_API_KEY"] == 1
     kept = curated.load_curated(workspace)
     text = json.dumps([c.request for c in kept]) + json.dumps([c.response for c in kept])
     assert "Mia Li" not in text and "James Lee" not in text and SECRETS["OPENAI_API_KEY"] not in text
     assert kept[1].answer["content"] == "Hello <PERSON_1>!"
-    examples = json.dumps(report["examples"])
+    examples = json.dumps(report.examples)
     assert "<PERSON_1>" in examples and "James" not in examples  # the report never carries what it removed
     assert curated.load_report(workspace)["calls_out"] == 2
 
@@ -315,7 +315,7 @@ def test_tau2_no_customer_pii_or_planted_secret_survives(workspace, tmp_path):
             fh.write(json.dumps(d) + "\n")
     _import(workspace, path)
     report = curate(workspace, CurateConfig(pii="placeholder", near_duplicates=False))
-    assert report["calls_out"] > 300
+    assert report.calls_out > 300
     kept = curated.load_curated(workspace)
     by_input = {d["id"]: d for d in rows}
     leaks = []
@@ -340,7 +340,7 @@ def test_tau2_no_customer_pii_or_planted_secret_survives(workspace, tmp_path):
                 json.loads(m["content"])
     assert checked > 1000
     assert leaks == []
-    assert {"PERSON", "EMAIL_ADDRESS", "USER_ID", "PAYMENT_ID"} <= set(report["entities"])
+    assert {"PERSON", "EMAIL_ADDRESS", "USER_ID", "PAYMENT_ID"} <= set(report.entities)
 
 
 @pytest.mark.slow

@@ -87,8 +87,7 @@ def test_the_test_embedder_is_no_user_option(tmp_path):
 @pytest.mark.slow
 def test_minilm_offline_similarity():
     emb = get_embedder("minilm")
-    vecs = emb.encode(["Where is my package?", "Has my order shipped yet?", "Write a poem about the sea."],
-                      progress=True)
+    vecs = emb.encode(["Where is my package?", "Has my order shipped yet?", "Write a poem about the sea."])
     assert vecs.shape == (3, 384)
     assert np.allclose(np.linalg.norm(vecs, axis=1), 1.0, atol=1e-4)
     assert vecs[0] @ vecs[1] > vecs[0] @ vecs[2] + 0.2

@@ -161,8 +161,8 @@ def test_evaluate_end_to_end(two_cluster_ws):
 
     ws, base, label_calls, text_calls = two_cluster_ws
     cfg = EvaluateConfig(model=str(base), embedder="hash", batch_size=4, device="cpu")
-    res = E.evaluate(ws, cfg, embedder=HashEmbedder(), progress=False)
-    by = {r["cluster"]: r for r in res["clusters"]}
+    res = E.evaluate(ws, cfg, embedder=HashEmbedder())
+    by = {r["cluster"]: r for r in res.clusters}
     lbl, txt = by["c0"], by["c1"]
     assert lbl["kind"] == "label" and lbl["test_calls"] == LABELS - LABELS * 2 // 3
     assert lbl["variants"]["finetuned"]["primary"] == 1.0
@@ -179,7 +179,7 @@ def test_evaluate_end_to_end(two_cluster_ws):
         1000 * (40 * 2.5 + 2 * 10) / 1e6)
     assert eff["cost_per_1k_usd"] > 0 and eff["llm_to_slm_cost_ratio"] == pytest.approx(
         lbl["llm"]["cost_per_1k_usd"] / eff["cost_per_1k_usd"])
-    plan = res["plan"]
+    plan = res.plan
     assert plan["migrating_clusters"] == ["c0"]
     assert plan["measured"]["calls"]["share"] == pytest.approx(LABELS / (LABELS + TEXTS))
     assert plan["measured"]["tokens"]["share"] == pytest.approx(LABELS * 42 / (LABELS * 42 + TEXTS * 75))
@@ -188,16 +188,16 @@ def test_evaluate_end_to_end(two_cluster_ws):
     assert plan["estimate"]["call_share"] == 0.6667
     # stored for report and refine
     latest = json.loads(ws.path("evals", "latest.json").read_text())
-    assert latest["run"] == res["run"]
-    run_dir = ws.path("evals", res["run"])
+    assert latest["run"] == res.run
+    run_dir = ws.path("evals", res.run)
     assert (run_dir / "results.json").exists()
     preds = [json.loads(line) for line in (run_dir / "predictions" / "c0.jsonl").read_text().splitlines()]
     assert {p["variant"] for p in preds} == {"base", "icl", "finetuned"}
     assert all(p["prediction"]["content"] == "refund" for p in preds if p["variant"] == "finetuned")
     assert ws.manifest("evaluate")["counts"] == {"clusters": 2, "migrate": 1, "test_calls": 12}
     # unchanged inputs: the stored run is returned without generating again
-    again = E.evaluate(ws, cfg, embedder=HashEmbedder(), progress=False)
-    assert again["run"] == res["run"] and again.get("skipped_unchanged")
+    again = E.evaluate(ws, cfg, embedder=HashEmbedder())
+    assert again.run == res.run and again.skipped_unchanged
 
 
 def test_cli_gate_exit_codes(two_cluster_ws, tmp_path, monkeypatch, capsys):
@@ -253,7 +253,7 @@ def test_a_copied_workspace_still_serves_and_reports(two_cluster_ws, tmp_path):
 
     ws, base, *_ = two_cluster_ws
     E.evaluate(ws, EvaluateConfig(model=str(base), embedder="hash", batch_size=4, device="cpu"),
-               embedder=HashEmbedder(), progress=False)
+               embedder=HashEmbedder())
     stored = [r["adapter"] for r in json.loads(ws.path("evals", "latest.json").read_text())["clusters"]]
     assert "adapters/c0/tiny-llama" in stored
     copy = Workspace.open(shutil.copytree(ws.root, tmp_path / "moved"), create=False)
@@ -263,7 +263,7 @@ def test_a_copied_workspace_still_serves_and_reports(two_cluster_ws, tmp_path):
     engine = SlmEngine(deployments, device="cpu")  # loads the base and the copied adapter
     assert engine.deployments
     html = report(copy, out=tmp_path / "report.html")
-    assert "route ticket" in Path(html["html"]).read_text()
+    assert "route ticket" in Path(html.html).read_text()
 
 
 # --- the judge through a real HTTP endpoint ----------------------------------------------------------------
@@ -384,7 +384,7 @@ def test_bfcl_prepare_makes_a_workspace_finetune_and_evaluate_read(tmp_path):
 
     cfg = Config()
     cfg.probe.fewshot_calls = 0
-    measured = probe(ws, cfg)["clusters"][0]["measured"]
+    measured = probe(ws, cfg).clusters[0]["measured"]
     assert measured["probe"] == "neighbour" and measured["n"] == info["splits"]["validation"] + \
         info["splits"]["test"]
     assert measured["low"] <= measured["score"] <= measured["high"]

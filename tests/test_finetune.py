@@ -224,7 +224,7 @@ def test_lora_layers_adapts_only_the_top_layers(workspace, tiny):
     from safetensors.torch import load_file
 
     fill_workspace(workspace, colour_calls(40), lambda r: "colours")
-    res = finetune(workspace, _config(tiny, lora_layers=1, max_steps=4), progress=False)["adapters"][0]
+    res = finetune(workspace, _config(tiny, lora_layers=1, max_steps=4)).adapters[0]
     assert res["frozen_layers"] == 1  # the tiny model has 2 layers: the bottom one ran once per example
     weights = load_file(str(Path(res["path"]) / "adapter_model.safetensors"))
     assert weights and all(".layers.1." in name for name in weights)
@@ -254,8 +254,8 @@ def _config(tiny, **kw):
 
 def test_finetune_writes_a_loadable_adapter_and_its_records(workspace, tiny):
     fill_workspace(workspace, colour_calls(80), lambda r: "colours")
-    result = finetune(workspace, _config(tiny), progress=False)
-    (res,) = result["adapters"]
+    result = finetune(workspace, _config(tiny))
+    (res,) = result.adapters
     assert res["status"] == "trained" and res["steps"] == 12
     out = Path(res["path"])
     assert out == workspace.path("adapters", "colours", "tiny-llama")
@@ -280,8 +280,8 @@ def test_finetune_writes_a_loadable_adapter_and_its_records(workspace, tiny):
 
     manifest = workspace.manifest("finetune")
     assert manifest["counts"]["trained"] == 1
-    again = finetune(workspace, _config(tiny), progress=False)
-    assert again["adapters"][0]["status"] == "fresh"  # unchanged data and config: nothing to redo
+    again = finetune(workspace, _config(tiny))
+    assert again.adapters[0]["status"] == "fresh"  # unchanged data and config: nothing to redo
 
 
 def test_resume_after_interruption_matches_an_uninterrupted_run(tmp_path, tiny):
@@ -298,14 +298,14 @@ def test_resume_after_interruption_matches_an_uninterrupted_run(tmp_path, tiny):
         fill_workspace(ws, colour_calls(80), lambda r: "colours")
         cfg = _config(tiny, lora_dropout=0.1)  # dropout draws random numbers: the RNG state must resume too
         if name == "interrupted":
-            first = finetune(ws, cfg, progress=False, stop_after=6)
-            assert first["adapters"][0]["status"] == "interrupted"
-            assert first["adapters"][0]["step"] == 6
-            result = finetune(ws, cfg, progress=False, resume=True)
-            assert result["adapters"][0]["resumed_from"] == 6
+            first = finetune(ws, cfg, stop_after=6)
+            assert first.adapters[0]["status"] == "interrupted"
+            assert first.adapters[0]["step"] == 6
+            result = finetune(ws, cfg, resume=True)
+            assert result.adapters[0]["resumed_from"] == 6
         else:
-            result = finetune(ws, cfg, progress=False)
-        runs[name] = (adapter_weights(ws), result["adapters"][0])
+            result = finetune(ws, cfg)
+        runs[name] = (adapter_weights(ws), result.adapters[0])
     (a, ra), (b, rb) = runs["straight"], runs["interrupted"]
     assert ra["history"]["train_loss"] == rb["history"]["train_loss"]
     # Tolerance: CPU float32 kernels are deterministic run to run; allow rounding noise only.
@@ -316,17 +316,16 @@ def test_resume_after_interruption_matches_an_uninterrupted_run(tmp_path, tiny):
 def test_resume_without_checkpoint_or_with_changed_data_is_a_user_error(workspace, tiny):
     fill_workspace(workspace, colour_calls(40), lambda r: "colours")
     with pytest.raises(SlmigrateError, match="no checkpoint"):
-        finetune(workspace, _config(tiny), progress=False, resume=True)
-    finetune(workspace, _config(tiny), progress=False, stop_after=5)
+        finetune(workspace, _config(tiny), resume=True)
+    finetune(workspace, _config(tiny), stop_after=5)
     with pytest.raises(SlmigrateError, match="changed since the checkpoint"):
-        finetune(workspace, _config(tiny, lr=1e-3), progress=False, resume=True)
+        finetune(workspace, _config(tiny, lr=1e-3), resume=True)
 
 
 def test_early_stopping_keeps_the_best_validation_weights(workspace, tiny):
     fill_workspace(workspace, colour_calls(80), lambda r: "colours")
     # A learning rate this high diverges after a few steps, so validation loss stops improving.
-    res = finetune(workspace, _config(tiny, lr=0.5, max_steps=40, eval_every=2, patience=2),
-                   progress=False)["adapters"][0]
+    res = finetune(workspace, _config(tiny, lr=0.5, max_steps=40, eval_every=2, patience=2)).adapters[0]
     assert res["stopped_early"] and res["steps"] < 40
     assert res["best_val_loss"] == pytest.approx(min(res["history"]["val_loss"]), abs=1e-4)
 
@@ -383,7 +382,7 @@ def test_stop_when_exact_ends_training_once_validation_answers_are_reproduced(tm
     for stop in (True, False):
         torch.manual_seed(0)
         history, best = loop.train(Table(), train, val, _settings(total_steps=60, lr=0.5, stop_when_exact=stop),
-                                   tmp_path / str(stop), progress=False)
+                                   tmp_path / str(stop))
         if stop:
             assert history.stop_reason == "exact" and history.stopped_early and history.steps[-1] < 60
             assert history.val_exact[-1] == 1.0 and 1.0 not in history.val_exact[:-1]
@@ -398,7 +397,7 @@ def test_static_prefix_pruning_reports_the_saving(workspace, tiny):
     for i, c in enumerate(calls):
         c["request"]["messages"][0]["content"] += f" Ticket {i}."
     fill_workspace(workspace, calls, lambda r: "colours")
-    res = finetune(workspace, _config(tiny, prune_static_prefix=True, max_steps=2), progress=False)["adapters"][0]
+    res = finetune(workspace, _config(tiny, prune_static_prefix=True, max_steps=2)).adapters[0]
     out = Path(res["path"])
     prefix = (out / "static_prefix.txt").read_text()
     assert prefix.startswith("You are the colour desk") and prefix.endswith("Ticket ")  # the number varies
@@ -416,7 +415,7 @@ def test_a_fixed_tool_list_is_pruned_with_the_prefix(workspace, tiny):
     for c in calls:
         c["request"]["tools"] = tools
     fill_workspace(workspace, calls, lambda r: "colours")
-    res = finetune(workspace, _config(tiny, prune_static_prefix=True, max_steps=2), progress=False)["adapters"][0]
+    res = finetune(workspace, _config(tiny, prune_static_prefix=True, max_steps=2)).adapters[0]
     out = Path(res["path"])
     assert [t["function"]["name"] for t in json.loads((out / "static_tools.json").read_text())] == \
         ["paint_red", "paint_green", "paint_blue"]
@@ -428,19 +427,19 @@ def test_a_fixed_tool_list_is_pruned_with_the_prefix(workspace, tiny):
 def test_bad_requests_are_user_errors(workspace, tiny):
     fill_workspace(workspace, colour_calls(20), lambda r: "colours")
     with pytest.raises(SlmigrateError, match="unknown cluster"):
-        finetune(workspace, _config(tiny), clusters=["nope"], progress=False)
+        finetune(workspace, _config(tiny), clusters=["nope"])
     with pytest.raises(SlmigrateError, match="select"):
-        finetune(workspace, _config(tiny), selected=True, progress=False)
+        finetune(workspace, _config(tiny), selected=True)
     import torch
 
     if not torch.cuda.is_available():
         with pytest.raises(SlmigrateError, match="qlora needs a CUDA GPU"):
-            finetune(workspace, _config(tiny, method="qlora"), progress=False)
+            finetune(workspace, _config(tiny, method="qlora"))
 
 
 def test_full_finetuning_saves_a_whole_model(workspace, tiny):
     fill_workspace(workspace, colour_calls(40), lambda r: "colours")
-    res = finetune(workspace, _config(tiny, method="full", max_steps=3, lr=1e-3), progress=False)["adapters"][0]
+    res = finetune(workspace, _config(tiny, method="full", max_steps=3, lr=1e-3)).adapters[0]
     out = Path(res["path"])
     assert (out / "config.json").exists() and (out / "model.safetensors").exists()
     assert (out / "tokenizer.json").exists() and not (out / "adapter_config.json").exists()
@@ -465,8 +464,7 @@ def test_cli_finetune_json(workspace, tiny, capsys):
 @pytest.mark.parametrize("method", ["lora", "qlora"])
 def test_cuda_bf16_and_qlora_train(workspace, tiny, method):
     fill_workspace(workspace, colour_calls(80), lambda r: "colours")
-    res = finetune(workspace, _config(tiny, device="cuda", method=method, max_steps=8, lr=1e-3),
-                   progress=False)["adapters"][0]
+    res = finetune(workspace, _config(tiny, device="cuda", method=method, max_steps=8, lr=1e-3)).adapters[0]
     assert res["status"] == "trained" and res["history"]["train_loss"][-1] < res["history"]["train_loss"][0]
     cfg = json.loads((Path(res["path"]) / "finetune_config.json").read_text())
     assert cfg["resolved"]["dtype"] == "bfloat16"
@@ -527,7 +525,7 @@ def test_real_smollm2_learns_a_narrow_task(workspace):
     base_score = _exact_match(base, tokenizer, test)
 
     config = FinetuneConfig(device="cpu", epochs=3, lr=1e-3, batch_tokens=512, prune_static_prefix=True)
-    res = finetune(workspace, config, progress=False)["adapters"][0]
+    res = finetune(workspace, config).adapters[0]
     assert res["status"] == "trained" and res["prefix_tokens_saved"] > 0
     prefix = (Path(res["path"]) / "static_prefix.txt").read_text()
     tuned = PeftModel.from_pretrained(base, res["path"])
@@ -544,13 +542,16 @@ def test_the_bar_ends_where_early_stopping_ended_training(tmp_path, capsys, monk
     import torch
 
     from slmigrate.finetune import loop
+    from slmigrate.progress import Bars
 
     Table = _successor_table()
 
     data = _successor_examples()
     torch.manual_seed(0)
-    history, _ = loop.train(Table(), data * 3, data[8:], _settings(total_steps=60, lr=0.5, stop_when_exact=True),
-                            tmp_path, progress=True, label="c1")
+    with Bars(transient=False) as bars:  # what the CLI hands the stage
+        history, _ = loop.train(Table(), data * 3, data[8:],
+                                _settings(total_steps=60, lr=0.5, stop_when_exact=True), tmp_path, progress=bars,
+                                label="c1")
     last = history.steps[-1]
     assert history.stopped_early and last < 60
     err = capsys.readouterr().err

@@ -74,8 +74,8 @@ def _rank_main(ws_dir: str, model_dir: str, record_dir: str) -> None:
     loop.train = train
     ws = Workspace.open(Path(ws_dir))
     # No validation-based best state: the weights compared are the trained ones, identical on both ranks.
-    result = finetune(ws, _config(model_dir, max_steps=10, eval_every=100, checkpoint_every=4), progress=False)
-    assert result["adapters"][0]["status"] == "trained", result
+    result = finetune(ws, _config(model_dir, max_steps=10, eval_every=100, checkpoint_every=4))
+    assert result.adapters[0]["status"] == "trained", result
 
 
 def _accelerate() -> list[str]:

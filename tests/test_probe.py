@@ -98,7 +98,7 @@ def test_neighbour_probe_separates_a_predictable_task_from_a_random_one(tmp_path
     cfg = Config()
     cfg.probe.fewshot_calls = 0
     result = probe(ws, cfg)
-    tasks = {t["cluster"]: t for t in result["clusters"]}
+    tasks = {t["cluster"]: t for t in result.clusters}
     fruit, coin = tasks["fruit"]["neighbour"], tasks["coin"]["neighbour"]
     # Held-out calls only: validation + test, 40 of 200 per task; the pool is the 160 train calls.
     assert tasks["fruit"]["held_out_calls"] == 40 and tasks["fruit"]["train_calls"] == 160
@@ -107,11 +107,11 @@ def test_neighbour_probe_separates_a_predictable_task_from_a_random_one(tmp_path
     assert tasks["fruit"]["replaceable"] and not tasks["coin"]["replaceable"]
     assert tasks["fruit"]["fewshot"]["skipped"] and "turned off" in tasks["fruit"]["fewshot"]["reason"]
     assert tasks["fruit"]["lora"]["skipped"]
-    overall = result["overall"]
+    overall = result.overall
     assert overall["replaceable_clusters"] == ["fruit"]
     assert overall["calls_share"] == {"value": 0.5, "low": 0.5, "high": 0.5}
     assert overall["cost_share"]["value"] == 0.75
-    assert probe(ws, cfg)["skipped"]  # unchanged: not measured again
+    assert probe(ws, cfg).skipped  # unchanged: not measured again
 
 
 @pytest.mark.slow
@@ -125,7 +125,7 @@ def test_lora_probe_trains_in_memory_and_scores_held_out_calls(tmp_path):
     cfg.probe.lora, cfg.probe.lora_steps, cfg.probe.lora_test_calls = "on", 4, 6
     cfg.probe.lora_train_calls, cfg.probe.lora_clusters = 32, ["fruit"]
     cfg.finetune.device = "cpu"
-    tasks = {t["cluster"]: t for t in probe(ws, cfg)["clusters"]}
+    tasks = {t["cluster"]: t for t in probe(ws, cfg).clusters}
     lora = tasks["fruit"]["lora"]
     assert not lora.get("skipped"), lora
     assert lora["n"] == 6 and lora["steps"] == 4 and lora["train_calls"] == 32 and lora["method"] == "lora"
@@ -133,7 +133,7 @@ def test_lora_probe_trains_in_memory_and_scores_held_out_calls(tmp_path):
     assert "lora_clusters" in tasks["coin"]["lora"]["reason"]
     assert not list(ws.path("adapters").rglob("*.safetensors"))  # in memory only
     cfg.probe.lora = "off"
-    assert "turned off" in probe(ws, cfg)["clusters"][0]["lora"]["reason"]  # settings changed: measured again
+    assert "turned off" in probe(ws, cfg).clusters[0]["lora"]["reason"]  # settings changed: measured again
 
 
 def test_no_held_out_call_is_its_own_neighbour(tmp_path):

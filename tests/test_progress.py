@@ -1,4 +1,4 @@
-"""The one progress bar (slmigrate.progress.Bars): what the CLI and the stages draw through."""
+"""The one progress bar (slmigrate.progress.Bars) the CLI draws with, and the protocol stages report through."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import io
 
 from rich.console import Console
 
-from slmigrate.progress import Bars, progress_bar
+from slmigrate.progress import Bars, counter
 
 
 def _console() -> tuple[Console, io.StringIO]:
@@ -44,10 +44,25 @@ def test_disabled_or_silent_passes_draw_nothing():
     assert out.getvalue() == ""
 
 
-def test_progress_bar_counts_what_advance_reports():
-    shown = progress_bar(True, "embedding", 10)
-    with shown as advance:
-        advance(4)
-        advance(6)
-    assert shown.bars.enabled and shown.done == 10
-    assert not progress_bar(True, "few", 10, min_total=100).bars.enabled  # too short a pass for a bar
+def test_a_report_with_a_note_ends_the_pass_as_end_does():
+    """The protocol's way to say "stopped early" (a stage has no ``Bars.end`` to call)."""
+    console, out = _console()
+    with Bars(console=console, transient=False) as bars:
+        bars("finetune", 30, 48)
+        bars("finetune", 30, 30, note="stopped early: patience")
+        bars("eval", 2, 2, note="nothing left")  # a pass whose first report is its last
+    text = out.getvalue()
+    assert "finetune (stopped early: patience)" in text and "30/30" in text and "/48" not in text
+    assert "eval (nothing left)" in text
+
+
+def test_counter_reports_running_counts_and_nothing_without_a_callback():
+    seen = []
+    advance = counter(lambda what, done, total, **fields: seen.append((what, done, total)), "embedding", 10)
+    advance(4)
+    advance(6)
+    assert seen == [("embedding", 0, 10), ("embedding", 4, 10), ("embedding", 10, 10)]
+    seen.clear()
+    counter(lambda *a, **k: seen.append(a), "few", 10, min_total=100)(10)  # too short a pass to report
+    counter(None, "none", 10)(10)
+    assert seen == []

@@ -169,9 +169,9 @@ def test_ray_engine_gives_the_local_results(tmp_path):
     assert main(["curate", "--workspace", str(ws.root), "--engine", "ray", "--workers", "2", "--force",
                  "--json"]) == 0
     ray_report = curated.load_report(ws)
-    assert ray_report["version"] != local["version"]
+    assert ray_report["version"] != local.version
     ray_rows = _curated_rows(ws)
-    assert local["entities"] and local["calls_out"] > 100  # the comparison is about real scrubbing
+    assert local.entities and local.calls_out > 100  # the comparison is about real scrubbing
     assert ray_rows == local_rows
     for key in ("dropped", "splits", "sessions", "entities", "distinct_texts_analysed", "examples"):
         assert ray_report[key] == local[key], key

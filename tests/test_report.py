@@ -252,7 +252,7 @@ def test_empty_workspace_says_what_to_run(workspace, tmp_path):
     info = report(workspace, out=tmp_path / "r.html", config=Config())
     html = (tmp_path / "r.html").read_text()
     md = (tmp_path / "r.md").read_text()
-    assert info["sections_present"] == 0 and info["charts"] == []
+    assert info.sections_present == 0 and info.charts == []
     for command in ("slmigrate collect import FILE", "slmigrate curate", "slmigrate cluster", "slmigrate select",
                     "slmigrate finetune", "slmigrate evaluate"):
         assert f"run <code>{command}</code>" in html
@@ -267,7 +267,7 @@ def test_calls_only_shows_cost_by_model_and_escapes(workspace, tmp_path):
     info = report(workspace, out=tmp_path / "r.html", config=Config())
     html = (tmp_path / "r.html").read_text()
     assert "&lt;b&gt;evil&lt;/b&gt;" in html and "<b>evil</b>" not in html
-    present = {s["id"]: s["present"] for s in info["sections"]}
+    present = {s["id"]: s["present"] for s in info.sections}
     assert present["overview"] and not present["map"]
     # gpt-4.1 at $2 / $8 per million tokens, priced from the store's usage.
     expected = sum(Config().prices.cost(c.model, c.prompt_tokens, c.completion_tokens) for c in calls)
@@ -304,13 +304,13 @@ def test_report_renders_in_chromium_with_every_chart(workspace, tmp_path):
     populate(workspace)
     out = tmp_path / "report.html"
     info = report(workspace, out=out, config=Config())
-    assert len(info["charts"]) >= 5
+    assert len(info.charts) >= 5
     OUT.mkdir(parents=True, exist_ok=True)
     result = render_in_chromium(out, OUT / "report-fixture.png")
     assert result["errors"] == []
     assert [r for r in result["requests"] if not r.startswith(("file:", "data:"))] == []
     by_name = {c["name"]: c for c in result["charts"]}
-    assert sorted(by_name) == sorted(info["charts"])
+    assert sorted(by_name) == sorted(info.charts)
     assert all(c["ok"] for c in result["charts"]), result["charts"]
     assert result["missing"] == []
     assert (OUT / "report-fixture.png").stat().st_size > 20_000

@@ -108,10 +108,10 @@ def test_curate_streams_with_pii_off(workspace, calls):
     workspace.store.insert_calls(some + some[:20])  # the repeats are kept by the store? then curate drops them
     report = curate(workspace, CurateConfig(pii="off"))
     stored = workspace.store.count_calls()
-    assert report["calls_in"] == stored
+    assert report.calls_in == stored
     kept = curated.load_curated(workspace)
-    assert report["calls_out"] == len(kept) == stored - sum(report["dropped"].values())
-    assert sum(report["splits"].values()) == len(kept)
+    assert report.calls_out == len(kept) == stored - sum(report.dropped.values())
+    assert sum(report.splits.values()) == len(kept)
     assert [c.id for c in kept] == sorted(c.id for c in kept)  # store order (ids are time-sortable)
     by_id = {c.id: c for c in some}
     assert all(k.request == by_id[k.id].request for k in kept)  # --pii off: unchanged

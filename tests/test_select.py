@@ -36,7 +36,7 @@ def ws(workspace):
 
 def _all_reasoned(result):
     names = {e.name for e in catalog.load().values()}
-    for c in result["clusters"]:
+    for c in result.clusters:
         seen = [r["name"] for r in c["candidates"]] + [r["name"] for r in c["rejected"]]
         assert sorted(seen) == sorted(names), c["cluster"]  # every model is either chosen or rejected
         for r in c["candidates"] + c["rejected"]:
@@ -47,8 +47,8 @@ def test_cpu_only_picks_only_models_that_fit_24_gib_for_lora(ws):
     result = select(ws, SelectConfig(cpu_only=True, license="any", top=5))
     entries = catalog.load()
     _all_reasoned(result)
-    assert result["hardware"] == {"device": "cpu", "memory_gib": 24.0, "policy": "LoRA fp32 on CPU"}
-    for c in result["clusters"]:
+    assert result.hardware == {"device": "cpu", "memory_gib": 24.0, "policy": "LoRA fp32 on CPU"}
+    for c in result.clusters:
         assert c["candidates"], c
         for r in c["candidates"]:
             fp = entries[r["name"]].footprint(c["seq_len"])
@@ -58,7 +58,7 @@ def test_cpu_only_picks_only_models_that_fit_24_gib_for_lora(ws):
         big = {r["name"]: r["reason"] for r in c["rejected"] if entries[r["name"]].params > 7e9}
         assert big and all("GiB" in why for why in big.values())
     # long agent prompts exceed SmolLM2's 8K window; the short intent cluster does not
-    by_id = {c["cluster"]: c for c in result["clusters"]}
+    by_id = {c["cluster"]: c for c in result.clusters}
     telecom = {r["name"]: r["reason"] for r in by_id["2"]["rejected"]}
     assert "context window 8,192 < p95 prompt + completion 9,251 tokens" in telecom["smollm2-135m-instruct"]
     assert "smollm2-135m-instruct" not in {r["name"] for r in by_id["3"]["rejected"]
@@ -69,14 +69,14 @@ def test_gpu_80_admits_7_to_8b_models_and_small_gpus_use_qlora(ws):
     entries = catalog.load()
     result = select(ws, SelectConfig(gpu_memory_gb=80, license="any", top=30), force=True)
     _all_reasoned(result)
-    airline = result["clusters"][0]
+    airline = result.clusters[0]
     admitted = {r["name"]: r for r in airline["candidates"]}
     large = [n for n in admitted if 7e9 <= entries[n].params <= 8.5e9]
     assert len(large) >= 4  # mistral-7b, qwen2.5-7b, llama-3.1-8b, granite-8b, xlam-8b
     assert all(admitted[n]["train_memory_gib"] <= 80 for n in large)
     # 12 GB: the 7-8B models only get in through QLoRA on 4-bit weights
     small_gpu = select(ws, SelectConfig(gpu_memory_gb=12, license="any", top=30), force=True)
-    got = {r["name"]: r for r in small_gpu["clusters"][3]["candidates"]}
+    got = {r["name"]: r for r in small_gpu.clusters[3]["candidates"]}
     for name in ("qwen2.5-7b-instruct", "llama-3.1-8b-instruct", "mistral-7b-instruct-v0.3"):
         assert got[name]["method"] == "qlora" and "QLoRA 4-bit needs" in got[name]["reason"]
     assert got["qwen2.5-0.5b-instruct"]["method"] == "lora"
@@ -85,14 +85,14 @@ def test_gpu_80_admits_7_to_8b_models_and_small_gpus_use_qlora(ws):
 def test_licence_policy_and_max_params(ws):
     result = select(ws, SelectConfig(cpu_only=True, license="permissive", max_params=2e9, top=30))
     entries = catalog.load()
-    for c in result["clusters"]:
+    for c in result.clusters:
         for r in c["candidates"]:
             assert entries[r["name"]].permissive and entries[r["name"]].params <= 2e9
         reasons = {r["name"]: r["reason"] for r in c["rejected"]}
         assert "licence CC-BY-NC-4.0 (no commercial use)" in reasons["xlam-2-1b-fc-r"]
         assert "> --max-params" in reasons["phi-4-mini-instruct"]
     only = select(ws, SelectConfig(cpu_only=True, license="MIT,apache-2.0", top=30), force=True)
-    assert {entries[r["name"]].license for c in only["clusters"] for r in c["candidates"]} <= {"MIT", "Apache-2.0"}
+    assert {entries[r["name"]].license for c in only.clusters for r in c["candidates"]} <= {"MIT", "Apache-2.0"}
     with pytest.raises(SlmigrateError, match="unknown licence"):
         select(ws, SelectConfig(license="GPL-9"), force=True)
     with pytest.raises(SlmigrateError, match="contradict"):
@@ -101,8 +101,8 @@ def test_licence_policy_and_max_params(ws):
 
 def test_ranking_follows_the_task(ws):
     result = select(ws, SelectConfig(gpu_memory_gb=80, license="any", top=30))
-    by_id = {c["cluster"]: c for c in result["clusters"]}
-    for c in result["clusters"]:
+    by_id = {c["cluster"]: c for c in result.clusters}
+    for c in result.clusters:
         scores = [r["score"] for r in c["candidates"]]
         assert scores == sorted(scores, reverse=True) and [r["rank"] for r in c["candidates"]] == list(
             range(1, len(scores) + 1))
@@ -128,23 +128,23 @@ def test_selection_is_saved_with_manifest_and_rerun_is_skipped(ws):
     assert saved["clusters"][0]["choice_reason"] == "rank 1, weights local"
     assert saved["config"]["cpu_only"] is True and ws.manifest("select")["counts"]["clusters"] == 5
     again = select(ws, SelectConfig(cpu_only=True), weights_of=everywhere)
-    assert again["fresh"] is True and again["created"] == first["created"]
+    assert again.fresh is True and again.to_dict()["created"] == first.to_dict()["created"]
     changed = select(ws, SelectConfig(cpu_only=True, top=1), weights_of=everywhere)
-    assert changed["fresh"] is False and all(len(c["candidates"]) <= 1 for c in changed["clusters"])
+    assert changed.fresh is False and all(len(c["candidates"]) <= 1 for c in changed.clusters)
 
 
 def test_workspace_catalog_entry_takes_part(ws):
     ws.path("catalog.json").write_text(json.dumps([
         {"name": "qwen2.5-0.5b-instruct", "scores": {"bfcl": {"value": 90.0, "source": "https://example.org/x"}}}]))
     result = select(ws, SelectConfig(cpu_only=True, license="any"), weights_of=lambda name: "hub")
-    assert result["clusters"][0]["choice"] == "qwen2.5-0.5b-instruct"
-    assert "BFCL 90" in result["clusters"][0]["candidates"][0]["reason"]
+    assert result.clusters[0]["choice"] == "qwen2.5-0.5b-instruct"
+    assert "BFCL 90" in result.clusters[0]["candidates"][0]["reason"]
 
 
 def test_choice_falls_back_to_a_model_whose_weights_are_here(ws):
     offline = {"smollm2-135m-instruct": "builtin"}.get  # the offline machine: only the built-in GGUF
     result = select(ws, SelectConfig(cpu_only=True, license="any", top=2), weights_of=offline)
-    by_id = {c["cluster"]: c for c in result["clusters"]}
+    by_id = {c["cluster"]: c for c in result.clusters}
     intent = by_id["3"]  # SmolLM2 is in the top 2 for the label task
     assert intent["choice"] == "smollm2-135m-instruct"
     extract = by_id["4"]
@@ -162,7 +162,7 @@ def test_choice_falls_back_to_a_model_whose_weights_are_here(ws):
     # a fallback beyond --top is added to the candidates and leaves the rejections
     narrow = select(ws, SelectConfig(cpu_only=True, license="any", top=1), weights_of=offline, force=True)
     fallbacks = 0
-    for c in narrow["clusters"]:
+    for c in narrow.clusters:
         if c["choice"] == "smollm2-135m-instruct" and c["candidates"][0]["name"] != c["choice"]:
             assert c["candidates"][-1]["fallback"] is True and len(c["candidates"]) == 2
             assert "smollm2-135m-instruct" not in {r["name"] for r in c["rejected"]}
@@ -174,7 +174,7 @@ def test_reads_the_cluster_stage_token_layout(workspace):
     workspace.path("clusters", "clusters.json").write_text(json.dumps({"clusters": [
         {"id": "c3", "group": "airline", "output_kind": "tool_call", "size": 40,
          "prompt_tokens": {"total": 1, "p50": 4000, "p95": 9000}, "completion_tokens": {"p50": 50, "p95": 120}}]}))
-    (c,) = select(workspace, SelectConfig(cpu_only=True))["clusters"]
+    (c,) = select(workspace, SelectConfig(cpu_only=True)).clusters
     assert c["seq_len"] == 9120 and c["tokens_known"] and c["label"] == "airline"
 
 
@@ -209,14 +209,14 @@ def test_probe_scores_blend_into_the_ranking(ws):
     result = select(ws, SelectConfig(cpu_only=True, license="any", top=3, probe=4), probe_runner=fake_probe,
                     weights_of=lambda name: "local")
     assert len(seen) == 5 and all(n == 4 and len(names) == 3 for _, names, n in seen)
-    for c, (_, names, _) in zip(result["clusters"], seen):
+    for c, (_, names, _) in zip(result.clusters, seen):
         probed = {r["name"]: r for r in c["candidates"]}[names[-1]]
         assert probed["score"] == round(0.5 * probed["published_score"] + 50.0, 2)
         assert "probe on 4 calls (exact): zero-shot 0.50, few-shot 1.00" in probed["reason"]
         assert {r["name"]: r for r in c["candidates"]}[names[0]]["probe"]["skipped"] is True
         assert c["choice"] == c["candidates"][0]["name"]
         assert [r["rank"] for r in c["candidates"]] == [1, 2, 3]
-    assert "blended" in result["probe"]
+    assert "blended" in result.probe
 
 
 def test_probe_without_curated_calls_is_a_clear_error(ws):
@@ -249,7 +249,7 @@ def test_probe_runs_the_offline_smollm2_on_validation_calls(workspace):
         {"id": "1", "label": "intent", "output_kind": "label", "size": 16,
          "prompt_tokens": {"p95": 150}, "completion_tokens": {"p95": 5}}]}))
     result = select(workspace, SelectConfig(cpu_only=True, top=2, probe=2, max_params=4e8))
-    cands = {r["name"]: r for r in result["clusters"][0]["candidates"]}
+    cands = {r["name"]: r for r in result.clusters[0]["candidates"]}
     probed = cands["smollm2-135m-instruct"]["probe"]
     assert probed["calls"] == 2 and probed["metric"] == "label_exact"
     # exact match on 2 calls: each score is 0, 1/2 or 1 (a score averaged over anything else is a wrong count)

@@ -275,7 +275,7 @@ def test_fast_path_agrees_with_the_embedding_path_on_real_minilm(tmp_path):
     import_calls(ws, [logs["train"]])
     config = load_config(None, {"curate": {"pii": "off"}, "cluster": {"map": False}})
     curate(ws, config.curate)
-    cluster(ws, config, progress=False)
+    cluster(ws, config)
     model = ClusterModel.load(ws)
     assert model.signatures, "the narrow tasks' prompts should be unambiguous"
     live = [json.loads(line) for line in logs["live"].read_text().splitlines()]

@@ -241,10 +241,10 @@ def test_stages_on_postgres_match_sqlite(pg_url, tmp_path, monkeypatch):
         ws = Workspace.open(tmp_path / name, store=store)
         assert ws.store.insert_calls([CallRecord(**c.__dict__) for c in calls]) == (len(calls), 0)
         curate(ws, CurateConfig(pii="off"))
-        body = cluster(ws, Config(cluster=hash_cfg()), progress=False)
+        body = cluster(ws, Config(cluster=hash_cfg()))
         results[name] = (
             [(r.id, r.messages, r.split) for r in curated.load_curated(ws)],
-            [c["size"] for c in body["clusters"]],
+            [c["size"] for c in body.clusters],
             ws.store.clusters_of(),
             {k: v for k, v in status(ws).items() if k not in {"workspace", "stages"}},
         )

@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Optional
+from typing import TYPE_CHECKING, Annotated, Optional
 
 import typer
 from rich.table import Table
 
 from slmigrate import artifacts
 from slmigrate.cli._app import (
-    ConfigOpt, ForceOpt, JsonOpt, RayAddressOpt, WorkspaceOpt, app, console, open_workspace, print_json,
+    ConfigOpt, ForceOpt, JsonOpt, RayAddressOpt, WorkspaceOpt, app, console, err_console, open_workspace,
+    print_json,
 )
+
+if TYPE_CHECKING:
+    from slmigrate.cluster import ClusterResult
 
 
 @app.command("cluster")
@@ -62,10 +66,13 @@ def cluster_cmd(
         # Asking for JSON is asking for the result: show what is there instead of clustering again (--force).
         print_json(_stored(ws, dict(stored), cfg.cluster.model_dump()))
         return
-    result = cluster(ws, cfg, force=force, progress=not json_out)
     if json_out:
-        print_json(result)
+        print_json(cluster(ws, cfg, force=force).to_dict())
         return
+    from slmigrate.progress import Bars
+
+    with Bars(console=err_console) as bars:
+        result = cluster(ws, cfg, force=force, progress=bars)
     _print(ws, result)
 
 
@@ -77,23 +84,23 @@ def _stored(ws, result: dict, settings: dict) -> dict:
     return result
 
 
-def _print(ws, result: dict) -> None:
-    table = Table(title=f"{len(result['clusters'])} tasks in {result['calls']:,} calls"
-                        + (" (unchanged, not re-run)" if result.get("skipped") else ""), title_justify="left")
+def _print(ws, result: ClusterResult) -> None:
+    table = Table(title=f"{len(result.clusters)} tasks in {result.calls:,} calls"
+                        + (" (unchanged, not re-run)" if result.skipped else ""), title_justify="left")
     for col in ("cluster", "label", "kind", "calls", "share", "cost $", "prompt p50/p95", "compl. p50/p95",
                 "replaceable"):
         table.add_column(col, justify="left" if col in ("cluster", "label", "kind") else "right")
-    for c in result["clusters"]:
+    for c in result.clusters:
         p, q = c["prompt_tokens"], c["completion_tokens"]
         score = f"{c['replaceability']:.2f}" + (" [green]yes[/]" if c["likely_replaceable"] else "")
         table.add_row(c["id"], c["label"][:40], c["output_kind"], f"{c['size']:,}", f"{c['share']:.1%}",
                       f"{c['cost_usd']:.2f}", f"{p['p50']}/{p['p95']}", f"{q['p50']}/{q['p95']}", score)
-    u = result["unclustered"]
+    u = result.unclustered
     table.add_row("-", "unclustered (one-off calls)", "", f"{u['size']:,}", f"{u['share']:.1%}",
                   f"{u['cost_usd']:.2f}", "", "", "")
     console.print(table)
-    o = result["overall"]
+    o = result.overall
     console.print(f"Likely replaceable by small models: [bold]{o['call_share']:.0%}[/] of calls, "
                   f"[bold]{o['cost_share']:.0%}[/] of cost ({len(o['replaceable_clusters'])} clusters).")
-    if result.get("map"):
-        console.print(f"Map: {ws.resolve(result['map'])}")
+    if result.map:
+        console.print(f"Map: {ws.resolve(result.map)}")

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import TYPE_CHECKING, Annotated, Optional
 
 import typer
 from rich.table import Table
@@ -12,6 +12,9 @@ from slmigrate.cli._app import (
     ConfigOpt, ForceOpt, JsonOpt, RayAddressOpt, WorkspaceOpt, app, console, err_console, open_workspace,
     print_json,
 )
+
+if TYPE_CHECKING:
+    from slmigrate.curate.run import CurateResult
 
 # The group's help is the callback's docstring, so `slmigrate curate --help` shows the options and an example.
 curate_app = typer.Typer(invoke_without_command=True)
@@ -57,45 +60,42 @@ def curate_cmd(
                                           "ray_address": ray_address}}).curate
     ws = open_workspace(workspace, create=False)
     if json_out:
-        report = curate(ws, cfg, force=force)
-    else:
-        from slmigrate.progress import Bars
-
-        with Bars(console=err_console, label="{task.description:>8}") as bars:
-            report = curate(ws, cfg, progress=bars, force=force)
-    if json_out:
-        print_json(report)
+        print_json(curate(ws, cfg, force=force).to_dict())
         return
+    from slmigrate.progress import Bars
+
+    with Bars(console=err_console, label="{task.description:>8}") as bars:
+        report = curate(ws, cfg, progress=bars, force=force)
     _print_report(report)
 
 
-def _print_report(report: dict) -> None:
-    if report.get("skipped"):
-        console.print(f"Curated data {report.get('version')} is up to date ({report.get('skip_reason')}); "
+def _print_report(report: CurateResult) -> None:
+    if report.skipped:
+        console.print(f"Curated data {report.version} is up to date ({report.skip_reason}); "
                       "nothing to do. Use --force to run anyway.")
         return
-    console.print(f"Curated [bold]{report['version']}[/]: {report['calls_in']:,} calls in, "
-                  f"{report['calls_out']:,} kept (pii={report['pii']}, {report['duration_s']}s).")
+    console.print(f"Curated [bold]{report.version}[/]: {report.calls_in:,} calls in, "
+                  f"{report.calls_out:,} kept (pii={report.pii}, {report.duration_s}s).")
     table = Table(title="dropped", title_justify="left")
     table.add_column("reason")
     table.add_column("calls", justify="right")
-    for reason, n in report["dropped"].items():
+    for reason, n in report.dropped.items():
         table.add_row(reason, f"{n:,}")
     console.print(table)
     table = Table(title="splits (by session)", title_justify="left")
     for col in ("split", "calls", "sessions"):
         table.add_column(col, justify="left" if col == "split" else "right")
-    for split, n in report["splits"].items():
-        table.add_row(split, f"{n:,}", f"{report['sessions'][split]:,}")
+    for split, n in report.splits.items():
+        table.add_row(split, f"{n:,}", f"{report.sessions[split]:,}")
     console.print(table)
-    if report["entities"]:
+    if report.entities:
         table = Table(title="entities replaced (distinct values per call, summed)", title_justify="left")
         table.add_column("entity")
         table.add_column("count", justify="right")
-        for entity, n in report["entities"].items():
+        for entity, n in report.entities.items():
             table.add_row(entity, f"{n:,}")
         console.print(table)
-    for ex in report.get("examples") or []:
+    for ex in report.examples or []:
         console.print(f"[dim]example {ex['id']} ({', '.join(ex['entities'])}):[/] {ex['text']!r}", highlight=False)
 
 

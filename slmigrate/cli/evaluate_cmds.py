@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Optional
+from typing import TYPE_CHECKING, Annotated, Optional
 
 import typer
 from rich.table import Table
 
 from slmigrate import artifacts
 from slmigrate.cli._app import ConfigOpt, JsonOpt, WorkspaceOpt, app, console, open_workspace, print_json
+
+if TYPE_CHECKING:
+    from slmigrate.evaluate.run import EvaluateResult
 
 
 def _fmt(value, spec: str = ".3f", none: str = "-") -> str:
@@ -62,27 +65,30 @@ def evaluate(
         if not (judge and judge_model):
             raise SlmigrateError("--judge URL and --judge-model NAME go together; pass both or neither")
         judge_obj = Judge(judge, judge_model, cfg.evaluate.judge_mode)
-    result = run_evaluate(ws, cfg.evaluate, clusters=cluster, judge=judge_obj, prices=cfg.prices, force=force,
-                          progress=not json_out)
+    from slmigrate.progress import Bars
+
+    with Bars(not json_out) as bars:
+        result = run_evaluate(ws, cfg.evaluate, progress=bars, force=force, clusters=cluster, judge=judge_obj,
+                              prices=cfg.prices)
     if json_out:
         from slmigrate.evaluate.run import gate
 
-        print_json({**result, "gate": None if fail_under is None else {
-            "fail_under": fail_under, "failing": gate(result, fail_under)}})
+        print_json({**result.to_dict(), "gate": None if fail_under is None else {
+            "fail_under": fail_under, "failing": gate(result.to_dict(), fail_under)}})
     else:
         show(result)
-    check_gate(result, fail_under)
+    check_gate(result.to_dict(), fail_under)
 
 
-def show(result: dict) -> None:
-    if result.get("skipped_unchanged"):
-        console.print(f"[dim]Nothing changed since run {result['run']}; showing it (use --force to re-run).[/]")
+def show(result: EvaluateResult) -> None:
+    if result.skipped_unchanged:
+        console.print(f"[dim]Nothing changed since run {result.run}; showing it (use --force to re-run).[/]")
     quality = Table(title="quality on held-out test calls (primary metric per variant)", title_justify="left")
     numeric = ("calls", "base", "icl", "finetuned", "threshold", "estimate")
     for col in ("cluster", "kind", "calls", "metric", "base", "icl", "finetuned", "threshold", "decision",
                 "estimate"):
         quality.add_column(col, justify="right" if col in numeric else "left")
-    for r in result["clusters"]:
+    for r in result.clusters:
         v = r["variants"]
         d = r["decision"]
         quality.add_row(
@@ -95,7 +101,7 @@ def show(result: dict) -> None:
     for col in ("cluster", "variant", "p50 ms", "p95 ms", "tok/s", "peak MB", "$/1k calls", "LLM $/1k",
                 "LLM p50 ms", "cost ratio"):
         eff.add_column(col, justify="left" if col in ("cluster", "variant") else "right")
-    for r in result["clusters"]:
+    for r in result.clusters:
         for name, v in r["variants"].items():
             e = v.get("efficiency")
             if not e:
@@ -105,20 +111,20 @@ def show(result: dict) -> None:
                         _fmt(e["cost_per_1k_usd"], ".4f"), _fmt(r["llm"]["cost_per_1k_usd"], ".4f"),
                         _fmt(r["llm"]["latency_p50_ms"], ".0f"), _fmt(e["llm_to_slm_cost_ratio"], ".1f", "-"))
     console.print(eff)
-    for r in result["clusters"]:
+    for r in result.clusters:
         console.print(f"  {r['cluster']}: {r['decision']['reason']}")
-    for s in result.get("skipped", []):
+    for s in result.skipped:
         console.print(f"  [dim]{s['cluster']}: skipped ({s['reason']})[/]")
-    plan = result["plan"]["measured"]
+    plan = result.plan["measured"]
     console.print(
-        f"[bold]Migration plan[/]: {len(result['plan']['migrating_clusters'])} cluster(s) move to small models: "
+        f"[bold]Migration plan[/]: {len(result.plan['migrating_clusters'])} cluster(s) move to small models: "
         f"{plan['calls']['share']:.0%} of calls, {plan['tokens']['share']:.0%} of tokens, "
         f"{plan['cost_usd']['share']:.0%} of LLM cost (measured)."
     )
-    est = result["plan"].get("estimate")
+    est = result.plan.get("estimate")
     if isinstance(est, dict) and "call_share" in est:
         console.print(f"  up-front estimate from `slmigrate cluster`: {est['call_share']:.0%} of calls, "
                       f"{est.get('cost_share', 0):.0%} of cost in {len(est.get('replaceable_clusters', []))} "
                       "likely-replaceable cluster(s)")
-    console.print(f"[dim]results: {artifacts.evaluation_run_file(result['run'])} and "
+    console.print(f"[dim]results: {artifacts.evaluation_run_file(result.run)} and "
                   f"{artifacts.relative_name(artifacts.EVALUATION)}[/]")

@@ -55,16 +55,19 @@ def finetune(
         "stop_when_exact": stop_when_exact,
     }}).finetune
     ws = open_workspace(workspace, create=False)
-    result = run(ws, config, clusters=cluster, selected=selected, resume=resume, force=force,
-                 progress=not json_out)
     if json_out:
-        print_json(result)
+        print_json(run(ws, config, clusters=cluster, selected=selected, resume=resume, force=force).to_dict())
         return
+    from slmigrate.progress import Bars
+
+    # The bars stay when done: each cluster's last loss is worth keeping on screen.
+    with Bars(transient=False, fields={"loss": "loss {}", "tps": "{} tok/s"}) as bars:
+        result = run(ws, config, progress=bars, force=force, clusters=cluster, selected=selected, resume=resume)
     table = Table(title="finetune", title_justify="left")
     for col in ("cluster", "model", "status", "examples", "steps", "best val loss", "tokens/s", "padding",
                 "output"):
         table.add_column(col, justify="right" if col in ("examples", "steps", "tokens/s") else "left")
-    for r in result["adapters"]:
+    for r in result.adapters:
         val = r.get("best_val_loss")
         table.add_row(
             str(r["cluster"]), r.get("model", ""), r["status"], str(r.get("examples", "")), str(r.get("steps", "")),
@@ -73,7 +76,7 @@ def finetune(
             r.get("path") or r.get("reason") or r.get("checkpoints", ""),
         )
     console.print(table)
-    for r in result["adapters"]:
+    for r in result.adapters:
         if r.get("prompts_cut"):
             console.print(f"{r['cluster']}: {r['prompts_cut']} prompt(s) lost old history to fit; "
                           f"{r.get('too_long', 0)} call(s) too long even then were left out")

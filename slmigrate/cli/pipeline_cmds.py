@@ -184,11 +184,11 @@ def report_cmd(
 
     ws = open_workspace(workspace, create=False)
     target = out or ws.path("reports", "report.html")
-    info = report(ws, out=target, markdown=markdown, config=workspace_config(ws, config))
+    info = report(ws, workspace_config(ws, config), out=target, markdown=markdown)
     if json_out:
-        print_json(info)
+        print_json(info.to_dict())
         return
-    console.print(f"Report: [bold]{info['html']}[/]" + (f" and {info['markdown']}" if info.get("markdown") else ""))
-    missing = [s["title"] for s in info["sections"] if not s["present"]]
+    console.print(f"Report: [bold]{info.html}[/]" + (f" and {info.markdown}" if info.markdown else ""))
+    missing = [s["title"] for s in info.sections if not s["present"]]
     if missing:
         console.print(f"[dim]not run yet: {', '.join(missing)}[/]")

@@ -47,14 +47,14 @@ def probe_cmd(
     ws = open_workspace(workspace, create=False)
     result = probe(ws, cfg, force=force)
     if json_out:
-        print_json(result)
+        print_json(result.to_dict())
         return
     table = Table(title="Measured replaceability (95% intervals)" + (" - unchanged, not re-run"
-                  if result.get("skipped") else ""), title_justify="left")
+                  if result.skipped else ""), title_justify="left")
     for col in ("task", "calls", "metric", "prior", "nearest neighbour", "few-shot", "LoRA", "threshold",
                 "replaceable"):
         table.add_column(col, justify="left" if col in ("task", "metric") else "right", overflow="fold")
-    for t in result["clusters"]:
+    for t in result.clusters:
         table.add_row(escape(f"{t['cluster']} {t['label'] or ''}"), f"{t['size']:,}", t["metric"],
                       "" if t["prior"] is None else f"{t['prior']:.2f}", _figure(t["neighbour"]),
                       _figure(t["fewshot"]), _figure(t["lora"]), f"{t['threshold']:.2f}",

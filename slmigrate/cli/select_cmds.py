@@ -73,15 +73,15 @@ def select(
     else:
         result = run_select(ws, cfg.select, force=force)
     if json_out:
-        print_json(result)
+        print_json(result.to_dict())
         return
-    hw = result["hardware"]
+    hw = result.hardware
     console.print(f"Hardware: {hw['memory_gib']:g} GiB {'GPU' if hw['device'] == 'cuda' else 'CPU'} "
-                  f"({hw['policy']}); licences: {result['license_policy']}"
-                  + (" [dim](unchanged since the last run)[/]" if result.get("fresh") else ""))
-    if result.get("probe"):
-        console.print(f"Probe: {result['probe']}")
-    for c in result["clusters"]:
+                  f"({hw['policy']}); licences: {result.license_policy}"
+                  + (" [dim](unchanged since the last run)[/]" if result.fresh else ""))
+    if result.probe:
+        console.print(f"Probe: {result.probe}")
+    for c in result.clusters:
         title = (f"cluster {c['cluster']} {c.get('label') or ''} - {c['output_kind']}, {c.get('size') or '?'} "
                  f"calls, {c['seq_len']:,} tokens p95")
         console.print(f"[bold]{title}[/]")

@@ -20,7 +20,7 @@ from collections.abc import Callable, Sequence
 import numpy as np
 
 from slmigrate.errors import SlmigrateError
-from slmigrate.progress import progress_bar
+from slmigrate.progress import Progress, counter
 
 DIM_MINILM = 384
 # Large enough that the cluster stage on ~100k calls re-reads its own embeddings from the cache when it summarises
@@ -62,8 +62,9 @@ class Embedder:
         self.cache_max = cache_size_from_env(DEFAULT_CACHE) if cache_size is None else max(0, int(cache_size))
         self._cache: OrderedDict[str, np.ndarray] = OrderedDict()
 
-    def encode(self, texts: Sequence[str], *, progress: bool = False, desc: str = "embedding") -> np.ndarray:
-        """L2-normalised embeddings, shape (len(texts), dim), float32; equal texts get identical rows."""
+    def encode(self, texts: Sequence[str], *, progress: Progress | None = None, desc: str = "embedding") -> np.ndarray:
+        """L2-normalised embeddings, shape (len(texts), dim), float32; equal texts get identical rows. A long pass
+        reports ``(desc, texts done, texts to embed)`` to ``progress``."""
         texts = [t if isinstance(t, str) else str(t) for t in texts]
         if not texts:
             return np.zeros((0, self.dim), dtype=np.float32)
@@ -109,7 +110,7 @@ class Embedder:
     def cache_size(self) -> int:
         return len(self._cache)
 
-    def _encode_unique(self, texts: list[str], *, progress: bool, desc: str) -> np.ndarray:
+    def _encode_unique(self, texts: list[str], *, progress: Progress | None, desc: str) -> np.ndarray:
         raise NotImplementedError
 
 
@@ -154,19 +155,19 @@ class MiniLMEmbedder(Embedder):
             self._model.max_seq_length = self.max_seq_length
         return self._model
 
-    def _encode_unique(self, texts: list[str], *, progress: bool, desc: str) -> np.ndarray:
+    def _encode_unique(self, texts: list[str], *, progress: Progress | None, desc: str) -> np.ndarray:
         model = self._load()
         if len(texts) <= DIRECT_MAX_TEXTS:
             return self._encode_direct(model, texts)
         # Shortest first so each batch pads little; results are put back in input order below.
         order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
         out = np.zeros((len(texts), self.dim), dtype=np.float32)
-        with progress_bar(progress, desc, len(texts), min_total=256) as advance:
-            for start in range(0, len(order), self.batch_size):
-                idx = order[start:start + self.batch_size]
-                out[idx] = model.encode([texts[i] for i in idx], batch_size=self.batch_size,
-                                        show_progress_bar=False, convert_to_numpy=True)
-                advance(len(idx))
+        advance = counter(progress, desc, len(texts), min_total=256)
+        for start in range(0, len(order), self.batch_size):
+            idx = order[start:start + self.batch_size]
+            out[idx] = model.encode([texts[i] for i in idx], batch_size=self.batch_size,
+                                    show_progress_bar=False, convert_to_numpy=True)
+            advance(len(idx))
         return out
 
 

@@ -14,6 +14,7 @@ import numpy as np
 
 from slmigrate.cluster.views import OUTPUT_KINDS, TaskView
 from slmigrate.cluster.embed import Embedder
+from slmigrate.progress import Progress
 
 BLOCKS = ("system", "tools", "turn", "answer", "shape")
 # Blocks the router can compute before the model answers (assign() on a request without a response).
@@ -61,7 +62,7 @@ class Layout:
 
 
 def featurize(views: list[TaskView], embedder: Embedder, weights: dict[str, float], *,
-              progress: bool = False) -> tuple[np.ndarray, Layout]:
+              progress: Progress | None = None) -> tuple[np.ndarray, Layout]:
     """Vectors for ``views`` (which should already be distinct), shape (len(views), layout.width)."""
     # System prompts: embed the distinct chunks once, then average per distinct prompt.
     prompts = list(dict.fromkeys(v.system_chunks for v in views))

@@ -22,7 +22,8 @@ from slmigrate.cluster.views import TaskView
 from slmigrate.config import ClusterConfig, Config, PricesConfig
 from slmigrate.cluster.embed import Embedder, get_embedder
 from slmigrate.errors import SlmigrateError
-from slmigrate.progress import progress_bar
+from slmigrate.progress import Progress, counter
+from slmigrate.results import StageOutput
 from slmigrate.record import CallRecord
 from slmigrate.workspace import Workspace, fingerprint_of
 
@@ -33,7 +34,7 @@ DEFAULT_THRESHOLD = {"coarse": 0.6, "fine": 0.55}
 
 
 def cluster_calls(calls: Iterable[CallRecord], cfg: ClusterConfig, prices: PricesConfig | None = None, *,
-                  embedder: Embedder | None = None, progress: bool = False, total: int | None = None,
+                  embedder: Embedder | None = None, progress: Progress | None = None, total: int | None = None,
                   spill_dir: str | Path | None = None,
                   ) -> tuple[dict[str, Any], ClusterModel, list[str | None], dict[str, Any]]:
     """Cluster ``calls`` (any iterable: they are read once, one at a time, and not kept); returns (clusters.json
@@ -41,10 +42,10 @@ def cluster_calls(calls: Iterable[CallRecord], cfg: ClusterConfig, prices: Price
     prices = prices or PricesConfig()
     started = time.time()
     with CallTable(by=cfg.by, task_tag_key=cfg.task_tag_key, prices=prices, spill_dir=spill_dir) as table:
-        with progress_bar(progress and total is not None, "reading calls", total or 0) as advance:
-            for call in calls:
-                table.add(call)
-                advance(1)
+        advance = counter(progress if total is not None else None, "reading calls", total or 0)
+        for call in calls:
+            table.add(call)
+            advance(1)
         result = _cluster_table(table.finish(), cfg, embedder or get_embedder(cfg.embedder), progress)
     result[0]["duration_s"] = round(time.time() - started, 3)
     return result
@@ -73,7 +74,7 @@ class _Fits:
 
 
 def _cluster_table(table: CallTable, cfg: ClusterConfig, embedder: Embedder,
-                   progress: bool) -> tuple[dict[str, Any], ClusterModel, list[str | None], dict[str, Any]]:
+                   progress: Progress | None) -> tuple[dict[str, Any], ClusterModel, list[str | None], dict[str, Any]]:
     weights = WEIGHTS[cfg.granularity]
     threshold = cfg.threshold or DEFAULT_THRESHOLD[cfg.granularity]
     fits = _fit_samples(table, cfg, embedder, weights, threshold, progress)
@@ -109,7 +110,7 @@ def _cluster_table(table: CallTable, cfg: ClusterConfig, embedder: Embedder,
 
 
 def _fit_samples(table: CallTable, cfg: ClusterConfig, embedder: Embedder, weights: dict[str, float],
-                 threshold: float, progress: bool) -> _Fits:
+                 threshold: float, progress: Progress | None) -> _Fits:
     """Step 1: fit each group on a sample, its ``max_points`` distinct views with the smallest content hashes,
     which depends only on the content (shuffled input, same clusters) and is every view when they are few."""
     calls_per_row = np.bincount(table.call_row, minlength=table.n_rows)
@@ -148,25 +149,25 @@ def _fit_samples(table: CallTable, cfg: ClusterConfig, embedder: Embedder, weigh
 
 
 def _assign_rows(table: CallTable, fits: _Fits, model: ClusterModel, cfg: ClusterConfig, embedder: Embedder,
-                 threshold: float, progress: bool) -> _RowPass:
+                 threshold: float, progress: Progress | None) -> _RowPass:
     """Step 2, every row a chunk at a time: the views outside the samples go to the nearest centroid; each row's
     distance to its centroid (the representative), the cluster the router's request path would pick (the
     fast-path check), the keyword documents and the unclustered examples."""
     reading = _RowPass(table.n_rows, len(fits.names), model.layout.request_mask())
     by_group = {grp.index: grp for grp in fits.groups}
-    with progress_bar(progress, "assigning task views", table.n_rows) as advance:
-        for start, views, first_ids in table.iter_rows():
-            rows = np.arange(start, start + len(views))
-            if _on_engine(cfg, embedder):
-                embed_on_engine([v for r, v in zip(rows.tolist(), views) if table.row_group[r] in by_group],
-                                embedder, cfg, False)
-            for g in np.unique(table.row_group[rows]).tolist():
-                if g in by_group:
-                    mine = rows[table.row_group[rows] == g]
-                    reading.place(by_group[g], mine, [views[r - start] for r in mine.tolist()], model,
-                                  fits.row_label, fits.sampled, embedder, threshold, cfg.core_ratio)
-            reading.collect(rows, views, first_ids, fits.row_label)
-            advance(len(views))
+    advance = counter(progress, "assigning task views", table.n_rows)
+    for start, views, first_ids in table.iter_rows():
+        rows = np.arange(start, start + len(views))
+        if _on_engine(cfg, embedder):
+            embed_on_engine([v for r, v in zip(rows.tolist(), views) if table.row_group[r] in by_group],
+                            embedder, cfg)
+        for g in np.unique(table.row_group[rows]).tolist():
+            if g in by_group:
+                mine = rows[table.row_group[rows] == g]
+                reading.place(by_group[g], mine, [views[r - start] for r in mine.tolist()], model,
+                              fits.row_label, fits.sampled, embedder, threshold, cfg.core_ratio)
+        reading.collect(rows, views, first_ids, fits.row_label)
+        advance(len(views))
     return reading
 
 
@@ -241,7 +242,8 @@ def _embed_pass(embedder: Embedder):
     return lambda texts: list(embedder.encode(texts))
 
 
-def embed_on_engine(views: list[TaskView], embedder: Embedder, cfg: ClusterConfig, progress: bool = False) -> None:
+def embed_on_engine(views: list[TaskView], embedder: Embedder, cfg: ClusterConfig,
+                    progress: Progress | None = None) -> None:
     """Embed every distinct text that ``featurize`` will ask for on ``cfg.engine`` and put the vectors in the
     embedder's cache; the fit, which depends on order, then runs here unchanged."""
     import functools
@@ -257,10 +259,9 @@ def embed_on_engine(views: list[TaskView], embedder: Embedder, cfg: ClusterConfi
         if len(todo) < PARALLEL_MIN_TEXTS:
             return  # featurize embeds them in this process
         workers = engines.usable_cpus()
-    with progress_bar(progress, f"embedding ({cfg.engine})", len(todo)) as advance:
-        vectors = engines.map_batches(todo, functools.partial(_embed_pass, embedder), engine=cfg.engine,
-                                      workers=workers, address=cfg.ray_address, batch_size=64,
-                                      progress=advance)
+    vectors = engines.map_batches(todo, functools.partial(_embed_pass, embedder), engine=cfg.engine,
+                                  workers=workers, address=cfg.ray_address, batch_size=64,
+                                  progress=counter(progress, f"embedding ({cfg.engine})", len(todo)))
     embedder.prime(todo, vectors)
 
 
@@ -364,9 +365,24 @@ def _iter_ids(ws: Workspace) -> Iterator[str]:
         yield from part["id"]
 
 
-def cluster(ws: Workspace, config: Config | None = None, *, embedder: Embedder | None = None, force: bool = False,
-            progress: bool = True) -> dict[str, Any]:
-    """Cluster the workspace's curated calls; skipped when the curated data and config are unchanged."""
+@dataclass(frozen=True)
+class ClusterResult(StageOutput):
+    """``cluster``'s result; ``to_dict()`` is clusters.json's body with ``skipped``."""
+
+    clusters: list[dict[str, Any]]
+    calls: int
+    unclustered: dict[str, Any]
+    overall: dict[str, Any]
+    skipped: bool
+    curated_version: str | None = None
+    map: str | None = None
+
+
+def cluster(ws: Workspace, config: Config | None = None, *, progress: Progress | None = None, force: bool = False,
+            embedder: Embedder | None = None) -> ClusterResult:
+    """Cluster the workspace's curated calls; skipped when the curated data and config are unchanged.
+
+    ``config`` is the whole config: the stage reads [cluster] and [prices]."""
     config = config or Config()
     cfg = config.cluster
     engines.check_engine(cfg.engine, cfg.ray_address)
@@ -383,7 +399,7 @@ def cluster(ws: Workspace, config: Config | None = None, *, embedder: Embedder |
     stored = artifacts.clusters_file(ws, required=False) if not force and ws.is_fresh("cluster", fingerprint) \
         else None
     if stored is not None:
-        return {**stored, "skipped": True}
+        return ClusterResult.of({**stored, "skipped": True})
     started = time.time()
     n_calls = curated.load_dataset(ws).num_rows
     if not n_calls:
@@ -407,4 +423,4 @@ def cluster(ws: Workspace, config: Config | None = None, *, embedder: Embedder |
                               "unclustered": body["unclustered"]["size"]},
                       extra={"curated_version": version, "prices": config.prices.model_dump()})
     body["skipped"] = False
-    return body
+    return ClusterResult.of(body)

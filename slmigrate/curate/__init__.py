@@ -5,6 +5,6 @@ and scrubs a given batch of calls the same way (refine's new traffic) without wr
 the curated versions it writes (``curated/vNNNN/``) and is how every later stage reads them.
 """
 
-from slmigrate.curate.run import curate, curate_calls, drop_reason, export
+from slmigrate.curate.run import CurateResult, curate, curate_calls, drop_reason, export
 
-__all__ = ["curate", "curate_calls", "drop_reason", "export"]
+__all__ = ["CurateResult", "curate", "curate_calls", "drop_reason", "export"]

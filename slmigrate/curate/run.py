@@ -14,6 +14,7 @@ import re
 import time
 from collections import Counter
 from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +24,7 @@ from slmigrate.chat_format import message_text
 from slmigrate.config import CurateConfig
 from slmigrate.errors import SlmigrateError
 from slmigrate.progress import Progress
+from slmigrate.results import StageOutput
 from slmigrate.record import CallRecord, canonical_bytes, canonical_json
 from slmigrate.workspace import Workspace, fingerprint_of
 
@@ -150,8 +152,27 @@ def fingerprint(ws: Workspace, config: CurateConfig) -> str:
     return fingerprint_of("curate", CURATE_LOGIC_VERSION, settings, ws.store.fingerprint())
 
 
-def curate(ws: Workspace, config: CurateConfig | None = None, progress: Progress | None = None,
-           force: bool = False) -> dict[str, Any]:
+@dataclass(frozen=True)
+class CurateResult(StageOutput):
+    """``curate``'s report; ``to_dict()`` is the report file's body (with ``skip_reason`` when skipped). Every
+    field has a default: a skipped run returns the stored report, which an older version may have written."""
+
+    calls_in: int = 0
+    calls_out: int = 0
+    dropped: dict[str, int] = field(default_factory=dict)
+    splits: dict[str, int] = field(default_factory=dict)
+    sessions: dict[str, int] = field(default_factory=dict)
+    pii: str = "off"
+    entities: dict[str, int] = field(default_factory=dict)
+    duration_s: float = 0.0
+    version: str | None = None
+    examples: list[dict[str, Any]] = field(default_factory=list)
+    skipped: bool = False  # nothing changed since the last run: this is that run's report
+    skip_reason: str | None = None
+
+
+def curate(ws: Workspace, config: CurateConfig | None = None, *, progress: Progress | None = None,
+           force: bool = False) -> CurateResult:
     """Run the curate stage; returns its report (``skipped`` is True when nothing changed since the last run)."""
     config = config or CurateConfig()
     engines.check_engine(config.engine, config.ray_address)
@@ -165,8 +186,8 @@ def curate(ws: Workspace, config: CurateConfig | None = None, progress: Progress
         except (OSError, ValueError):
             report = None
         if report is not None:
-            return {**report, "skipped": True,
-                    "skip_reason": "no new calls and the same config since the last curate run"}
+            return CurateResult.of({**report, "skipped": True,
+                                    "skip_reason": "no new calls and the same config since the last curate run"})
     from slmigrate.curate.pii import resolve_entities
 
     entities = resolve_entities(config.entities)
@@ -227,7 +248,7 @@ def curate(ws: Workspace, config: CurateConfig | None = None, progress: Progress
     ws.write_manifest("curate", fingerprint=fp, config=config.model_dump(mode="json"),
                       counts={"calls_in": report["calls_in"], "calls_out": report["calls_out"], **report["splits"]},
                       started=started, extra={"store_fingerprint": ws.store.fingerprint(), "version": version})
-    return report
+    return CurateResult.of(report)
 
 
 def _kept(ws: Workspace, config: CurateConfig, total: int, dropped: Counter[str], calls_in: list[int],

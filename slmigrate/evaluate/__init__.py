@@ -5,6 +5,6 @@ answer (``metrics``, or an LLM ``judge``) and writes the migration plan. ``run.e
 variants the same way on calls the caller gives (refine's fresh traffic).
 """
 
-from slmigrate.evaluate.run import evaluate, evaluate_calls, find_adapter
+from slmigrate.evaluate.run import EvaluateResult, evaluate, evaluate_calls, find_adapter
 
-__all__ = ["evaluate", "evaluate_calls", "find_adapter"]
+__all__ = ["EvaluateResult", "evaluate", "evaluate_calls", "find_adapter"]

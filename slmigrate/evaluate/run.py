@@ -18,6 +18,7 @@ import shutil
 import time
 from collections import defaultdict
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -29,8 +30,9 @@ from slmigrate.chat_format import StaticPrompt, message_text
 from slmigrate.config import EvaluateConfig, PricesConfig
 from slmigrate.curate.dataset import CuratedCall, current_version, load_curated
 from slmigrate.errors import GateFailed, SlmigrateError
-from slmigrate.progress import Bars
+from slmigrate.progress import Progress, silent
 from slmigrate.record import CallRecord
+from slmigrate.results import StageOutput
 from slmigrate.workspace import Workspace, fingerprint_of
 
 VARIANTS = ("base", "icl", "finetuned")
@@ -282,11 +284,26 @@ def _overall_estimate(ws: Workspace) -> Any:
 
 # --- the whole run -------------------------------------------------------------------------------------------
 
-def evaluate(ws: Workspace, config: EvaluateConfig | None = None, clusters: Sequence[str] | None = None,
-             variants: Sequence[str] | None = None, limit: int | None = None, judge: Any = None, *,
-             prices: PricesConfig | None = None, embedder: Any = None, model: str | None = None,
-             force: bool = False, progress: bool = True) -> dict[str, Any]:
-    """Evaluate each cluster on its test split and decide which migrate; store and return the results."""
+@dataclass(frozen=True)
+class EvaluateResult(StageOutput):
+    """``evaluate``'s result; ``to_dict()`` is the evaluation's body (evaluation.json), with
+    ``skipped_unchanged`` when nothing changed and the stored evaluation is returned."""
+
+    run: str
+    clusters: list[dict[str, Any]]
+    plan: dict[str, Any]
+    skipped: list[dict[str, Any]] = field(default_factory=list)  # clusters left out, with the reason
+    skipped_unchanged: bool = False
+
+
+def evaluate(ws: Workspace, config: EvaluateConfig | None = None, *, progress: Progress | None = None,
+             force: bool = False, clusters: Sequence[str] | None = None, variants: Sequence[str] | None = None,
+             limit: int | None = None, judge: Any = None, prices: PricesConfig | None = None, embedder: Any = None,
+             model: str | None = None) -> EvaluateResult:
+    """Evaluate each cluster on its test split and decide which migrate; store and return the results.
+
+    ``progress`` hears of each cluster and variant's generation as ``("CLUSTER VARIANT", calls done, calls)``.
+    """
     config = config or EvaluateConfig()
     prices = prices or PricesConfig()
     variants = list(variants or config.variants)
@@ -319,7 +336,7 @@ def evaluate(ws: Workspace, config: EvaluateConfig | None = None, clusters: Sequ
                                  _overall_estimate(ws))
     previous = ws.evaluation()
     if not force and previous is not None and ws.is_fresh("evaluate", fingerprint):
-        return {**previous, "skipped_unchanged": True}
+        return EvaluateResult.of({**previous, "skipped_unchanged": True})
     previously = {r["cluster"] for r in (previous or {"clusters": []})["clusters"]
                   if r.get("decision", {}).get("migrate")}
 
@@ -332,21 +349,20 @@ def evaluate(ws: Workspace, config: EvaluateConfig | None = None, clusters: Sequ
     tmp = ws.path("evals", f".{run}.tmp")
     (tmp / "predictions").mkdir(parents=True)
     results, skipped = [], []
-    with Bars(progress) as bar:
-        for cid in wanted:
-            calls = by_cluster.get(cid, [])[: limit or None]
-            if not calls:
-                skipped.append({"cluster": cid, "reason": "no test calls with an answer"})
-                continue
-            res = _score_cluster(ws, cid, known[cid], calls, train_by.get(cid, []), variants, adapters[cid],
-                                 model, config, prices, embedder, judge, bar)
-            res["decision"]["previously_migrated"] = cid in previously
-            items = {v: res["variants"][v].pop("_items", []) for v in res["variants"]}
-            with (tmp / "predictions" / f"{_safe(cid)}.jsonl").open("w") as fh:
-                for v, rows in items.items():
-                    for row in rows:
-                        fh.write(json.dumps({"variant": v, **row}, ensure_ascii=False, default=str) + "\n")
-            results.append(res)
+    for cid in wanted:
+        calls = by_cluster.get(cid, [])[: limit or None]
+        if not calls:
+            skipped.append({"cluster": cid, "reason": "no test calls with an answer"})
+            continue
+        res = _score_cluster(ws, cid, known[cid], calls, train_by.get(cid, []), variants, adapters[cid],
+                             model, config, prices, embedder, judge, progress or silent)
+        res["decision"]["previously_migrated"] = cid in previously
+        items = {v: res["variants"][v].pop("_items", []) for v in res["variants"]}
+        with (tmp / "predictions" / f"{_safe(cid)}.jsonl").open("w") as fh:
+            for v, rows in items.items():
+                for row in rows:
+                    fh.write(json.dumps({"variant": v, **row}, ensure_ascii=False, default=str) + "\n")
+        results.append(res)
     plan = migration_plan(ws, results, known, prices)
     body = {
         "run": run, "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -363,13 +379,13 @@ def evaluate(ws: Workspace, config: EvaluateConfig | None = None, clusters: Sequ
                       counts={"clusters": len(results), "migrate": len(plan["migrating_clusters"]),
                               "test_calls": sum(r["test_calls"] for r in results)},
                       extra={"run": run})
-    return body
+    return EvaluateResult.of(body)
 
 
 def evaluate_calls(ws: Workspace, cluster: str, calls: Sequence[CallRecord], config: EvaluateConfig | None = None,
                    *, variants: Sequence[str] = ("finetuned",), train: Sequence[CuratedCall] = (),
                    prices: PricesConfig | None = None, embedder: Any = None, judge: Any = None,
-                   model: str | None = None, progress: bool = False) -> dict[str, Any]:
+                   model: str | None = None, progress: Progress | None = None) -> dict[str, Any]:
     """Evaluate one cluster's model variants on the given ``calls`` (those with an answer) instead of its test
     split, and decide as ``evaluate`` would: the same adapter, generation, scoring and decision, nothing stored.
     Returns the per-cluster result ``evaluate`` lists (``variants.<name>.primary`` is the primary metric).
@@ -387,9 +403,9 @@ def evaluate_calls(ws: Workspace, cluster: str, calls: Sequence[CallRecord], con
     if not calls:
         raise SlmigrateError(f"no calls with an answer to evaluate cluster {cluster} on")
     embedder = _text_embedder(config, [known[cluster]], embedder)
-    with Bars(progress) as bar:
-        result = _score_cluster(ws, cluster, known[cluster], calls, list(train), list(variants),
-                                find_adapter(ws, cluster, model), model, config, prices, embedder, judge, bar)
+    result = _score_cluster(ws, cluster, known[cluster], calls, list(train), list(variants),
+                            find_adapter(ws, cluster, model), model, config, prices, embedder, judge,
+                            progress or silent)
     for variant in result["variants"].values():
         variant.pop("_items", None)
     return result

@@ -31,9 +31,11 @@ from slmigrate.config import FinetuneConfig
 from slmigrate.errors import SlmigrateError
 from slmigrate.finetune import loop
 from slmigrate.finetune.data import BuildReport, Example, build_examples, length_grouped_batches, padding_share
+from slmigrate.progress import Progress
+from slmigrate.results import StageOutput
 from slmigrate.workspace import Workspace, fingerprint_of
 
-__all__ = ["Trained", "defaults", "finetune", "finetune_cluster", "plan", "train_budgeted"]
+__all__ = ["FinetuneResult", "Trained", "defaults", "finetune", "finetune_cluster", "plan", "train_budgeted"]
 
 
 # --- which clusters, which model -------------------------------------------------------------------------
@@ -148,7 +150,7 @@ def _settings(config: FinetuneConfig, hp: dict[str, Any], loaded: _Loaded) -> lo
 
 def finetune_cluster(ws: Workspace, cluster: str, model_name: str, train_calls: Sequence[Any],
                      val_calls: Sequence[Any], config: FinetuneConfig, *, resume: bool = False,
-                     force: bool = False, progress: bool = True, stop_after: int | None = None,
+                     force: bool = False, progress: Progress | None = None, stop_after: int | None = None,
                      init_adapter: str | Path | None = None) -> dict[str, Any]:
     import torch
 
@@ -213,7 +215,7 @@ class Trained:
 
 
 def train_budgeted(model_name: str, train_calls: Sequence[Any], val_calls: Sequence[Any],
-                   config: FinetuneConfig, max_steps: int, *, progress: bool = False) -> Trained | None:
+                   config: FinetuneConfig, max_steps: int, *, progress: Progress | None = None) -> Trained | None:
     """Steps 1-3 of ``finetune_cluster`` capped at ``max_steps``, kept in memory (the probe's LoRA estimate).
 
     The same loading, example building, hyper-parameters and loop as a real fine-tune, so the estimate measures
@@ -419,10 +421,24 @@ def _plot(path: Path, history: loop.History, title: str) -> None:
 
 # --- all clusters -----------------------------------------------------------------------------------------
 
-def finetune(ws: Workspace, config: FinetuneConfig | None = None, clusters: Sequence[str] | None = None,
-             selected: bool = False, *, resume: bool = False, force: bool = False, progress: bool = True,
-             stop_after: int | None = None, init_adapters: dict[str, str] | None = None) -> dict[str, Any]:
+@dataclass(frozen=True)
+class FinetuneResult(StageOutput):
+    """``finetune``'s result: one dict per cluster (its metrics.json with ``status``: trained, fresh, skipped or
+    interrupted, and ``path``), how many of each, and the seconds taken."""
+
+    adapters: list[dict[str, Any]]
+    counts: dict[str, int]
+    seconds: float
+
+
+def finetune(ws: Workspace, config: FinetuneConfig | None = None, *, progress: Progress | None = None,
+             force: bool = False, clusters: Sequence[str] | None = None, selected: bool = False,
+             resume: bool = False, stop_after: int | None = None,
+             init_adapters: dict[str, str] | None = None) -> FinetuneResult:
     """Fine-tune one model per cluster; returns one result per cluster and writes the ``finetune`` manifest.
+
+    ``progress`` hears of each cluster's steps as ``("CLUSTER / MODEL", step, total steps, loss=..., tps=...)``;
+    a run that stops early ends with a ``note`` (slmigrate.progress).
 
     ``init_adapters`` (cluster -> adapter folder) warm-starts those clusters from an existing adapter (refine).
     """
@@ -445,4 +461,4 @@ def finetune(ws: Workspace, config: FinetuneConfig | None = None, clusters: Sequ
         ws.write_manifest("finetune", fingerprint=fingerprint_of([r.get("fingerprint") for r in results]),
                           config=config.model_dump(), counts={"clusters": len(results), **counts}, started=started,
                           extra={"adapters": [r.get("path") for r in results if r.get("path")]})
-    return {"adapters": results, "counts": counts, "seconds": round(time.time() - started, 1)}
+    return FinetuneResult.of({"adapters": results, "counts": counts, "seconds": round(time.time() - started, 1)})

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from slmigrate.finetune.data import IGNORE, Example, collate, length_grouped_batches
-from slmigrate.progress import Bars
+from slmigrate.progress import NOTE, Progress, silent
 
 CHECKPOINTS_KEPT = 2
 _STOP_REASONS = {"exact": "every validation answer exact", "patience": "validation loss stopped improving"}
@@ -317,12 +317,13 @@ def latest_checkpoint(folder: Path) -> Path | None:
 
 
 def train(model, train_examples: Sequence[Example], val_examples: Sequence[Example], s: LoopSettings,
-          checkpoint_dir: Path, *, resume: bool = False, progress: bool = True,
+          checkpoint_dir: Path, *, resume: bool = False, progress: Progress | None = None,
           stop_after: int | None = None, label: str = "finetune") -> tuple[History, dict[str, Any] | None]:
     """Train ``model`` in place; return the history and the best weights by validation loss (or None).
 
     ``stop_after`` ends the run after that many steps of this call, with a checkpoint, as an interruption
-    would; ``resume`` continues from the latest checkpoint in ``checkpoint_dir``.
+    would; ``resume`` continues from the latest checkpoint in ``checkpoint_dir``. ``progress`` hears of each step
+    as ``(label, step, total_steps, loss=..., tps=...)``; early stopping ends the pass with a ``note``.
     """
     import torch
 
@@ -356,7 +357,8 @@ def train(model, train_examples: Sequence[Example], val_examples: Sequence[Examp
         params = [p for p in model.parameters() if p.requires_grad]
         s = replace(s, device=str(accelerator.device))
         torch.manual_seed(s.seed + rank)  # different dropout masks per rank, as different batches
-        progress = progress and accelerator.is_main_process
+        if not accelerator.is_main_process:
+            progress = None  # one rank reports
     main = is_main_process()
 
     frozen = FrozenBottom.of(model)
@@ -367,68 +369,68 @@ def train(model, train_examples: Sequence[Example], val_examples: Sequence[Examp
         history.train_seconds += time.perf_counter() - began  # part of training's cost: tokens/s stays honest
     model.train()
     epochs_cache: dict[int, list[list[int]]] = {}
-    bar = Bars(progress, transient=False, fields={"loss": "loss {}", "tps": "{} tok/s"})
-    bar(label, start, s.total_steps)
-    with bar:
-        for step in range(start, s.total_steps):
-            if stop_after is not None and step - start >= stop_after:
-                history.interrupted = True
-                if main:
-                    save_checkpoint(checkpoint_dir, step, unwrapped, optimizer, scheduler, history, best_state)
-                break
-            examples, _epoch = batch_at(train_examples, s, step * world + rank, epochs_cache)
-            batch = collate(examples, s.pad_id)
-            began = time.perf_counter()
-            loss = _forward_loss(model, batch, s, frozen, examples)
-            if accelerator is None:
-                loss.backward()
-                loss = loss.detach()
-                torch.nn.utils.clip_grad_norm_(params, 1.0)
-            else:
-                accelerator.backward(loss)  # the wrapper averages the gradients across ranks here
-                accelerator.clip_grad_norm_(params, 1.0)
-                loss = accelerator.reduce(loss.detach(), reduction="mean")  # logged: the mean over ranks
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            history.train_seconds += time.perf_counter() - began
-            tokens = batch["attention_mask"].sum()
-            if accelerator is not None:  # every rank's tokens count: tokens/s is the whole run's
-                tokens = accelerator.reduce(tokens.to(accelerator.device), reduction="sum")
-            history.tokens += int(tokens)
-            history.padded_tokens += batch["input_ids"].numel() * world
-            history.steps.append(step + 1)
-            history.train_loss.append(round(loss.item(), 5))
+    report = progress or silent
+    report(label, start, s.total_steps)
+    for step in range(start, s.total_steps):
+        if stop_after is not None and step - start >= stop_after:
+            history.interrupted = True
+            if main:
+                save_checkpoint(checkpoint_dir, step, unwrapped, optimizer, scheduler, history, best_state)
+            break
+        examples, _epoch = batch_at(train_examples, s, step * world + rank, epochs_cache)
+        batch = collate(examples, s.pad_id)
+        began = time.perf_counter()
+        loss = _forward_loss(model, batch, s, frozen, examples)
+        if accelerator is None:
+            loss.backward()
+            loss = loss.detach()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+        else:
+            accelerator.backward(loss)  # the wrapper averages the gradients across ranks here
+            accelerator.clip_grad_norm_(params, 1.0)
+            loss = accelerator.reduce(loss.detach(), reduction="mean")  # logged: the mean over ranks
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        history.train_seconds += time.perf_counter() - began
+        tokens = batch["attention_mask"].sum()
+        if accelerator is not None:  # every rank's tokens count: tokens/s is the whole run's
+            tokens = accelerator.reduce(tokens.to(accelerator.device), reduction="sum")
+        history.tokens += int(tokens)
+        history.padded_tokens += batch["input_ids"].numel() * world
+        history.steps.append(step + 1)
+        history.train_loss.append(round(loss.item(), 5))
 
-            done = step + 1
-            if val_examples and (done % s.eval_every == 0 or done == s.total_steps):
-                val, exact = validation_loss(model, val_examples, s, frozen)
-                history.val_steps.append(done)
-                history.val_loss.append(round(val, 5))
-                history.val_exact.append(round(exact, 4))
-                if s.stop_when_exact and exact == 1.0:
-                    # Every held-out answer already comes out right: more steps cost time and risk overfitting.
-                    # These weights are the result, even if an earlier step had a lower loss.
-                    history.best_val_loss, history.best_step = val, done
-                    best_state = _snapshot(unwrapped)
-                    history.stopped_early, history.stop_reason = True, "exact"
-                elif history.best_val_loss is None or val < history.best_val_loss - 1e-4:
-                    history.best_val_loss, history.best_step = val, done
-                    history.evals_without_improvement = 0
-                    best_state = _snapshot(unwrapped)
-                else:
-                    history.evals_without_improvement += 1
-                    if history.evals_without_improvement >= s.patience:
-                        history.stopped_early, history.stop_reason = True, "patience"
-            if done % s.checkpoint_every == 0 and done < s.total_steps and main:
-                save_checkpoint(checkpoint_dir, done, unwrapped, optimizer, scheduler, history, best_state)
-            if math.isfinite(float(loss)):
-                bar(label, done, s.total_steps, loss=f"{float(loss):.4f}", tps=f"{history.tokens_per_second:,.0f}")
-            if history.stopped_early:
-                # End the bar where training stopped, saying why, instead of leaving it frozen part-way.
-                bar.end(label, done, "stopped early: " + _STOP_REASONS.get(history.stop_reason or "",
-                                                                            str(history.stop_reason)))
-                break
+        done = step + 1
+        if val_examples and (done % s.eval_every == 0 or done == s.total_steps):
+            val, exact = validation_loss(model, val_examples, s, frozen)
+            history.val_steps.append(done)
+            history.val_loss.append(round(val, 5))
+            history.val_exact.append(round(exact, 4))
+            if s.stop_when_exact and exact == 1.0:
+                # Every held-out answer already comes out right: more steps cost time and risk overfitting.
+                # These weights are the result, even if an earlier step had a lower loss.
+                history.best_val_loss, history.best_step = val, done
+                best_state = _snapshot(unwrapped)
+                history.stopped_early, history.stop_reason = True, "exact"
+            elif history.best_val_loss is None or val < history.best_val_loss - 1e-4:
+                history.best_val_loss, history.best_step = val, done
+                history.evals_without_improvement = 0
+                best_state = _snapshot(unwrapped)
+            else:
+                history.evals_without_improvement += 1
+                if history.evals_without_improvement >= s.patience:
+                    history.stopped_early, history.stop_reason = True, "patience"
+        if done % s.checkpoint_every == 0 and done < s.total_steps and main:
+            save_checkpoint(checkpoint_dir, done, unwrapped, optimizer, scheduler, history, best_state)
+        if math.isfinite(float(loss)):
+            report(label, done, s.total_steps, loss=f"{float(loss):.4f}",
+                   tps=f"{history.tokens_per_second:,.0f}")
+        if history.stopped_early:
+            # End the pass where training stopped, saying why, so a bar does not look frozen part-way.
+            report(label, done, done, **{NOTE: "stopped early: " + _STOP_REASONS.get(history.stop_reason or "",
+                                                                                     str(history.stop_reason))})
+            break
     if accelerator is not None:
         accelerator.wait_for_everyone()  # no rank moves on (to saving, or the next cluster) alone
     return history, best_state

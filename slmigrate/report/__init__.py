@@ -8,26 +8,50 @@ evals/); each section renders what exists and otherwise names the command that f
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from slmigrate.config import Config, workspace_config
 from slmigrate.errors import SlmigrateError
+from slmigrate.progress import Progress
 from slmigrate.record import now_iso
 from slmigrate.report import sections as S
 from slmigrate.report.doc import render_html, render_markdown
+from slmigrate.results import StageOutput
 from slmigrate.workspace import Workspace
 
 
-def report(ws: Workspace, out: str | Path = "report.html", markdown: bool = True,
-           config: Config | None = None) -> dict[str, Any]:
-    """Write the HTML report to ``out`` (and ``out`` with ``.md`` when ``markdown``); returns what it wrote."""
+@dataclass(frozen=True)
+class ReportResult(StageOutput):
+    """What ``report`` wrote: the HTML (and Markdown) file and which sections had something to show."""
+
+    html: str
+    markdown: str | None
+    sections: list[dict[str, Any]]  # {"id", "title", "present"} in page order
+    sections_present: int
+    charts: list[str]
+    duration_s: float
+
+
+def report(ws: Workspace, config: Config | None = None, *, progress: Progress | None = None, force: bool = False,
+           out: str | Path = "report.html", markdown: bool = True) -> ReportResult:
+    """Write the HTML report to ``out`` (and ``out`` with ``.md`` when ``markdown``); returns what it wrote.
+
+    ``config`` is the whole config (prices, thresholds). The report is cheap and always rewritten: ``force`` is
+    accepted for the one stage signature and changes nothing. ``progress`` hears of each section built.
+    """
+    del force
     started = time.monotonic()
     # The workspace's own settings (what its stages ran with), never the current directory's slmigrate.toml.
     config = config or workspace_config(ws)
     out = Path(out)
     facts = S.Facts.load(ws, config)
-    sections = [build(facts) for build in S.BUILDERS]
+    sections = []
+    for build in S.BUILDERS:
+        sections.append(build(facts))
+        if progress:
+            progress("sections", len(sections), len(S.BUILDERS))
     title = "slmigrate migration report"
     subtitle = (f"{facts.agent_names} · {facts.totals['calls']:,} LLM calls · workspace {ws.root} · "
                 f"generated {now_iso()[:16].replace('T', ' ')} UTC")
@@ -50,14 +74,14 @@ def report(ws: Workspace, out: str | Path = "report.html", markdown: bool = True
             md_path.write_text(render_markdown(title, subtitle, sections, footer, charts_dir.name), encoding="utf-8")
     except OSError as exc:
         raise SlmigrateError(f"cannot write the report to {out}: {exc.strerror}; pass another --out") from exc
-    return {
+    return ReportResult.of({
         "html": str(out),
         "markdown": str(md_path) if md_path else None,
         "sections": [{"id": s.id, "title": s.title, "present": s.present} for s in sections],
         "sections_present": sum(s.present for s in sections),
         "charts": [c.name for s in sections for c in s.charts],
         "duration_s": round(time.monotonic() - started, 2),
-    }
+    })
 
 
-__all__ = ["report"]
+__all__ = ["ReportResult", "report"]

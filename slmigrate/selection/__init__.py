@@ -4,6 +4,6 @@
 cluster by what fits the hardware, the licence and the task, and writes ``selection.json``.
 """
 
-from slmigrate.selection.run import load_selection, select
+from slmigrate.selection.run import SelectResult, load_selection, select
 
-__all__ = ["load_selection", "select"]
+__all__ = ["SelectResult", "load_selection", "select"]

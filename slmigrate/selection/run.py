@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import math
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
@@ -33,7 +34,9 @@ from slmigrate import catalog as cat
 from slmigrate.artifacts import ClusterInfo, SelectionFile
 from slmigrate.config import SelectConfig
 from slmigrate.errors import SlmigrateError
+from slmigrate.progress import Progress
 from slmigrate.record import now_iso
+from slmigrate.results import StageOutput
 from slmigrate.workspace import Workspace, fingerprint_of
 
 KINDS = ("tool_call", "json", "label", "text")
@@ -276,10 +279,23 @@ def choose(c: dict[str, Any], weights_of: Callable[[str], str | None]) -> None:
                               f"is off or unreachable; {pick['name']} (rank {pick['rank']}) is the best whose "
                               f"weights are ({pick['weights']})")
 
-def select(ws: Workspace, config: SelectConfig | None = None, *, force: bool = False,
-           probe_runner: Callable[..., dict[str, dict[str, Any]]] | None = None,
-           weights_of: Callable[[str], str | None] | None = None) -> dict[str, Any]:
+@dataclass(frozen=True)
+class SelectResult(StageOutput):
+    """``select``'s result; ``to_dict()`` is selection.json's body with ``fresh``."""
+
+    hardware: dict[str, Any]
+    license_policy: str
+    clusters: list[dict[str, Any]]
+    probe: str | None = None  # how probe scores entered the ranking, when ``[select] probe`` is on
+    fresh: bool = False  # nothing changed since the saved selection: this is it
+
+
+def select(ws: Workspace, config: SelectConfig | None = None, *, progress: Progress | None = None,
+           force: bool = False, probe_runner: Callable[..., dict[str, dict[str, Any]]] | None = None,
+           weights_of: Callable[[str], str | None] | None = None) -> SelectResult:
     """Rank catalogue models per cluster, save ``selection.json`` and the ``select`` manifest, return it.
+
+    ``progress`` hears of each cluster whose candidates were probed (``[select] probe``).
 
     ``weights_of`` (default ``weights_available``) says where a model's weights would come from; the choice
     is the best candidate that has some.
@@ -298,12 +314,12 @@ def select(ws: Workspace, config: SelectConfig | None = None, *, force: bool = F
                                  [e.raw for e in entries], weights)
     cached = artifacts.selection(ws, required=False) if not force and ws.is_fresh("select", fingerprint) else None
     if cached is not None:
-        return {**cached, "fresh": True}
+        return SelectResult.of({**cached, "fresh": True})
     floors = _floors(entries)
     per_cluster = [rank_cluster(c, entries, config, hw, licence_ok, licence_text, floors) for c in clusters]
     probe_note = None
     if config.probe:
-        probe_note = _apply_probe(ws, per_cluster, config, probe_runner)
+        probe_note = _apply_probe(ws, per_cluster, config, probe_runner, progress)
     for c in per_cluster:
         choose(c, weights.get)
     result = {
@@ -323,7 +339,7 @@ def select(ws: Workspace, config: SelectConfig | None = None, *, force: bool = F
                       counts={"clusters": len(per_cluster), "chosen": chosen, "catalogue": len(entries)},
                       started=started, extra={"artifact": artifacts.relative_name(artifacts.SELECTION)})
     result["fresh"] = False
-    return result
+    return SelectResult.of(result)
 
 
 def load_selection(ws: Workspace) -> SelectionFile:
@@ -332,11 +348,11 @@ def load_selection(ws: Workspace) -> SelectionFile:
 
 
 def _apply_probe(ws: Workspace, per_cluster: list[dict[str, Any]], config: SelectConfig,
-                 runner: Callable[..., dict[str, dict[str, Any]]] | None) -> str:
+                 runner: Callable[..., dict[str, dict[str, Any]]] | None, progress: Progress | None = None) -> str:
     """Blend measured zero-/few-shot scores of locally available candidates into the ranking."""
     runner = runner or Prober(ws)
     measured_any = False
-    for c in per_cluster:
+    for done, c in enumerate(per_cluster, 1):
         results = runner(ws, c, [r["name"] for r in c["candidates"]], config.probe) or {}
         for r in c["candidates"]:
             got = results.get(r["name"])
@@ -354,6 +370,8 @@ def _apply_probe(ws: Workspace, per_cluster: list[dict[str, Any]], config: Selec
         c["candidates"].sort(key=lambda r: (-r["score"], r["params"], r["name"]))
         for i, r in enumerate(c["candidates"], 1):
             r["rank"] = i
+        if progress:
+            progress("probing candidates", done, len(per_cluster))
     return ("probe scores blended into the ranking (score = 0.5 x published + 0.5 x 100 x best probe score)"
             if measured_any else "no candidate's weights are available locally; ranking from published figures")
 

@@ -49,18 +49,17 @@ def main() -> None:
     t0 = time.time()
     info = bfcl.prepare(ws, args.data, limit=args.limit)
     ft = finetune(ws, FinetuneConfig(device=args.device, epochs=args.epochs, max_steps=args.max_steps,
-                                     batch_tokens=args.batch_tokens),
-                  progress=False)
+                                     batch_tokens=args.batch_tokens))
     t1 = time.time()
     res = evaluate(ws, EvaluateConfig(device=args.device, batch_size=args.batch_size, embedder="none"),
-                   variants=["base", "finetuned"], limit=args.eval_limit, progress=False)
+                   variants=["base", "finetuned"], limit=args.eval_limit)
     t2 = time.time()
-    (cluster,) = res["clusters"]
+    (cluster,) = res.clusters
     out = {
         "benchmark": "bfcl_eval", "categories": list(bfcl.CATEGORIES), "questions": info["calls"],
         "splits": info["splits"], "test_calls": cluster["test_calls"], "threads": torch.get_num_threads(),
         "batch_tokens": args.batch_tokens,
-        "finetune": {k: ft["adapters"][0].get(k) for k in ("status", "examples", "steps", "epochs",
+        "finetune": {k: ft.adapters[0].get(k) for k in ("status", "examples", "steps", "epochs",
                                                             "best_val_loss", "tokens_per_second", "seconds")},
         "finetune_s": round(t1 - t0, 1), "evaluate_s": round(t2 - t1, 1),
     }

@@ -65,7 +65,7 @@ def run_slmigrate(path, examples, cfg, hp, pad_id) -> dict:
         seed=cfg.seed, device="cpu", pad_id=pad_id,
     )
     with tempfile.TemporaryDirectory() as tmp:
-        history, _ = loop.train(model, examples, [], settings, Path(tmp), progress=False)
+        history, _ = loop.train(model, examples, [], settings, Path(tmp))
     return {"tokens": history.tokens, "seconds": history.train_seconds, "steps": len(history.steps),
             "padding_share": 1 - history.tokens / history.padded_tokens}
 

@@ -99,8 +99,8 @@ def main() -> None:
             rows = [dataclasses.asdict(c) for c in curated.load_curated(ws)]
             if reference_rows is None:
                 reference_rows, calls = rows, list(curated.load_curated(ws))
-                result["calls_out"] = report["calls_out"]
-                result["distinct_texts"] = report["distinct_texts_analysed"]
+                result["calls_out"] = report.calls_out
+                result["distinct_texts"] = report.to_dict()["distinct_texts_analysed"]
             same[f"curate {name}"] = rows == reference_rows
 
             times = []

@@ -62,7 +62,7 @@ def main() -> None:
     config = load_config(None, {"curate": {"pii": "off"}, "cluster": {"map": False}})
     curate(ws, config.curate)
     t0 = time.perf_counter()
-    cluster(ws, config, progress=False)
+    cluster(ws, config)
     cluster_s = time.perf_counter() - t0
     assign = request_assigner(ws)  # what serve uses: fast path, else embeddings
     full = request_assigner(ws, fast=False)  # embedding path only, its own embedder and cache
