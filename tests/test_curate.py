@@ -169,7 +169,7 @@ def test_curate_calls_keeps_and_scrubs_what_curate_keeps(workspace, fake_pii):
     _store(workspace, [CallRecord(**c.__dict__) for c in calls])
     report = curate(workspace, config)
     kept, dropped = curate_calls([CallRecord(**c.__dict__).finalise() for c in calls], config)
-    assert {k: v for k, v in report["dropped"].items() if v} == dict(dropped) == {
+    assert {k: v for k, v in report.dropped.items() if v} == dict(dropped) == {
         "duplicate": 1, "near_duplicate": 1, "truncated": 1, "unknown_tool": 1}
     stored = curated.load_curated(workspace)
     assert [(c.request, c.answer) for c in kept] == [(c.request, c.answer) for c in stored]

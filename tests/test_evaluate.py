@@ -436,8 +436,8 @@ def test_refine_dry_run_scores_fresh_calls_as_evaluate_does(two_cluster_ws, tmp_
     ws.write_manifest("curate", fingerprint="test", config=curate_cfg.model_dump(mode="json"))
     cfg = EvaluateConfig(model=str(base), embedder="hash", batch_size=4, device="cpu", threshold={"label": 0.3},
                          variants=["finetuned"])
-    evaluated = E.evaluate(ws, cfg, clusters=["c0"], progress=False)
-    [c0] = evaluated["clusters"]
+    evaluated = E.evaluate(ws, cfg, clusters=["c0"])
+    [c0] = evaluated.clusters
     score = c0["variants"]["finetuned"]["primary"]
     assert score == pytest.approx(0.5) and c0["decision"]["migrate"]
 

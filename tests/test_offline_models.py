@@ -237,14 +237,14 @@ def test_offline_select_chooses_a_local_model_and_marks_the_rest(workspace, caps
          "completion_tokens": {"p95": 40}}]}))
     here = {"smollm2-135m-instruct": "local", "gemma-3-270m": "builtin"}
     result = select(workspace, SelectConfig(cpu_only=True, license="any", top=2), weights_of=here.get)
-    c = result["clusters"][0]
+    c = result.clusters[0]
     assert c["candidates"][0]["weights"] is None  # the best-ranked model is not on this machine
     assert c["choice"] in here and "is the best whose weights are" in c["choice_reason"]
     # The default licence policy is permissive: Gemma's terms keep it out, with the reason.
     strict = select(workspace, SelectConfig(cpu_only=True, top=2), weights_of=here.get, force=True)
-    rejected = {r["name"]: r["reason"] for r in strict["clusters"][0]["rejected"]}
+    rejected = {r["name"]: r["reason"] for r in strict.clusters[0]["rejected"]}
     assert "LicenseRef-Gemma" in rejected["gemma-3-270m"]
-    assert strict["clusters"][0]["choice"] == "smollm2-135m-instruct"
+    assert strict.clusters[0]["choice"] == "smollm2-135m-instruct"
     # The table marks the candidates finetune could not load here.
     assert main(["select", "--workspace", str(workspace.root), "--cpu-only", "--license", "any"]) == 0
     assert "needs download" in capsys.readouterr().out.replace("\n", " ")

@@ -53,7 +53,7 @@ def _no_drawing(monkeypatch) -> None:
 def _stages(ws, tiny, tmp_path):
     """Each stage's call, as ``name -> call(progress, force)``, in pipeline order."""
     from slmigrate.cluster import cluster
-    from slmigrate.cluster.embed import HashEmbedder
+    from fakes import HashEmbedder
     from slmigrate.curate.run import curate
     from slmigrate.evaluate.run import evaluate
     from slmigrate.finetune import finetune
