@@ -76,6 +76,16 @@ class CurateConfig(Section):
         "Processes for PII analysis (default: one per CPU core this process may use, at most 8)."))
     min_outcome: float | None = Field(None, description="Drop calls whose workflow outcome is below this.")
     split: tuple[float, float, float] = Field((0.8, 0.1, 0.1), description="train/validation/test shares.")
+    test_calls_per_task: int = Field(50, ge=0, description=(
+        "Size the test split so that each task (calls sharing a system prompt and tool set) with at least this "
+        "many calls expects this many test calls (plus a margin), up to max_test_share; 0: the split shares only."))
+    max_test_share: float = Field(0.5, gt=0, lt=1, description="Largest test share test_calls_per_task may set.")
+    link_entities: bool = Field(True, description=(
+        "Keep calls that share an entity (a scrubbed value: name, e-mail, id; or an id-like token such as an order "
+        "number) on one side of the split, besides sessions."))
+    link_max_share: float = Field(0.02, gt=0, le=1, description=(
+        "Entity links: a token in more than this share of sessions (at least 10) is no entity and is ignored, and "
+        "no linked group grows beyond this share of sessions (at least 10)."))
     seed: int = Field(0, description="Seed for synthetic replacements and split hashing.")
     score_threshold: float = Field(0.4, ge=0, le=1, description="Minimum detector score for an entity to count.")
     allow: list[str] = Field(default_factory=list, description="Values never scrubbed (besides tool names, "
@@ -204,14 +214,20 @@ class FinetuneConfig(Section):
 class EvaluateConfig(Section):
     not_fingerprinted: ClassVar[frozenset[str]] = frozenset({"fail_under"})
     variants: list[str] = Field(["base", "icl", "finetuned"], description="Which model variants to evaluate.")
-    limit: int | None = Field(None, description="At most this many test calls per cluster.")
+    limit: int | None = Field(None, description=(
+        "At most this many test calls per cluster (default: the whole test split, as the decision needs)."))
     threshold: dict[str, float] = Field(
         default_factory=lambda: {"tool_call": 0.9, "json": 0.9, "label": 0.9, "text": 0.9},
         description="Primary-metric threshold per output kind for a migrate decision.",
     )
     primary: dict[str, str] = Field(default_factory=dict, description=(
         "Override the primary metric per output kind, e.g. {text = \"embedding_similarity\"}."))
-    min_test_calls: int = Field(5, ge=1, description="Fewer test calls than this: no migrate decision.")
+    min_test_calls: int = Field(30, ge=1, description=(
+        "Fewer scored test calls than this: \"not enough evidence\", never migrate (besides the calls the "
+        "threshold itself needs: a perfect score's 95% lower bound reaches 0.9 only from 35 calls)."))
+    max_latency_ratio: float | None = Field(None, gt=0, description=(
+        "A task stays on the LLM when the fine-tuned model's p50 latency is more than this times the LLM's "
+        "recorded p50 (e.g. 1.0: never slower); default: latency is shown, not checked."))
     fail_under: float | None = Field(None, ge=0, description=(
         "CI gate: `evaluate` and `run` exit with code 3 when a cluster marked for migration scores below this on "
         "its primary metric (`--fail-under` overrides)."))

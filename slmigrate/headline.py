@@ -112,10 +112,26 @@ def _evaluated(evals: dict[str, Any] | None) -> dict[str, Any] | None:
     if not plan:
         return None
     measured = plan.get("measured") or {}
+    results = (evals or {}).get("clusters") or []
     return {"migrating": list(plan.get("migrating_clusters") or []),
-            "evaluated": [r["cluster"] for r in (evals or {}).get("clusters") or []],
+            "evaluated": [r["cluster"] for r in results],
             "calls_share": (measured.get("calls") or {}).get("share"),
-            "cost_share": (measured.get("cost_usd") or {}).get("share")}
+            "cost_share": (measured.get("cost_usd") or {}).get("share"),
+            # the decision per task: outcome, point estimate and its 95% interval (the lower bound decides)
+            "decisions": {r["cluster"]: {k: (r.get("decision") or {}).get(k)
+                                         for k in ("outcome", "value", "lower", "upper", "n", "needs_calls")}
+                          for r in results},
+            "not_enough_evidence": {cid: n for cid, n in (plan.get("not_enough_evidence") or {}).items()}}
+
+
+def _bounds(e: dict[str, Any], clusters: list[str]) -> str:
+    """' (c01 1.000, 95% lower bound 0.940, n=60)' for the tasks named, from the evaluation's decisions."""
+    shown = []
+    for cid in clusters:
+        d = (e.get("decisions") or {}).get(cid) or {}
+        if d.get("lower") is not None and d.get("value") is not None:
+            shown.append(f"{cid} {d['value']:.3f}, 95% lower bound {d['lower']:.3f}, n={d['n']}")
+    return f" ({'; '.join(shown)})" if shown else ""
 
 
 def _task_line(cluster: dict[str, Any], probed: dict[str, Any] | None, finetuned: float | None) -> dict[str, Any]:
@@ -157,8 +173,12 @@ def words(h: dict[str, Any]) -> str:
     e = h.get("evaluated")
     if e:
         moving = ", ".join(e["migrating"]) or "none"
-        parts.append(f"evaluated fine-tuned on held-out calls ({len(e['evaluated'])} task(s)): migrating {moving}, "
-                     f"{_pct(e['calls_share'])} of calls and {_pct(e['cost_share'])} of cost")
+        parts.append(f"evaluated fine-tuned on held-out calls ({len(e['evaluated'])} task(s)): migrating {moving}"
+                     f"{_bounds(e, e['migrating'])}, {_pct(e['calls_share'])} of calls and {_pct(e['cost_share'])} "
+                     "of cost (a task migrates when the 95% lower bound of its score reaches the threshold)")
+        for cid, needs in (e.get("not_enough_evidence") or {}).items():
+            parts.append(f"{cid}: not enough evidence: needs {needs} more calls" if needs is not None
+                         else f"{cid}: not enough evidence (no number of calls lets a lower bound reach the threshold)")
     parts.append(f"hand-set prior: {_pct(c['prior'])} of calls, {_pct(k['prior'])} of cost")
     s = h["savings_per_million_calls_usd"]
     if s is not None:

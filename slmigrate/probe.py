@@ -29,7 +29,6 @@ from __future__ import annotations
 import hashlib
 import heapq
 import json
-import math
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -41,64 +40,12 @@ from slmigrate.config import Config
 from slmigrate.errors import SlmigrateError
 from slmigrate.progress import Progress
 from slmigrate.results import StageOutput
+from slmigrate.stats import estimate
 from slmigrate.workspace import Workspace, fingerprint_of
 
 METHOD_VERSION = "probe1"
 POOL_CAP = 5000  # train calls per task searched for neighbours: plenty for a task, bounded for huge logs
 TURN_CHARS = 4000  # request text compared: the end of the conversation, where the task's input is
-Z95 = 1.959964
-
-
-# --- intervals -------------------------------------------------------------------------------------------------
-
-def wilson(successes: float, n: int, z: float = Z95) -> tuple[float, float]:
-    """Wilson score interval for a proportion (sound at 0/n and n/n, unlike the normal approximation)."""
-    if n <= 0:
-        return 0.0, 1.0
-    p = successes / n
-    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
-    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
-    return max(0.0, centre - half), min(1.0, centre + half)
-
-
-def bootstrap_mean(values: list[float], seed: int = 0, rounds: int = 2000) -> tuple[float, float]:
-    """95% percentile-bootstrap interval of the mean."""
-    import numpy as np
-
-    x = np.asarray(values, dtype=float)
-    if len(x) == 0:
-        return 0.0, 1.0
-    rng = np.random.default_rng(seed)
-    means = x[rng.integers(0, len(x), size=(rounds, len(x)))].mean(axis=1)
-    return float(np.percentile(means, 2.5)), float(np.percentile(means, 97.5))
-
-
-# Below this many graded scores the bootstrap is not trusted: it resamples what little was seen, so two equal
-# scores give a zero-width interval. Hoeffding's bound holds for any scores in [0, 1] at any n.
-BOOTSTRAP_MIN_N = 30
-
-
-def hoeffding(mean: float, n: int, alpha: float = 0.05) -> tuple[float, float]:
-    """Distribution-free 95% interval of a mean of n scores in [0, 1] (Hoeffding's inequality, two-sided)."""
-    half = math.sqrt(math.log(2 / alpha) / (2 * n))
-    return max(0.0, mean - half), min(1.0, mean + half)
-
-
-def estimate(values: list[float | None], seed: int = 0) -> dict[str, Any] | None:
-    """Mean of the in-scope item scores with its 95% interval: Wilson when every score is 0 or 1, else a
-    bootstrap of the mean, or Hoeffding's bound when there are fewer than ``BOOTSTRAP_MIN_N`` scores."""
-    scoped = [float(v) for v in values if v is not None]
-    if not scoped:
-        return None
-    mean = sum(scoped) / len(scoped)
-    if all(v in (0.0, 1.0) for v in scoped):
-        (low, high), method = wilson(sum(scoped), len(scoped)), "wilson"
-    elif len(scoped) < BOOTSTRAP_MIN_N:
-        (low, high), method = hoeffding(mean, len(scoped)), "hoeffding"
-    else:
-        (low, high), method = bootstrap_mean(scoped, seed), "bootstrap"
-    return {"score": round(mean, 4), "low": round(low, 4), "high": round(high, 4), "n": len(scoped),
-            "interval": method}
 
 
 # --- the calls of each task ------------------------------------------------------------------------------------

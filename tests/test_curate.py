@@ -127,16 +127,70 @@ def test_adding_data_never_moves_an_old_call(workspace):
     first = [_call(f"question {'x' * i}", session=f"s{i}", answer=f"a{i}", ts=f"2025-01-01T00:{i:02d}:00Z")
              for i in range(40)]
     _store(workspace, first)
-    curate(workspace, CurateConfig(pii="off", near_duplicates=False))
+    # The configured shares alone (a task that grows past test_calls_per_task gets a larger test share once;
+    # see the next test)
+    fixed = CurateConfig(pii="off", near_duplicates=False, test_calls_per_task=0)
+    curate(workspace, fixed)
     before = {c.id: c.split for c in curated.load_curated(workspace)}
     more = [_call(f"later {'y' * i}", session=f"t{i}", answer=f"b{i}", ts=f"2025-02-01T00:{i:02d}:00Z")
             for i in range(40)]
     _store(workspace, more)
-    report = curate(workspace, CurateConfig(pii="off", near_duplicates=False))
+    report = curate(workspace, fixed)
     assert report.version == "v0002" and report.calls_out == 80
     after = {c.id: c.split for c in curated.load_curated(workspace)}
     assert all(after[i] == s for i, s in before.items())
     assert set(before.values()) >= {"train"} and len(set(after.values())) >= 2
+
+
+def test_test_split_is_sized_per_task_and_growth_never_moves_a_training_call_to_test(workspace):
+    """A task of 100 calls expects 50 test calls (the cap, 0.5); at 200 calls its share shrinks to
+    (50 + 2 sqrt(50)) / 200 = 0.32: calls only ever leave the test split, none joins it from train."""
+    cfg = CurateConfig(pii="off", near_duplicates=False)
+    first = [_call(f"question {i} {'x' * (i % 7)}", session=f"s{i}", answer=f"a{i}",
+                   ts=f"2025-01-01T{i // 60:02d}:{i % 60:02d}:00Z") for i in range(100)]
+    _store(workspace, first)
+    report = curate(workspace, cfg)
+    assert report.split_groups["test_share"] == {"configured": 0.1, "max_used": 0.5}
+    assert 35 <= report.splits["test"] <= 65
+    before = {c.id: c.split for c in curated.load_curated(workspace)}
+    more = [_call(f"later {i} {'y' * (i % 7)}", session=f"t{i}", answer=f"b{i}",
+                  ts=f"2025-02-01T{i // 60:02d}:{i % 60:02d}:00Z") for i in range(100)]
+    _store(workspace, more)
+    report = curate(workspace, cfg)
+    assert report.split_groups["test_share"]["max_used"] == pytest.approx(0.3207, abs=1e-3)
+    assert report.splits["test"] >= 50
+    after = {c.id: c.split for c in curated.load_curated(workspace)}
+    assert all(after[i] != "test" for i, s in before.items() if s != "test")
+    assert all(after[i] == "train" for i, s in before.items() if s == "train")
+
+
+def test_calls_sharing_an_entity_land_on_one_side(workspace):
+    """Sessions that name the same order id or e-mail are one group; a token in many sessions links nothing."""
+    from slmigrate.curate.run import SplitPlanner
+
+    calls = []
+    for i in range(300):
+        order = f"AO-{100000 + i // 3}"  # every 3 sessions share an order id
+        mail = f"pat{i // 5}@example.com"  # every 5 sessions share an e-mail: chains of groups
+        calls.append(_call(f"where is {order}? mail {mail}; model gpt-4o-2024-08-06", session=f"s{i}",
+                           answer=f"a{i}", ts=f"2025-01-01T{i // 60:02d}:{i % 60:02d}:00Z"))
+    planner = SplitPlanner(CurateConfig(link_max_share=0.2))
+    for c in calls:
+        planner.add(c)
+    split, report = planner.assign()
+    for i in range(0, 300, 3):
+        assert split[f"s{i}"] == split[f"s{i + 1}"] == split[f"s{i + 2}"]
+    for i in range(0, 300, 5):
+        assert len({split[f"s{i + k}"] for k in range(5)}) == 1
+    # "gpt-4o-2024-08-06" is in every session: no entity, ignored (else one group of 300)
+    assert report["tokens_ignored"] == 1 and report["largest_group_sessions"] == 15
+    assert report["linked_sessions"] == 300 and report["groups"] == 20
+    # The group cap: with groups capped at 10 sessions, the e-mail links that would join 15 are left out
+    capped = SplitPlanner(CurateConfig(link_max_share=0.01))
+    for c in calls:
+        capped.add(c)
+    _, small = capped.assign()
+    assert small["largest_group_sessions"] <= 10 and small["links_skipped"] > 0
 
 
 def test_curate_scrubs_with_report_and_examples(workspace, fake_pii):
@@ -362,3 +416,52 @@ def test_presidio_research_recall_precision():
         assert per[entity]["precision"] >= floor, (entity, per[entity])
     for entity in ("EMAIL_ADDRESS", "CREDIT_CARD", "IBAN_CODE", "IP_ADDRESS", "US_SSN"):
         assert per[entity]["precision"] >= 0.9, (entity, per[entity])
+
+
+@pytest.mark.slow
+def test_entity_aware_split_on_the_examples_log(workspace, tmp_path):
+    """The examples log through curate with its defaults (real spaCy PII pass, placeholders), with 40 of its
+    customers coming back in a new session (same name, e-mail and order number: the reuse a real shop sees).
+    Placeholders are numbered per session (`<PERSON_1>` is someone else in every session), so "no placeholder
+    on both sides" means: no customer name, e-mail or order number behind one is in the train and the test
+    split. Without entity links, some would be."""
+    import importlib.util
+    from pathlib import Path
+
+    from slmigrate.curate.run import session_key
+
+    spec = importlib.util.spec_from_file_location(
+        "agent_log", Path(__file__).resolve().parents[1] / "examples" / "agent_log.py")
+    agent_log = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(agent_log)
+    records = agent_log.generate(600, seed=0)
+    extracted = [r for r in records if r["metadata"]["task"] == "extract"]
+    again = []
+    for k, r in enumerate(extracted[:40]):  # the same customer writes again, in a new session, a day later
+        twin = json.loads(json.dumps(r))
+        twin["id"] = f"again-{k}"
+        twin["metadata"]["session"] = f"ticket-again-{k}"
+        twin["request"]["messages"][-1]["content"] += " (Writing again about this.)"
+        again.append(twin)
+    log = tmp_path / "calls.jsonl"
+    log.write_text("".join(json.dumps(r) + "\n" for r in records + again))
+    _import(workspace, str(log))
+    report = curate(workspace, CurateConfig())
+    assert report.split_groups["linked_sessions"] >= 80 and report.split_groups["links_skipped"] == 0
+    split = {c.id: c.split for c in curated.load_curated(workspace)}
+    raw = {c.id: c for c in workspace.store.iter_calls() if c.id in split}
+    entities: dict[str, set[str]] = {}  # value -> curated call ids whose raw text holds it
+    for r in records + again:
+        if r["metadata"]["task"] != "extract":
+            continue
+        fields = json.loads(r["response"]["choices"][0]["message"]["content"])
+        for value in (fields["customer_name"], fields["email"], fields["order_id"]):
+            entities.setdefault(value, set())
+    texts = {cid: json.dumps([c.request, c.answer]) for cid, c in raw.items()}
+    for value in entities:
+        entities[value] = {cid for cid, text in texts.items() if value in text}
+    both = [v for v, ids in entities.items() if {"train", "test"} <= {split[i] for i in ids}]
+    assert both == [], f"{len(both)} entities on both sides of the split, e.g. {both[:3]}"
+    # the test has teeth: by session alone, some of the returning customers straddle train and test
+    plain = {cid: split_of(session_key(c), (0.8, 0.1, 0.1)) for cid, c in raw.items()}
+    assert any(len({plain[i] for i in ids}) > 1 for ids in entities.values())

@@ -47,13 +47,82 @@ def test_gate_catches_a_regression_of_a_previously_migrated_cluster():
     assert [f["cluster"] for f in E.gate(res, 0.9)] == ["c"]
 
 
-def test_decide():
-    ft = {"primary": 0.92}
-    assert E.decide("json", 10, ft, "json_exact", 0.9, 5)["migrate"] is True
-    assert E.decide("json", 10, {"primary": 0.89}, "json_exact", 0.9, 5)["migrate"] is False
-    assert "too few" in E.decide("json", 3, ft, "json_exact", 0.9, 5)["reason"]
+def _finetuned(scores, metric="json_exact", p50=None):
+    """A fine-tuned variant's result as evaluate_variant writes it: point estimate and 95% interval per metric."""
+    from slmigrate.stats import estimate
+
+    found = estimate(scores)
+    return {"primary": found["score"] if found else None, "intervals": {metric: found},
+            "efficiency": {"latency_p50_ms": p50, "latency_p95_ms": p50 and 2 * p50}}
+
+
+def test_decide_refuses_a_passing_point_estimate_whose_lower_bound_fails():
+    """9 of 10 is 0.900 >= 0.90 on the point estimate (the demo's old "yes"); its 95% interval is 0.596-0.982."""
+    nine = _finetuned([1.0] * 9 + [0.0])
+    d = E.decide("json", 10, nine, "json_exact", 0.9, 5)
+    assert nine["primary"] == 0.9 and d["migrate"] is False
+    assert d["value"] == 0.9 and d["lower"] == pytest.approx(0.5958, abs=1e-4)
+    assert d["upper"] == pytest.approx(0.9821, abs=1e-4) and d["n"] == 10 and d["method"] == "wilson"
+    # 10 calls cannot decide 0.9 at all: that is its own outcome, with the calls it needs (35 in all)
+    assert d["outcome"] == "not_enough_evidence" and d["needs_calls"] == 25
+    assert d["why"] == d["reason"] and "not enough evidence: needs 25 more calls" in d["why"]
+    # With the calls a 0.9 bound needs, a point estimate just over the threshold still stays: 36 of 40 = 0.90
+    forty = E.decide("json", 40, _finetuned([1.0] * 36 + [0.0] * 4), "json_exact", 0.9, 5)
+    assert forty["outcome"] == "stay" and forty["migrate"] is False and forty["lower"] < 0.9 <= forty["value"]
+    assert "lower bound" in forty["why"]
+    # 60 of 60: lower bound 0.940 >= 0.9 migrates
+    sixty = E.decide("json", 60, _finetuned([1.0] * 60), "json_exact", 0.9, 5)
+    assert sixty["outcome"] == "migrate" and sixty["migrate"] is True and sixty["lower"] >= 0.9
+
+
+def test_decide_not_enough_evidence_counts_the_calls_needed():
+    from slmigrate.stats import calls_needed, wilson
+
+    # smallest n' with a Wilson lower bound of n'/n' >= t, minus n
+    for t in (0.5, 0.8, 0.9, 0.95):
+        need = calls_needed(t)
+        assert wilson(need, need)[0] >= t > wilson(need - 1, need - 1)[0]
+    assert (calls_needed(0.9), calls_needed(0.95), calls_needed(1.0)) == (35, 73, None)
+    d = E.decide("label", 20, _finetuned([1.0] * 20, "label_exact"), "label_exact", 0.95, 5)
+    assert d["outcome"] == "not_enough_evidence" and d["needs_calls"] == 73 - 20
+    # min_test_calls above what the threshold needs wins
+    d = E.decide("label", 40, _finetuned([1.0] * 40, "label_exact"), "label_exact", 0.9, 50)
+    assert d["outcome"] == "not_enough_evidence" and d["needs_calls"] == 10
+    # clearly failing on few calls is a "stay", not a call for more evidence: more calls would not help
+    bad = E.decide("json", 8, _finetuned([0.0] * 8), "json_exact", 0.9, 5)
+    assert bad["outcome"] == "stay" and bad["needs_calls"] is None and "upper bound" in bad["why"]
+    # a threshold of 1.0 is out of reach of any lower bound
+    assert E.decide("json", 500, _finetuned([1.0] * 500), "json_exact", 1.0, 5)["outcome"] == "not_enough_evidence"
+
+
+def test_decide_uses_a_bootstrap_for_graded_metrics():
+    graded = [0.97, 0.99, 1.0, 0.98] * 15
+    d = E.decide("json", 60, _finetuned(graded, "field_accuracy"), "field_accuracy", 0.9, 5)
+    assert d["method"] == "bootstrap" and d["outcome"] == "migrate" and d["lower"] < d["value"] < d["upper"]
+    again = E.decide("json", 60, _finetuned(graded, "field_accuracy"), "field_accuracy", 0.9, 5)
+    assert again["lower"] == d["lower"]  # a fixed seed: the same scores give the same bound
+
+
+def test_decide_without_a_model_or_a_figure():
     assert "finetune" in E.decide("json", 10, None, "json_exact", 0.9, 5)["reason"]
     assert E.decide("json", 10, {"primary": None}, "json_exact", 0.9, 5)["migrate"] is False
+    assert "interval" in E.decide("json", 10, {"primary": 0.95}, "json_exact", 0.9, 5)["why"]
+
+
+def test_max_latency_ratio_keeps_a_slow_model_on_the_llm():
+    ft = _finetuned([1.0] * 60, p50=1122.0)
+    llm = {"latency_p50_ms": 557.0}
+    unchecked = E.decide("json", 60, ft, "json_exact", 0.9, 5, llm=llm)
+    assert unchecked["migrate"] is True  # default: shown, not checked
+    assert unchecked["latency"] == {"slm_p50_ms": 1122.0, "slm_p95_ms": 2244.0, "llm_p50_ms": 557.0,
+                                    "ratio": pytest.approx(2.014, abs=1e-3), "max_ratio": None}
+    slow = E.decide("json", 60, ft, "json_exact", 0.9, 5, llm=llm, max_latency_ratio=1.5)
+    assert slow["outcome"] == "stay" and slow["migrate"] is False
+    assert "too slow" in slow["why"] and "2.01x" in slow["why"]
+    assert E.decide("json", 60, ft, "json_exact", 0.9, 5, llm=llm, max_latency_ratio=2.5)["migrate"] is True
+    # no recorded LLM latency: nothing to compare, said so
+    blind = E.decide("json", 60, ft, "json_exact", 0.9, 5, llm={"latency_p50_ms": None}, max_latency_ratio=1.0)
+    assert blind["migrate"] is True and "latency not checked" in blind["why"]
 
 
 def test_icl_examples_are_inserted_after_the_system_prompt_in_answer_form():
@@ -77,6 +146,9 @@ def test_icl_examples_are_inserted_after_the_system_prompt_in_answer_form():
 # --- a workspace with two clusters on a tiny model ---------------------------------------------------------
 
 LABELS = 24
+# 8 label test calls: a 95% lower bound reaches 0.9 only from 35 calls, so these tests decide on a smaller bar
+SMALL_BAR = {"threshold": {"label": 0.6, "text": 0.9}, "min_test_calls": 5}
+SMALL_BAR_TOML = 'threshold = {label = 0.6, text = 0.9}\nmin_test_calls = 5\n'
 TEXTS = 12
 
 
@@ -160,7 +232,7 @@ def test_evaluate_end_to_end(two_cluster_ws):
     from fakes import HashEmbedder
 
     ws, base, label_calls, text_calls = two_cluster_ws
-    cfg = EvaluateConfig(model=str(base), embedder="hash", batch_size=4, device="cpu")
+    cfg = EvaluateConfig(model=str(base), embedder="hash", batch_size=4, device="cpu", **SMALL_BAR)
     res = E.evaluate(ws, cfg, embedder=HashEmbedder())
     by = {r["cluster"]: r for r in res.clusters}
     lbl, txt = by["c0"], by["c1"]
@@ -170,7 +242,10 @@ def test_evaluate_end_to_end(two_cluster_ws):
     assert set(lbl["variants"]) == {"base", "icl", "finetuned"}
     assert lbl["variants"]["icl"]["efficiency"]["mean_prompt_tokens"] > \
         lbl["variants"]["base"]["efficiency"]["mean_prompt_tokens"]
-    assert lbl["decision"]["migrate"] is True
+    assert lbl["decision"]["migrate"] is True and lbl["decision"]["outcome"] == "migrate"
+    # 8 of 8: the lower bound 8 / (8 + 1.96^2) = 0.676 clears the small bar of 0.6, and the decision says so
+    assert lbl["decision"]["lower"] == pytest.approx(0.6756, abs=1e-3) and lbl["decision"]["n"] == 8
+    assert lbl["variants"]["finetuned"]["intervals"]["label_exact"]["interval"] == "wilson"
     assert txt["decision"]["migrate"] is False and txt["variants"]["finetuned"]["skipped"]
     assert {"rouge_l", "embedding_similarity"} <= set(txt["variants"]["base"]["metrics"])
     eff = lbl["variants"]["finetuned"]["efficiency"]
@@ -186,6 +261,10 @@ def test_evaluate_end_to_end(two_cluster_ws):
     assert plan["estimate_per_cluster"]["c0"] == {"score": 0.9, "likely_replaceable": True,
                                                   "reasons": ["short answers"]}
     assert plan["estimate"]["call_share"] == 0.6667
+    line = plan["decisions"]["c0"]
+    assert line["outcome"] == "migrate" and line["lower"] == lbl["decision"]["lower"] and line["n"] == 8
+    assert line["latency"]["slm_p50_ms"] == eff["latency_p50_ms"] and line["latency"]["llm_p50_ms"] >= 900
+    assert plan["not_enough_evidence"] == {}
     # stored for report and refine
     latest = json.loads(ws.path("evals", "latest.json").read_text())
     assert latest["run"] == res.run
@@ -205,7 +284,7 @@ def test_cli_gate_exit_codes(two_cluster_ws, tmp_path, monkeypatch, capsys):
 
     ws, base, *_ = two_cluster_ws
     monkeypatch.chdir(tmp_path)
-    (tmp_path / "slmigrate.toml").write_text('[evaluate]\nembedder = "hash"\nbatch_size = 4\n')
+    (tmp_path / "slmigrate.toml").write_text('[evaluate]\nembedder = "hash"\nbatch_size = 4\n' + SMALL_BAR_TOML)
     args = ["evaluate", "-w", str(ws.root), "--model", str(base), "--variants", "finetuned", "--device", "cpu"]
     assert main(args + ["--fail-under", "0.95", "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
@@ -226,7 +305,7 @@ def test_run_applies_the_configured_gate(two_cluster_ws, tmp_path, capsys):
     ws, base, *_ = two_cluster_ws
     cfg = tmp_path / "slmigrate.toml"
     settings = (f'[evaluate]\nmodel = "{base}"\nembedder = "hash"\nbatch_size = 4\ndevice = "cpu"\n'
-                'variants = ["finetuned"]\n')
+                'variants = ["finetuned"]\n' + SMALL_BAR_TOML)
     run = ["-w", str(ws.root), "run", "--config", str(cfg), "--from", "evaluate", "--to", "evaluate"]
     cfg.write_text(settings + "fail_under = 0.95\n")
     assert main(run + ["--json"]) == 0
@@ -252,7 +331,7 @@ def test_a_copied_workspace_still_serves_and_reports(two_cluster_ws, tmp_path):
     from slmigrate.workspace import Workspace
 
     ws, base, *_ = two_cluster_ws
-    E.evaluate(ws, EvaluateConfig(model=str(base), embedder="hash", batch_size=4, device="cpu"),
+    E.evaluate(ws, EvaluateConfig(model=str(base), embedder="hash", batch_size=4, device="cpu", **SMALL_BAR),
                embedder=HashEmbedder())
     stored = [r["adapter"] for r in json.loads(ws.path("evals", "latest.json").read_text())["clusters"]]
     assert "adapters/c0/tiny-llama" in stored
@@ -434,8 +513,9 @@ def test_refine_dry_run_scores_fresh_calls_as_evaluate_does(two_cluster_ws, tmp_
     write_curated(ws, rows, {}, {})
     curate_cfg = CurateConfig(pii="off", near_duplicates=False)  # the fixture's tickets differ only by number
     ws.write_manifest("curate", fingerprint="test", config=curate_cfg.model_dump(mode="json"))
-    cfg = EvaluateConfig(model=str(base), embedder="hash", batch_size=4, device="cpu", threshold={"label": 0.3},
-                         variants=["finetuned"])
+    # 4 of 8 right: the 95% lower bound (0.215) clears a 0.2 bar, so the task migrates.
+    cfg = EvaluateConfig(model=str(base), embedder="hash", batch_size=4, device="cpu", threshold={"label": 0.2},
+                         min_test_calls=1, variants=["finetuned"])
     evaluated = E.evaluate(ws, cfg, clusters=["c0"])
     [c0] = evaluated.clusters
     score = c0["variants"]["finetuned"]["primary"]
@@ -448,7 +528,7 @@ def test_refine_dry_run_scores_fresh_calls_as_evaluate_does(two_cluster_ws, tmp_
     assert ws.store.insert_calls(fresh) == (len(fresh), 0)
     monkeypatch.setattr(ClusterModel, "load", classmethod(lambda cls, ws, embedder=None: _OneCluster()))
     config = workspace_config(ws)
-    assert config.evaluate.threshold["label"] == 0.3 and config.curate == curate_cfg
+    assert config.evaluate.threshold["label"] == 0.2 and config.curate == curate_cfg
     plan = refine(ws, dry_run=True)
     assert plan["curated"] == len(fresh)
     assert plan["clusters"]["c0"]["metric"] == score
@@ -463,8 +543,55 @@ def test_refine_dry_run_scores_fresh_calls_as_evaluate_does(two_cluster_ws, tmp_
     assert main(["refine", "--dry-run", "-w", str(ws.root), "--json"]) == 0
     from_elsewhere = json.loads(capsys.readouterr().out)
     assert from_elsewhere["clusters"]["c0"]["metric"] == score
-    assert from_elsewhere["clusters"]["c0"]["threshold"] == 0.3 and from_elsewhere["actions"] == plan["actions"]
+    assert from_elsewhere["clusters"]["c0"]["threshold"] == 0.2 and from_elsewhere["actions"] == plan["actions"]
     assert main(["refine", "--dry-run", "-w", str(ws.root), "--config", "slmigrate.toml", "--json"]) == 0
     named = json.loads(capsys.readouterr().out)
     assert named["clusters"]["c0"]["threshold"] == 0.99
     assert ("retrain", "c0") in {(a["action"], a["cluster"]) for a in named["actions"]}
+
+
+# --- the gate with the real SmolLM2 ---------------------------------------------------------------------------
+
+def _smollm2_label_ws(root, base, answers: list[str]):
+    """Ten label calls in the test split of cluster c0, whose "fine-tuned model" is SmolLM2-135M itself (a full
+    model folder under adapters/: evaluate loads it as the finetuned variant), with the given reference answers."""
+    from slmigrate.curate.dataset import to_row, write_curated
+    from slmigrate.workspace import Workspace
+
+    ws = Workspace.open(root)
+    questions = ["What colour is the sky?", "What is 2 + 2?", "Name a fruit.", "What do cows drink?",
+                 "Say hello.", "What is the capital of France?", "Name a planet.", "What colour is grass?",
+                 "Count to three.", "Name an animal."]
+    calls = [_call(i, "Answer in a few words.", q, a) for i, (q, a) in enumerate(zip(questions, answers))]
+    ws.store.insert_calls(calls)
+    write_curated(ws, [to_row(c, "test") for c in calls], {}, {})
+    ws.store.set_clusters({c.id: "c0" for c in calls})
+    (ws.path("clusters") / "clusters.json").write_text(json.dumps({"clusters": [
+        {"id": "c0", "label": "short answers", "output_kind": "label"}]}))
+    (ws.path("adapters", "c0")).mkdir(parents=True)
+    (ws.path("adapters", "c0", "smollm2")).symlink_to(base, target_is_directory=True)
+    return ws
+
+
+@pytest.mark.slow
+def test_real_smollm2_point_estimate_passes_but_the_bound_refuses(tmp_path):
+    """The real SmolLM2 path (load, render, generate, parse, score, decide): its own greedy answers are the
+    reference on 9 of 10 calls, so it scores exactly 0.900 >= 0.90 - and does not migrate, because the 95%
+    lower bound of 9/10 is 0.596 (10 calls cannot show 0.9: it needs 35)."""
+    from tiny_model import smollm2_dir
+
+    base = smollm2_dir()
+    cfg = EvaluateConfig(variants=["finetuned"], model=str(base), device="cpu", batch_size=5, max_new_tokens=12,
+                         embedder="none")
+    first = E.evaluate(_smollm2_label_ws(tmp_path / "a", base, ["-"] * 10), cfg)
+    run = tmp_path / "a" / "evals" / first.run / "predictions" / "c0.jsonl"
+    said = [json.loads(line)["prediction"]["content"] for line in run.read_text().splitlines()]
+    assert len(said) == 10 and all(s.strip() for s in said)
+    res = E.evaluate(_smollm2_label_ws(tmp_path / "b", base, said[:9] + ["certainly not this"]), cfg)
+    (c0,) = res.clusters
+    d = c0["decision"]
+    assert c0["variants"]["finetuned"]["primary"] == pytest.approx(0.9) and c0["threshold"] == 0.9
+    assert d["migrate"] is False and res.plan["migrating_clusters"] == []
+    assert d["lower"] == pytest.approx(0.5958, abs=1e-3) and d["n"] == 10 and d["method"] == "wilson"
+    assert d["outcome"] == "not_enough_evidence" and d["needs_calls"] == 25
+    assert res.plan["not_enough_evidence"] == {"c0": 25}

@@ -286,7 +286,7 @@ def test_gemma_270m_loads_offline_with_its_chat_format_and_a_lora_step_learns(wo
     fill_workspace(workspace, colour_calls(12), lambda r: "colours", split=lambda r: "train")
     config = FinetuneConfig(model="gemma-3-270m", device="cpu", max_steps=2, lr=2e-3, batch_tokens=256,
                             lora_r=4, stop_when_exact=False, min_examples=4)
-    res = finetune(workspace, config, progress=False)["adapters"][0]
+    res = finetune(workspace, config).adapters[0]
     assert res["status"] == "trained", res
     losses = res["history"]["train_loss"]
     print(f"\ngemma-3-270m: 2 LoRA steps, loss {losses}, {res['seconds']:.0f} s")

@@ -15,7 +15,8 @@ import pytest
 
 from slmigrate.curate import dataset as curated
 from slmigrate.config import Config, PricesConfig
-from slmigrate.probe import bootstrap_mean, estimate, hoeffding, probe, wilson
+from slmigrate.probe import probe
+from slmigrate.stats import bootstrap_mean, estimate, hoeffding, wilson
 from slmigrate.record import CallRecord
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -174,14 +175,21 @@ def test_headline_says_what_the_evaluation_decided_beside_the_probe(tmp_path):
     cfg = Config()
     cfg.probe.fewshot_calls = 0
     probe(ws, cfg)
-    artifacts.write_evaluation(ws, {"clusters": [{"cluster": "fruit", "variants": {"finetuned": {"primary": 1.0}}}],
-                                    "plan": {"migrating_clusters": ["fruit"], "measured": {
-                                        "calls": {"share": 0.5}, "cost_usd": {"share": 0.25}}}})
+    fruit = {"outcome": "migrate", "value": 1.0, "lower": 0.9404, "upper": 1.0, "n": 60, "needs_calls": None}
+    veg = {"outcome": "not_enough_evidence", "value": 0.9, "lower": 0.5958, "upper": 0.9821, "n": 10,
+           "needs_calls": 25}
+    artifacts.write_evaluation(ws, {"clusters": [
+        {"cluster": "fruit", "variants": {"finetuned": {"primary": 1.0}}, "decision": {"migrate": True, **fruit}},
+        {"cluster": "veg", "variants": {"finetuned": {"primary": 0.9}}, "decision": {"migrate": False, **veg}}],
+        "plan": {"migrating_clusters": ["fruit"], "measured": {"calls": {"share": 0.5}, "cost_usd": {"share": 0.25}},
+                 "not_enough_evidence": {"veg": 25}}})
     h = headline(ws, cfg)
-    assert h["evaluated"] == {"migrating": ["fruit"], "evaluated": ["fruit"], "calls_share": 0.5,
-                              "cost_share": 0.25}
-    assert "evaluated fine-tuned on held-out calls (1 task(s)): migrating fruit, 50% of calls and 25% of cost" \
-        in h["text"]
+    assert h["evaluated"] == {"migrating": ["fruit"], "evaluated": ["fruit", "veg"], "calls_share": 0.5,
+                              "cost_share": 0.25, "decisions": {"fruit": fruit, "veg": veg},
+                              "not_enough_evidence": {"veg": 25}}
+    assert ("evaluated fine-tuned on held-out calls (2 task(s)): migrating fruit (fruit 1.000, 95% lower bound "
+            "0.940, n=60), 50% of calls and 25% of cost") in h["text"]
+    assert "veg: not enough evidence: needs 25 more calls" in h["text"]
     assert {t["cluster"]: t["finetuned"] for t in h["per_task"]}["fruit"] == 1.0
 
 

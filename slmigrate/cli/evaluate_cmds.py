@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Annotated, Optional
 
 import typer
+from rich.markup import escape
 from rich.table import Table
 
 from slmigrate import artifacts
@@ -80,13 +81,22 @@ def evaluate(
     check_gate(result.to_dict(), fail_under)
 
 
+def _verdict(d: dict) -> str:
+    if d.get("migrate"):
+        return "[green]migrate[/]"
+    if d.get("outcome") == "not_enough_evidence":
+        needs = d.get("needs_calls")
+        return "[yellow]not enough evidence[/]" + (f" (+{needs} calls)" if needs is not None else "")
+    return "[yellow]stay on LLM[/]"
+
+
 def show(result: EvaluateResult) -> None:
     if result.skipped_unchanged:
         console.print(f"[dim]Nothing changed since run {result.run}; showing it (use --force to re-run).[/]")
     quality = Table(title="quality on held-out test calls (primary metric per variant)", title_justify="left")
-    numeric = ("calls", "base", "icl", "finetuned", "threshold", "estimate")
-    for col in ("cluster", "kind", "calls", "metric", "base", "icl", "finetuned", "threshold", "decision",
-                "estimate"):
+    numeric = ("calls", "base", "icl", "finetuned", "95% interval", "threshold", "estimate")
+    for col in ("cluster", "kind", "calls", "metric", "base", "icl", "finetuned", "95% interval", "threshold",
+                "decision", "estimate"):
         quality.add_column(col, justify="right" if col in numeric else "left")
     for r in result.clusters:
         v = r["variants"]
@@ -94,7 +104,8 @@ def show(result: EvaluateResult) -> None:
         quality.add_row(
             f"{r['cluster']} {r.get('label') or ''}".strip()[:40], r["kind"], str(r["test_calls"]),
             r["primary_metric"], *[_fmt((v.get(x) or {}).get("primary")) for x in ("base", "icl", "finetuned")],
-            f"{r['threshold']:.2f}", ("[green]migrate[/]" if d["migrate"] else "[yellow]stay on LLM[/]"),
+            "-" if d.get("lower") is None else f"{d['lower']:.3f}-{d['upper']:.3f}",
+            f"{r['threshold']:.2f}", _verdict(d),
             _fmt((r.get("estimate") or {}).get("score"), ".2f"))
     console.print(quality)
     eff = Table(title="efficiency (small model vs recorded LLM)", title_justify="left")
@@ -112,7 +123,14 @@ def show(result: EvaluateResult) -> None:
                         _fmt(r["llm"]["latency_p50_ms"], ".0f"), _fmt(e["llm_to_slm_cost_ratio"], ".1f", "-"))
     console.print(eff)
     for r in result.clusters:
-        console.print(f"  {r['cluster']}: {r['decision']['reason']}")
+        console.print(f"  {r['cluster']}: {escape(r['decision']['reason'])}", highlight=False)
+        lat = r["decision"].get("latency") or {}
+        if lat.get("slm_p50_ms") is not None:
+            console.print(f"    latency: small model p50 {lat['slm_p50_ms']:,.0f} ms / p95 "
+                          f"{lat['slm_p95_ms']:,.0f} ms, LLM p50 "
+                          + ("unknown" if lat.get("llm_p50_ms") is None else f"{lat['llm_p50_ms']:,.0f} ms "
+                             f"(ratio {lat['ratio']:.2f}"
+                             + (f", max {lat['max_ratio']:g})" if lat.get("max_ratio") else ")")), highlight=False)
     for s in result.skipped:
         console.print(f"  [dim]{s['cluster']}: skipped ({s['reason']})[/]")
     plan = result.plan["measured"]

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import re
 import time
 from collections import Counter
@@ -142,6 +143,166 @@ def session_key(call: CallRecord) -> str:
     return call.session or f"call:{call.input_id or call.id}"
 
 
+# Entity tokens: e-mail addresses and id-like tokens (5+ characters of letters, digits, "_", "-", "#" with 3+ digits
+# and a letter, or 6+ digits: AO-216530, #W4073673, mia_li_3668, 5551234567), never dates, short digit groups or
+# words like "2-Person".
+_EMAIL = re.compile(r"(?<![\w.+-])[\w.+-]+@[\w-]+(?:\.[\w-]+)+")
+_NOT_ID = re.compile(r"\d{4}-\d{2}-\d{2}.*|\d{1,4}(?:[-_]\d{1,4})*")
+_TOKEN_PARTS: dict[bytes, frozenset[bytes]] = {}
+
+
+def entity_tokens(text: str) -> frozenset[bytes]:
+    """Digests of the e-mails and id-like tokens in ``text`` (remembered per distinct text, like near_key's
+    parts; digests only: the values themselves are never kept)."""
+    exact = hashlib.blake2b(text.encode("utf-8", "surrogatepass"), digest_size=16).digest()
+    found = _TOKEN_PARTS.get(exact)
+    if found is None:
+        values = {m.group(0).lower() for m in _EMAIL.finditer(text)}
+        for m in _ID.finditer(text):
+            token = m.group(0).strip("-_#")
+            digits = sum(ch.isdigit() for ch in token)
+            if len(token) >= 5 and digits >= 3 and not _NOT_ID.fullmatch(token) and (
+                    digits >= 6 or any(ch.isalpha() for ch in token)):
+                values.add(token.lower())
+        found = frozenset(_digest(v) for v in values)
+        if len(_TOKEN_PARTS) >= _NEAR_PARTS_MAX:
+            _TOKEN_PARTS.clear()
+        _TOKEN_PARTS[exact] = found
+    return found
+
+
+def _digest(value: str) -> bytes:
+    return hashlib.blake2b(value.encode("utf-8", "surrogatepass"), digest_size=8, person=b"slm-link").digest()
+
+
+def _call_texts(call: CallRecord) -> Iterator[str]:
+    """The conversation's texts an entity can sit in: every message (content, tool calls) and the answer."""
+    for message in (*(call.request.get("messages") or ()), call.answer):
+        if isinstance(message, dict):
+            yield canonical_json({k: v for k, v in message.items() if k != "tool_call_id"})
+
+
+def task_key(call: CallRecord) -> bytes:
+    """What calls of one task share before clustering: the system prompt and the tools offered."""
+    messages = call.request.get("messages") or []
+    head = messages[0] if messages and isinstance(messages[0], dict) else {}
+    system = message_text(head) if head.get("role") in ("system", "developer") else ""
+    return _digest(system + "\x00" + ",".join(sorted(offered_tools(call))))
+
+
+class SplitPlanner:
+    """Assigns each session a split so that calls sharing an entity land on one side and tasks get their test calls.
+
+    ``add`` each kept call (and, after scrubbing, ``add_values`` the PII values found in it): sessions are joined
+    by union-find when they share an entity token (rarest tokens first). Two guards keep one giant group from
+    swallowing the log (a long chain of shared first names or a product id in every call would): a token in more
+    than ``link_max_share`` of the sessions (at least 10) is no entity and is ignored, and a token whose union would
+    make a group larger than that share is left unlinked (counted in the report as ``links_skipped``). A group is
+    split by ``split_of`` of its smallest session key: an unlinked session keeps the split it always had.
+    Each group's test share is the largest its tasks need (``test_calls_per_task``), see ``shares``.
+    """
+
+    def __init__(self, config: CurateConfig):
+        self.config = config
+        self.index: dict[str, int] = {}
+        self.keys: list[str] = []
+        self.tokens: dict[bytes, set[int]] = {}
+        self.tasks: list[set[bytes]] = []
+        self.task_calls: Counter[bytes] = Counter()
+
+    def _session(self, call: CallRecord) -> int:
+        key = session_key(call)
+        at = self.index.get(key)
+        if at is None:
+            at = self.index[key] = len(self.keys)
+            self.keys.append(key)
+            self.tasks.append(set())
+        return at
+
+    def add(self, call: CallRecord) -> None:
+        at = self._session(call)
+        task = task_key(call)
+        self.tasks[at].add(task)
+        self.task_calls[task] += 1
+        if self.config.link_entities:
+            for text in _call_texts(call):
+                for token in entity_tokens(text):
+                    self.tokens.setdefault(token, set()).add(at)
+
+    def add_values(self, call: CallRecord, values: Iterable[str]) -> None:
+        """PII values the scrubber found in ``call`` (names, e-mails, ids): entities too."""
+        if self.config.link_entities:
+            at = self._session(call)
+            for value in values:
+                self.tokens.setdefault(_digest(value.strip().lower()), set()).add(at)
+
+    def shares(self) -> dict[bytes, float]:
+        """Test share per task: (target + 2 sqrt(target)) / calls, so the task expects ``test_calls_per_task``
+        test calls with a margin, capped at ``max_test_share``; never below the configured test share. Only for
+        tasks with at least ``test_calls_per_task`` calls (the others do not have them to give)."""
+        target, base = self.config.test_calls_per_task, self.config.split[2]
+        out = {}
+        if target:
+            margin = target + 2 * math.sqrt(target)
+            for task, n in self.task_calls.items():
+                if n >= target:
+                    out[task] = max(base, min(self.config.max_test_share, margin / n))
+        return out
+
+    def assign(self) -> tuple[dict[str, str], dict[str, Any]]:
+        """Session key -> split, and what the linking did (for the report)."""
+        n = len(self.keys)
+        parent = list(range(n))
+        size = [1] * n
+
+        def find(i: int) -> int:
+            while parent[i] != i:
+                parent[i] = parent[parent[i]]
+                i = parent[i]
+            return i
+
+        cap = max(10, int(self.config.link_max_share * n))
+        ignored = skipped = 0
+        for token, sessions in sorted(self.tokens.items(), key=lambda kv: (len(kv[1]), kv[0])):
+            if len(sessions) < 2:
+                continue
+            if len(sessions) > cap:
+                ignored += 1
+                continue
+            roots = {find(i) for i in sessions}
+            if len(roots) < 2:
+                continue
+            if sum(size[r] for r in roots) > cap:
+                skipped += 1
+                continue
+            first, *rest = sorted(roots)
+            for r in rest:
+                parent[r] = first
+                size[first] += size[r]
+        groups: dict[int, list[int]] = {}
+        for i in range(n):
+            groups.setdefault(find(i), []).append(i)
+        task_share = self.shares()
+        train, validation, test = self.config.split
+        out = {}
+        for members in groups.values():
+            key = min(self.keys[i] for i in members)
+            share = max([test] + [task_share.get(t, test) for i in members for t in self.tasks[i]])
+            shares = (train, validation, test) if share <= test else (
+                train * (1 - share) / (train + validation or 1), validation * (1 - share) / (train + validation or 1),
+                share)
+            split = split_of(key, shares, self.config.seed)
+            for i in members:
+                out[self.keys[i]] = split
+        linked = [m for m in groups.values() if len(m) > 1]
+        report = {"groups": len(groups), "linked_groups": len(linked),
+                  "linked_sessions": sum(len(m) for m in linked),
+                  "largest_group_sessions": max((len(m) for m in groups.values()), default=0),
+                  "tokens_ignored": ignored, "links_skipped": skipped, "group_cap_sessions": cap,
+                  "test_share": {"configured": test, "max_used": max(task_share.values(), default=test)}}
+        return out, report
+
+
 # --- the stage ---
 # Where and on how many workers the PII pass runs changes speed, not output.
 RUN_ONLY_KEYS = {"workers", "engine", "ray_address"}
@@ -164,6 +325,7 @@ class CurateResult(StageOutput):
     sessions: dict[str, int] = field(default_factory=dict)
     pii: str = "off"
     entities: dict[str, int] = field(default_factory=dict)
+    split_groups: dict[str, Any] = field(default_factory=dict)  # the entity-aware split's linking and test share
     duration_s: float = 0.0
     version: str | None = None
     examples: list[dict[str, Any]] = field(default_factory=list)
@@ -198,14 +360,24 @@ def curate(ws: Workspace, config: CurateConfig | None = None, *, progress: Progr
     dropped: Counter[str] = Counter()
     calls_in = [0]
     kept_calls = _kept(ws, config, total, dropped, calls_in, progress)
+    planner = SplitPlanner(config)
     if config.pii == "off":
-        # Nothing needs the whole set at once: calls stream from the store through the filters into the dataset.
+        # Nothing needs the whole set at once: a first pass over the store collects each session's entity tokens
+        # (digests only) for the split, then the calls stream from the store through the filters into the dataset.
+        for call in _kept(ws, config, total, Counter(), [0], None):
+            planner.add(call)
         scrubbed: Iterable[CallRecord] = kept_calls
         replaced: list[dict[str, str]] = []
         analyzer = None
     else:
         # The scrubber's whole-batch vetoes and consistent replacements need every kept call in memory.
-        scrubbed, replaced, analyzer = _scrub(list(kept_calls), config, entities, progress)
+        raw = list(kept_calls)
+        for call in raw:
+            planner.add(call)
+        scrubbed, replaced, analyzer = _scrub(raw, config, entities, progress)
+        _add_found_values(planner, raw, analyzer, config)
+        del raw
+    split_by_session, linking = planner.assign()
     entity_counts: Counter[str] = Counter()
     for r in replaced:
         entity_counts.update(r.values())
@@ -216,7 +388,7 @@ def curate(ws: Workspace, config: CurateConfig | None = None, *, progress: Progr
     def rows() -> Iterator[dict[str, Any]]:
         for call in scrubbed:
             key = session_key(call)
-            split = split_of(key, config.split, config.seed)
+            split = split_by_session[key]
             splits[split] += 1
             sessions[split].add(key)
             yield curated.to_row(call, split)
@@ -231,6 +403,7 @@ def curate(ws: Workspace, config: CurateConfig | None = None, *, progress: Progr
             "dropped": {r: dropped.get(r, 0) for r in DROP_REASONS},
             "splits": {s: splits.get(s, 0) for s in curated.SPLITS},
             "sessions": {s: len(v) for s, v in sessions.items()},
+            "split_groups": linking,
             "pii": config.pii,
             "entities": dict(entity_counts.most_common()),
             "distinct_texts_analysed": len(analyzer.cache) if analyzer else 0,
@@ -249,6 +422,20 @@ def curate(ws: Workspace, config: CurateConfig | None = None, *, progress: Progr
                       counts={"calls_in": report["calls_in"], "calls_out": report["calls_out"], **report["splits"]},
                       started=started, extra={"store_fingerprint": ws.store.fingerprint(), "version": version})
     return CurateResult.of(report)
+
+
+def _add_found_values(planner: SplitPlanner, raw: list[CallRecord], analyzer: Any, config: CurateConfig) -> None:
+    """The values the PII pass found in each call (before replacement: a placeholder is numbered per session,
+    the value behind it is what two sessions share) join the call's entity tokens."""
+    if analyzer is None or not config.link_entities:
+        return
+    from slmigrate.curate.pii.engine import STRUCT
+    from slmigrate.curate.pii.scrub import SAFE_METADATA_KEYS, texts_of
+
+    keep = SAFE_METADATA_KEYS | frozenset(config.keep_metadata)
+    for call in raw:
+        values = {f.value for t in texts_of(call, keep) for f in analyzer.cache.get(t, ()) if f.entity != STRUCT}
+        planner.add_values(call, values)
 
 
 def _kept(ws: Workspace, config: CurateConfig, total: int, dropped: Counter[str], calls_in: list[int],

@@ -33,6 +33,7 @@ from slmigrate.errors import GateFailed, SlmigrateError
 from slmigrate.progress import Progress, silent
 from slmigrate.record import CallRecord
 from slmigrate.results import StageOutput
+from slmigrate.stats import calls_needed, estimate, wilson
 from slmigrate.workspace import Workspace, fingerprint_of
 
 VARIANTS = ("base", "icl", "finetuned")
@@ -217,6 +218,8 @@ def evaluate_variant(model: Any, tokenizer: Any, calls: Sequence[CuratedCall], k
     primary = M.primary_metric(kind, config.primary)
     return {
         "metrics": scores.means, "counts": scores.counts, "primary": scores.means.get(primary),
+        # 95% interval per metric (Wilson for 0/1 scores, else a seeded bootstrap): decide() reads the primary's
+        "intervals": {name: estimate(values, config.seed) for name, values in scores.items.items()},
         "efficiency": slm_figures(gen, prices, llm_cost),
         "_items": [{"id": c.id, "text": t, "prediction": p, primary: scores.items.get(primary, [None] * len(calls))[i]}
                    for i, (c, t, p) in enumerate(zip(calls, gen.texts, predictions))],
@@ -228,18 +231,71 @@ def _without(static: StaticPrompt, request: dict[str, Any]) -> dict[str, Any]:
     return {**request, "messages": messages, "tools": tools}
 
 
+OUTCOMES = ("migrate", "stay", "not_enough_evidence")
+
+
 def decide(kind: str, n_test: int, finetuned: dict[str, Any] | None, metric: str, threshold: float,
-           min_calls: int) -> dict[str, Any]:
+           min_calls: int, *, llm: dict[str, Any] | None = None,
+           max_latency_ratio: float | None = None) -> dict[str, Any]:
+    """Whether the task migrates, on the **lower** bound of the fine-tuned primary metric's 95% interval.
+
+    Outcomes: ``migrate`` (lower bound >= threshold, and the latency ratio within ``max_latency_ratio`` when
+    set); ``stay`` (the interval says no, or the small model is too slow); ``not_enough_evidence`` (so few scored
+    calls that even n of n right would leave the lower bound under the threshold, or fewer than ``min_calls``:
+    ``needs_calls`` more test calls are needed). ``migrate`` and ``reason`` are kept for older readers; ``why``
+    is the same sentence. ``llm`` is the LLM's recorded figures (``latency_p50_ms``) for the latency check.
+    """
+    base: dict[str, Any] = {"outcome": "stay", "metric": metric, "threshold": threshold, "value": None,
+                            "lower": None, "upper": None, "n": 0, "method": None, "needs_calls": None,
+                            "latency": _latency(finetuned, llm, max_latency_ratio)}
+
+    def out(outcome: str, why: str) -> dict[str, Any]:
+        return {**base, "migrate": outcome == "migrate", "outcome": outcome, "reason": why, "why": why}
+
     if finetuned is None or finetuned.get("skipped"):
-        return {"migrate": False, "reason": "no fine-tuned model evaluated; run `slmigrate finetune` first"}
+        return out("stay", "no fine-tuned model evaluated; run `slmigrate finetune` first")
     value = finetuned.get("primary")
-    if n_test < min_calls:
-        return {"migrate": False, "reason": f"only {n_test} test calls (fewer than {min_calls}); too few to decide"}
     if value is None:
-        return {"migrate": False, "reason": f"{metric} could not be computed on the test calls"}
-    if value >= threshold:
-        return {"migrate": True, "reason": f"fine-tuned {metric} {value:.3f} >= threshold {threshold:.2f}"}
-    return {"migrate": False, "reason": f"fine-tuned {metric} {value:.3f} < threshold {threshold:.2f}"}
+        return out("stay", f"{metric} could not be computed on the test calls")
+    interval = (finetuned.get("intervals") or {}).get(metric)
+    if interval is None:  # an evaluation written before intervals: a point estimate is no basis for a decision
+        return out("stay", f"no interval for {metric}; re-run `slmigrate evaluate --force`")
+    n, lower, upper = int(interval["n"]), float(interval["low"]), float(interval["high"])
+    base.update(value=value, lower=lower, upper=upper, n=n, method=interval["interval"])
+    figure = f"fine-tuned {metric} {value:.3f} (95% interval {lower:.3f}-{upper:.3f}, {interval['interval']}, n={n})"
+    if upper < threshold:
+        return out("stay", f"{figure}: even the upper bound is under the threshold {threshold:.2f}")
+    needed = calls_needed(threshold)
+    if needed is None or n < max(needed, min_calls):
+        if needed is None:
+            return out("not_enough_evidence", f"{figure}: a threshold of {threshold:.2f} cannot be reached by a "
+                                              "lower bound on any number of calls; lower the threshold")
+        base["needs_calls"] = max(needed, min_calls) - n
+        best = wilson(n, n)[0]
+        return out("not_enough_evidence",
+                   f"not enough evidence: needs {base['needs_calls']} more calls ({figure}; even {n} of {n} right "
+                   f"would give a lower bound of {best:.3f} < threshold {threshold:.2f}, and it takes "
+                   f"{max(needed, min_calls)} test calls)")
+    if lower < threshold:
+        return out("stay", f"{figure}: lower bound {lower:.3f} < threshold {threshold:.2f}")
+    lat = base["latency"]
+    if lat["ratio"] is not None and max_latency_ratio is not None and lat["ratio"] > max_latency_ratio:
+        return out("stay", f"{figure} passes, but the small model is too slow: p50 {lat['slm_p50_ms']:,.0f} ms "
+                           f"is {lat['ratio']:.2f}x the LLM's {lat['llm_p50_ms']:,.0f} ms (max_latency_ratio "
+                           f"{max_latency_ratio:g})")
+    why = f"{figure}: lower bound {lower:.3f} >= threshold {threshold:.2f}"
+    if max_latency_ratio is not None and lat["ratio"] is None:
+        why += "; latency not checked (no recorded LLM latency)"
+    return out("migrate", why)
+
+
+def _latency(finetuned: dict[str, Any] | None, llm: dict[str, Any] | None,
+             max_ratio: float | None) -> dict[str, Any]:
+    """The fine-tuned model's p50/p95 latency next to the LLM's recorded p50, and their ratio."""
+    eff = (finetuned or {}).get("efficiency") or {}
+    slm, llm_p50 = eff.get("latency_p50_ms"), (llm or {}).get("latency_p50_ms")
+    return {"slm_p50_ms": slm, "slm_p95_ms": eff.get("latency_p95_ms"), "llm_p50_ms": llm_p50,
+            "ratio": round(slm / llm_p50, 3) if slm is not None and llm_p50 else None, "max_ratio": max_ratio}
 
 
 # --- the plan ------------------------------------------------------------------------------------------------
@@ -266,7 +322,19 @@ def migration_plan(ws: Workspace, results: list[dict[str, Any]], clusters: dict[
                 for k in ("calls", "tokens", "cost_usd")}
     estimate = {cid: cluster_estimate(info) for cid, info in clusters.items() if cid in {r["cluster"] for r in results}}
     return {"migrating_clusters": sorted(migrating), "measured": measured, "estimate_per_cluster": estimate,
-            "estimate": _overall_estimate(ws)}
+            "estimate": _overall_estimate(ws), "decisions": {r["cluster"]: plan_line(r) for r in results},
+            "not_enough_evidence": {r["cluster"]: r["decision"].get("needs_calls") for r in results
+                                    if r["decision"].get("outcome") == "not_enough_evidence"}}
+
+
+PLAN_KEYS = ("outcome", "metric", "threshold", "value", "lower", "upper", "n", "method", "needs_calls", "why")
+
+
+def plan_line(result: dict[str, Any]) -> dict[str, Any]:
+    """One task's decision in the plan: outcome, point estimate, 95% interval, n, and the small model's
+    p50/p95 latency next to the LLM's recorded p50 (``latency``)."""
+    d = result["decision"]
+    return {**{k: d.get(k) for k in PLAN_KEYS}, "latency": d.get("latency")}
 
 
 def cluster_estimate(info: ClusterInfo) -> dict[str, Any] | None:
@@ -480,7 +548,7 @@ def _evaluate_cluster(ws, cid, info, calls, train, variants, adapter, model_name
         out["training"] = {k: trained.get(k) for k in ("method", "base_model", "examples", "steps", "epochs",
                                                        "best_val_loss", "final_train_loss", "seconds")}
     out["decision"] = decide(kind, len(calls), out["variants"].get("finetuned"), metric, threshold,
-                             config.min_test_calls)
+                             config.min_test_calls, llm=llm, max_latency_ratio=config.max_latency_ratio)
     return out
 
 

@@ -501,7 +501,7 @@ def evaluation(f: Facts) -> Section:
                     + [num(llm.get("latency_p50_ms"), "{:,.0f}"), Cell("", ""),
                        num(llm.get("cost_per_1k_usd"), "${:,.4f}"), ""])
         decision = e.get("decision") or {}
-        verdict = "migrate" if decision.get("migrate") else "stays on the LLM"
+        verdict = _VERDICT.get(decision.get("outcome") or ("migrate" if decision.get("migrate") else "stay"))
         s.table(["variant"] + metric_names + ["p50 ms", "tokens/s", "$ / 1k calls", "note"], rows,
                 caption=f"{f.cluster_label(e.get('cluster'))}: {e.get('test_calls', '?')} test calls, primary "
                         f"metric {e.get('primary_metric')}, threshold {e.get('threshold')}: {verdict} "
@@ -514,6 +514,18 @@ def evaluation(f: Facts) -> Section:
                       svg=charts.grouped_bars(labels, series, xlabel="primary metric (0-1)",
                                               threshold=_common_threshold(per))))
     return s
+
+
+_VERDICT = {"migrate": "migrate", "stay": "stays on the LLM", "not_enough_evidence": "not enough evidence"}
+
+
+def _interval(decision: dict[str, Any] | None) -> Cell:
+    """The fine-tuned primary metric with its 95% interval and n: "0.900 (0.596-0.982, n=10)"."""
+    d = decision or {}
+    if d.get("value") is None or d.get("lower") is None:
+        return Cell("", "", True)
+    text = f"{d['value']:.3f} ({d['lower']:.3f}-{d['upper']:.3f}, n={d['n']})"
+    return Cell(text, text, True)
 
 
 def _common_threshold(per: list[dict[str, Any]]) -> float | None:
@@ -551,9 +563,11 @@ def plan(f: Facts) -> Section:
     for c in sorted(clusters, key=lambda c: -_cost(c)):
         cid, label, cost = str(c.get("id")), _label(c), _cost(c)
         m = measured.get(cid)
+        outcome = None
         if m is not None and m.get("decision") is not None:
             migrate = bool(m["decision"].get("migrate"))
             basis, why = "measured", m["decision"].get("reason") or ""
+            outcome = m["decision"].get("outcome")
         else:
             migrate = bool(c.get("likely_replaceable"))
             basis, why = "estimated", "; ".join(c.get("reasons") or [])
@@ -572,8 +586,11 @@ def plan(f: Facts) -> Section:
         else:
             stay += cost
             stays.append(f"{label}: {why or 'not narrow enough for a small model'}")
-        rows.append([label, pill("migrate" if migrate else "stay on LLM", "good" if migrate else "mute"),
+        shown = ("migrate", "good") if migrate else (
+            ("not enough evidence", "warn") if outcome == "not_enough_evidence" else ("stay on LLM", "mute"))
+        rows.append([label, pill(*shown),
                      pill(basis, "good" if basis == "measured" else "warn"),
+                     _interval((m or {}).get("decision")),
                      Cell(_usd(cost), _usd(cost), True),
                      Cell(_usd(slm_cost), _usd(slm_cost), True) if migrate else Cell("", "", True), why])
     unclustered = float(((f.clusters or {}).get("unclustered") or {}).get("cost_usd") or 0)
@@ -597,7 +614,9 @@ def plan(f: Facts) -> Section:
     s.chart(Chart("savings", "Today's LLM cost by where it goes after the migration",
                   svg=charts.stacked_share([("moves to small models", move), ("stays on the LLM", stay)],
                                            title="LLM cost by destination")))
-    s.table(["task", "decision", "basis", "LLM cost today", "small-model cost", "why"], rows)
+    s.table(["task", "decision", "basis", "fine-tuned score (95% interval)", "LLM cost today", "small-model cost",
+             "why"], rows, caption="A task migrates only when the lower bound of its fine-tuned score's 95% "
+                                   "interval reaches the threshold.")
     if stays:
         s.para("What stays on the LLM, and why:")
         s.bullets(stays)

@@ -26,6 +26,7 @@ class Deployment:
     label: str | None = None
     metric: str | None = None
     score: float | None = None
+    lower: float | None = None  # the 95% lower bound the task migrated on (evaluate's decision)
     static: StaticPrompt = field(default_factory=StaticPrompt)  # prompt parts the adapter was trained without
     max_new_tokens: int = 256
 
@@ -44,7 +45,10 @@ def _evaluation(ws: Workspace) -> EvaluationFile:
 
 
 def load_deployments(ws: Workspace, *, include_failed: bool = False) -> list[Deployment]:
-    """Migrated clusters with an adapter on disk (``include_failed``: every evaluated cluster with one)."""
+    """Migrated clusters with an adapter on disk (``include_failed``: every evaluated cluster with one).
+
+    Migrated means ``decision.migrate``: the outcome ``migrate`` only; a task that stays or has "not enough
+    evidence" is never routed to its small model."""
     out = []
     for result in _evaluation(ws)["clusters"]:
         if not result.get("adapter"):
@@ -64,7 +68,7 @@ def load_deployments(ws: Workspace, *, include_failed: bool = False) -> list[Dep
         out.append(Deployment(
             cluster=result["cluster"], adapter=path, base_model=base or trained.get("base_model"),
             kind=result.get("kind") or "text", label=result.get("label"), metric=result.get("primary_metric"),
-            score=finetuned.get("primary"),
+            score=finetuned.get("primary"), lower=(result.get("decision") or {}).get("lower"),
             static=StaticPrompt.load(path),
             max_new_tokens=int((finetuned.get("efficiency") or {}).get("max_new_tokens") or 256),
         ))

@@ -61,7 +61,7 @@ def run_model(name: str, calls: list[dict], n_train: int, steps: int, batch_toke
         test = load_curated(ws, "test")
         config = FinetuneConfig(model=name, device="cpu", max_steps=steps, stop_when_exact=False,
                                 prune_static_prefix=True, batch_tokens=batch_tokens, lr=1e-3)
-        res = finetune(ws, config, progress=False)["adapters"][0]
+        res = finetune(ws, config).adapters[0]
         prefix = chat_format.StaticPrompt.load(res["path"])
         prompts = [chat_format.render_prompt(tokenizer, *prefix.apply(c.messages, c.tools)).text for c in test]
         refs = [chat_format.serialise_answer(c.answer) for c in test]
