@@ -26,6 +26,7 @@ class Deployment:
     label: str | None = None
     metric: str | None = None
     score: float | None = None
+    threshold: float | None = None  # the primary metric's bar the migration was decided on (the live guard's)
     static: StaticPrompt = field(default_factory=StaticPrompt)  # prompt parts the adapter was trained without
     max_new_tokens: int = 256
 
@@ -64,7 +65,7 @@ def load_deployments(ws: Workspace, *, include_failed: bool = False) -> list[Dep
         out.append(Deployment(
             cluster=result["cluster"], adapter=path, base_model=base or trained.get("base_model"),
             kind=result.get("kind") or "text", label=result.get("label"), metric=result.get("primary_metric"),
-            score=finetuned.get("primary"),
+            score=finetuned.get("primary"), threshold=result.get("threshold"),
             static=StaticPrompt.load(path),
             max_new_tokens=int((finetuned.get("efficiency") or {}).get("max_new_tokens") or 256),
         ))
