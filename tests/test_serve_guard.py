@@ -15,6 +15,7 @@ import pytest
 from stub_llm import ServerThread, StubLLM, stored_calls
 from test_serve import ScriptedEngine, _ask, assign
 
+from slmigrate.cli import main
 from slmigrate.collect.writer import RecordWriter
 from slmigrate.serve import RouterSettings, build_app
 from slmigrate.serve.guard import demotions, live_record, wilson
@@ -88,7 +89,7 @@ def test_wilson_interval():
     assert low < 0.75 < high
 
 
-def test_a_task_the_llm_always_disagrees_with_is_demoted_within_60_requests(guarded, stub):
+def test_a_task_the_llm_always_disagrees_with_is_demoted_within_60_requests(guarded, stub, capsys, monkeypatch):
     g = guarded(stub.url)
     g.engine.script["intent"] = {"role": "assistant", "content": "refund_request"}  # the stub says "Echo: ..."
     slm_answers = 0
@@ -110,6 +111,9 @@ def test_a_task_the_llm_always_disagrees_with_is_demoted_within_60_requests(guar
     routes = g.routes()
     assert routes["guard"]["tasks"]["intent"]["demoted"] is True
     assert routes["clusters"]["intent"]["upstream"] >= 1
+    metrics = g.client._client.get(g.server.base + "/slmigrate/metrics").text
+    assert 'slmigrate_router_guard_demoted{cluster="intent"} 1' in metrics
+    assert 'slmigrate_router_guard_samples_total{cluster="intent"} 20' in metrics
     records = stored_calls(g.writer, g.db, expect=20 + 20 + 2)
     by = [r.metadata["route"] for r in records]
     assert sum(r.get("answered_by") == "slm" for r in by) == 20
@@ -118,6 +122,10 @@ def test_a_task_the_llm_always_disagrees_with_is_demoted_within_60_requests(guar
     # Persisted: status shows it, refine's reader returns it, and a restarted router keeps the task on the LLM.
     assert set(demotions(g.ws)) == {"intent"}
     assert status(g.ws)["live_guard"]["intent"]["demoted"] is True
+    monkeypatch.setenv("COLUMNS", "200")
+    assert main(["status", "-w", str(g.ws.root)]) == 0
+    shown = capsys.readouterr().out
+    assert "live guard" in shown and "demoted to the LLM" in shown
     again, _ = build_app(g.ws, RouterSettings(upstream=stub.url, guard_sample=1.0), writer=g.writer,
                          engine=g.engine, assign=assign)
     assert again.router.route({"messages": _ask("label", "x")}).reason == "demoted by the live guard"

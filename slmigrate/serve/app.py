@@ -58,7 +58,8 @@ class RouterApp:
             response = JSONResponse(self.router.snapshot())
         else:
             proxy_metrics = self.proxy_app.state.metrics.render(self.proxy_app.state.writer.stats())
-            response = PlainTextResponse(proxy_metrics + self.router.metrics.render(),
+            guard = self.router.guard.render() if self.router.guard is not None else ""
+            response = PlainTextResponse(proxy_metrics + self.router.metrics.render() + guard,
                                          media_type="text/plain; version=0.0.4")
         await response(scope, receive, send)
 

@@ -157,6 +157,21 @@ class Guard:
             return {"sample": self.sample, "min_samples": self.min_samples, "in_flight": self.in_flight,
                     "skipped": self.skipped, "tasks": {cid: t.view(self.z) for cid, t in self.tasks.items()}}
 
+    def render(self) -> str:
+        """Prometheus text for /slmigrate/metrics."""
+        tasks = self.snapshot()["tasks"]
+        lines = ["# HELP slmigrate_router_guard_samples_total SLM answers checked against the LLM, per cluster.",
+                 "# TYPE slmigrate_router_guard_samples_total counter"]
+        lines += [f'slmigrate_router_guard_samples_total{{cluster="{c}"}} {t["samples"]}' for c, t in tasks.items()]
+        lines += ["# HELP slmigrate_router_guard_upper Upper 95% bound of live agreement per cluster.",
+                  "# TYPE slmigrate_router_guard_upper gauge"]
+        lines += [f'slmigrate_router_guard_upper{{cluster="{c}"}} {t["upper"]}' for c, t in tasks.items()
+                  if t["upper"] is not None]
+        lines += ["# HELP slmigrate_router_guard_demoted 1 when the live guard sent the cluster back to the LLM.",
+                  "# TYPE slmigrate_router_guard_demoted gauge"]
+        lines += [f'slmigrate_router_guard_demoted{{cluster="{c}"}} {int(t["demoted"])}' for c, t in tasks.items()]
+        return "\n".join(lines) + "\n"
+
     def _save(self) -> None:
         artifacts.write_json(self.ws.path(*GUARD), {"updated": now_iso(), "z": self.z,
                                                     "min_samples": self.min_samples,
