@@ -206,3 +206,33 @@ def test_the_client_never_waits_for_the_guards_llm_call(guarded, stream):
         task = wait_for(lambda: g.task()["samples"] == 1 and g.task(), "the guard's comparison")
         assert task["agreement"] == 1.0
         wait_for(lambda: g.router.guard.snapshot()["in_flight"] == 0, "the check to finish")
+
+
+def test_a_demotion_holds_until_the_task_is_evaluated_again(workspace, tmp_path):
+    from slmigrate import artifacts
+    from slmigrate.serve.deployment import Deployment
+    from slmigrate.serve.guard import Guard
+
+    deployments = {"intent": Deployment("intent", tmp_path / "adapter", "base", "label", metric="label_exact",
+                                        threshold=0.9)}
+    artifacts.write_evaluation(workspace, {"run": "r1", "clusters": []})
+    guard = Guard(workspace, deployments, sample=1.0, min_samples=5)
+    for _ in range(4):
+        assert guard.record("intent", 0.0) is None  # below the minimum: no decision yet
+    event = guard.record("intent", 0.0)
+    assert event["demoted"] and event["samples"] == 5 and event["upper"] < 0.9
+    assert not guard.begin("intent")  # a demoted task is not sampled any more
+    # The same evaluation: a restarted router keeps the demotion and the counts.
+    again = Guard(workspace, deployments, sample=1.0, min_samples=5)
+    assert again.demoted("intent") and again.tasks["intent"].samples == 5
+    assert set(demotions(workspace)) == {"intent"}
+    # A new evaluation (the task retrained and evaluated again): a fresh start.
+    artifacts.write_evaluation(workspace, {"run": "r2", "clusters": []})
+    assert demotions(workspace) == {} and live_record(workspace) == {}
+    fresh = Guard(workspace, deployments, sample=1.0, min_samples=5)
+    assert not fresh.demoted("intent") and fresh.tasks["intent"].samples == 0
+    # A task without a threshold is watched but never demoted.
+    unbounded = {"free": Deployment("free", tmp_path / "adapter", "base", "text")}
+    watcher = Guard(workspace, unbounded, sample=1.0, min_samples=1)
+    assert all(watcher.record("free", 0.0) is None for _ in range(30))
+    assert watcher.snapshot()["tasks"]["free"]["samples"] == 30
