@@ -35,12 +35,12 @@ def wait_for(condition, what: str, timeout: float = 20.0):
 class Guarded:
     """The router with the live guard on (every SLM answer checked unless told otherwise), threshold 0.9."""
 
-    def __init__(self, tmp_path, upstream_url: str, **settings):
+    def __init__(self, tmp_path, upstream_url: str, threshold: float = 0.9, **settings):
         self.ws = Workspace.open(tmp_path / "ws")
         self.db = self.ws.root / "slmigrate.sqlite"
         self.engine = ScriptedEngine(tmp_path)
         for d in self.engine.deployments.values():
-            d.threshold, d.metric = 0.9, None
+            d.threshold, d.metric = threshold, None
         self.writer = RecordWriter(lambda: Store(self.db))
         settings.setdefault("guard_sample", 1.0)
         self.app, self.router = build_app(self.ws, RouterSettings(upstream=upstream_url, **settings),
@@ -70,8 +70,8 @@ def stub():
 def guarded(tmp_path):
     made = []
 
-    def make(upstream_url, **settings):
-        made.append(Guarded(tmp_path / str(len(made)), upstream_url, **settings))
+    def make(upstream_url, threshold=0.9, **settings):
+        made.append(Guarded(tmp_path / str(len(made)), upstream_url, threshold, **settings))
         return made[-1]
 
     yield make
@@ -236,3 +236,23 @@ def test_a_demotion_holds_until_the_task_is_evaluated_again(workspace, tmp_path)
     watcher = Guard(workspace, unbounded, sample=1.0, min_samples=1)
     assert all(watcher.record("free", 0.0) is None for _ in range(30))
     assert watcher.snapshot()["tasks"]["free"]["samples"] == 30
+
+
+@pytest.mark.parametrize("agrees", [True, False])
+def test_the_canary_ramp_grows_a_share_only_on_the_guards_lower_bound(guarded, stub, agrees):
+    g = guarded(stub.url, threshold=0.5, canary=25, canary_ramp=True, guard_min_samples=5)
+    g.engine.script["intent"] = {"role": "assistant", "content": "Echo: hi" if agrees else "something else"}
+    shares, slm = [], 0
+    for _ in range(40):
+        out = g.client.chat.completions.create(model="gpt-4o", messages=_ask("label", "hi"))
+        if out.model.startswith("slmigrate/"):
+            slm += 1
+            wait_for(lambda: g.task()["samples"] >= slm or g.task()["demoted"], "the guard's comparison")
+        shares.append(g.task()["canary"])
+    if agrees:
+        # 25% until 5 checks bound agreement above 0.5 (lower 0.57), then 50%, then every request.
+        assert shares[0] == 25 and 50 in shares and shares[-1] == 100, shares
+        assert shares == sorted(shares)
+        assert g.task()["samples"] == slm == 5 + 5 + 10  # 20 requests at 25%, 10 at 50%, 10 at 100%
+    else:
+        assert set(shares) == {25} and g.task()["demoted"], shares  # never grew; demoted after 5 checks

@@ -30,6 +30,9 @@ def serve(
         "--guard-sample", min=0, max=1, help="Share of SLM answers also checked against the LLM in the background; "
         "a task whose live agreement falls below its threshold is demoted to the LLM (default [serve] guard_sample, "
         "0.05; 0: off).")] = None,
+    canary_ramp: Annotated[bool, typer.Option(
+        "--canary-ramp", help="Start each migrated task at --canary percent and double its share each time the "
+        "live guard's lower 95% bound, over guard_min_samples more checks, reaches the task's threshold.")] = False,
     config_file: ConfigOpt = None,
     workspace: WorkspaceOpt = None,
 ) -> None:
@@ -56,10 +59,14 @@ def serve(
     ws = open_workspace(workspace, create=False)
     settings = RouterSettings(upstream=upstream, shadow=shadow, canary=canary, slm_timeout=slm_timeout, agent=agent,
                               keep_origin=keep_origin, admin_token=env.get(env.ADMIN_TOKEN),
-                              guard_sample=cfg.guard_sample, guard_min_samples=cfg.guard_min_samples)
+                              guard_sample=cfg.guard_sample, guard_min_samples=cfg.guard_min_samples,
+                              canary_ramp=canary_ramp)
+    if canary_ramp and (shadow or cfg.guard_sample <= 0):
+        raise SlmigrateError("--canary-ramp grows a task's share on the live guard's evidence: it needs "
+                             "--guard-sample above 0 and no --shadow")
 
     def ready(_settings) -> None:
-        mode = "shadow" if shadow else f"canary {canary:g}%"
+        mode = "shadow" if shadow else f"canary {canary:g}%" + (" ramping" if canary_ramp else "")
         if not shadow and cfg.guard_sample > 0:
             mode += f", live guard on {cfg.guard_sample:.0%} of SLM answers"
         err_console.print(f"slmigrate router on http://{host}:{port}/v1 -> {redact_url(upstream)} ({mode}); "

@@ -61,6 +61,8 @@ def build_app(ws: Workspace, settings: RouterSettings, *, device: str = "auto", 
 
         guard = Guard(ws, engine.deployments, sample=settings.guard_sample, min_samples=settings.guard_min_samples)
     router = Router(settings, engine, assign, writer, agreement=agreement_score, guard=guard)
+    if guard is not None and settings.canary_ramp:
+        guard.ramp(router.canary, settings.canary)
     return RouterApp(router, proxy), router
 
 

@@ -11,6 +11,10 @@ sum over ``n``: a score in [0, 1] with mean p has variance at most p(1 - p), so 
 than the truth and a demotion no earlier. ``min_samples`` guards against deciding on the first few requests, where
 a check after every sample would otherwise make one early disagreement enough.
 
+With ``--canary P --canary-ramp`` a task starts at P% of its traffic on the small model, and its share doubles
+(up to 100%) each time it has ``min_samples`` more checks at the current share and the **lower** bound of its
+live agreement reaches the threshold: the share grows only as fast as the evidence that the task holds its bar.
+
 ``serve/guard.json`` (owned by this module) holds the per-task state, so a demotion survives a restart and
 ``slmigrate status`` and ``refine`` (``demotions``) can see it. A demotion holds for the evaluation run it was
 made against: a new ``slmigrate evaluate`` (typically after ``refine`` retrained the task) starts the task afresh.
@@ -30,6 +34,7 @@ from slmigrate.record import now_iso
 
 if TYPE_CHECKING:
     from slmigrate.serve.deployment import Deployment
+    from slmigrate.serve.router import Canary
     from slmigrate.workspace import Workspace
 
 log = logging.getLogger("slmigrate.serve")
@@ -65,6 +70,8 @@ class TaskGuard:
     demoted: bool = False
     demoted_at: str | None = None
     reason: str | None = None
+    canary: float | None = None  # the SLM's share of the task's traffic, in percent, under the canary ramp
+    since_step: int = 0  # checks since the share last grew
 
     def bounds(self, z: float) -> tuple[float, float] | None:
         return wilson(self.agreement_sum, self.samples, z) if self.samples else None
@@ -92,6 +99,7 @@ class Guard:
         self.skipped = 0  # samples dropped because too many upstream checks were still running
         self._lock = threading.Lock()
         self._picker = Canary(sample * 100)  # an exact share spread evenly, as the canary does
+        self._canary: Canary | None = None  # the router's, when the canary ramp is on
         evaluation = artifacts.evaluation(ws, required=False) or {}
         run = evaluation.get("run")
         stored = (read_guard(ws) or {}).get("tasks", {})
@@ -106,7 +114,17 @@ class Guard:
                 fresh.agreement_sum = float(old.get("agreement_sum") or 0.0)
                 fresh.demoted = bool(old.get("demoted"))
                 fresh.demoted_at, fresh.reason = old.get("demoted_at"), old.get("reason")
+                fresh.canary, fresh.since_step = old.get("canary"), int(old.get("since_step") or 0)
             self.tasks[cid] = fresh
+
+    def ramp(self, canary: Canary, start_percent: float) -> None:
+        """Drive the router's canary: each task from ``start_percent`` (or where a previous router left it) up."""
+        self._canary = canary
+        with self._lock:
+            for cid, task in self.tasks.items():
+                if task.canary is None:
+                    task.canary = max(0.0, min(100.0, start_percent))
+                canary.set_percent(cid, task.canary)
 
     def demoted(self, cluster: str) -> bool:
         task = self.tasks.get(cluster)
@@ -146,6 +164,14 @@ class Guard:
                 task.reason = (f"live {task.metric or 'agreement'} {task.agreement_sum / task.samples:.3f} on "
                                f"{task.samples} sampled requests, upper bound {low_high[1]:.3f} < threshold "
                                f"{task.threshold:.2f}")
+            elif self._canary is not None and task.canary is not None and task.canary < 100:
+                task.since_step += 1
+                if (task.threshold is not None and low_high is not None and task.since_step >= self.min_samples
+                        and low_high[0] >= task.threshold):
+                    task.canary, task.since_step = min(100.0, task.canary * 2), 0
+                    self._canary.set_percent(cluster, task.canary)
+                    log.info("canary ramp: task %s now %g%% on the small model (live lower bound %.3f >= %.2f)",
+                             cluster, task.canary, low_high[0], task.threshold)
             self._save()
             event = task.view(self.z) if demote else None
         if event is not None:

@@ -45,6 +45,7 @@ class RouterSettings:
     shadow_log: Path | None = None  # JSONL of shadow comparisons
     guard_sample: float = 0.05  # share of SLM answers the live guard also sends to the LLM (0: no guard)
     guard_min_samples: int = 20  # comparisons before the guard may demote a task
+    canary_ramp: bool = False  # double a task's canary share while the guard's lower bound holds its threshold
 
 
 @dataclass
@@ -135,12 +136,17 @@ class Canary:
 
     def __init__(self, percent: float):
         self.share = max(0.0, min(100.0, percent)) / 100
+        self._shares: dict[str, float] = {}  # per-cluster shares set by the canary ramp
         self._credit: dict[str, float] = defaultdict(float)
         self._lock = threading.Lock()
 
+    def set_percent(self, cluster: str, percent: float) -> None:
+        with self._lock:
+            self._shares[cluster] = max(0.0, min(100.0, percent)) / 100
+
     def pick(self, cluster: str) -> bool:
         with self._lock:
-            self._credit[cluster] += self.share
+            self._credit[cluster] += self._shares.get(cluster, self.share)
             if self._credit[cluster] >= 1 - 1e-9:
                 self._credit[cluster] -= 1
                 return True
