@@ -10,7 +10,8 @@
 Only the stage named writes a file, through the ``write_*`` function here; everyone else reads through the
 functions here (or ``Workspace.clusters()`` / ``.selection()`` / ``.evaluation()`` / ``.probe()``), which accept
 exactly what the writer writes. ``cluster/model.py`` owns ``clusters/model.npz``, ``curated.py`` the
-``curated/`` versions and ``deadletter.py`` ``deadletter.jsonl``. Paths stored inside an artifact are relative
+``curated/`` versions, ``deadletter.py`` ``deadletter.jsonl`` and ``serve/guard.py`` the router's live guard record
+``serve/guard.json``. Paths stored inside an artifact are relative
 to the workspace (``Workspace.relative`` / ``Workspace.resolve``), so a copied workspace still finds its files.
 
 The bodies are typed dicts rather than dataclasses: they are JSON documents that ``--json``, the report and the

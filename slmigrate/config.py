@@ -244,8 +244,15 @@ class EvaluateConfig(Section):
 
 
 class ServeConfig(Section):
+    """`slmigrate serve`: the router (docs/serve.md)."""
+
     upstream: str | None = Field(None, description="The LLM endpoint to fall back to.")
     port: int = Field(8788, description="Port of the router.")
+    guard_sample: float = Field(0.05, ge=0, le=1, description=(
+        "Live guard: share of the small model's answers also sent to the LLM in the background and compared on "
+        "the task's primary metric; a task whose live agreement's upper 95% bound falls below its threshold is "
+        "demoted to the LLM (0: no guard)."))
+    guard_min_samples: int = Field(20, ge=1, description="Comparisons a task needs before the guard may demote it.")
 
 
 class RunConfig(Section):

@@ -8,6 +8,8 @@ from slmigrate.workspace import STAGES, Workspace
 
 
 def status(ws: Workspace) -> dict[str, Any]:
+    from slmigrate.serve.guard import live_record
+
     store = ws.store
     totals = store.conn.execute(
         "SELECT COUNT(*), COALESCE(SUM(prompt_tokens),0), COALESCE(SUM(completion_tokens),0), "
@@ -46,4 +48,6 @@ def status(ws: Workspace) -> dict[str, Any]:
         "by_agent": store.group_counts("agent"),
         "by_model": store.group_counts("model"),
         "stages": stages,
+        # The router's live guard per migrated task (serve/guard.json): live agreement, its bound, demotions.
+        "live_guard": live_record(ws),
     }

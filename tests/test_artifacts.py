@@ -26,6 +26,7 @@ OWNERS = {
     "model.npz": "slmigrate/cluster/model.py",
     "deadletter.jsonl": "slmigrate/collect/deadletter.py",
     "report.json": "slmigrate/curate/dataset.py",
+    "guard.json": "slmigrate/serve/guard.py",
 }
 
 

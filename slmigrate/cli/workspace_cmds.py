@@ -54,3 +54,13 @@ def status(workspace: WorkspaceOpt = None, json_out: JsonOpt = False) -> None:
         counts = ", ".join(f"{k}={v}" for k, v in (s.get("counts") or {}).items())
         table.add_row(stage, state, s.get("created") or "", counts)
     console.print(table)
+    if info["live_guard"]:
+        table = Table(title="live guard (slmigrate serve)", title_justify="left")
+        for col in ("task", "state", "sampled", "agreement", "95% bound", "threshold"):
+            table.add_column(col, justify="left" if col in ("task", "state") else "right")
+        for cid, t in info["live_guard"].items():
+            bound = "" if t["lower"] is None else f"{t['lower']:.3f}-{t['upper']:.3f}"
+            table.add_row(cid, "[red]demoted to the LLM[/]" if t["demoted"] else "[green]on the small model[/]",
+                          str(t["samples"]), "" if t["agreement"] is None else f"{t['agreement']:.3f}", bound,
+                          "" if t["threshold"] is None else f"{t['threshold']:.2f}")
+        console.print(table)

@@ -17,15 +17,18 @@ __all__ = ["Deployment", "RouterSettings", "build_app", "load_deployments", "ser
 
 
 def agreement_score(kind: str, prediction: dict[str, Any], reference: dict[str, Any],
-                    request: dict[str, Any]) -> float:
-    """Shadow agreement: the cluster kind's primary evaluation metric on one (SLM, LLM) answer pair."""
+                    request: dict[str, Any], metric: str | None = None) -> float | None:
+    """Agreement of one (SLM, LLM) answer pair, for shadow mode and the live guard: ``metric`` (the one the
+    task was evaluated on) or else the kind's primary metric; None when the metric cannot score the pair here
+    (one that needs an embedder or a judge)."""
     from slmigrate.evaluate import metrics as M
 
-    metric = M.primary_metric(kind if kind in M.KINDS else "text")
-    scores = M.score(kind if kind in M.KINDS else "text", [prediction], [reference],
-                     M.MetricContext(requests=[request]), only=[metric])
+    kind = kind if kind in M.KINDS else "text"
+    if metric is None or metric not in M.metrics_for(kind):
+        metric = M.primary_metric(kind)
+    scores = M.score(kind, [prediction], [reference], M.MetricContext(requests=[request]), only=[metric])
     value = scores.means.get(metric)
-    return float(value) if value is not None else 0.0
+    return float(value) if value is not None else None
 
 
 def build_app(ws: Workspace, settings: RouterSettings, *, device: str = "auto", writer: Any = None,
@@ -52,7 +55,14 @@ def build_app(ws: Workspace, settings: RouterSettings, *, device: str = "auto", 
     if settings.shadow_log is None:
         settings.shadow_log = ws.path("serve", "shadow.jsonl")
         settings.shadow_log.parent.mkdir(parents=True, exist_ok=True)
-    router = Router(settings, engine, assign, writer, agreement=agreement_score)
+    guard = None
+    if settings.guard_sample > 0 and not settings.shadow and engine.deployments:
+        from slmigrate.serve.guard import Guard
+
+        guard = Guard(ws, engine.deployments, sample=settings.guard_sample, min_samples=settings.guard_min_samples)
+    router = Router(settings, engine, assign, writer, agreement=agreement_score, guard=guard)
+    if guard is not None and settings.canary_ramp:
+        guard.ramp(router.canary, settings.canary)
     return RouterApp(router, proxy), router
 
 
@@ -67,4 +77,4 @@ def serve(ws: Workspace, settings: RouterSettings, *, host: str = "127.0.0.1", p
         run_server(app, host=host, port=port, on_ready=None if on_ready is None else (lambda: on_ready(settings)))
     finally:
         writer.close()
-    return {**router.metrics.snapshot(), "capture": writer.stats()}
+    return {**router.snapshot(), "capture": writer.stats()}

@@ -3,6 +3,9 @@
 Chat completions go through ``Router``; a request the SLM does not answer is replayed into the proxy
 application (same bytes, plus internal ``x-slmigrate-route-*`` headers that the proxy strips and stores as
 route facts), so relaying, streaming, error handling and logging of LLM answers are the proxy's, not a copy.
+The live guard's check of an SLM answer takes the same path in a background task, after the client has its
+answer; its LLM answer is logged too (route fact ``guard=sample``), so ``refine`` has the teacher's answers for
+exactly the traffic the small model served.
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ class RouterApp:
     def __init__(self, router: Router, proxy_app: Any):
         self.router = router
         self.proxy_app = proxy_app
+        self._background: set[asyncio.Task] = set()  # live guard checks in flight (a reference keeps them alive)
 
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] == "http":
@@ -51,10 +55,11 @@ class RouterApp:
         if not self.proxy_app.state.authorised(request):  # the proxy's check: one token for every admin endpoint
             response = unauthorised()
         elif scope["path"] == "/slmigrate/routes":
-            response = JSONResponse(self.router.metrics.snapshot())
+            response = JSONResponse(self.router.snapshot())
         else:
             proxy_metrics = self.proxy_app.state.metrics.render(self.proxy_app.state.writer.stats())
-            response = PlainTextResponse(proxy_metrics + self.router.metrics.render(),
+            guard = self.router.guard.render() if self.router.guard is not None else ""
+            response = PlainTextResponse(proxy_metrics + self.router.metrics.render() + guard,
                                          media_type="text/plain; version=0.0.4")
         await response(scope, receive, send)
 
@@ -89,7 +94,13 @@ class RouterApp:
             if result is not None:
                 self.router.metrics.record(route.cluster, "routed", slm_ms=answer.latency_ms)
                 self.router.log_slm_call(request, result, route, answer, agent, session, started)
-                return await _send_completion(scope, send, result, bool(request.get("stream")))
+                await _send_completion(scope, send, result, bool(request.get("stream")))
+                if self.router.guard is not None and self.router.guard.begin(route.cluster):
+                    task = asyncio.get_running_loop().create_task(
+                        self.guard_check(scope, request, route, result["choices"][0]["message"]))
+                    self._background.add(task)
+                    task.add_done_callback(self._background.discard)
+                return
             self.router.metrics.record(route.cluster, "fallback", reason=reason,
                                        slm_ms=answer.latency_ms if answer else None)
             facts.update(answered_by="llm", fallback=reason or "")
@@ -119,6 +130,44 @@ class RouterApp:
                                                            llm_response)
             return
         await self.upstream(scope, receive, body, send, facts)
+
+    async def guard_check(self, scope, request: dict[str, Any], route: Route, slm_message: dict[str, Any]) -> None:
+        """Ask the LLM the request the SLM already answered (through the proxy, so it is logged) and hand the
+        pair to the live guard. Runs after the client's response is complete; never raises."""
+        assert self.router.guard is not None
+        try:
+            # Asked whole, not streamed: the guard compares finished answers.
+            body = json.dumps({k: v for k, v in request.items() if k not in ("stream", "stream_options")},
+                              ensure_ascii=False).encode()
+            captured: list[bytes] = []
+            status: list[int] = []
+
+            async def sink(message):
+                if message["type"] == "http.response.start":
+                    status.append(message["status"])
+                elif message["type"] == "http.response.body":
+                    captured.append(message.get("body", b""))
+
+            async def no_disconnect():
+                await asyncio.Event().wait()  # nobody is waiting on this answer, and nobody hangs up
+                return {"type": "http.disconnect"}
+
+            facts = {"cluster": route.cluster or "", "reason": "live guard sample", "answered_by": "llm",
+                     "guard": "sample"}
+            await self.upstream(scope, no_disconnect, body, sink, facts)
+            if not status or status[0] >= 400:
+                log.info("live guard: the LLM answered %s for task %s; sample not counted",
+                         status[0] if status else "nothing", route.cluster)
+                return
+            try:
+                llm_response = json.loads(b"".join(captured))
+            except (ValueError, RecursionError):
+                return
+            await asyncio.to_thread(self.router.guard_compare, route, request, slm_message, llm_response)
+        except Exception as exc:  # noqa: BLE001 - a failed check must not take the router down
+            log.warning("live guard check failed for task %s: %s: %s", route.cluster, type(exc).__name__, exc)
+        finally:
+            self.router.guard.end()
 
     async def upstream(self, scope, client_receive, body: bytes, send, facts: dict[str, str]) -> None:
         """Replay the request into the proxy application, with the route facts as internal headers."""

@@ -27,6 +27,7 @@ class Deployment:
     metric: str | None = None
     score: float | None = None
     lower: float | None = None  # the 95% lower bound the task migrated on (evaluate's decision)
+    threshold: float | None = None  # the primary metric's bar the migration was decided on (the live guard's)
     static: StaticPrompt = field(default_factory=StaticPrompt)  # prompt parts the adapter was trained without
     max_new_tokens: int = 256
 
@@ -69,6 +70,7 @@ def load_deployments(ws: Workspace, *, include_failed: bool = False) -> list[Dep
             cluster=result["cluster"], adapter=path, base_model=base or trained.get("base_model"),
             kind=result.get("kind") or "text", label=result.get("label"), metric=result.get("primary_metric"),
             score=finetuned.get("primary"), lower=(result.get("decision") or {}).get("lower"),
+            threshold=result.get("threshold"),
             static=StaticPrompt.load(path),
             max_new_tokens=int((finetuned.get("efficiency") or {}).get("max_new_tokens") or 256),
         ))

@@ -9,6 +9,8 @@ with which model answered, so ``refine`` learns from live traffic.
 
 ``--shadow`` answers everything with the LLM and runs the SLM beside it for migrated clusters, recording
 agreement per cluster (a safe rollout). ``--canary P`` sends P% of a migrated cluster's traffic to the SLM.
+``--guard-sample P`` checks a share of the SLM's answers against the LLM in the background and demotes a task
+whose live agreement falls below its threshold (``serve/guard.py``).
 """
 
 from __future__ import annotations
@@ -41,6 +43,9 @@ class RouterSettings:
     keep_origin: bool = False
     admin_token: str | None = None
     shadow_log: Path | None = None  # JSONL of shadow comparisons
+    guard_sample: float = 0.05  # share of SLM answers the live guard also sends to the LLM (0: no guard)
+    guard_min_samples: int = 20  # comparisons before the guard may demote a task
+    canary_ramp: bool = False  # double a task's canary share while the guard's lower bound holds its threshold
 
 
 @dataclass
@@ -131,12 +136,17 @@ class Canary:
 
     def __init__(self, percent: float):
         self.share = max(0.0, min(100.0, percent)) / 100
+        self._shares: dict[str, float] = {}  # per-cluster shares set by the canary ramp
         self._credit: dict[str, float] = defaultdict(float)
         self._lock = threading.Lock()
 
+    def set_percent(self, cluster: str, percent: float) -> None:
+        with self._lock:
+            self._shares[cluster] = max(0.0, min(100.0, percent)) / 100
+
     def pick(self, cluster: str) -> bool:
         with self._lock:
-            self._credit[cluster] += self.share
+            self._credit[cluster] += self._shares.get(cluster, self.share)
             if self._credit[cluster] >= 1 - 1e-9:
                 self._credit[cluster] -= 1
                 return True
@@ -184,12 +194,13 @@ class Router:
     """Decides, per request, who answers; owns the SLM engine, the assigner and the metrics."""
 
     def __init__(self, settings: RouterSettings, engine: Any, assign: Callable[[dict[str, Any]], tuple],
-                 writer: Any, agreement: Callable[[str, dict, dict, dict], float] | None = None):
+                 writer: Any, agreement: Callable[..., float | None] | None = None, guard: Any = None):
         self.settings = settings
         self.engine = engine
         self.assign = assign
         self.writer = writer
-        self.agreement = agreement
+        self.agreement = agreement  # (kind, prediction, reference, request, metric=) -> score, None when unscorable
+        self.guard = guard  # serve.guard.Guard, or None when no SLM answer is checked
         self.metrics = RouterMetrics()
         self.canary = Canary(settings.canary)
         self._shadow_lock = threading.Lock()
@@ -201,6 +212,8 @@ class Router:
             return Route(None, distance, False, False, "no confident cluster")
         if not deployed:
             return Route(cluster, distance, False, False, "cluster not migrated")
+        if self.guard is not None and self.guard.demoted(cluster):
+            return Route(cluster, distance, True, False, "demoted by the live guard")
         if self.settings.shadow:
             return Route(cluster, distance, True, False, "shadow mode")
         if not self.canary.pick(cluster):
@@ -254,7 +267,8 @@ class Router:
         deployment = self.engine.deployments[route.cluster]
         score = 0.0
         if prediction is not None and self.agreement is not None:
-            score = float(self.agreement(deployment.kind, prediction, reference, request))
+            score = float(self.agreement(deployment.kind, prediction, reference, request,
+                                         metric=deployment.metric) or 0.0)
         # The row goes to the log before the counter moves: whoever sees the count (a dashboard, a test) can then
         # rely on the row being there too.
         if self.settings.shadow_log is not None:
@@ -264,3 +278,23 @@ class Router:
                 fh.write(json.dumps(row, ensure_ascii=False) + "\n")
         self.metrics.record(route.cluster, "shadow", agreement=score,
                             slm_ms=answer.latency_ms if answer is not None else None)
+
+    def guard_compare(self, route: Route, request: dict[str, Any], slm_message: dict[str, Any],
+                      llm_response: Any) -> dict[str, Any] | None:
+        """Score the SLM's answer (already sent) against the LLM's for the live guard; the task's record when
+        this comparison demoted it. An LLM reply that is no chat completion, or a pair the metric cannot score,
+        counts for nothing."""
+        choices = llm_response.get("choices") if isinstance(llm_response, dict) else None
+        if self.guard is None or self.agreement is None or not choices or not isinstance(choices, list) \
+                or not isinstance(choices[0], dict):
+            return None
+        reference = choices[0].get("message") or {}
+        deployment = self.engine.deployments[route.cluster]
+        score = self.agreement(deployment.kind, slm_message, reference, request, metric=deployment.metric)
+        if score is None:
+            return None
+        return self.guard.record(route.cluster, float(score))
+
+    def snapshot(self) -> dict[str, Any]:
+        """What ``/slmigrate/routes`` shows: the routing counters and the live guard's per-task record."""
+        return {**self.metrics.snapshot(), "guard": self.guard.snapshot() if self.guard is not None else None}

@@ -1,0 +1,200 @@
+"""The router without fakes: a workspace built by the real stages, a real cluster model, a real SmolLM2 adapter.
+
+The examples log goes through `slmigrate collect import`, `curate`, `cluster` (the real MiniLM) and `finetune`
+(a short LoRA on SmolLM2-135M for the intent task: enough to answer with a label and stop, which is all the
+router needs to hand the answer on). ``evals/latest.json`` is written through ``slmigrate.artifacts`` with the
+intent task migrated and the JSON-extraction task not - both with an adapter on disk, so it is the decision
+that keeps the second off the small model. Then:
+
+* in process: ``build_app`` with its own ``load_deployments``, request assigner and ``SlmEngine``, behind the
+  real openai client and a stub upstream, the live guard on;
+* as a process: `python -m slmigrate serve`, driven by the openai client, its /slmigrate/routes, its log in the
+  store, and `slmigrate status`.
+
+The stages run through the CLI: their command lines are the stable interface.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+from stub_llm import ServerThread, StubLLM, free_port, stored_calls
+
+from conftest import ROOT
+from slmigrate import artifacts
+from slmigrate.collect.writer import RecordWriter
+from slmigrate.store import Store
+from slmigrate.workspace import Workspace
+
+pytestmark = pytest.mark.slow
+
+ENV = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+MAX_NEW_TOKENS = 12  # an intent label is a few tokens; the router refuses an answer cut at this limit
+
+
+def cli(ws: Path, *args: str, timeout: float = 3600) -> str:
+    done = subprocess.run([sys.executable, "-m", "slmigrate", "-w", str(ws), *args], env=ENV, cwd=ws.parent,
+                          capture_output=True, text=True, timeout=timeout)
+    assert done.returncode == 0, f"slmigrate {' '.join(args)} failed:\n{done.stderr[-3000:]}"
+    return done.stdout
+
+
+def wait_for(condition, what: str, timeout: float = 60.0):
+    deadline = time.monotonic() + timeout
+    while not (value := condition()):
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.05)
+    return value
+
+
+@pytest.fixture(scope="module")
+def deployed(tmp_path_factory):
+    """(workspace, intent cluster, extraction cluster, {cluster: test-split requests})."""
+    from tiny_model import smollm2_dir
+
+    smollm2_dir()  # skips (or fails where CI requires it) without the offline SmolLM2 weights
+    tmp = tmp_path_factory.mktemp("serve-real")
+    log = tmp / "agent_log.jsonl"
+    subprocess.run([sys.executable, str(ROOT / "examples" / "agent_log.py"), "--out", str(log), "--calls", "200"],
+                   check=True, capture_output=True)
+    root = tmp / "ws"
+    # Small for CI's two cores: only the top 4 layers adapted, so the frozen ones below run once per example.
+    (tmp / "slmigrate.toml").write_text("[finetune]\nbatch_tokens = 512\nlora_r = 8\nlora_layers = 4\n")
+    cli(root, "collect", "import", str(log))
+    cli(root, "curate", "--pii", "off")
+    cli(root, "cluster")
+    ws = Workspace(root)
+    kinds = {c.get("output_kind"): c["id"] for c in ws.clusters()}
+    intent, extract = kinds["label"], kinds["json"]
+    cli(root, "finetune", "--cluster", intent, "--device", "cpu", "--max-steps", "30", "--lr", "3e-3",
+        "--prune-static-prefix", "-c", str(tmp / "slmigrate.toml"))
+    [adapter] = [p for p in ws.path("adapters", intent).iterdir() if (p / "adapter_config.json").exists()]
+    # The extraction task has an adapter too (a copy): only the evaluation's decision keeps it on the LLM.
+    import shutil
+
+    other = shutil.copytree(adapter, ws.path("adapters", extract, adapter.name))
+
+    def result(cid: str, kind: str, metric: str, path: Path, migrate: bool) -> dict:
+        return {"cluster": cid, "kind": kind, "primary_metric": metric, "threshold": 0.9, "test_calls": 30,
+                "adapter": ws.relative(path),
+                "variants": {"finetuned": {"primary": 0.95 if migrate else 0.4,
+                                           "efficiency": {"max_new_tokens": MAX_NEW_TOKENS}}},
+                "decision": {"migrate": migrate, "reason": "written by the test"}}
+
+    artifacts.write_evaluation(ws, {"run": "test-run", "clusters": [
+        result(intent, "label", "label_exact", adapter, True), result(extract, "json", "json_exact", other, False)]})
+    from slmigrate.curate.dataset import load_curated
+
+    membership = ws.store.clusters_of()
+    requests: dict[str, list[dict]] = {intent: [], extract: []}
+    for call in load_curated(ws, "test"):
+        cid = membership.get(call.id)
+        if cid in requests:
+            requests[cid].append({k: v for k, v in call.request.items() if k in ("messages", "tools", "model")})
+    return ws, intent, extract, requests
+
+
+@pytest.fixture(scope="module")
+def stub():
+    with StubLLM() as server:
+        yield server
+
+
+def test_the_real_router_answers_only_the_migrated_task_with_the_small_model(deployed, stub):
+    from slmigrate.serve import RouterSettings, build_app
+
+    ws, intent, extract, requests = deployed
+    writer = RecordWriter(lambda: Store(ws.root / "slmigrate.sqlite"))
+    app, router = build_app(ws, RouterSettings(upstream=stub.url, guard_sample=1.0), device="cpu", writer=writer)
+    assert set(router.engine.deployments) == {intent}  # load_deployments: the decision, not the adapter on disk
+    before = len(stub.requests)
+    try:
+        with ServerThread(app) as server:
+            client = openai.OpenAI(base_url=server.base + "/v1", api_key="sk-test", max_retries=0, timeout=600)
+            answered = {}
+            for cid in (intent, extract):
+                for request in requests[cid][:3]:
+                    out = client.chat.completions.create(**{"model": "gpt-4o", **request})
+                    answered.setdefault(cid, []).append(out.model)
+            assert answered[intent] == [f"slmigrate/{router.engine.deployments[intent].name}"] * 3, answered
+            assert all(not m.startswith("slmigrate/") for m in answered[extract]), answered
+            # Every SLM answer was checked against the LLM in the background, with the task's real metric.
+            guard = wait_for(lambda: (t := router.guard.snapshot()["tasks"][intent])["samples"] == 3 and t,
+                             "the live guard's three comparisons", timeout=120)
+            assert guard["metric"] == "label_exact" and guard["threshold"] == 0.9 and not guard["demoted"]
+            routes = client._client.get(server.base + "/slmigrate/routes").json()
+        assert routes["clusters"][intent]["routed"] == 3 and routes["clusters"][extract]["upstream"] == 3
+        # The upstream saw the three extraction calls and the guard's three checks, never an intent call alone.
+        assert len(stub.requests) - before == 6
+        records = stored_calls(writer, ws.root / "slmigrate.sqlite", expect=9)
+        route = [r.metadata["route"] for r in records if r.source == "router"]
+        assert sum(r["answered_by"] == "slm" and r["cluster"] == intent for r in route) == 3
+        assert sum(r["answered_by"] == "llm" and r["cluster"] == extract and r["reason"] == "cluster not migrated"
+                   for r in route) == 3
+        assert sum(r.get("guard") == "sample" and r["cluster"] == intent for r in route) == 3
+    finally:
+        writer.close()
+
+
+def _router_routes(ws: Workspace) -> dict[str, dict]:
+    """Call id -> route facts of every call the router logged."""
+    with Store(ws.root / "slmigrate.sqlite") as store:
+        return {c.id: c.metadata["route"] for c in store.iter_calls() if c.source == "router"}
+
+
+def test_slmigrate_serve_as_a_process_behind_the_openai_client(deployed, stub):
+    from slmigrate.serve.guard import live_record
+
+    ws, intent, extract, requests = deployed
+    logged_before = set(_router_routes(ws))
+    sampled_before = (live_record(ws).get(intent) or {}).get("samples", 0)  # the guard's record outlives a router
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "slmigrate", "-w", str(ws.root), "serve", "--upstream", stub.url,
+                             "--port", str(port), "--device", "cpu", "--guard-sample", "1"],
+                            env={k: v for k, v in ENV.items() if k != "SLMIGRATE_ADMIN_TOKEN"}, cwd=ws.root.parent,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    base = f"http://127.0.0.1:{port}"
+
+    def ready() -> bool:
+        if proc.poll() is not None:
+            raise AssertionError(f"slmigrate serve exited {proc.returncode}:\n{proc.stderr.read()[-3000:]}")
+        try:
+            return httpx.get(base + "/slmigrate/health", timeout=2).status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    try:
+        wait_for(ready, "slmigrate serve to listen", timeout=600)  # loads SmolLM2 and MiniLM first
+        client = openai.OpenAI(base_url=base + "/v1", api_key="sk-test", max_retries=0, timeout=600)
+        slm = client.chat.completions.with_raw_response.create(**{"model": "gpt-4o", **requests[intent][-1]})
+        llm = client.chat.completions.create(**{"model": "gpt-4o", **requests[extract][-1]})
+        assert slm.parse().model.startswith("slmigrate/") and slm.headers["content-type"] == "application/json"
+        assert not llm.model.startswith("slmigrate/")
+        routes = wait_for(lambda: (r := httpx.get(base + "/slmigrate/routes").json())["guard"]["tasks"][intent][
+            "samples"] == sampled_before + 1 and r, "the guard's check", timeout=120)
+        assert routes["clusters"][intent]["routed"] == 1 and routes["clusters"][extract]["upstream"] == 1
+        assert routes["guard"]["sample"] == 1.0
+    finally:
+        proc.send_signal(signal.SIGINT)
+        try:
+            _, err = proc.communicate(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            _, err = proc.communicate()
+    assert proc.returncode == 0, err[-3000:]
+    assert "routing" in err  # the final table
+    # Drained into the store on the way out: the SLM's answer, the LLM's, and the guard's check of the first.
+    routed = [r for cid, r in _router_routes(ws).items() if cid not in logged_before]
+    assert sorted((r["answered_by"], r["cluster"], r.get("guard", "")) for r in routed) == sorted(
+        [("slm", intent, ""), ("llm", extract, ""), ("llm", intent, "sample")]), routed
+    status = json.loads(cli(ws.root, "status", "--json"))
+    assert status["live_guard"][intent]["samples"] == sampled_before + 1
