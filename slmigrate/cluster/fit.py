@@ -168,11 +168,14 @@ def split_dominant(x: np.ndarray, x_fine: np.ndarray, counts: np.ndarray, fitted
     task view (``x_fine``: the turn it answers and the answer's shape), average linkage cut at ``threshold``,
     the rows it leaves out going to the nearest of its sub-clusters. Steps with fewer than ``min_size`` calls are
     unclustered (rare moves of a large job). Returns the new fit, each new cluster's parent (old index) and
-    step id (None where the cluster was not split)."""
+    step id (None where the cluster was not split). A cluster with fewer than two steps of ``min_size`` calls is
+    one task doing one thing, and is kept whole."""
     total = float(counts.sum())
     members, parent, step_of = [], [], []
     for i, rows in enumerate(members_of(fitted)):
-        if counts[rows].sum() <= share * total or len(rows) < 2:
+        kinds = [s for s in set(steps[rows].tolist()) if counts[rows[steps[rows] == s]].sum() >= min_size]
+        # A task of one kind of step (a classifier answering labels only) is one task, however large: kept.
+        if counts[rows].sum() <= share * total or len(rows) < 2 or len(kinds) < 2:
             members.append(rows)
             parent.append(i)
             step_of.append(None)

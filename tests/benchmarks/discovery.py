@@ -282,7 +282,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--logs", default=",".join(LOGS), help=f"comma-separated, from {', '.join(LOGS)}")
     parser.add_argument("--pii", default="placeholder", help="curate --pii modes, comma-separated")
     parser.add_argument("--workers-1", action="store_true",
-                        help="also cluster with --workers 1 and report whether the partition is identical")
+                        help="also cluster with --workers 1, embedding every text afresh in this one process, and "
+                        "report whether the partition is identical")
     parser.add_argument("--fresh", action="store_true", help="import and curate again")
     parser.add_argument("--no-embed-cache", action="store_true", help="embed every text again")
     parser.add_argument("--json", help="also write the results here")
@@ -296,7 +297,8 @@ def main(argv: list[str] | None = None) -> int:
             r = run_one(name, pii, args.fresh, None, not args.no_embed_cache)
             print(json.dumps({k: v for k, v in r.items() if not k.startswith("_")}), flush=True)
             if args.workers_1:
-                one = run_one(name, pii, False, 1, not args.no_embed_cache)
+                # In one process, every text embedded afresh (the cached vectors came from worker processes).
+                one = run_one(name, pii, False, 1, False)
                 r["same_with_workers_1"] = one["_assignment"] == r["_assignment"]
                 print(f"{name} --pii {pii}: --workers 1 identical: {r['same_with_workers_1']}", flush=True)
             results.append(r)
