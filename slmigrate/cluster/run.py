@@ -140,9 +140,10 @@ def _fit_samples(table: CallTable, cfg: ClusterConfig, embedder: Embedder, weigh
         group_views = [views[r] for r in rows.tolist()]
         x, fits.layout = featurize(group_views, embedder, weights, progress=progress)
         counts = calls_per_row[rows].astype(np.float64)
-        parts, part_title = _template_parts(table, g, rows, row_template, templates, calls_per_row, cfg.min_size)
+        parts, part_title, fixed = _template_parts(table, g, rows, row_template, templates, calls_per_row,
+                                                   cfg.min_size)
         fitted, part_of = fit_parts(x, counts, parts, threshold=threshold, core_ratio=cfg.core_ratio,
-                                    min_size=cfg.min_size, request_mask=fits.layout.request_mask())
+                                    min_size=cfg.min_size, request_mask=fits.layout.request_mask(), filtered=fixed)
         titles = [part_title.get(p, "") for p in part_of]
         largest = max((counts[fitted.labels == i].sum() for i in range(len(fitted.centroids))), default=0.0)
         if counts.sum() >= 2 * cfg.min_size and largest > DOMINANT_SHARE * counts.sum():
@@ -173,21 +174,24 @@ _STEP_NAMES = {"json": "JSON answer", "label": "label answer", "text": "reply"}
 
 
 def _template_parts(table: CallTable, group: int, rows: np.ndarray, row_template: np.ndarray, templates: list,
-                    calls_per_row: np.ndarray, min_size: int) -> tuple[np.ndarray, dict[int, str]]:
+                    calls_per_row: np.ndarray, min_size: int) -> tuple[np.ndarray, dict[int, str], frozenset[int]]:
     """Per sampled row its part - one (instruction template, tool list) pair, or -1 for the rows without a
-    template of at least ``min_size`` calls in the group, which the embedding alone clusters - and each part's
-    title (the template's name)."""
+    template of at least ``min_size`` calls in the group, which the embedding alone clusters - each part's
+    title (the template's name), and the parts whose template is one fixed text (no slots)."""
     mine = np.flatnonzero(table.row_group == group)
     template_calls = np.bincount(row_template[mine], weights=calls_per_row[mine], minlength=len(templates))
     usable = np.array([not t.residual and template_calls[t.id] >= min_size for t in templates], dtype=bool)
     keys: dict[tuple[int, int], int] = {}
     titles: dict[int, str] = {}
+    fixed = set()
     parts = np.full(len(rows), -1, dtype=np.int64)
     for j, (t, tools) in enumerate(zip(row_template[rows].tolist(), table.row_tools[rows].tolist())):
         if usable[t]:
             parts[j] = keys.setdefault((t, tools), len(keys))
             titles[int(parts[j])] = templates[t].name
-    return parts, titles
+            if len(templates[t].texts) < 2:
+                fixed.add(int(parts[j]))
+    return parts, titles, frozenset(fixed)
 
 
 def _step_title(title: str, step: int | None, table: CallTable) -> str:
