@@ -262,16 +262,7 @@ def load_tau_bench(trajectories=None):
     return calls
 
 
-@pytest.mark.slow
-def test_tau2_coarse_clusters_recover_role_domain_mode():
-    from sklearn.metrics import adjusted_rand_score
-
-    calls, truth = load_tau2()
-    body, _, assignment, _ = cluster_calls(calls, ClusterConfig(map=False), progress=True)
-    ari = adjusted_rand_score(truth, [a or "unclustered" for a in assignment])
-    print(f"tau2 coarse: {len(body['clusters'])} clusters, unclustered {body['unclustered']['share']:.3f}, "
-          f"ARI {ari:.3f}")
-    assert ari >= 0.8
+# tau2 through the path users take (import -> curate -> cluster, defaults): tests/test_discovery.py.
 
 
 @pytest.mark.slow

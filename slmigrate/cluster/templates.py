@@ -221,7 +221,9 @@ def _name(templates: list[Template], text_lines: list[tuple[str, ...]]) -> None:
         headings = [ln for ln in own if ln.startswith("#")]
         pick = next((ln for ln in own if _INSTRUCTION.search(_clean(ln))), None)
         if pick is None and len(headings) >= 2:
-            t.name = " · ".join(_clean(h) for h in headings[:3])[:90]
+            # A document of its own (a policy): its title, or its first two headings when the title is a word.
+            first = _clean(headings[0])
+            t.name = (first if len(first.split()) >= 2 else " · ".join(_clean(h) for h in headings[:2]))[:90]
             continue
         pick = pick or next((ln for ln in own if len(_clean(ln).split()) >= 2), None) or (own[0] if own else None)
         head = _clean(lines[0])
