@@ -1,6 +1,5 @@
 """slmigrate cluster: task views, clustering, the saved model, the stage, the CLI; real-data figures (slow)."""
 
-import gzip
 import json
 import random
 import sys
@@ -239,15 +238,6 @@ def test_cli_cluster_table_json_and_calls_list(workspace, tmp_path, capsys):
 
 
 # --- real data, real MiniLM (slow) ---------------------------------------------------------------------------
-
-def load_tau2():
-    path = shared_file("tau2-bench/tau2_gpt41_calls.openai.jsonl.gz")
-    rows = [json.loads(line) for line in gzip.open(path, "rt")]
-    # Metadata (the ground truth) stays out of the records the clusterer sees.
-    calls = [CallRecord(request=r["request"], response=r["response"]).finalise() for r in rows]
-    truth = [f"{r['metadata']['role']}/{r['metadata']['domain']}/{r['metadata']['mode']}" for r in rows]
-    return calls, truth
-
 
 def load_tau_bench(trajectories=None):
     data = json.loads(shared_file("tau-bench/gpt-4o-airline.json").read_text())
