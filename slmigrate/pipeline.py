@@ -182,7 +182,9 @@ def _run_curate(ctx: _Context) -> dict[str, Any]:
 def _run_cluster(ctx: _Context) -> dict[str, Any]:
     from slmigrate.cluster import cluster
 
-    cluster(ctx.ws, ctx.config, progress=ctx.stage_bar("cluster"))  # reads [cluster] and [prices]
+    body = cluster(ctx.ws, ctx.config, progress=ctx.stage_bar("cluster"))  # reads [cluster] and [prices]
+    if body.warning:  # one task holds most of the calls: say so, with what to do
+        ctx.progress(f"cluster: warning: {body.warning}")
     return _manifest_counts(ctx.ws, "cluster")
 
 

@@ -173,8 +173,11 @@ def plan_refine(ws: Workspace, config: Config, *,
         deployments = {d.cluster: d for d in load_deployments(ws)}
     except SlmigrateError:
         pass  # not evaluated yet: nothing deployed to re-check
+    from slmigrate.serve.guard import demotions
+
+    demoted = demotions(ws)  # tasks the router's live guard took back from the small model
     total_new = len(curated)
-    for cid in sorted(set(new_by) | set(deployments)):
+    for cid in sorted(set(new_by) | set(deployments) | set(demoted)):
         fresh = new_by.get(cid, [])
         info = known.get(cid, {})
         old_share = float(info.get("share") or 0.0)
@@ -199,6 +202,9 @@ def plan_refine(ws: Workspace, config: Config, *,
             if metric is not None and metric < threshold:
                 entry["drift"].append(f"{d.metric} on fresh calls {metric:.3f} < {threshold:.2f}")
                 reasons.append(f"{d.metric} fell to {metric:.3f} (threshold {threshold:.2f})")
+        if cid in demoted:
+            why = demoted[cid].get("reason") or "live agreement fell"
+            reasons.append(f"the router's live guard demoted it ({why})")
         if train_size.get(cid) and len(fresh) >= GROW_RATIO * train_size[cid]:
             reasons.append(f"data grew by {len(fresh)} calls ({len(fresh) / train_size[cid]:.0%} of its training set)")
         if reasons and (cid in deployments or ws.path("adapters", cid).exists()):

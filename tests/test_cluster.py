@@ -1,6 +1,5 @@
 """slmigrate cluster: task views, clustering, the saved model, the stage, the CLI; real-data figures (slow)."""
 
-import gzip
 import json
 import random
 import sys
@@ -240,15 +239,6 @@ def test_cli_cluster_table_json_and_calls_list(workspace, tmp_path, capsys):
 
 # --- real data, real MiniLM (slow) ---------------------------------------------------------------------------
 
-def load_tau2():
-    path = shared_file("tau2-bench/tau2_gpt41_calls.openai.jsonl.gz")
-    rows = [json.loads(line) for line in gzip.open(path, "rt")]
-    # Metadata (the ground truth) stays out of the records the clusterer sees.
-    calls = [CallRecord(request=r["request"], response=r["response"]).finalise() for r in rows]
-    truth = [f"{r['metadata']['role']}/{r['metadata']['domain']}/{r['metadata']['mode']}" for r in rows]
-    return calls, truth
-
-
 def load_tau_bench(trajectories=None):
     data = json.loads(shared_file("tau-bench/gpt-4o-airline.json").read_text())
     tools = json.loads(shared_file("tau-bench/airline_tools.derived.json").read_text())
@@ -262,16 +252,7 @@ def load_tau_bench(trajectories=None):
     return calls
 
 
-@pytest.mark.slow
-def test_tau2_coarse_clusters_recover_role_domain_mode():
-    from sklearn.metrics import adjusted_rand_score
-
-    calls, truth = load_tau2()
-    body, _, assignment, _ = cluster_calls(calls, ClusterConfig(map=False))
-    ari = adjusted_rand_score(truth, [a or "unclustered" for a in assignment])
-    print(f"tau2 coarse: {len(body['clusters'])} clusters, unclustered {body['unclustered']['share']:.3f}, "
-          f"ARI {ari:.3f}")
-    assert ari >= 0.8
+# tau2 through the path users take (import -> curate -> cluster, defaults): tests/test_discovery.py.
 
 
 @pytest.mark.slow

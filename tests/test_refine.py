@@ -136,3 +136,30 @@ def test_router_answers_are_not_learned_from(pipeline_ws):
     assert ws.store.insert_calls([call]) == (1, 0)
     plan = refine(ws, config, dry_run=True, metric_fn=lambda d, calls: 1.0)
     assert plan["answered_by_slm"] == 1 and plan["nothing_to_do"] is True
+
+
+def test_a_task_the_live_guard_demoted_is_retrained(pipeline_ws):
+    """The router's live guard took a task back from the small model (serve/guard.json): refine retrains it even
+    when the fresh calls alone would not ask for it (the metric holds, the data barely grew)."""
+    import json
+
+    from slmigrate.curate.dataset import load_curated
+    from slmigrate.serve.guard import GUARD
+
+    ws, config = pipeline_ws
+    membership = ws.store.clusters_of()
+    intent = membership[next(c for c in load_curated(ws) if "Classify the customer's message" in
+                             str(c.messages[0]["content"])).id]
+    _deploy(ws, intent)
+    fresh = _relabelled_intents(ws, 4)
+    for i, call in enumerate(fresh):  # not duplicates of the earlier test's drift calls
+        call.session, call.timestamp = f"guarded-{i}", f"2025-07-02T10:0{i}:00Z"
+    assert ws.store.insert_calls(fresh) == (4, 0)
+    quiet = refine(ws, config, dry_run=True, metric_fn=lambda d, calls: 1.0)
+    assert ("retrain", intent) not in {(a["action"], a["cluster"]) for a in quiet["actions"]}
+    ws.path(*GUARD).parent.mkdir(parents=True, exist_ok=True)
+    ws.path(*GUARD).write_text(json.dumps({"tasks": {intent: {
+        "evaluation_run": None, "demoted": True, "reason": "live agreement upper bound 0.41 < 0.90"}}}))
+    plan = refine(ws, config, dry_run=True, metric_fn=lambda d, calls: 1.0)
+    [why] = [a["why"] for a in plan["actions"] if a["action"] == "retrain" and a["cluster"] == intent]
+    assert "live guard demoted it (live agreement upper bound 0.41 < 0.90)" in why

@@ -93,7 +93,7 @@ def _print(ws, result: ClusterResult) -> None:
     for c in result.clusters:
         p, q = c["prompt_tokens"], c["completion_tokens"]
         score = f"{c['replaceability']:.2f}" + (" [green]yes[/]" if c["likely_replaceable"] else "")
-        table.add_row(c["id"], c["label"][:40], c["output_kind"], f"{c['size']:,}", f"{c['share']:.1%}",
+        table.add_row(c["id"], c["label"][:60], c["output_kind"], f"{c['size']:,}", f"{c['share']:.1%}",
                       f"{c['cost_usd']:.2f}", f"{p['p50']}/{p['p95']}", f"{q['p50']}/{q['p95']}", score)
     u = result.unclustered
     table.add_row("-", "unclustered (one-off calls)", "", f"{u['size']:,}", f"{u['share']:.1%}",
@@ -104,3 +104,5 @@ def _print(ws, result: ClusterResult) -> None:
                   f"[bold]{o['cost_share']:.0%}[/] of cost ({len(o['replaceable_clusters'])} clusters).")
     if result.map:
         console.print(f"Map: {ws.resolve(result.map)}")
+    if result.warning:
+        console.print(f"[yellow]Warning:[/] {result.warning}", highlight=False)

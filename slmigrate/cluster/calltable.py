@@ -28,7 +28,8 @@ from pathlib import Path
 import numpy as np
 
 from slmigrate.cluster.model import UNKNOWN_AGENT, request_signature, task_tag
-from slmigrate.cluster.views import OUTPUT_KINDS, TaskView, digest64, task_view
+from slmigrate.cluster.templates import TemplateMiner
+from slmigrate.cluster.views import OUTPUT_KINDS, TaskView, digest64, instruction_text, task_view
 from slmigrate.config import PricesConfig
 from slmigrate.record import CallRecord
 
@@ -44,7 +45,7 @@ def _chunks_digest(chunks: tuple[str, ...]) -> int:
 def view_digest(view: TaskView) -> int:
     """The identity of a task view, and the order of the fit sample: a hash of its content."""
     return digest64("\x1e".join((format(_chunks_digest(view.system_chunks), "x"), view.tools, view.turn,
-                                 view.answer, view.kind, view.tool_name or "")))
+                                 view.answer, view.kind, view.tool_name or "", format(view.instructions, "x"))))
 
 
 class Interner:
@@ -79,6 +80,10 @@ class CallTable:
         # Per row (distinct group + view).
         self.row_group, self.row_tool, self.row_kind = array("i"), array("i"), array("b")
         self.row_hash, self.row_answer, self.row_system, self.row_turn = array("Q"), array("Q"), array("Q"), array("Q")
+        # Per row: its instruction text's id in ``templates`` and its tool list (interned): what forms tasks first.
+        self.row_instr, self.row_tools = array("i"), array("i")
+        self.templates = TemplateMiner()
+        self.tool_lists = Interner()
         self._row_of: dict[int, int] | None = {}
         self._spill = tempfile.TemporaryFile(dir=spill_dir, prefix="slmigrate-views-")
         self._pending: list[tuple[TaskView, str]] = []
@@ -110,6 +115,9 @@ class CallTable:
             self.row_tool.append(self.tools(view.tool_name) if view.tool_name else -1)
             self.row_answer.append(digest64(view.answer))
             self.row_system.append(_chunks_digest(view.system_chunks))
+            self.row_tools.append(self.tool_lists(view.tools))
+            self.row_instr.append(self.templates.add(view.instructions, self.row_tools[-1],
+                                                     lambda: instruction_text(call.messages)))
             self.row_turn.append(digest64(view.turn))
             self._pending.append((view, call.id))
             if len(self._pending) >= _SPILL_BATCH:
@@ -131,7 +139,7 @@ class CallTable:
         self._flush()
         self._row_of = None  # only needed while adding; a dict entry per distinct view
         for name in ("call_row", "call_model", "call_sig", "prompt", "completion", "cost", "row_group", "row_tool",
-                     "row_kind", "row_hash", "row_answer", "row_system", "row_turn"):
+                     "row_kind", "row_hash", "row_answer", "row_system", "row_turn", "row_instr", "row_tools"):
             column = getattr(self, name)
             setattr(self, name, np.frombuffer(column, dtype=column.typecode) if len(column) else
                     np.zeros(0, dtype=column.typecode))

@@ -104,3 +104,109 @@ def nearest(x: np.ndarray, centroids: np.ndarray, radius: np.ndarray, mask: np.n
         within = d[np.arange(len(part)), best] <= radius[best] * slack + 1e-6
         out[start:start + 4096] = np.where(within, best, -1)
     return out
+
+
+def from_members(x: np.ndarray, counts: np.ndarray, members: list[np.ndarray], request_mask: np.ndarray) -> Fitted:
+    """A ``Fitted`` from clusters given as row index arrays: numbered by size (calls), largest first, ties by
+    first row; centroids, radii and request radii measured in ``x``."""
+    members = [m for m in members if len(m)]
+    members.sort(key=lambda m: (-float(counts[m].sum()), int(m.min())))
+    labels = np.full(len(x), -1, dtype=int)
+    k, width = len(members), x.shape[1]
+    centroids = np.zeros((k, width), dtype=np.float32)
+    radius, request_radius = np.zeros(k), np.zeros(k)
+    for i, rows in enumerate(members):
+        labels[rows] = i
+        w = counts[rows].astype(np.float64)
+        pts = x[rows].astype(np.float64)
+        centroid = (pts * w[:, None]).sum(axis=0) / w.sum()
+        centroids[i] = centroid
+        radius[i] = float(np.sqrt(((pts - centroid) ** 2).sum(axis=1)).max())
+        request_radius[i] = float(np.sqrt(((pts[:, request_mask] - centroid[request_mask]) ** 2).sum(axis=1)).max())
+    return Fitted(labels, centroids, radius, request_radius)
+
+
+def members_of(fitted: Fitted) -> list[np.ndarray]:
+    return [np.flatnonzero(fitted.labels == i) for i in range(len(fitted.centroids))]
+
+
+def fit_parts(x: np.ndarray, counts: np.ndarray, parts: np.ndarray, *, threshold: float, core_ratio: float,
+              min_size: int, request_mask: np.ndarray, filtered: frozenset[int] = frozenset()
+              ) -> tuple[Fitted, list[int]]:
+    """``fit_group`` inside each part (rows sharing a part id >= 0: one instruction template and tool set) on its
+    own, so two templates never share a cluster; returns the combined fit and each cluster's part id.
+
+    A template with slots (several distinct texts sharing its lines) is a task by construction: inside its part
+    there is no one-off filter, and the rows of its sub-clusters smaller than ``min_size`` join the nearest of
+    its larger ones (the whole part is one cluster when the embedding finds none). Rows of part -1 (no
+    template) and of the ``filtered`` parts (one fixed prompt, which may front unrelated one-off requests) are
+    clustered with the one-off filter."""
+    members, part_of = [], []
+    for p in sorted(set(parts.tolist())):
+        rows = np.flatnonzero(parts == p)
+        templated = p >= 0 and p not in filtered
+        fitted = fit_group(x[rows], counts[rows], threshold=threshold, min_size=min_size,
+                           core_ratio=1.0 if templated else core_ratio, request_mask=request_mask)
+        local = members_of(fitted)
+        if templated:
+            if not local:
+                local = [np.arange(len(rows))]
+            elif (fitted.labels < 0).any():
+                rest = np.flatnonzero(fitted.labels < 0)
+                near = nearest(x[rows][rest], fitted.centroids, np.full(len(fitted.centroids), np.inf))
+                local = [np.sort(np.concatenate([m, rest[near == i]])) for i, m in enumerate(local)]
+        for m in local:
+            members.append(rows[m])
+            part_of.append(p)
+    combined = from_members(x, counts, members, request_mask)
+    order = {int(m.min()): p for m, p in zip(members, part_of)}
+    return combined, [order[int(m.min())] for m in members_of(combined)]
+
+
+def split_dominant(x: np.ndarray, x_fine: np.ndarray, counts: np.ndarray, fitted: Fitted, steps: np.ndarray, *,
+                   share: float, threshold: float, min_size: int, request_mask: np.ndarray
+                   ) -> tuple[Fitted, list[int], list[int | None]]:
+    """Split every cluster holding more than ``share`` of the calls into its steps: first by ``steps`` (per row:
+    which tool it called, or JSON / label / reply), then a step still holding more than ``share`` by the fine
+    task view (``x_fine``: the turn it answers and the answer's shape), average linkage cut at ``threshold``,
+    the rows it leaves out going to the nearest of its sub-clusters. Steps with fewer than ``min_size`` calls are
+    unclustered (rare moves of a large job). Returns the new fit, each new cluster's parent (old index) and
+    step id (None where the cluster was not split). A cluster with fewer than two steps of ``min_size`` calls is
+    one task doing one thing, and is kept whole."""
+    total = float(counts.sum())
+    members, parent, step_of = [], [], []
+    for i, rows in enumerate(members_of(fitted)):
+        kinds = [s for s in set(steps[rows].tolist()) if counts[rows[steps[rows] == s]].sum() >= min_size]
+        # A task of one kind of step (a classifier answering labels only) is one task, however large: kept.
+        if counts[rows].sum() <= share * total or len(rows) < 2 or len(kinds) < 2:
+            members.append(rows)
+            parent.append(i)
+            step_of.append(None)
+            continue
+        for s in sorted(set(steps[rows].tolist())):
+            part = rows[steps[rows] == s]
+            if counts[part].sum() < min_size:
+                continue
+            if counts[part].sum() <= share * total or len(part) < 2:
+                members.append(part)
+                parent.append(i)
+                step_of.append(s)
+                continue
+            sub = fit_group(x_fine[part], counts[part], threshold=threshold, core_ratio=1.0, min_size=min_size,
+                            request_mask=np.ones(x_fine.shape[1], dtype=bool))
+            if len(sub.centroids) == 0:
+                groups = [part]
+            else:
+                local = sub.labels.copy()
+                rest = local < 0
+                if rest.any():
+                    local[rest] = nearest(x_fine[part][rest], sub.centroids, np.full(len(sub.centroids), np.inf))
+                groups = [part[local == k] for k in range(len(sub.centroids))]
+            for g in groups:
+                members.append(g)
+                parent.append(i)
+                step_of.append(s)
+    new = from_members(x, counts, members, request_mask)
+    key = {int(m.min()): (p, s) for m, p, s in zip(members, parent, step_of)}
+    info = [key[int(m.min())] for m in members_of(new)]
+    return new, [p for p, _ in info], [s for _, s in info]

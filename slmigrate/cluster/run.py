@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -15,10 +15,10 @@ from slmigrate import artifacts, engines
 from slmigrate.curate import dataset as curated
 from slmigrate.cluster.calltable import GROUP, TAG, CallTable
 from slmigrate.cluster.features import WEIGHTS, Layout, featurize
-from slmigrate.cluster.fit import Fitted, assign_rest, fit_group, nearest
+from slmigrate.cluster.fit import Fitted, assign_rest, fit_parts, nearest, split_dominant
 from slmigrate.cluster.model import ClusterModel, signature_table, slug
 from slmigrate.cluster.stats import cluster_stats, keywords
-from slmigrate.cluster.views import TaskView
+from slmigrate.cluster.views import OUTPUT_KINDS, TaskView
 from slmigrate.config import ClusterConfig, Config, PricesConfig
 from slmigrate.cluster.embed import Embedder, get_embedder
 from slmigrate.errors import SlmigrateError
@@ -29,8 +29,10 @@ from slmigrate.workspace import Workspace, fingerprint_of
 
 SCHEMA_VERSION = 1
 # Bump when the task view or the features change, so a re-run does not reuse clusters made the old way.
-METHOD_VERSION = "views2-avglink1"  # views2: the fit sample is ordered by view_digest
+METHOD_VERSION = "views3-templates1"  # views3: instructions from the leading user turn; templates form tasks
 DEFAULT_THRESHOLD = {"coarse": 0.6, "fine": 0.55}
+# A task holding more than this share of its group's calls is split into its steps (and reported when it stays).
+DOMINANT_SHARE = 0.5
 
 
 def cluster_calls(calls: Iterable[CallRecord], cfg: ClusterConfig, prices: PricesConfig | None = None, *,
@@ -71,6 +73,8 @@ class _Fits:
     sampled: np.ndarray  # per row: in a fit sample
     layout: Layout | None
     map_data: dict[str, Any]
+    titles: list[str] = field(default_factory=list)  # per cluster: its template's name (and step), or ""
+    split: list[int] = field(default_factory=list)  # clusters made by splitting a dominant task into steps
 
 
 def _cluster_table(table: CallTable, cfg: ClusterConfig, embedder: Embedder,
@@ -97,6 +101,7 @@ def _cluster_table(table: CallTable, cfg: ClusterConfig, embedder: Embedder,
                 names.append(cid)
             row_label[table.row_group == g] = names.index(cid)
     reading = _assign_rows(table, fits, model, cfg, embedder, threshold, progress)
+    reading.titles, reading.split = fits.titles, set(fits.split)
 
     call_label = row_label[table.call_row]
     call_tagged = table.groups_are_tags()[table.row_group[table.call_row]]
@@ -127,18 +132,36 @@ def _fit_samples(table: CallTable, cfg: ClusterConfig, embedder: Embedder, weigh
     map_rows: list[np.ndarray] = []
     map_labels: list[str | None] = []
     map_counts: list[int] = []
+    text_template, templates = table.templates.fit(cfg.min_size)
+    row_template = np.array(text_template, dtype=np.int64)[table.row_instr] if table.n_rows else \
+        np.zeros(0, np.int64)
     for g, name in named:
         rows = samples[g]
         fits.sampled[rows] = True
-        x, fits.layout = featurize([views[r] for r in rows.tolist()], embedder, weights, progress=progress)
+        group_views = [views[r] for r in rows.tolist()]
+        x, fits.layout = featurize(group_views, embedder, weights, progress=progress)
         counts = calls_per_row[rows].astype(np.float64)
-        fitted = fit_group(x, counts, threshold=threshold, core_ratio=cfg.core_ratio, min_size=cfg.min_size,
-                           request_mask=fits.layout.request_mask())
+        parts, part_title, fixed = _template_parts(table, g, rows, row_template, templates, calls_per_row,
+                                                   cfg.min_size)
+        fitted, part_of = fit_parts(x, counts, parts, threshold=threshold, core_ratio=cfg.core_ratio,
+                                    min_size=cfg.min_size, request_mask=fits.layout.request_mask(), filtered=fixed)
+        titles = [part_title.get(p, "") for p in part_of]
+        largest = max((counts[fitted.labels == i].sum() for i in range(len(fitted.centroids))), default=0.0)
+        if counts.sum() >= 2 * cfg.min_size and largest > DOMINANT_SHARE * counts.sum():
+            # One task holds most calls (one agent prompt doing everything): split it into its steps.
+            x_fine, _ = featurize(group_views, embedder, WEIGHTS["fine"])
+            steps = np.where(table.row_tool[rows] >= 0, table.row_tool[rows], -1 - table.row_kind[rows].astype(int))
+            fitted, parent, step_of = split_dominant(
+                x, x_fine, counts, fitted, steps, share=DOMINANT_SHARE, threshold=DEFAULT_THRESHOLD["fine"],
+                min_size=cfg.min_size, request_mask=fits.layout.request_mask())
+            titles = [_step_title(titles[p], s, table) for p, s in zip(parent, step_of)]
+            fits.split.extend(len(fits.names) + n for n, s in enumerate(step_of) if s is not None)
         fits.groups.append(_Group(g, name, fitted, len(fits.names)))
         fits.row_label[rows] = np.where(fitted.labels >= 0, fitted.labels + len(fits.names), -1)
         prefix = "" if name is None else slug(name) + "-"
         local = [f"{prefix}c{n + 1:02d}" for n in range(len(fitted.centroids))]
         fits.names.extend(local)
+        fits.titles.extend(titles)
         map_rows.append(x)
         map_labels.extend(local[lb] if lb >= 0 else None for lb in fitted.labels.tolist())
         map_counts.extend(counts.astype(int).tolist())
@@ -146,6 +169,37 @@ def _fit_samples(table: CallTable, cfg: ClusterConfig, embedder: Embedder, weigh
     fits.map_data = {"x": np.concatenate(map_rows) if map_rows else np.zeros((0, width)), "labels": map_labels,
                      "counts": map_counts}
     return fits
+
+
+_STEP_NAMES = {"json": "JSON answer", "label": "label answer", "text": "reply"}
+
+
+def _template_parts(table: CallTable, group: int, rows: np.ndarray, row_template: np.ndarray, templates: list,
+                    calls_per_row: np.ndarray, min_size: int) -> tuple[np.ndarray, dict[int, str], frozenset[int]]:
+    """Per sampled row its part - one (instruction template, tool list) pair, or -1 for the rows without a
+    template of at least ``min_size`` calls in the group, which the embedding alone clusters - each part's
+    title (the template's name), and the parts whose template is one fixed text (no slots)."""
+    mine = np.flatnonzero(table.row_group == group)
+    template_calls = np.bincount(row_template[mine], weights=calls_per_row[mine], minlength=len(templates))
+    usable = np.array([not t.residual and template_calls[t.id] >= min_size for t in templates], dtype=bool)
+    keys: dict[tuple[int, int], int] = {}
+    titles: dict[int, str] = {}
+    fixed = set()
+    parts = np.full(len(rows), -1, dtype=np.int64)
+    for j, (t, tools) in enumerate(zip(row_template[rows].tolist(), table.row_tools[rows].tolist())):
+        if usable[t]:
+            parts[j] = keys.setdefault((t, tools), len(keys))
+            titles[int(parts[j])] = templates[t].name
+            if len(templates[t].texts) < 2:
+                fixed.add(int(parts[j]))
+    return parts, titles, frozenset(fixed)
+
+
+def _step_title(title: str, step: int | None, table: CallTable) -> str:
+    if step is None:
+        return title
+    what = ("calls " + table.tools.values[step]) if step >= 0 else _STEP_NAMES.get(OUTPUT_KINDS[-1 - step], "reply")
+    return f"{title} · {what}" if title else what
 
 
 def _assign_rows(table: CallTable, fits: _Fits, model: ClusterModel, cfg: ClusterConfig, embedder: Embedder,
@@ -182,6 +236,8 @@ class _RowPass:
         self.docs: list[dict[str, None]] = [{} for _ in range(n_clusters)]
         self.unclustered_examples: list[str] = []
         self._row_distance: dict[int, float] = {}
+        self.titles: list[str] = []  # per cluster: its template's name (and step), or ""
+        self.split: set[int] = set()  # clusters made by splitting a dominant task into its steps
 
     def place(self, group: _Group, rows: np.ndarray, views: list[TaskView], model: ClusterModel,
               row_label: np.ndarray, sampled: np.ndarray, embedder: Embedder, threshold: float,
@@ -283,9 +339,16 @@ def _summary(table: CallTable, call_label: np.ndarray, names: list[str], reading
                               "clustered" if clustered else "task_tag")
         stats["keywords"] = kw
         stats["label"] = ", ".join(kw[:3]) if kw else names[c]
+        title = reading.titles[c] if clustered and c < len(reading.titles) else ""
+        if title:
+            stats["label"] = title
+            stats["template"] = title
+        if c in reading.split:
+            stats["split_from_dominant"] = True
         if clustered:
             stats["radius"] = round(float(model.radius[c]), 4)
         clusters.append(stats)
+    _distinct_labels(clusters)
     replaceable = [c for c in clusters if c["likely_replaceable"]]
     rep_cost = sum(c["cost_usd"] for c in replaceable)
     return {
@@ -307,7 +370,35 @@ def _summary(table: CallTable, call_label: np.ndarray, names: list[str], reading
             "cost_usd": round(rep_cost, 6),
         },
         "clusters": clusters,
+        **_dominant_warning(clusters, cfg),
     }
+
+
+def _distinct_labels(clusters: list[dict[str, Any]]) -> None:
+    """Clusters sharing a template name (the embedding split one template) get their top keywords added."""
+    same: dict[str, list[dict[str, Any]]] = {}
+    for c in clusters:
+        same.setdefault(c["label"], []).append(c)
+    for label, group in same.items():
+        if len(group) < 2:
+            continue
+        for c in group:
+            others = {w for o in group if o is not c for w in o["keywords"][:6]}
+            words = [w for w in c["keywords"] if w not in others][:2] or c["keywords"][:2]
+            if words:
+                c["label"] = f"{label} ({', '.join(words)})"
+
+
+def _dominant_warning(clusters: list[dict[str, Any]], cfg: ClusterConfig) -> dict[str, Any]:
+    """A ``warning`` when one task still holds most of the calls, with what to do."""
+    top = max(clusters, key=lambda c: c["share"], default=None)
+    if top is None or top["share"] <= DOMINANT_SHARE:
+        return {}
+    hint = ("try `slmigrate cluster --granularity fine` (one task per step: tool called, JSON, reply) or a "
+            "smaller --threshold" if cfg.granularity == "coarse" else "try a smaller --threshold")
+    return {"warning": f"one task ({top['id']}, {top['label'][:60]}) holds {top['share']:.0%} of the calls: its "
+                       f"calls look alike to the clusterer; {hint}, or tag the calls' tasks (metadata "
+                       f"`{cfg.task_tag_key or 'task_tag'}`)"}
 
 
 def draw_map(path, map_data: dict[str, Any], title: str) -> None:
@@ -376,6 +467,7 @@ class ClusterResult(StageOutput):
     skipped: bool
     curated_version: str | None = None
     map: str | None = None
+    warning: str | None = None  # one task holds most of the calls: what to do about it
 
 
 def cluster(ws: Workspace, config: Config | None = None, *, progress: Progress | None = None, force: bool = False,

@@ -39,13 +39,18 @@ def mask(text: str) -> str:
     return _SPACE.sub(" ", text).strip()
 
 
-# System prompts repeat across thousands of calls and can be tens of kilobytes: mask each distinct one once.
+# System prompts repeat across thousands of calls and can be tens of kilobytes: mask and hash each distinct one once.
 _mask_system = lru_cache(maxsize=4096)(mask)
 
 
 def digest64(text: str) -> int:
     """A 64-bit content hash (stable across processes and machines, unlike ``hash()``)."""
     return int.from_bytes(hashlib.blake2b(text.encode("utf-8", "surrogatepass"), digest_size=8).digest(), "big")
+
+
+@lru_cache(maxsize=4096)
+def _instructions_digest(text: str) -> int:
+    return digest64(text) if text else 0
 
 
 def view_text(message: dict[str, Any]) -> str:
@@ -62,6 +67,9 @@ class TaskView:
     answer: str
     kind: str  # output kind of this call's answer
     tool_name: str | None  # the first tool called, if any
+    # Content hash of the call's instructions (system prompt, else leading user message: ``instruction_text``),
+    # whose template forms tasks before the embedding (templates.py); not embedded itself.
+    instructions: int = 0
 
     def text(self) -> str:
         """One readable string (for keywords and for showing a representative call)."""
@@ -78,6 +86,18 @@ def system_prompt(messages: list[dict[str, Any]]) -> str:
         else:
             break
     return "\n".join(p for p in parts if p)
+
+
+def instruction_text(messages: list[dict[str, Any]]) -> tuple[str, bool]:
+    """(the call's instructions, whether they come from user content): the system prompt, or, when there is
+    none, the leading user message - where agents such as MetaGPT or ReAct prompts put their template."""
+    system = system_prompt(messages)
+    if system:
+        return system, False
+    for message in messages:
+        if message.get("role") == "user":
+            return view_text(message), True
+    return "", False
 
 
 def latest_turn(messages: list[dict[str, Any]]) -> str:
@@ -156,6 +176,7 @@ def system_chunks(masked_system: str) -> tuple[str, ...]:
 
 def task_view(call: CallRecord) -> TaskView:
     messages = call.messages
+    instructions = instruction_text(messages)[0]
     chunks = system_chunks(_mask_system(system_prompt(messages)))
     names = sorted({(t.get("function") or {}).get("name") or t.get("name") or "?" for t in call.tools})
     tools = ("tools offered: " + ", ".join(names)) if names else "no tools offered"
@@ -167,6 +188,7 @@ def task_view(call: CallRecord) -> TaskView:
         answer=shape,
         kind=kind,
         tool_name=tool_name,
+        instructions=_instructions_digest(instructions),
     )
 
 
