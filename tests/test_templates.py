@@ -6,7 +6,7 @@ import re
 from sklearn.metrics import adjusted_rand_score
 
 from slmigrate.cluster import cluster_calls
-from slmigrate.cluster.embed import HashEmbedder
+from fakes import HashEmbedder
 from slmigrate.cluster.templates import TemplateMiner, mask_lines
 from slmigrate.cluster.views import digest64, instruction_text
 from slmigrate.config import ClusterConfig
