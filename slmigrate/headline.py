@@ -82,10 +82,18 @@ def headline(ws: Workspace, config: Config) -> dict[str, Any] | None:
 
     slm_cost, slm_latency, slm_source = _slm_cost_per_call(probed, evals, config)
     savings = None
-    if measured and calls and slm_cost is not None:
+    plan = (evals or {}).get("plan") or {}
+    moved = plan.get("measured") or {}
+    if moved and slm_cost is not None and (moved.get("calls") or {}).get("total"):
+        # Once evaluated, the tasks that move are the evaluation's decisions (each on its own lower bound), not
+        # the probe's prediction: the saving follows what will actually be routed to small models.
+        per_call = moved["cost_usd"]["migrate"] / moved["calls"]["total"] - moved["calls"]["share"] * slm_cost
+        savings = {"value": round(1e6 * per_call, 2), "low": None, "high": None, "basis": "evaluation"}
+    elif measured and calls and slm_cost is not None:
         # Per million calls like these: the LLM spend on the calls that move, less the small model serving them.
         savings = {k: round(1e6 * (measured["cost_usd"][k] / calls - measured["calls_share"][k] * slm_cost), 2)
                    for k in ("value", "low", "high")}
+        savings["basis"] = "probe"
     llm_latency = facts["llm_latency_p50_ms"]
     out = {
         "tasks": len(tasks), "calls": calls, "cost_usd": round(cost, 6),
@@ -181,9 +189,12 @@ def words(h: dict[str, Any]) -> str:
                          else f"{cid}: not enough evidence (no number of calls lets a lower bound reach the threshold)")
     parts.append(f"hand-set prior: {_pct(c['prior'])} of calls, {_pct(k['prior'])} of cost")
     s = h["savings_per_million_calls_usd"]
-    if s is not None:
-        parts.append(f"saving {_usd(s['value'])} per million calls ({_usd(s['low'])} to {_usd(s['high'])}; small "
+    if s is not None and s.get("basis") == "evaluation":
+        parts.append(f"saving {_usd(s['value'])} per million calls on the tasks the evaluation migrates (small "
                      f"model priced from the {h['slm_cost_source']})")
+    elif s is not None:
+        parts.append(f"saving {_usd(s['value'])} per million calls ({_usd(s['low'])} to {_usd(s['high'])}, if the "
+                     f"probe's tasks move; small model priced from the {h['slm_cost_source']})")
     lat = h["latency_ms"]
     if lat["change"] is not None:
         parts.append(f"latency p50 {lat['llm_p50']:,.0f} ms -> {lat['slm_p50']:,.0f} ms")

@@ -190,6 +190,19 @@ def test_headline_says_what_the_evaluation_decided_beside_the_probe(tmp_path):
     assert ("evaluated fine-tuned on held-out calls (2 task(s)): migrating fruit (fruit 1.000, 95% lower bound "
             "0.940, n=60), 50% of calls and 25% of cost") in h["text"]
     assert "veg: not enough evidence: needs 25 more calls" in h["text"]
+
+    # With the evaluation's totals and the fine-tuned model's measured cost, the saving follows the tasks the
+    # evaluation migrates (fruit: 200 of 400 calls, $3 of $4), not the probe's prediction.
+    artifacts.write_evaluation(ws, {"clusters": [
+        {"cluster": "fruit", "decision": {"migrate": True, **fruit},
+         "variants": {"finetuned": {"primary": 1.0, "efficiency": {"cost_per_1k_usd": 0.5, "latency_p50_ms": 80}}}}],
+        "plan": {"migrating_clusters": ["fruit"], "measured": {
+            "calls": {"total": 400, "migrate": 200, "share": 0.5},
+            "cost_usd": {"total": 4.0, "migrate": 3.0, "share": 0.75}}}})
+    h = headline(ws, cfg)
+    # 1e6 * (3.0 / 400 - 0.5 * 0.0005) = 7,250
+    assert h["savings_per_million_calls_usd"] == {"value": 7250.0, "low": None, "high": None, "basis": "evaluation"}
+    assert "saving $7,250.00 per million calls on the tasks the evaluation migrates" in h["text"]
     assert {t["cluster"]: t["finetuned"] for t in h["per_task"]}["fruit"] == 1.0
 
 
