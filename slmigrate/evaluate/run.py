@@ -272,9 +272,10 @@ def decide(kind: str, n_test: int, finetuned: dict[str, Any] | None, metric: str
                                               "lower bound on any number of calls; lower the threshold")
         base["needs_calls"] = max(needed, min_calls) - n
         best = wilson(n, n)[0]
+        because = (f"even {n} of {n} right would give a lower bound of {best:.3f} < threshold {threshold:.2f}"
+                   if best < threshold else f"fewer than [evaluate] min_test_calls = {min_calls}")
         return out("not_enough_evidence",
-                   f"not enough evidence: needs {base['needs_calls']} more calls ({figure}; even {n} of {n} right "
-                   f"would give a lower bound of {best:.3f} < threshold {threshold:.2f}, and it takes "
+                   f"not enough evidence: needs {base['needs_calls']} more calls ({figure}; {because}, and it takes "
                    f"{max(needed, min_calls)} test calls)")
     if lower < threshold:
         return out("stay", f"{figure}: lower bound {lower:.3f} < threshold {threshold:.2f}")
