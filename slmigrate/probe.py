@@ -43,7 +43,7 @@ from slmigrate.results import StageOutput
 from slmigrate.stats import estimate
 from slmigrate.workspace import Workspace, fingerprint_of
 
-METHOD_VERSION = "probe1"
+METHOD_VERSION = "probe2"  # probe2: tasks without held-out calls are probed across their sessions
 POOL_CAP = 5000  # train calls per task searched for neighbours: plenty for a task, bounded for huge logs
 TURN_CHARS = 4000  # request text compared: the end of the conversation, where the task's input is
 
@@ -56,6 +56,7 @@ class _Call:
     request: dict[str, Any]
     answer: dict[str, Any]
     text: str  # what neighbours are found by
+    session: str = ""  # a task without held-out calls is probed across its own sessions (``split_by_session``)
 
     @property
     def messages(self) -> list[dict[str, Any]]:  # what evaluate.with_examples reads of an example
@@ -97,7 +98,7 @@ class _Sample:
 def _iter_rows(ws: Workspace) -> Iterator[dict[str, Any]]:
     from slmigrate.curate import dataset as curated
 
-    for part in curated.iter_batches(ws, ["id", "split", "request", "response"]):
+    for part in curated.iter_batches(ws, ["id", "session", "split", "request", "response"]):
         for i in range(len(part["id"])):
             yield {k: part[k][i] for k in part}
 
@@ -117,7 +118,7 @@ def task_calls(ws: Workspace, clusters: set[str], held_out_cap: int, seed: int
         def make(row=row) -> _Call:
             request = json.loads(row["request"])
             choices = (json.loads(row["response"]) or {}).get("choices") or [{}]
-            return _Call(row["id"], request, choices[0].get("message"), request_text(request))
+            return _Call(row["id"], request, choices[0].get("message"), request_text(request), row["session"] or "")
 
         rank = _rank(row["id"], seed)
         if len(target.heap) >= target.cap and -target.heap[0][0] <= rank:
@@ -126,6 +127,17 @@ def task_calls(ws: Workspace, clusters: set[str], held_out_cap: int, seed: int
         if call.answer is not None:
             target.offer(rank, lambda call=call: call)
     return ({c: s.calls() for c, s in pools.items()}, {c: s.calls() for c, s in held.items()})
+
+
+def split_by_session(pool: list[_Call], seed: int) -> tuple[list[_Call], list[_Call]]:
+    """(pool, queries) from a task's train calls alone, for a task whose sessions all landed in the train split
+    (small tasks): a seeded third of its sessions is held out, so no query finds a call of its own session;
+    ``([...], [])`` when the calls come from one session (nothing can be held out without leaking)."""
+    sessions = sorted({c.session for c in pool}, key=lambda s: _rank(s, seed))
+    if len(sessions) < 2:
+        return pool, []
+    held = set(sessions[:max(1, len(sessions) // 3)])
+    return [c for c in pool if c.session not in held], [c for c in pool if c.session in held]
 
 
 def nearest(pool: list[_Call], queries: list[_Call], k: int = 1) -> list[list[int]]:
@@ -365,11 +377,16 @@ def probe(ws: Workspace, config: Config | None = None, *, progress: Progress | N
         kind = cluster_kind(info)
         metric = M.primary_metric(kind, config.evaluate.primary)
         pool, queries = pools[cid], held[cid]
+        held_out = "validation + test splits"
+        if not queries:
+            pool, queries = split_by_session(pool, cfg.seed)
+            held_out = "a third of the task's train sessions (it has no validation or test calls)"
         links = nearest(pool, queries, k=max(1, cfg.fewshot_examples))
         result: dict[str, Any] = {
             "cluster": cid, "label": info.get("label"), "kind": kind, "metric": metric,
             "threshold": config.evaluate.threshold.get(kind, 0.9), "size": int(info.get("size") or 0),
             "cost_usd": float(info.get("cost_usd") or 0.0), "train_calls": len(pool), "held_out_calls": len(queries),
+            "held_out": held_out,
             "prior": info.get("replaceability"),
             "neighbour": neighbour_probe(kind, metric, pool, queries, links, cfg.seed),
         }

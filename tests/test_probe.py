@@ -137,6 +137,34 @@ def test_lora_probe_trains_in_memory_and_scores_held_out_calls(tmp_path):
     assert "turned off" in probe(ws, cfg).clusters[0]["lora"]["reason"]  # settings changed: measured again
 
 
+def test_a_task_with_only_train_calls_is_probed_across_its_own_sessions(tmp_path):
+    """A small task whose sessions all landed in the train split still gets a measured figure: a third of its
+    sessions is held out, and a held-out call never finds a call of its own session."""
+    from slmigrate.probe import _Call, split_by_session
+    from slmigrate.workspace import Workspace
+
+    calls = [_Call(f"c{i}", {}, {}, "", f"s{i // 2}") for i in range(30)]  # 15 sessions of 2 calls
+    pool, queries = split_by_session(calls, seed=0)
+    assert len(queries) == 10 and len(pool) == 20 and not {c.session for c in pool} & {c.session for c in queries}
+    assert split_by_session(calls[:2], seed=0) == (calls[:2], [])  # one session: nothing can be held out
+
+    ws = Workspace.open(tmp_path / "ws")
+    rows = [_call(i, f"what is a plum number {i}", "fruit", "train") for i in range(30)]
+    curated.write_curated(ws, rows, {"calls_out": len(rows)}, {})
+    ws.store.set_clusters((r["id"], "fruit") for r in rows)
+    ws.path("clusters").mkdir(parents=True, exist_ok=True)
+    ws.path("clusters", "clusters.json").write_text(json.dumps(
+        {"calls": 30, "cost_usd": 1.0, "clusters": [{"id": "fruit", "label": "fruit", "size": 30,
+                                                      "output_kind": "label", "cost_usd": 1.0}],
+         "unclustered": {"size": 0}, "overall": {"call_share": 1.0, "cost_share": 1.0}}))
+    ws.write_manifest("cluster", fingerprint="f1", counts={})
+    cfg = Config()
+    cfg.probe.fewshot_calls = 0
+    [task] = probe(ws, cfg).clusters
+    assert task["held_out_calls"] == 10 and "train sessions" in task["held_out"]
+    assert task["measured"]["score"] == 1.0 and task["measured"]["n"] == 10
+
+
 def test_no_held_out_call_is_its_own_neighbour(tmp_path):
     """The pool is the train split only: a held-out call never finds itself (that would score a perfect 1)."""
     from slmigrate.probe import nearest, task_calls
