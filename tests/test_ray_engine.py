@@ -174,7 +174,7 @@ def test_ray_engine_gives_the_local_results(tmp_path):
     assert local.entities and local.calls_out > 100  # the comparison is about real scrubbing
     assert ray_rows == local_rows
     for key in ("dropped", "splits", "sessions", "entities", "distinct_texts_analysed", "examples"):
-        assert ray_report[key] == local[key], key
+        assert ray_report[key] == local.to_dict()[key], key
 
     calls = list(curated.load_curated(ws))
     body, _, by_local, _ = cluster_calls(calls, ClusterConfig(map=False))
