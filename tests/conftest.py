@@ -1,6 +1,7 @@
 """Shared test set-up: no network for model hubs, paths to the shared real data, a fresh workspace."""
 
 import os
+import time
 from pathlib import Path
 
 import pytest
@@ -65,3 +66,13 @@ def pytest_collection_modifyitems(config, items):
         for item in items:
             if "gpu" in item.keywords:
                 item.add_marker(skip)
+
+
+def wait_for(condition, what: str = "condition", timeout: float = 20.0):
+    """Poll ``condition`` until it returns something truthy (returned), failing after ``timeout`` seconds: tests
+    wait for what they need instead of sleeping and assuming it happened."""
+    deadline = time.monotonic() + timeout
+    while not (value := condition()):
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.02)
+    return value

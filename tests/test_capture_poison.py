@@ -14,7 +14,6 @@ import sqlite3
 import stat
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import httpx
@@ -22,6 +21,7 @@ import openai
 import pytest
 from stub_llm import DEEP, ServerThread, StubLLM, expected_completion, free_port, wait_http
 
+from conftest import wait_for
 from slmigrate.collect import deadletter
 from slmigrate.record import CallRecord, RecordError
 from slmigrate.store import Store
@@ -46,12 +46,6 @@ def _refused(i: int) -> CallRecord:
     # Passes finalise() but not the store: metadata is written as JSON, and a set is not JSON.
     return _call(i, metadata={"odd": {1, 2}})
 
-
-def _wait(condition, timeout: float = 10.0, what: str = "condition") -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.02)
 
 
 def _stored(db: Path) -> list[CallRecord]:
@@ -108,7 +102,7 @@ def test_a_failing_store_is_retried_and_what_it_never_took_is_dead_lettered_at_e
     writer = RecordWriter(lambda: Store(db, readonly=True), deadletter_path=dead)
     for i in range(3):
         writer.submit(_call(i))
-    _wait(lambda: writer.stats()["store_failures"] >= 2, what="retries")
+    wait_for(lambda: writer.stats()["store_failures"] >= 2, what="retries")
     stats = writer.stats()
     assert stats["retained"] == 3 and stats["deadlettered"] == 0 and "readonly" in stats["last_error"]
     writer.close()
@@ -254,7 +248,8 @@ def test_poison_through_the_real_proxy_process(tmp_path, stub):
         def capture() -> dict:
             return httpx.get(base + "/slmigrate/health").json()["capture"]
 
-        _wait(lambda: capture()["logged"] == 53 and capture()["deadlettered"] == 2, what="53 stored, 2 dead-lettered")
+        wait_for(lambda: capture()["logged"] == 53 and capture()["deadlettered"] == 2,
+                 what="53 stored, 2 dead-lettered")
         health = httpx.get(base + "/slmigrate/health")
         metrics = httpx.get(base + "/slmigrate/metrics").text
         assert health.json()["upstream"].startswith("http://***@127.0.0.1") and "api_key=***" in health.text
@@ -306,7 +301,7 @@ def test_poison_through_the_router(tmp_path, stub):
         slm = client.chat.completions.create(model=POISON_MODEL, messages=[
             {"role": "system", "content": "Classify the intent."}, {"role": "user", "content": "slm object model"}])
         assert slm.choices[0].message.content == "refund_request"
-        _wait(lambda: writer.stats()["logged"] == 54 and writer.stats()["deadlettered"] == 2, what="the log")
+        wait_for(lambda: writer.stats()["logged"] == 54 and writer.stats()["deadlettered"] == 2, what="the log")
         health = httpx.get(server.base + "/slmigrate/health")
         metrics = httpx.get(server.base + "/slmigrate/metrics").text
     writer.close()

@@ -8,13 +8,13 @@ with the real SmolLM2 engine.
 
 import asyncio
 import threading
-import time
 
 import openai
 import pytest
 from stub_llm import ServerThread, StubLLM, stored_calls
 from test_serve import ScriptedEngine, _ask, assign
 
+from conftest import wait_for
 from slmigrate.cli import main
 from slmigrate.collect.writer import RecordWriter
 from slmigrate.serve import RouterSettings, build_app
@@ -24,13 +24,6 @@ from slmigrate.status import status
 from slmigrate.store import Store
 from slmigrate.workspace import Workspace
 
-
-def wait_for(condition, what: str, timeout: float = 20.0):
-    deadline = time.monotonic() + timeout
-    while not (value := condition()):
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.02)
-    return value
 
 
 class Guarded:

@@ -21,7 +21,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import httpx
@@ -29,7 +28,7 @@ import openai
 import pytest
 from stub_llm import ServerThread, StubLLM, free_port, stored_calls
 
-from conftest import ROOT
+from conftest import ROOT, wait_for
 from slmigrate import artifacts
 from slmigrate.collect.writer import RecordWriter
 from slmigrate.store import Store
@@ -47,13 +46,6 @@ def cli(ws: Path, *args: str, timeout: float = 3600) -> str:
     assert done.returncode == 0, f"slmigrate {' '.join(args)} failed:\n{done.stderr[-3000:]}"
     return done.stdout
 
-
-def wait_for(condition, what: str, timeout: float = 60.0):
-    deadline = time.monotonic() + timeout
-    while not (value := condition()):
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.05)
-    return value
 
 
 @pytest.fixture(scope="module")
