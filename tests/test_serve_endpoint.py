@@ -208,3 +208,14 @@ def test_the_adapter_server_answers_by_module_name_and_checks_its_key():
         wrong = httpx.post(server.base + "/v1/chat/completions", json={"model": "c01-intent", "messages": []},
                            headers={"Authorization": "Bearer nope"})
         assert wrong.status_code == 401 and len(engine.asked) == 1
+
+
+def test_adapters_only_says_when_there_is_nothing_to_serve(tmp_path, capsys):
+    from slmigrate.cli import main
+
+    ws = Workspace.open(tmp_path / "ws")
+    ws.store.close()  # creates the store: a workspace the CLI recognises
+    artifacts.write_evaluation(ws, {"run": "test", "clusters": [{"cluster": CLUSTER, "kind": "label",
+                                                                 "decision": {"migrate": False}}]})
+    assert main(["-w", str(ws.root), "serve", "--adapters-only"]) == 1
+    assert "no migrated cluster with an adapter to serve" in capsys.readouterr().err
