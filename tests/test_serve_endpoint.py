@@ -67,7 +67,7 @@ class ScriptedEndpoint:
             await asyncio.sleep(3)
             raw = b"{}"
         await send({"type": "http.response.start", "status": status,
-                    "headers": [(b"content-type", b"application/json")]})
+                    "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(raw)).encode())]})
         await send({"type": "http.response.body", "body": raw})
 
 

@@ -82,4 +82,6 @@ def serve(ws: Workspace, settings: RouterSettings, *, host: str = "127.0.0.1", p
         run_server(app, host=host, port=port, on_ready=None if on_ready is None else (lambda: on_ready(settings)))
     finally:
         writer.close()
+        if hasattr(router.engine, "close"):  # the endpoint engine's connection pool
+            router.engine.close()
     return {**router.snapshot(), "capture": writer.stats()}
