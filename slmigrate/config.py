@@ -248,6 +248,11 @@ class ServeConfig(Section):
 
     upstream: str | None = Field(None, description="The LLM endpoint to fall back to.")
     port: int = Field(8788, description="Port of the router.")
+    slm_endpoint: str | None = Field(None, description=(
+        "OpenAI-compatible server of the migrated adapters (vLLM from `slmigrate export vllm`, or `slmigrate serve "
+        "--adapters-only`), e.g. \"http://127.0.0.1:8000/v1\"; a migrated task is asked there with `model` = its "
+        "LoRA module name, and falls back to the LLM when it is down, slow or wrong. Key: $SLMIGRATE_SLM_API_KEY. "
+        "Default: the router runs the adapters itself."))
     guard_sample: float = Field(0.05, ge=0, le=1, description=(
         "Live guard: share of the small model's answers also sent to the LLM in the background and compared on "
         "the task's primary metric; a task whose live agreement's upper 95% bound falls below its threshold is "

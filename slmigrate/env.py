@@ -5,6 +5,7 @@ import os
 WORKSPACE = "SLMIGRATE_WORKSPACE"
 ENCRYPTION_KEY = "SLMIGRATE_ENCRYPTION_KEY"
 ADMIN_TOKEN = "SLMIGRATE_ADMIN_TOKEN"
+SLM_API_KEY = "SLMIGRATE_SLM_API_KEY"  # bearer key of `serve --slm-endpoint` (and `--adapters-only`)
 STORE = "SLMIGRATE_STORE"
 MODEL_CACHE = "SLMIGRATE_MODEL_CACHE"
 EMBED_CACHE = "SLMIGRATE_EMBED_CACHE"  # entries in the in-memory embedding LRU cache (cluster/embed.py)

@@ -143,29 +143,54 @@ def _router_routes(ws: Workspace) -> dict[str, dict]:
         return {c.id: c.metadata["route"] for c in store.iter_calls() if c.source == "router"}
 
 
+class CliServer:
+    """`slmigrate -w WS serve ARGS --port P` as a process of its own, stopped with SIGINT (its drained shutdown)
+    on leaving the block; then ``returncode`` and ``err`` (its stderr) are set."""
+
+    def __init__(self, ws: Workspace, *args: str):
+        port = free_port()
+        self.base = f"http://127.0.0.1:{port}"
+        self.proc = subprocess.Popen([sys.executable, "-m", "slmigrate", "-w", str(ws.root), "serve", *args,
+                                      "--port", str(port)],
+                                     env={k: v for k, v in ENV.items() if k != "SLMIGRATE_ADMIN_TOKEN"},
+                                     cwd=ws.root.parent, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        self.returncode: int | None = None
+        self.err = ""
+
+    def wait_ready(self, path: str) -> None:
+        def ready() -> bool:
+            if self.proc.poll() is not None:
+                raise AssertionError(f"{self.proc.args[5:]} exited {self.proc.returncode}:\n"
+                                     f"{self.proc.stderr.read()[-3000:]}")
+            try:
+                return httpx.get(self.base + path, timeout=2).status_code == 200
+            except httpx.HTTPError:
+                return False
+
+        wait_for(ready, f"{self.proc.args[5:]} to listen", timeout=600)  # loads SmolLM2 or MiniLM first
+
+    def __enter__(self) -> "CliServer":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.proc.send_signal(signal.SIGINT)
+        try:
+            _, self.err = self.proc.communicate(timeout=60)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            _, self.err = self.proc.communicate()
+        self.returncode = self.proc.returncode
+
+
 def test_slmigrate_serve_as_a_process_behind_the_openai_client(deployed, stub):
     from slmigrate.serve.guard import live_record
 
     ws, intent, extract, requests = deployed
     logged_before = set(_router_routes(ws))
     sampled_before = (live_record(ws).get(intent) or {}).get("samples", 0)  # the guard's record outlives a router
-    port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "slmigrate", "-w", str(ws.root), "serve", "--upstream", stub.url,
-                             "--port", str(port), "--device", "cpu", "--guard-sample", "1"],
-                            env={k: v for k, v in ENV.items() if k != "SLMIGRATE_ADMIN_TOKEN"}, cwd=ws.root.parent,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    base = f"http://127.0.0.1:{port}"
-
-    def ready() -> bool:
-        if proc.poll() is not None:
-            raise AssertionError(f"slmigrate serve exited {proc.returncode}:\n{proc.stderr.read()[-3000:]}")
-        try:
-            return httpx.get(base + "/slmigrate/health", timeout=2).status_code == 200
-        except httpx.HTTPError:
-            return False
-
-    try:
-        wait_for(ready, "slmigrate serve to listen", timeout=600)  # loads SmolLM2 and MiniLM first
+    with CliServer(ws, "--upstream", stub.url, "--device", "cpu", "--guard-sample", "1") as router:
+        router.wait_ready("/slmigrate/health")
+        base = router.base
         client = openai.OpenAI(base_url=base + "/v1", api_key="sk-test", max_retries=0, timeout=600)
         slm = client.chat.completions.with_raw_response.create(**{"model": "gpt-4o", **requests[intent][-1]})
         llm = client.chat.completions.create(**{"model": "gpt-4o", **requests[extract][-1]})
@@ -175,14 +200,8 @@ def test_slmigrate_serve_as_a_process_behind_the_openai_client(deployed, stub):
             "samples"] == sampled_before + 1 and r, "the guard's check", timeout=120)
         assert routes["clusters"][intent]["routed"] == 1 and routes["clusters"][extract]["upstream"] == 1
         assert routes["guard"]["sample"] == 1.0
-    finally:
-        proc.send_signal(signal.SIGINT)
-        try:
-            _, err = proc.communicate(timeout=60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            _, err = proc.communicate()
-    assert proc.returncode == 0, err[-3000:]
+    err = router.err
+    assert router.returncode == 0, err[-3000:]
     assert "routing" in err  # the final table
     # Drained into the store on the way out: the SLM's answer, the LLM's, and the guard's check of the first.
     routed = [r for cid, r in _router_routes(ws).items() if cid not in logged_before]
@@ -190,3 +209,40 @@ def test_slmigrate_serve_as_a_process_behind_the_openai_client(deployed, stub):
         [("slm", intent, ""), ("llm", extract, ""), ("llm", intent, "sample")]), routed
     status = json.loads(cli(ws.root, "status", "--json"))
     assert status["live_guard"][intent]["samples"] == sampled_before + 1
+
+
+def test_slmigrate_serve_asks_the_adapter_server_in_a_second_process(deployed, stub):
+    """`serve --slm-endpoint` in front of `serve --adapters-only` (the stand-in for vLLM): two processes, the real
+    openai client; the migrated task is answered by the adapter server, the other task by the LLM."""
+    from slmigrate.serve.export import export_vllm
+    from slmigrate.serve.guard import live_record
+
+    ws, intent, extract, requests = deployed
+    logged_before = set(_router_routes(ws))
+    sampled_before = (live_record(ws).get(intent) or {}).get("samples", 0)
+    [module] = [r["model"] for r in export_vllm(ws)["routing"]["routes"]]  # the name vLLM would serve it under
+    stub_before = len(stub.requests)
+    with CliServer(ws, "--adapters-only", "--device", "cpu") as adapters:
+        adapters.wait_ready("/v1/models")
+        assert [m["id"] for m in httpx.get(adapters.base + "/v1/models").json()["data"]] == [module]
+        endpoint = adapters.base + "/v1"
+        with CliServer(ws, "--upstream", stub.url, "--slm-endpoint", endpoint, "--guard-sample", "1") as router:
+            router.wait_ready("/slmigrate/health")
+            client = openai.OpenAI(base_url=router.base + "/v1", api_key="sk-test", max_retries=0, timeout=600)
+            slm = client.chat.completions.create(**{"model": "gpt-4o", **requests[intent][-2]})
+            llm = client.chat.completions.create(**{"model": "gpt-4o", **requests[extract][-2]})
+            assert slm.model == f"slmigrate/{module}" and slm.choices[0].message.content
+            assert not llm.model.startswith("slmigrate/")
+            routes = wait_for(lambda: (r := httpx.get(router.base + "/slmigrate/routes").json())["guard"]["tasks"][
+                intent]["samples"] == sampled_before + 1 and r, "the guard's check", timeout=120)
+            assert routes["clusters"][intent]["routed"] == 1 and routes["clusters"][extract]["upstream"] == 1
+        assert router.returncode == 0, router.err[-3000:]
+        assert f"small models at {endpoint}" in " ".join(router.err.split())  # its start line, wrapped at 80
+    assert adapters.returncode == 0, adapters.err[-3000:]
+    # The adapter server answered exactly the one migrated request, under its module name ...
+    assert adapters.err.count("answered model=") == 1 and f"answered model={module} " in adapters.err
+    # ... the LLM the extraction call and the live guard's check of the SLM's answer, never the intent call alone.
+    assert len(stub.requests) - stub_before == 2
+    routed = [r for cid, r in _router_routes(ws).items() if cid not in logged_before]
+    assert sorted((r["answered_by"], r["cluster"], r.get("guard", ""), r.get("served_by", "")) for r in routed) == \
+        sorted([("slm", intent, "", endpoint), ("llm", extract, "", ""), ("llm", intent, "sample", "")]), routed

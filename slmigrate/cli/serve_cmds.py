@@ -33,6 +33,14 @@ def serve(
     canary_ramp: Annotated[bool, typer.Option(
         "--canary-ramp", help="Start each migrated task at --canary percent and double its share each time the "
         "live guard's lower 95% bound, over guard_min_samples more checks, reaches the task's threshold.")] = False,
+    slm_endpoint: Annotated[Optional[str], typer.Option(
+        "--slm-endpoint", help="Ask an OpenAI-compatible server of the adapters (vLLM from `slmigrate export vllm`, "
+        "or `serve --adapters-only`) instead of running them here, e.g. http://127.0.0.1:8000/v1 (default [serve] "
+        "slm_endpoint; key: $SLMIGRATE_SLM_API_KEY).")] = None,
+    adapters_only: Annotated[bool, typer.Option(
+        "--adapters-only", help="Serve only the migrated adapters over /v1/chat/completions with model = LoRA module "
+        "name (a CPU stand-in for vLLM; no routing, no LLM, no log); requests need $SLMIGRATE_SLM_API_KEY when "
+        "set.")] = False,
     config_file: ConfigOpt = None,
     workspace: WorkspaceOpt = None,
 ) -> None:
@@ -43,6 +51,9 @@ def serve(
     /slmigrate/routes (JSON).
 
     Example: slmigrate serve --upstream https://api.openai.com/v1 --canary 10 --guard-sample 0.1
+
+    Example: slmigrate serve --adapters-only --port 8000 &  slmigrate serve --upstream https://api.openai.com/v1
+    --slm-endpoint http://127.0.0.1:8000/v1
     """
     from slmigrate import env
     from slmigrate.cli.proxy_cmds import capture_summary
@@ -51,8 +62,10 @@ def serve(
     from slmigrate.redact import redact_url
     from slmigrate.serve import RouterSettings, serve as run_router
 
-    cfg = load_config(config_file, {"serve": {"upstream": upstream, "port": port,
-                                              "guard_sample": guard_sample}}).serve
+    if adapters_only:
+        return _serve_adapters(workspace, host, port or 8000, device)
+    cfg = load_config(config_file, {"serve": {"upstream": upstream, "port": port, "guard_sample": guard_sample,
+                                              "slm_endpoint": slm_endpoint}}).serve
     if not cfg.upstream:
         raise SlmigrateError("no upstream LLM: pass --upstream https://... or set [serve] upstream in slmigrate.toml")
     upstream, port = cfg.upstream, cfg.port
@@ -60,7 +73,7 @@ def serve(
     settings = RouterSettings(upstream=upstream, shadow=shadow, canary=canary, slm_timeout=slm_timeout, agent=agent,
                               keep_origin=keep_origin, admin_token=env.get(env.ADMIN_TOKEN),
                               guard_sample=cfg.guard_sample, guard_min_samples=cfg.guard_min_samples,
-                              canary_ramp=canary_ramp)
+                              canary_ramp=canary_ramp, slm_endpoint=cfg.slm_endpoint)
     if canary_ramp and (shadow or cfg.guard_sample <= 0):
         raise SlmigrateError("--canary-ramp grows a task's share on the live guard's evidence: it needs "
                              "--guard-sample above 0 and no --shadow")
@@ -69,6 +82,8 @@ def serve(
         mode = "shadow" if shadow else f"canary {canary:g}%" + (" ramping" if canary_ramp else "")
         if not shadow and cfg.guard_sample > 0:
             mode += f", live guard on {cfg.guard_sample:.0%} of SLM answers"
+        if cfg.slm_endpoint:
+            mode += f", small models at {redact_url(cfg.slm_endpoint)}"
         err_console.print(f"slmigrate router on http://{host}:{port}/v1 -> {redact_url(upstream)} ({mode}); "
                           "Ctrl-C to stop")
 
@@ -84,3 +99,22 @@ def serve(
     for cid, t in demoted.items():
         err_console.print(f"[yellow]demoted by the live guard[/]: {cid}: {t['reason']}")
     err_console.print(capture_summary(final["capture"]))
+
+
+def _serve_adapters(workspace, host: str, port: int, device: str) -> None:
+    """`serve --adapters-only`: one line per answer, so whoever runs it sees what it served."""
+    from slmigrate import env
+    from slmigrate.serve.adapter_server import serve_adapters
+
+    ws = open_workspace(workspace, create=False)
+
+    def ready(names: list[str]) -> None:
+        err_console.print(f"slmigrate adapters on http://{host}:{port}/v1 (models: {', '.join(names)}); "
+                          "Ctrl-C to stop")
+
+    def answered(model: str, answer) -> None:
+        err_console.print(f"answered model={model} tokens={answer.prompt_tokens}+{answer.completion_tokens} "
+                          f"in {answer.latency_ms:.0f} ms", highlight=False)
+
+    serve_adapters(ws, host=host, port=port, device=device, api_key=env.get(env.SLM_API_KEY), on_ready=ready,
+                   on_answer=answered)

@@ -1,6 +1,7 @@
 """`slmigrate serve`: the router between the agent, its small models and the upstream LLM (paper step S6).
 
-``build_app`` assembles the pieces - deployments (migrated clusters with adapters), the SLM engine, the cluster
+``build_app`` assembles the pieces - deployments (migrated clusters with adapters), the SLM engine (in this
+process, or ``--slm-endpoint``: an OpenAI-compatible server of the adapters such as vLLM), the cluster
 assigner, the proxy application that handles and logs everything the SLM does not answer - so tests can run
 the same application in-process; ``serve`` runs it under uvicorn until SIGTERM/SIGINT and drains the log.
 """
@@ -44,6 +45,10 @@ def build_app(ws: Workspace, settings: RouterSettings, *, device: str = "auto", 
     if writer is None:
         writer = RecordWriter(ws.store.opener(), name="slmigrate-router-writer",
                               deadletter_path=ws.path(deadletter.FILE_NAME))
+    if engine is None and settings.slm_endpoint:
+        from slmigrate.serve.endpoint import EndpointEngine
+
+        engine = EndpointEngine(load_deployments(ws), settings.slm_endpoint, timeout=settings.slm_timeout)
     if engine is None:
         engine = SlmEngine(load_deployments(ws), device=device)
     if assign is None:
@@ -77,4 +82,6 @@ def serve(ws: Workspace, settings: RouterSettings, *, host: str = "127.0.0.1", p
         run_server(app, host=host, port=port, on_ready=None if on_ready is None else (lambda: on_ready(settings)))
     finally:
         writer.close()
+        if hasattr(router.engine, "close"):  # the endpoint engine's connection pool
+            router.engine.close()
     return {**router.snapshot(), "capture": writer.stats()}

@@ -23,6 +23,7 @@ class SlmAnswer:
     completion_tokens: int
     latency_ms: float
     finish_reason: str  # stop | length
+    served_by: str | None = None  # the serving endpoint (credentials masked) when not this process
 
 
 class SlmEngine:

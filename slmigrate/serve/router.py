@@ -46,6 +46,7 @@ class RouterSettings:
     guard_sample: float = 0.05  # share of SLM answers the live guard also sends to the LLM (0: no guard)
     guard_min_samples: int = 20  # comparisons before the guard may demote a task
     canary_ramp: bool = False  # double a task's canary share while the guard's lower bound holds its threshold
+    slm_endpoint: str | None = None  # OpenAI-compatible server of the adapters (vLLM); None: this process runs them
 
 
 @dataclass
@@ -254,6 +255,8 @@ class Router:
                                 "distance": route.distance, "adapter": str(self.engine.deployments[
                                     route.cluster].adapter)}},
         )
+        if getattr(answer, "served_by", None):
+            rec.metadata["route"]["served_by"] = answer.served_by
         self.writer.submit(LiveCall(rec, time.time()))  # finalised on the writer thread, off the request path
 
     def shadow_compare(self, route: Route, request: dict[str, Any], llm_response: dict[str, Any]) -> None:
