@@ -73,6 +73,9 @@ def decode(model: Any, prompt: Sequence[int], *, max_new_tokens: int, stops: set
         logits = model(input_ids=feed, **{kw: cache}, use_cache=True, logits_to_keep=1).logits[0]
         forwards += 1
         history = list(prompt)
+        # Draft length adapts (as HF's assisted generation does): longer after a fully confirmed draft, shorter
+        # after a rejected one, since a rejected token still costs its share of the forward pass.
+        k = draft_tokens
         while len(out) < max_new_tokens:
             token = int(logits[-1].argmax())
             if token in stops:
@@ -81,7 +84,7 @@ def decode(model: Any, prompt: Sequence[int], *, max_new_tokens: int, stops: set
             history.append(token)
             if len(out) >= max_new_tokens:
                 break
-            proposal = draft(history, lookup, ngram=ngram, k=min(draft_tokens, max_new_tokens - len(out))) \
+            proposal = draft(history, lookup, ngram=ngram, k=min(k, max_new_tokens - len(out))) \
                 if draft_tokens else []
             feed = torch.tensor([[token, *proposal]], dtype=torch.long, device=device)
             logits = model(input_ids=feed, **{kw: cache}, use_cache=True,
@@ -98,6 +101,7 @@ def decode(model: Any, prompt: Sequence[int], *, max_new_tokens: int, stops: set
                 history.append(proposal[n_ok])
                 n_ok += 1
             accepted += n_ok
+            k = min(draft_tokens, k + 2) if n_ok == len(proposal) else max(1, k - 1)
             # keep the cache of the fed token and the confirmed draft; logits of the last confirmed position
             if n_ok < len(proposal):  # transformers 5 crops by a negative count: tokens to drop
                 cache.crop(-(len(proposal) - n_ok))
