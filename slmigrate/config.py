@@ -234,6 +234,10 @@ class EvaluateConfig(Section):
     model: str | None = Field(None, description="Base model when a cluster has no adapter (default SmolLM2-135M).")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="Where the small model runs.")
     batch_size: int = Field(8, ge=1, description="Calls generated together.")
+    served_latency_calls: int = Field(8, ge=0, description=(
+        "With batch_size > 1, this many test calls of each fine-tuned task are also generated one at a time, "
+        "as the router serves them: the latency figures and the latency check are theirs (0: the batches' "
+        "wall time, which is not what a served request waits)."))
     max_new_tokens: int = Field(512, ge=1, description="Upper bound on answer length (sized per cluster from "
                                 "its reference answers, up to this).")
     icl_examples: int = Field(3, ge=0, description="Worked examples from the train split in the icl variant.")

@@ -250,6 +250,10 @@ def test_evaluate_end_to_end(two_cluster_ws):
     assert {"rouge_l", "embedding_similarity"} <= set(txt["variants"]["base"]["metrics"])
     eff = lbl["variants"]["finetuned"]["efficiency"]
     assert eff["latency_p50_ms"] > 0 and eff["tokens_per_s"] > 0 and eff["peak_memory_mb"] > 0
+    # the plan's latency is what a served request waits: the fine-tuned model's calls one at a time, as the
+    # router generates them, not the wall time of the batch of 4 a call was scored in
+    assert eff["latency_of"] == "8 calls one at a time" and eff["batch_latency_p50_ms"] > 0
+    assert lbl["variants"]["base"]["efficiency"]["latency_of"] == "batches of 4"
     assert lbl["llm"]["latency_p50_ms"] >= 900 and lbl["llm"]["cost_per_1k_usd"] == pytest.approx(
         1000 * (40 * 2.5 + 2 * 10) / 1e6)
     assert eff["cost_per_1k_usd"] > 0 and eff["llm_to_slm_cost_ratio"] == pytest.approx(

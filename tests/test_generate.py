@@ -68,3 +68,65 @@ def test_empty_prompt_list(tiny):
     model, tok = tiny
     out = generate(model, tok, [], batch_size=4)
     assert out.texts == [] and out.tokens_per_s == 0.0
+
+
+# --- the fast batch-1 decoder (slmigrate.evaluate.greedy) -----------------------------------------------------
+
+def test_draft_follows_the_latest_earlier_ngram_then_the_sources():
+    from slmigrate.evaluate.greedy import draft
+
+    # '{"a": 1, "b": 2}' as made-up ids: 7 8 9 | 8 9 appears twice, the later occurrence wins
+    history = [7, 8, 9, 1, 8, 9, 2, 5, 8, 9]
+    assert draft(history, [], ngram=2, k=3) == [2, 5, 8]
+    # the trailing n-gram itself is not an earlier occurrence: nothing else matches, so no draft
+    assert draft([1, 2, 3], [], ngram=3, k=4) == []
+    # not in the history: the first source holding it gives the continuation (an earlier answer's skeleton)
+    assert draft([4, 1, 2], [[9, 9], [0, 1, 2, 6, 7, 8]], ngram=2, k=2) == [6, 7]
+    # the 3-gram is unknown, the 2-gram is known: back off to it
+    assert draft([5, 1, 2], [[3, 1, 2, 4]], ngram=3, k=8) == [4]
+    # an occurrence at the very end of a source has no continuation: look further back
+    assert draft([1, 2], [[1, 2, 3, 1, 2]], ngram=2, k=2) == [3, 1]
+    assert draft([], [[1, 2]], ngram=2) == []
+
+
+def test_answer_lookup_keeps_the_latest_answers_first():
+    from slmigrate.evaluate.greedy import AnswerLookup
+
+    lookup = AnswerLookup(keep=2)
+    for answer in ([1], [], [2], [3]):
+        lookup.add(answer)
+    assert lookup.sequences() == [[3], [2]]
+
+
+def test_fast_decoder_gives_hf_generates_answers_with_drafts_accepted(tiny):
+    model, tok = tiny
+    # Repetitive prompts: a random model copies enough of them that drafts are proposed and some confirmed.
+    prompts = [p * 3 for p in PROMPTS]
+    plain = generate(model, tok, prompts, batch_size=1, max_new_tokens=24, fast=False)
+    fast = generate(model, tok, prompts, batch_size=1, max_new_tokens=24)
+    assert fast.texts == plain.texts and fast.new_tokens == plain.new_tokens
+    assert fast.truncated == plain.truncated
+    assert fast.extra["drafted"] > 0 and 0 < fast.extra["accepted"] <= fast.extra["drafted"]
+    # fewer forward passes than tokens: confirmed drafts came several per pass
+    assert fast.extra["forwards"] < sum(fast.new_tokens) + len(prompts)
+    assert fast.latency_ms == fast.compute_ms  # batch 1: a call's latency is its own time
+
+
+@pytest.mark.slow
+def test_fast_decoder_matches_plain_generate_on_smollm2():
+    """The real model on extraction and labelling prompts: merged-free base weights, fast vs HF generate."""
+    from tiny_model import smollm2_dir
+
+    from slmigrate.evaluate.generate import load_model
+
+    model, tok, _ = load_model(str(smollm2_dir()), device="cpu")
+    asks = ["Extract the order id and the e-mail as JSON with keys order_id and email: order GD-741829, "
+            "reach me at bday7545@example.com.",
+            "Label the intent (order_status, return_request, billing_issue): where is my order HN-129934?",
+            "Return JSON {\"name\": ..., \"city\": ...} for: Danielle Mercer lives in Lyon."]
+    prompts = [tok.apply_chat_template([{"role": "user", "content": a}], tokenize=False,
+                                       add_generation_prompt=True) for a in asks]
+    plain = generate(model, tok, prompts, batch_size=1, max_new_tokens=40, fast=False)
+    fast = generate(model, tok, prompts, batch_size=1, max_new_tokens=40)
+    assert fast.texts == plain.texts
+    assert fast.extra["accepted"] > 0

@@ -235,6 +235,16 @@ def test_real_engine_serves_two_adapters_on_one_base(tmp_path, stub):
     assert 0 < a.completion_tokens <= 8 and a.prompt_tokens > 0
     assert a.text != b.text  # different adapters, different answers from the same base
     assert engine.answer("intent", request).text == a.text  # switching back restores the first adapter
+    # each task is generated from its own merged copy by the batch-1 decoder: the same answer as HF generate
+    # with the adapter unmerged
+    from slmigrate import chat_format
+    from slmigrate.evaluate.generate import generate
+
+    assert list(engine._merged) == ["summary", "intent"]  # least recently used first
+    engine.model.set_adapter(deployments[0].name)
+    prompt = chat_format.render_prompt(engine.tokenizer, request["messages"], None).text
+    plain = generate(engine.model, engine.tokenizer, [prompt], batch_size=1, max_new_tokens=8, fast=False)
+    assert plain.texts == [a.text]
 
 
 def test_real_engine_drops_the_static_prompt_its_adapter_was_trained_without(tmp_path):

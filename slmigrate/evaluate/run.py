@@ -176,12 +176,19 @@ def _mean(values: Sequence[float | None]) -> float | None:
     return sum(vals) / len(vals) if vals else None
 
 
-def slm_figures(gen: Any, prices: PricesConfig, llm_cost: float | None) -> dict[str, Any]:
+def slm_figures(gen: Any, prices: PricesConfig, llm_cost: float | None, served: Any = None) -> dict[str, Any]:
+    """Cost and speed of one variant. Latency: per call as the router serves it (batch 1) - from ``served``, a
+    batch-1 run of a sample, when ``gen`` was batched (``latency_of`` says which); the batch wall time a call
+    waited in ``gen`` stays as ``batch_latency_*``."""
     hour_usd, hardware = hardware_hour_usd(gen.device, prices)
     compute_s = _mean(gen.compute_ms) / 1000 if gen.compute_ms else None
     cost = 1000 * compute_s * hour_usd / 3600 if compute_s is not None else None
+    lat = served if served is not None and served.latency_ms else gen
     return {
-        "latency_p50_ms": percentile(gen.latency_ms, 50), "latency_p95_ms": percentile(gen.latency_ms, 95),
+        "latency_p50_ms": percentile(lat.latency_ms, 50), "latency_p95_ms": percentile(lat.latency_ms, 95),
+        "latency_of": f"{len(lat.latency_ms)} calls one at a time" if lat.batch_size == 1
+        else f"batches of {lat.batch_size}",
+        "batch_latency_p50_ms": percentile(gen.latency_ms, 50),
         "compute_ms_per_call": compute_s * 1000 if compute_s is not None else None,
         "tokens_per_s": gen.tokens_per_s, "peak_memory_mb": gen.peak_memory_mb, "memory_kind": gen.memory_kind,
         "device": gen.device, "hardware": hardware, "hardware_hour_usd": hour_usd, "batch_size": gen.batch_size,
@@ -197,12 +204,14 @@ def slm_figures(gen: Any, prices: PricesConfig, llm_cost: float | None) -> dict[
 def evaluate_variant(model: Any, tokenizer: Any, calls: Sequence[CuratedCall], kind: str, *,
                      examples: Sequence[CuratedCall] = (), config: EvaluateConfig, prices: PricesConfig,
                      llm_cost: float | None, ctx: M.MetricContext, max_new_tokens: int,
-                     static: StaticPrompt | None = None,
+                     static: StaticPrompt | None = None, served_sample: int = 0,
                      progress: Callable[[int], None] | None = None) -> dict[str, Any]:
     """Generate for ``calls`` with one model variant and score the answers. Reusable by ``select --probe``.
 
     ``static``: the static prompt parts an adapter was trained without (removed here as in training and in
-    the router).
+    the router). ``served_sample``: when generation is batched, this many calls are generated again one at a
+    time, as the router serves them, and the latency figures are theirs (a batch's wall time is not what a
+    served request waits).
     """
     from slmigrate.evaluate.generate import generate
 
@@ -213,6 +222,8 @@ def evaluate_variant(model: Any, tokenizer: Any, calls: Sequence[CuratedCall], k
     prompts = [render(tokenizer, r, budget) for r in requests]
     gen = generate(model, tokenizer, prompts, batch_size=config.batch_size, max_new_tokens=max_new_tokens,
                    progress=progress)
+    served = generate(model, tokenizer, prompts[:served_sample], batch_size=1, max_new_tokens=max_new_tokens) \
+        if served_sample and config.batch_size > 1 else None
     predictions = [parse(t) for t in gen.texts]
     scores = M.score(kind, predictions, [c.answer for c in calls], ctx)
     primary = M.primary_metric(kind, config.primary)
@@ -220,7 +231,7 @@ def evaluate_variant(model: Any, tokenizer: Any, calls: Sequence[CuratedCall], k
         "metrics": scores.means, "counts": scores.counts, "primary": scores.means.get(primary),
         # 95% interval per metric (Wilson for 0/1 scores, else a seeded bootstrap): decide() reads the primary's
         "intervals": {name: estimate(values, config.seed) for name, values in scores.items.items()},
-        "efficiency": slm_figures(gen, prices, llm_cost),
+        "efficiency": slm_figures(gen, prices, llm_cost, served),
         "_items": [{"id": c.id, "text": t, "prediction": p, primary: scores.items.get(primary, [None] * len(calls))[i]}
                    for i, (c, t, p) in enumerate(zip(calls, gen.texts, predictions))],
     }
@@ -531,7 +542,8 @@ def _evaluate_cluster(ws, cid, info, calls, train, variants, adapter, model_name
             model, tokenizer, resolved = G.load_model(path, device=config.device)
             out["model"] = str(resolved.hub_id or resolved.path)
         if variant == "finetuned" and (adapter / "adapter_config.json").exists():
-            model = G.attach_adapter(model, adapter)
+            # merged into the weights (the router serves it merged too): the plain model, no LoRA matmuls
+            model = G.attach_adapter(model, adapter).merge_and_unload()
         max_new = G.max_new_tokens_for(tokenizer, [answer_text(c.answer) for c in calls],
                                        cap=config.max_new_tokens)
         examples = icl_examples(train, config.icl_examples, config.seed) if variant == "icl" else ()
@@ -541,6 +553,7 @@ def _evaluate_cluster(ws, cid, info, calls, train, variants, adapter, model_name
         out["variants"][variant] = evaluate_variant(
             model, tokenizer, calls, kind, examples=examples, config=config, prices=prices,
             llm_cost=llm["cost_per_1k_usd"], ctx=ctx, max_new_tokens=max_new, static=static,
+            served_sample=config.served_latency_calls if variant == "finetuned" else 0,
             progress=lambda done, what=what: bar(what, done, len(calls)))
         if examples:
             out["variants"][variant]["examples"] = [e.id for e in examples]
