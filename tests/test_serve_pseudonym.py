@@ -111,3 +111,64 @@ def test_the_workspace_decides_the_mode(tmp_path):
     found = Pseudonymiser.for_workspace(ws)
     assert found is not None and (found.mode, found.seed, found.allow, found.analyzer.score_threshold) == (
         "synthetic", 7, frozenset({"Acme"}), 0.6)
+
+
+def test_the_router_asks_the_slm_in_fake_space_and_keeps_the_llm_and_the_log_raw(synthetic, tmp_path):
+    """Through the real app and openai client (scripted SLM, stub upstream): the engine gets the scrubbed request,
+    its tool call quoting the fake e-mail reaches the client with the real one, and the LLM fallback and the
+    router's call log keep the raw request (logs are scrubbed at curate time, not when written)."""
+    import re
+
+    import openai
+    from stub_llm import ServerThread, StubLLM, stored_calls
+    from test_serve import LOOKUP_TOOL, ScriptedEngine, _ask, assign
+
+    from slmigrate.collect.writer import RecordWriter
+    from slmigrate.serve import RouterSettings, build_app
+    from slmigrate.serve.engine import SlmAnswer
+    from slmigrate.store import Store
+    from slmigrate.workspace import Workspace
+
+    class EchoEngine(ScriptedEngine):
+        """Answers a lookup with the e-mail it was shown; an empty (invalid) answer for intents."""
+
+        def __init__(self, path):
+            super().__init__(path)
+            self.seen: list[dict] = []
+
+        def answer(self, cluster, request):
+            self.seen.append(request)
+            shown = re.search(r"[\w.]+@[\w.]+\.\w+", request["messages"][-1]["content"]).group(0)
+            reply = ({"role": "assistant", "content": None, "tool_calls": [{"id": "x", "type": "function", "function": {
+                "name": "lookup_order", "arguments": json.dumps({"order_id": shown})}}]}
+                if cluster == "lookup" else {"role": "assistant", "content": ""})
+            return SlmAnswer(message=reply, text="", prompt_tokens=1, completion_tokens=1, latency_ms=1.0,
+                             finish_reason="stop")
+
+    db = tmp_path / "ws" / "slmigrate.sqlite"
+    ws = Workspace.open(tmp_path / "ws")
+    engine = EchoEngine(tmp_path)
+    writer = RecordWriter(lambda: Store(db))
+    raw_mail = "brenda.whitfield@gmail.com"
+    text = f"Hi, Brenda Whitfield here ({raw_mail}). Where is my order?"
+    with StubLLM() as stub:
+        app, router = build_app(ws, RouterSettings(upstream=stub.url, guard_sample=0), writer=writer, engine=engine,
+                                assign=assign, pseudonymiser=synthetic)
+        try:
+            with ServerThread(app) as server:
+                client = openai.OpenAI(base_url=server.base + "/v1", api_key="sk-test", max_retries=0)
+                out = client.chat.completions.create(model="gpt-4o", messages=_ask("tool", text), tools=[LOOKUP_TOOL])
+                fallback = client.chat.completions.create(model="gpt-4o", messages=_ask("label", text))
+        finally:
+            records = stored_calls(writer, db, expect=2)
+            writer.close()
+    asked = [r["messages"][-1]["content"] for r in engine.seen]
+    assert len(asked) == 2 and all(raw_mail not in a and "Brenda" not in a and "@example.com" in a for a in asked)
+    assert out.model == "slmigrate/lookup"
+    assert json.loads(out.choices[0].message.tool_calls[0].function.arguments) == {"order_id": raw_mail}
+    # The invalid intent answer fell back: the LLM was asked the raw request.
+    assert fallback.choices[0].message.content == f"Echo: {text}"
+    assert stub.requests[-1]["body"]["messages"][-1]["content"] == text
+    slm = next(r for r in records if r.metadata["route"]["answered_by"] == "slm")
+    assert slm.request["messages"][-1]["content"] == text and raw_mail in json.dumps(slm.response)
+    assert all("@example.com" not in json.dumps([r.request, r.response]) for r in records)
