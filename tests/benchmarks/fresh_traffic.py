@@ -7,8 +7,9 @@ seed (``examples/agent_log.py --seed 99``), and sends the fresh requests of each
 router app (uvicorn in this process, the real ``openai`` client, ``tests/stub_llm.py`` upstream answering with the
 generator's own teacher answer) twice: with the router's pseudonymisation (``serve/pseudonym.py``: the request
 scrubbed as curate scrubbed the training data, the answer mapped back) and without it. Per task it prints the
-small model's agreement with the teacher (the task's primary metric; an answer that failed validation and fell
-back to the LLM counts as a miss) with its Wilson 95% interval, next to the evaluate figure and its interval, and
+small model's agreement with the teacher over the calls the router sent to it (the task's primary metric; an
+answer that failed validation and fell back to the LLM counts as a miss; a call the assigner placed elsewhere is
+only counted under "routes") with its Wilson 95% interval, next to the evaluate figure and its interval, and
 what pseudonymisation costs per request.
 
 Every evaluated task with an adapter is deployed for the measurement, migrated or not ("force-routed": the
@@ -103,6 +104,8 @@ def run_mode(ws: Any, engine: Any, pseudonymiser: Any, stub_url: str, calls: dic
                     routed_here = by_slm and answer["model"] == f"slmigrate/{d.name}"
                     routes["slm" if routed_here else "slm, other task" if by_slm else
                            "fallback" if len(seen) > before else "llm (not assigned)"] += 1
+                    if len(seen) == before:  # the assigner sent it elsewhere: not this small model's answer
+                        continue
                     reference = record["response"]["choices"][0]["message"]
                     score = agreement_score(d.kind, message, reference, request, metric=d.metric) if by_slm else 0
                     scores.append(float(score or 0.0))
