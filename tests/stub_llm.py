@@ -33,6 +33,7 @@ import json
 import socket
 import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
 CREATED = 1_700_000_000
@@ -140,7 +141,10 @@ def _poison(model: str, body: dict[str, Any]):
     return None
 
 
-def create_stub_app(requests_log: list[dict[str, Any]] | None = None):
+def create_stub_app(requests_log: list[dict[str, Any]] | None = None,
+                    answer: Callable[[dict[str, Any]], dict[str, Any] | None] | None = None):
+    """``answer``: the completion for a (non-streamed) request, or None for the stub's own answer; a benchmark
+    hands it the teacher answers of a generated log."""
     from starlette.applications import Starlette
     from starlette.responses import Response, StreamingResponse
     from starlette.routing import Route
@@ -167,7 +171,8 @@ def create_stub_app(requests_log: list[dict[str, Any]] | None = None):
             status = int(model.rsplit("-", 1)[1])
             return Response(json.dumps(error_body(status)), status_code=status, media_type="application/json")
         if not body.get("stream"):
-            return Response(json.dumps(expected_completion(body)), media_type="application/json")
+            own = answer(body) if answer is not None else None
+            return Response(json.dumps(own or expected_completion(body)), media_type="application/json")
         events = _sse(stream_chunks(body))
 
         if model == "stub-broken-sse":
@@ -248,9 +253,10 @@ class ServerThread:
 class StubLLM(ServerThread):
     """The stub LLM server; ``url`` is its OpenAI base URL (ending in /v1)."""
 
-    def __init__(self, host: str = "127.0.0.1", port: int = 0, record: bool = True):
+    def __init__(self, host: str = "127.0.0.1", port: int = 0, record: bool = True,
+                 answer: Callable[[dict[str, Any]], dict[str, Any] | None] | None = None):
         self.requests: list[dict[str, Any]] = []
-        super().__init__(create_stub_app(self.requests if record else None), host, port)
+        super().__init__(create_stub_app(self.requests if record else None, answer), host, port)
 
     @property
     def url(self) -> str:

@@ -246,3 +246,72 @@ def test_slmigrate_serve_asks_the_adapter_server_in_a_second_process(deployed, s
     routed = [r for cid, r in _router_routes(ws).items() if cid not in logged_before]
     assert sorted((r["answered_by"], r["cluster"], r.get("guard", ""), r.get("served_by", "")) for r in routed) == \
         sorted([("slm", intent, "", endpoint), ("llm", extract, "", ""), ("llm", intent, "sample", "")]), routed
+
+
+def test_the_real_small_model_is_asked_in_fake_space_and_the_client_gets_the_real_values(deployed, stub, tmp_path,
+                                                                                       monkeypatch):
+    """No train/serve skew on personal data (serve/pseudonym.py) with the real SmolLM2 adapter: the prompt the
+    model generates from holds curate's fakes, not the customer's name and e-mail; the client's answer is the
+    model's, mapped back; the live guard asks the LLM the raw request, and the router logs the raw request.
+
+    This workspace was curated with ``--pii off``, so the router it builds changes nothing; a synthetic-mode
+    ``Pseudonymiser`` (what a workspace curated with ``pii = "synthetic"`` gets) is handed in instead."""
+    import re
+
+    from slmigrate import chat_format
+    from slmigrate.evaluate import generate as G
+    from slmigrate.serve import RouterSettings, build_app
+    from slmigrate.serve.pseudonym import Pseudonymiser
+
+    ws, intent, _, requests = deployed
+    pseudonymiser = Pseudonymiser("synthetic")
+    email = re.compile(r"[\w.]+@[\w-]+\.\w+")
+
+    def personal(request: dict) -> tuple[str, list[str]]:
+        """(the raw e-mail, the raw multi-word names and addresses) the scrubber finds in the request."""
+        originals = pseudonymiser.pseudonymise(request)[1].originals.values()
+        return (next((o for o in originals if email.fullmatch(o)), ""),
+                [o for o in originals if " " in o and "@" not in o])
+
+    # A test-split intent request holding the customer's e-mail and full name (raw: curated without scrubbing).
+    request = next(r for r in requests[intent] if all(personal(r)))
+    text = request["messages"][-1]["content"]
+    raw_mail, names = personal(request)
+    prompts: list[str] = []
+    generated: list[str] = []
+    real_generate = G.generate
+
+    def recording(model, tokenizer, batch, **kw):
+        prompts.extend(batch)
+        result = real_generate(model, tokenizer, batch, **kw)
+        generated.extend(result.texts)
+        return result
+
+    monkeypatch.setattr(G, "generate", recording)
+    writer = RecordWriter(lambda: Store(tmp_path / "log.sqlite"))
+    app, router = build_app(ws, RouterSettings(upstream=stub.url, guard_sample=1.0), device="cpu", writer=writer)
+    assert router.pseudonymiser is None  # curated with pii off: nothing to match
+    app, router = build_app(ws, RouterSettings(upstream=stub.url, guard_sample=1.0), writer=writer,
+                            engine=router.engine, pseudonymiser=pseudonymiser)
+    asked_llm = len(stub.requests)
+    try:
+        with ServerThread(app) as server:
+            client = openai.OpenAI(base_url=server.base + "/v1", api_key="sk-test", max_retries=0, timeout=600)
+            out = client.chat.completions.create(**{"model": "gpt-4o", **request})
+            wait_for(lambda: len(stub.requests) > asked_llm, "the live guard's LLM check", timeout=120)
+        record = next(r for r in stored_calls(writer, tmp_path / "log.sqlite", expect=2)
+                      if r.metadata["route"]["answered_by"] == "slm")
+    finally:
+        writer.close()
+    assert out.model.startswith("slmigrate/") and len(prompts) == 1 and len(generated) == 1
+    _, restore = pseudonymiser.pseudonymise(request)
+    fakes = [fake for fake, original in restore.originals.items() if original == raw_mail or original in names]
+    assert raw_mail not in prompts[0] and not any(n in prompts[0] for n in names), prompts[0]
+    assert all(f in prompts[0] for f in fakes) and any(f.endswith("@example.com") for f in fakes)
+    # The client's answer is what the model generated, back in the request's values (a label here: no fake in it
+    # to map; tests/benchmarks/fresh_traffic.py measures JSON extraction answers that quote them).
+    assert out.choices[0].message.content == restore.message(chat_format.parse_answer(generated[0]))["content"]
+    assert not any(f in (out.choices[0].message.content or "") for f in fakes)
+    # The LLM (the guard's check) and the call log have the raw request.
+    assert stub.requests[-1]["body"]["messages"][-1]["content"] == text
+    assert record.request["messages"][-1]["content"] == text

@@ -33,8 +33,10 @@ def agreement_score(kind: str, prediction: dict[str, Any], reference: dict[str, 
 
 
 def build_app(ws: Workspace, settings: RouterSettings, *, device: str = "auto", writer: Any = None,
-              engine: Any = None, assign: Any = None):
-    """The router ASGI app and its ``Router`` (for tests and embedding)."""
+              engine: Any = None, assign: Any = None, pseudonymiser: Any = "workspace"):
+    """The router ASGI app and its ``Router`` (for tests and embedding). ``pseudonymiser``: "workspace" scrubs
+    what the small model is asked the way the workspace's curate stage scrubbed its training data
+    (``serve/pseudonym.py``; nothing when curate ran with ``pii = "off"``), None never, or a ``Pseudonymiser``."""
     from slmigrate.collect import deadletter
     from slmigrate.collect.proxy.app import ProxySettings, create_app
     from slmigrate.serve.app import RouterApp
@@ -65,7 +67,16 @@ def build_app(ws: Workspace, settings: RouterSettings, *, device: str = "auto", 
         from slmigrate.serve.guard import Guard
 
         guard = Guard(ws, engine.deployments, sample=settings.guard_sample, min_samples=settings.guard_min_samples)
-    router = Router(settings, engine, assign, writer, agreement=agreement_score, guard=guard)
+    if isinstance(pseudonymiser, str):
+        pseudonymiser = None
+        if engine.deployments:
+            from slmigrate.serve.pseudonym import Pseudonymiser
+
+            pseudonymiser = Pseudonymiser.for_workspace(ws)
+            if pseudonymiser is not None:
+                pseudonymiser.warm()  # presidio and spaCy load here, not on the first request
+    router = Router(settings, engine, assign, writer, agreement=agreement_score, guard=guard,
+                    pseudonymiser=pseudonymiser)
     if guard is not None and settings.canary_ramp:
         guard.ramp(router.canary, settings.canary)
     return RouterApp(router, proxy), router

@@ -73,7 +73,7 @@ class RouterMetrics:
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self.clusters: dict[str, ClusterStats] = defaultdict(ClusterStats)
-        self.overhead_ms: list[float] = []  # assignment + validation, not generation
+        self.overhead_ms: list[float] = []  # assignment, pseudonymisation, validation; not generation
 
     def record(self, cluster: str | None, what: str, *, slm_ms: float | None = None, reason: str | None = None,
                agreement: float | None = None) -> None:
@@ -126,7 +126,8 @@ class RouterMetrics:
         lines += [f'slmigrate_router_slm_latency_p50_ms{{cluster="{c}"}} {v["slm_latency_p50_ms"]}'
                   for c, v in snap["clusters"].items() if v["slm_latency_p50_ms"] is not None]
         if snap["overhead_p50_ms"] is not None:
-            lines += ["# HELP slmigrate_router_overhead_p50_ms Median routing overhead (assignment + validation).",
+            lines += ["# HELP slmigrate_router_overhead_p50_ms Median routing overhead (assignment, "
+                      "pseudonymisation, validation).",
                       "# TYPE slmigrate_router_overhead_p50_ms gauge",
                       f"slmigrate_router_overhead_p50_ms {snap['overhead_p50_ms']}"]
         return "\n".join(lines) + "\n"
@@ -195,13 +196,16 @@ class Router:
     """Decides, per request, who answers; owns the SLM engine, the assigner and the metrics."""
 
     def __init__(self, settings: RouterSettings, engine: Any, assign: Callable[[dict[str, Any]], tuple],
-                 writer: Any, agreement: Callable[..., float | None] | None = None, guard: Any = None):
+                 writer: Any, agreement: Callable[..., float | None] | None = None, guard: Any = None,
+                 pseudonymiser: Any = None):
         self.settings = settings
         self.engine = engine
         self.assign = assign
         self.writer = writer
         self.agreement = agreement  # (kind, prediction, reference, request, metric=) -> score, None when unscorable
         self.guard = guard  # serve.guard.Guard, or None when no SLM answer is checked
+        # serve.pseudonym.Pseudonymiser: the SLM's side of a request scrubbed as its training data was (None: as is)
+        self.pseudonymiser = pseudonymiser
         self.metrics = RouterMetrics()
         self.canary = Canary(settings.canary)
         self._shadow_lock = threading.Lock()
@@ -225,11 +229,20 @@ class Router:
                                                                                Any]:
         """(completion body, None) when the SLM's answer is valid, else (None, reason, answer-or-None)."""
         deployment = self.engine.deployments[route.cluster]
+        restore = None
         try:
-            answer = self.engine.answer(route.cluster, request)
+            if self.pseudonymiser is not None:
+                t0 = time.perf_counter()
+                slm_request, restore = self.pseudonymiser.pseudonymise(request)
+                self.metrics.overhead((time.perf_counter() - t0) * 1000)
+            else:
+                slm_request = request
+            answer = self.engine.answer(route.cluster, slm_request)
         except Exception as exc:  # noqa: BLE001 - any SLM failure falls back to the LLM
             log.warning("small model failed on cluster %s: %s", route.cluster, exc)
             return None, f"slm error: {type(exc).__name__}", None
+        if restore:  # the answer in the request's own values, before it is checked against the request's tools
+            answer.message = restore.message(answer.message)
         t0 = time.perf_counter()
         problems = validate_answer(answer.message, request.get("tools"), deployment.kind)
         if answer.finish_reason == "length" and not problems:
