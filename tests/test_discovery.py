@@ -56,7 +56,7 @@ def test_template_in_user_turn_agent_one_task_per_template(tmp_path):
     print(f"template log: {len(names)} tasks, ARI {ari:.3f}: {names}")
     assert ari >= 0.9
     # Named from the template's own words, not keyword soup.
-    assert any("Sequence Diagram translator" in n for n in names)  # curate takes "Mermaid" for a name
+    assert any("to Mermaid Sequence Diagram translator" in n for n in names)  # not taken for a person
     assert any(n.startswith("You are a QA engineer") for n in names)
 
 
