@@ -12,6 +12,7 @@ from collections import Counter
 
 import pytest
 
+from slmigrate import artifacts
 from slmigrate.cli import main
 from slmigrate.calls import list_calls
 from slmigrate.curate import dataset as curated
@@ -24,8 +25,6 @@ from conftest import shared_file
 def discover(tmp_path, rows, truth, *, import_args=(), curate_args=(), cluster_args=(), name="log.jsonl"):
     """Import ``rows`` (written without metadata), curate and cluster with defaults; (labels, clusters, body) of
     the curated calls, where ``truth`` maps input ids to labels."""
-    from slmigrate import artifacts
-
     path = tmp_path / name
     path.write_text("\n".join(json.dumps({k: v for k, v in r.items() if k != "metadata"}) for r in rows)
                     if isinstance(rows, list) and rows and "request" in rows[0] else json.dumps(rows))
@@ -57,7 +56,7 @@ def test_template_in_user_turn_agent_one_task_per_template(tmp_path):
     print(f"template log: {len(names)} tasks, ARI {ari:.3f}: {names}")
     assert ari >= 0.9
     # Named from the template's own words, not keyword soup.
-    assert any("Sequence Diagram translator" in n for n in names)  # curate takes "Mermaid" for a name
+    assert any("to Mermaid Sequence Diagram translator" in n for n in names)  # not taken for a person
     assert any(n.startswith("You are a QA engineer") for n in names)
 
 
@@ -70,17 +69,50 @@ def test_react_prompt_agents_one_task_per_agent(tmp_path):
     assert ari >= 0.9
 
 
+def cluster_of(ws_path):
+    """Input id -> cluster (None: unclustered) of a workspace's curated calls."""
+    workspace = Workspace(ws_path)
+    kept = {i for part in curated.iter_batches(workspace, ["id"]) for i in part["id"]}
+    return {str(r["input_id"]): r["cluster"] for r in list_calls(workspace, 0) if r["id"] in kept}
+
+
 @pytest.mark.slow
-def test_tau2_through_the_cli_recovers_role_domain_mode(tmp_path):
-    # --pii off keeps curate quick enough for the suite; scrubbing on gives the same tasks (the benchmark
-    # measures both: docs/cluster.md).
+def test_tau2_same_tasks_with_pii_scrubbing_on_and_off_and_with_one_worker(tmp_path):
+    # The issue's robustness criteria on tau2 (~15 min on two busy cores: presidio over 3,223 calls, three
+    # cold MiniLM passes): role x domain x mode recovered with scrubbing on and off, the same partition both
+    # ways (placeholders must neither create nor merge tasks: before, the telecom user simulator's template
+    # was one task or two by a 0.001 margin), and the identical partition when one process embeds everything.
+    import shutil
+
+    from sklearn.metrics import adjusted_rand_score
+
     rows = [json.loads(line) for line in gzip.open(shared_file("tau2-bench/tau2_gpt41_calls.openai.jsonl.gz"), "rt")]
     truth = {r["id"]: f"{r['metadata']['role']}/{r['metadata']['domain']}/{r['metadata']['mode']}" for r in rows}
-    labels, got, body = discover(tmp_path, rows, truth, curate_args=("--pii", "off"))
-    ari, _ = scores(labels, got)
-    print(f"tau2 via the CLI (--pii off): {len(body['clusters'])} tasks, "
-          f"unclustered {body['unclustered']['share']:.3f}, ARI {ari:.3f}")
-    assert ari >= 0.85
+    path = tmp_path / "tau2.jsonl"
+    path.write_text("\n".join(json.dumps({k: v for k, v in r.items() if k != "metadata"}) for r in rows))
+    assert main(["collect", "import", str(path), "--workspace", str(tmp_path / "off")]) in (0, 2)
+    shutil.copytree(tmp_path / "off", tmp_path / "on")
+    got = {}
+    for pii, name in (("off", "off"), ("placeholder", "on")):
+        ws = str(tmp_path / name)
+        assert main(["curate", "--pii", pii, "--workspace", ws]) == 0
+        assert main(["cluster", "--workspace", ws]) == 0
+        got[name] = cluster_of(tmp_path / name)
+        body = artifacts.clusters_file(Workspace(tmp_path / name))
+        ids = sorted(got[name])
+        ari, _ = scores([truth[i] for i in ids], [got[name][i] for i in ids])
+        print(f"tau2 --pii {pii}: {len(body['clusters'])} tasks, unclustered {body['unclustered']['share']:.3f}, "
+              f"ARI {ari:.3f}: {[c['label'] for c in body['clusters']]}")
+        assert ari >= 0.85
+    on, off = got["on"], got["off"]
+    common = sorted(set(on) & set(off))
+    assert len(common) >= 0.95 * len(off)  # curate keeps the same calls either way (nearly)
+    tasks = {k: len({g for g in v.values() if g}) for k, v in got.items()}
+    between = adjusted_rand_score([on[i] or "-" for i in common], [off[i] or "-" for i in common])
+    print(f"tasks on/off {tasks}, ARI between the partitions {between:.3f}")
+    assert tasks["on"] == tasks["off"] and between >= 0.95
+    assert main(["cluster", "--force", "--workers", "1", "--workspace", str(tmp_path / "off")]) == 0
+    assert cluster_of(tmp_path / "off") == off  # one process, every text embedded afresh: the same partition
 
 
 @pytest.mark.slow

@@ -40,9 +40,9 @@ def test_an_embedder_goes_to_a_worker_without_its_cache_or_model():
     assert embedder.cache_size == 2 and copy.cache_size == 0 and copy.cache_max == embedder.cache_max
     assert np.array_equal(copy.encode(["cancel my order", "where is my parcel"]), rows)
     minilm = MiniLMEmbedder(max_seq_length=64)
-    minilm._model = "a loaded model"  # the worker loads its own
+    minilm._model, minilm._onnx = "a loaded model", "an onnxruntime session"  # the worker loads its own
     copy = pickle.loads(pickle.dumps(minilm))
-    assert copy._model is None and copy.max_seq_length == 64
+    assert copy._model is None and copy._onnx is None and copy.max_seq_length == 64
 
 
 def test_each_distinct_text_is_encoded_once():
@@ -91,3 +91,20 @@ def test_minilm_offline_similarity():
     assert vecs.shape == (3, 384)
     assert np.allclose(np.linalg.norm(vecs, axis=1), 1.0, atol=1e-4)
     assert vecs[0] @ vecs[1] > vecs[0] @ vecs[2] + 0.2
+
+
+@pytest.mark.slow
+def test_minilm_on_onnx_runtime_gives_the_torch_vectors(tmp_path, monkeypatch):
+    pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnx")
+    monkeypatch.setenv("SLMIGRATE_MODEL_CACHE", str(tmp_path))
+    texts = ["Where is my package?", "tools offered: book_reservation, cancel_reservation", "calls tool think()",
+             "user: " + "my flight was cancelled and I need a refund for all three passengers " * 12,
+             *[f"Classify ticket {i}: the printer on floor {i} is jammed again" for i in range(12)]]
+    torch_run = MiniLMEmbedder(cache_size=0)
+    torch_run._onnx = False  # torch, as without onnxruntime
+    onnx_run = MiniLMEmbedder(cache_size=0)
+    expected, got = torch_run.encode(texts), onnx_run.encode(texts)
+    assert onnx_run._session() is not None and len(list(tmp_path.glob("*/model.onnx"))) == 1  # exported once, here
+    assert np.abs(expected - got).max() < 1e-4
+    assert np.abs(onnx_run.encode(texts[:2]) - expected[:2]).max() < 1e-4  # the router's few-texts path too

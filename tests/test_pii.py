@@ -372,6 +372,18 @@ def test_allow_list_and_structure_veto():
     assert found["mia_li_3668"] == "USER_ID"
 
 
+def test_tool_names_in_an_instruction_template_are_no_persons():
+    # The MetaGPT-style template "You are a python code to Mermaid Sequence Diagram translator" lost "Mermaid"
+    # to spaCy's PERSON, and the cluster stage then named the task "You are a python code to … Sequence ...".
+    text = "You are a python code to Mermaid Sequence Diagram translator in function detail. Ask Ferdinand Okafor."
+    analyzer = FakeAnalyzer()
+    analyzer.cache[text] = [Found("PERSON", "Mermaid", 0.85), Found("PERSON", "Ferdinand Okafor", 0.85)]
+    call = CallRecord(request={"messages": [{"role": "user", "content": text}]})
+    clean, _ = CallScrubber(analyzer).scrub(call)
+    content = clean.request["messages"][0]["content"]
+    assert "to Mermaid Sequence Diagram translator" in content and "Ferdinand Okafor" not in content
+
+
 def test_texts_of_covers_all_roles_and_args():
     texts = texts_of(_tau_call())
     assert any("Mia Li (mia_li_3668)" in t for t in texts)

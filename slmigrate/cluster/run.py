@@ -29,7 +29,8 @@ from slmigrate.workspace import Workspace, fingerprint_of
 
 SCHEMA_VERSION = 1
 # Bump when the task view or the features change, so a re-run does not reuse clusters made the old way.
-METHOD_VERSION = "views3-templates1"  # views3: instructions from the leading user turn; templates form tasks
+METHOD_VERSION = "views3-templates2"  # views3: instructions from the leading user turn; templates2: a template
+# with slots is one coarse task
 DEFAULT_THRESHOLD = {"coarse": 0.6, "fine": 0.55}
 # A task holding more than this share of its group's calls is split into its steps (and reported when it stays).
 DOMINANT_SHARE = 0.5
@@ -144,7 +145,8 @@ def _fit_samples(table: CallTable, cfg: ClusterConfig, embedder: Embedder, weigh
         parts, part_title, fixed = _template_parts(table, g, rows, row_template, templates, calls_per_row,
                                                    cfg.min_size)
         fitted, part_of = fit_parts(x, counts, parts, threshold=threshold, core_ratio=cfg.core_ratio,
-                                    min_size=cfg.min_size, request_mask=fits.layout.request_mask(), filtered=fixed)
+                                    min_size=cfg.min_size, request_mask=fits.layout.request_mask(), filtered=fixed,
+                                    refine=cfg.granularity == "fine")
         titles = [part_title.get(p, "") for p in part_of]
         largest = max((counts[fitted.labels == i].sum() for i in range(len(fitted.centroids))), default=0.0)
         if counts.sum() >= 2 * cfg.min_size and largest > DOMINANT_SHARE * counts.sum():

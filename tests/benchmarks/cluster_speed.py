@@ -8,7 +8,16 @@ The generated calls come from templates with slot values from small pools, like 
 tools repeat while the inputs vary; 0.5% are one-off requests made of random words. Digits are masked by the task
 view, so order numbers and the like do not make texts distinct.
 
+``--compare WORKSPACE`` instead runs `slmigrate cluster --force --workers 1` (the library call the command makes)
+on a curated workspace - tau2 imported and curated with defaults, e.g. the one tests/benchmarks/discovery.py
+caches - once per path and repeat, the paths alternating so the box's load hits them alike, each with a cold
+embedder: ``torch`` (MiniLM through sentence-transformers, the path before ONNX Runtime), ``onnx`` (the default
+when onnxruntime is installed) and, on request, ``onnx-turn160`` (the latest turn cut at 160 characters instead
+of 320: a candidate that was measured and rejected, docs/benchmarks.md).
+It reports each path's median seconds, ratio to torch, task count and the ARI of its partition against torch's.
+
 Usage: .venv/bin/python tests/benchmarks/cluster_speed.py [--sizes 10000,100000] [--no-tau2]
+       .venv/bin/python tests/benchmarks/cluster_speed.py --compare /tmp/slmigrate-discovery/ws-tau2-placeholder-*
 """
 
 from __future__ import annotations
@@ -118,11 +127,64 @@ def measure(calls: list[CallRecord], embedder: MiniLMEmbedder) -> dict:
             "unclustered_share": body["unclustered"]["share"]}
 
 
+class TorchMiniLM(MiniLMEmbedder):
+    """MiniLM on torch even where onnxruntime is installed: the path before it."""
+
+    def _session(self):
+        return None
+
+
+def compare(workspace: str, paths: list[str], repeats: int) -> dict:
+    """Each path ``repeats`` times on the curated ``workspace``, alternating; see the module docstring."""
+    from sklearn.metrics import adjusted_rand_score
+
+    import slmigrate.cluster.views as views
+    from slmigrate.calls import list_calls
+    from slmigrate.cluster.run import cluster
+    from slmigrate.config import Config
+    from slmigrate.workspace import Workspace
+
+    ws = Workspace(Path(workspace))
+    config = Config()
+    config.cluster.workers, config.cluster.map = 1, True
+    default_turn = views.TURN_CHARS
+    times: dict[str, list[float]] = {p: [] for p in paths}
+    partition: dict[str, dict] = {}
+    for _ in range(repeats):
+        for path in paths:
+            views.TURN_CHARS = 160 if path.endswith("turn160") else default_turn
+            embedder = TorchMiniLM() if path == "torch" else MiniLMEmbedder()
+            start = time.perf_counter()
+            result = cluster(ws, config, force=True, embedder=embedder)
+            times[path].append(time.perf_counter() - start)
+            partition[path] = {r["id"]: r["cluster"] or "-" for r in list_calls(ws, 0)}
+            print(json.dumps({"partial": path, "s": round(times[path][-1], 1), "tasks": len(result.clusters)}),
+                  file=sys.stderr, flush=True)
+    views.TURN_CHARS = default_turn
+    base = paths[0]
+    ids = sorted(partition[base])
+    out = {"workspace": workspace, "calls": len(ids), "repeats": repeats}
+    for path in paths:
+        median = statistics.median(times[path])
+        out[path] = {"median_s": round(median, 1), "runs_s": [round(t, 1) for t in times[path]],
+                     "ratio_to_" + base: round(median / statistics.median(times[base]), 2),
+                     "tasks": len(set(partition[path].values()) - {"-"}),
+                     "ari_vs_" + base: round(adjusted_rand_score([partition[base][i] for i in ids],
+                                                                 [partition[path][i] for i in ids]), 3)}
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", default="10000,100000")
     parser.add_argument("--no-tau2", action="store_true")
+    parser.add_argument("--compare", metavar="WORKSPACE", help="time the embedding paths on a curated workspace")
+    parser.add_argument("--paths", default="torch,onnx", help="from torch, onnx, onnx-turn160")
+    parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
+    if args.compare:
+        print(json.dumps(compare(args.compare, args.paths.split(","), args.repeats)))
+        return
     import torch
 
     out: dict = {"benchmark": "cluster_speed", "torch_threads": torch.get_num_threads(), "cpus": os.cpu_count()}

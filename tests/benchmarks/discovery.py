@@ -302,6 +302,19 @@ def main(argv: list[str] | None = None) -> int:
                 r["same_with_workers_1"] = one["_assignment"] == r["_assignment"]
                 print(f"{name} --pii {pii}: --workers 1 identical: {r['same_with_workers_1']}", flush=True)
             results.append(r)
+        by_pii = {r["pii"]: r for r in results if r["log"] == name}
+        if "off" in by_pii and len(by_pii) > 1:
+            # Scrubbing on or off must give the same tasks: the partitions compared over the calls both kept.
+            from sklearn.metrics import adjusted_rand_score
+
+            off = by_pii["off"]["_assignment"]
+            for pii, r in by_pii.items():
+                if pii != "off":
+                    common = sorted(set(off) & set(r["_assignment"]))
+                    r["ari_vs_pii_off"] = round(adjusted_rand_score(
+                        [off[i] or "-" for i in common], [r["_assignment"][i] or "-" for i in common]), 3)
+                    print(f"{name}: --pii {pii} vs off: {r['tasks']} vs {by_pii['off']['tasks']} tasks, ARI between "
+                          f"the partitions {r['ari_vs_pii_off']}", flush=True)
     print(markdown(results))
     if args.json:
         Path(args.json).write_text(json.dumps([{k: v for k, v in r.items() if not k.startswith("_")}

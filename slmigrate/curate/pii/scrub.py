@@ -33,7 +33,13 @@ from slmigrate.record import CallRecord
 BUILTIN_ALLOW = {"gift_card", "credit_card", "paypal", "certificate", "bank_account", "basic_economy", "economy",
                  "business", "round_trip", "one_way", "regular", "silver", "gold", "Human", "AI", "User",
                  "Assistant", "USA", "US", "Visa", "Mastercard", "MasterCard", "Amex", "American Express",
-                 "Discover", "PayPal", "Paypal"}
+                 "Discover", "PayPal", "Paypal"} | {
+    # Names of languages, formats and tools that spaCy's small model takes for people in instruction templates
+    # ("You are a python code to Mermaid Sequence Diagram translator" lost "Mermaid", and with it the task's
+    # name); none is a plausible person's name.
+    "Mermaid", "PlantUML", "Graphviz", "Markdown", "Jinja", "Jupyter", "Django", "Flask", "FastAPI", "Pandas",
+    "NumPy", "PyTorch", "TensorFlow", "Kubernetes", "Terraform", "Ansible", "GraphQL", "PostgreSQL", "SQLite",
+    "MongoDB", "Redis", "Elasticsearch", "TypeScript", "JavaScript", "Rust", "Golang", "Kotlin", "Swift"}
 
 # Priority when one value was found as two types (higher wins on equal score).
 _PRIORITY = {"PRIVATE_KEY": 9, "OPENAI_API_KEY": 9, "ANTHROPIC_API_KEY": 9, "AWS_ACCESS_KEY": 9,
