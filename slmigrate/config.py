@@ -201,8 +201,9 @@ class FinetuneConfig(Section):
     eval_every: int | None = Field(None, ge=1, description="Validation loss every N steps (default half an epoch).")
     patience: int = Field(3, ge=1, description="Stop after this many evaluations without improvement.")
     stop_when_exact: bool = Field(False, description=(
-        "Stop at the first validation where greedy decoding would reproduce every validation answer exactly "
-        "(checked from the validation pass, no generation): saves steps on easy tasks such as short labels."))
+        "Stop once three validations in a row find that greedy decoding would reproduce every validation answer "
+        "exactly (checked from the validation pass, no generation): saves steps on easy tasks such as short "
+        "labels."))
     warmup_ratio: float = Field(0.05, ge=0, lt=1, description="Share of steps for learning-rate warm-up.")
     weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
     prune_static_prefix: bool = Field(False, description=(

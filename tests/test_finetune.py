@@ -385,7 +385,10 @@ def test_stop_when_exact_ends_training_once_validation_answers_are_reproduced(tm
                                    tmp_path / str(stop))
         if stop:
             assert history.stop_reason == "exact" and history.stopped_early and history.steps[-1] < 60
-            assert history.val_exact[-1] == 1.0 and 1.0 not in history.val_exact[:-1]
+            # it stops at the first run of EXACT_EVALS all-exact validations, not at the first all-exact one
+            streaks = [i for i in range(len(history.val_exact)) if history.val_exact[i:i + loop.EXACT_EVALS] ==
+                       [1.0] * loop.EXACT_EVALS]
+            assert streaks == [len(history.val_exact) - loop.EXACT_EVALS], history.val_exact
             assert history.best_step == history.steps[-1] and best is not None
         else:  # without the option the same run trains on past its first fully-exact validation
             assert history.steps[-1] == 60 and history.stop_reason is None and 1.0 in history.val_exact

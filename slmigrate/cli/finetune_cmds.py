@@ -32,7 +32,7 @@ def finetune(
         "--gradient-checkpointing/--no-gradient-checkpointing", help="Trade compute for memory.")] = None,
     stop_when_exact: Annotated[Optional[bool], typer.Option(
         "--stop-when-exact/--no-stop-when-exact",
-        help="Stop once greedy decoding would reproduce every validation answer exactly.")] = None,
+        help="Stop once three validations in a row find every validation answer reproduced exactly.")] = None,
     force: Annotated[bool, typer.Option("--force", help="Retrain even when nothing changed.")] = False,
     config_file: ConfigOpt = None,
     workspace: WorkspaceOpt = None,

@@ -55,6 +55,13 @@ def distributed():
     return Accelerator(cpu=not torch.cuda.is_available())
 
 
+# stop_when_exact stops after this many validations in a row reproduce every answer, not the first: with the
+# dozen validation calls of a small task one lucky pass is no evidence. The demo's label task stopped at its first
+# all-exact pass (12 of 12 at step 24, the loss still falling fast) and scored 0.914 on 70 test calls; trained all
+# 48 steps (all-exact at every validation from step 32) it scored 70 of 70.
+EXACT_EVALS = 3
+
+
 @dataclass
 class LoopSettings:
     total_steps: int
@@ -69,7 +76,7 @@ class LoopSettings:
     device: str
     pad_id: int
     bf16: bool = False  # autocast to bfloat16 (CUDA)
-    stop_when_exact: bool = False  # stop once greedy decoding would reproduce every validation answer
+    stop_when_exact: bool = False  # stop once greedy decoding keeps reproducing every validation answer
 
 
 @dataclass
@@ -407,8 +414,8 @@ def train(model, train_examples: Sequence[Example], val_examples: Sequence[Examp
             history.val_steps.append(done)
             history.val_loss.append(round(val, 5))
             history.val_exact.append(round(exact, 4))
-            if s.stop_when_exact and exact == 1.0:
-                # Every held-out answer already comes out right: more steps cost time and risk overfitting.
+            if s.stop_when_exact and history.val_exact[-EXACT_EVALS:] == [1.0] * EXACT_EVALS:
+                # Every held-out answer keeps coming out right: more steps cost time and risk overfitting.
                 # These weights are the result, even if an earlier step had a lower loss.
                 history.best_val_loss, history.best_step = val, done
                 best_state = _snapshot(unwrapped)
