@@ -18,6 +18,8 @@ Poison, for the capture's robustness tests (the answer still reaches the client,
 truncated JSON, ``stub-broken-html`` with an HTML page, ``stub-broken-sse`` (streamed) with a garbage event in
 the middle of a good stream; ``stub-poison-deep`` answers 200 with JSON nested deeper than Python parses. A
 request body the stub cannot parse (nested too deeply) is answered like ``{"messages": []}``.
+``StubLLM(answer=fn)`` answers a request with ``fn(request)`` as the assistant's text instead, where that is
+not None (an upstream with its own answers: the teacher's labels, or a label no model produces).
 ``/v1/models`` and ``/v1/embeddings`` answer too. ``stub.requests`` lists what arrived (path, query, headers,
 body).
 
@@ -33,6 +35,7 @@ import json
 import socket
 import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
 CREATED = 1_700_000_000
@@ -59,13 +62,20 @@ def _words(text: str) -> int:
     return len(text.split())
 
 
-def expected_completion(request: dict[str, Any]) -> dict[str, Any]:
+Answer = Callable[[dict[str, Any]], str | None]  # a request -> the text to answer it with, or None
+
+
+def expected_completion(request: dict[str, Any], answer: Answer | None = None) -> dict[str, Any]:
     """The ``chat.completion`` the stub answers ``request`` with."""
     messages = request.get("messages") or []
     digest = hashlib.sha1(json.dumps(request, sort_keys=True).encode()).hexdigest()
     last = messages[-1] if messages else {}
     message: dict[str, Any] = {"role": "assistant", "content": None}
-    if request.get("tools") and last.get("role") == "user":
+    own = answer(request) if answer is not None else None
+    if own is not None:
+        message["content"] = own
+        finish, completion_tokens = "stop", _words(own)
+    elif request.get("tools") and last.get("role") == "user":
         name = request["tools"][0]["function"]["name"]
         arguments = json.dumps({"query": _text(last)})
         message["tool_calls"] = [{"id": "call_" + digest[:12], "type": "function",
@@ -87,9 +97,9 @@ def expected_completion(request: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def stream_chunks(request: dict[str, Any]) -> list[dict[str, Any]]:
-    """The ``chat.completion.chunk`` objects of the streamed form of ``expected_completion(request)``."""
-    done = expected_completion(request)
+def stream_chunks(request: dict[str, Any], answer: Answer | None = None) -> list[dict[str, Any]]:
+    """The ``chat.completion.chunk`` objects of the streamed form of ``expected_completion(request, answer)``."""
+    done = expected_completion(request, answer)
     base = {"id": done["id"], "object": "chat.completion.chunk", "created": CREATED, "model": done["model"]}
     message = done["choices"][0]["message"]
 
@@ -140,7 +150,7 @@ def _poison(model: str, body: dict[str, Any]):
     return None
 
 
-def create_stub_app(requests_log: list[dict[str, Any]] | None = None):
+def create_stub_app(requests_log: list[dict[str, Any]] | None = None, answer: Answer | None = None):
     from starlette.applications import Starlette
     from starlette.responses import Response, StreamingResponse
     from starlette.routing import Route
@@ -167,8 +177,8 @@ def create_stub_app(requests_log: list[dict[str, Any]] | None = None):
             status = int(model.rsplit("-", 1)[1])
             return Response(json.dumps(error_body(status)), status_code=status, media_type="application/json")
         if not body.get("stream"):
-            return Response(json.dumps(expected_completion(body)), media_type="application/json")
-        events = _sse(stream_chunks(body))
+            return Response(json.dumps(expected_completion(body, answer)), media_type="application/json")
+        events = _sse(stream_chunks(body, answer))
 
         if model == "stub-broken-sse":
             events.insert(2, b"data: {this is not json\n\n")
@@ -248,9 +258,9 @@ class ServerThread:
 class StubLLM(ServerThread):
     """The stub LLM server; ``url`` is its OpenAI base URL (ending in /v1)."""
 
-    def __init__(self, host: str = "127.0.0.1", port: int = 0, record: bool = True):
+    def __init__(self, host: str = "127.0.0.1", port: int = 0, record: bool = True, answer: Answer | None = None):
         self.requests: list[dict[str, Any]] = []
-        super().__init__(create_stub_app(self.requests if record else None), host, port)
+        super().__init__(create_stub_app(self.requests if record else None, answer), host, port)
 
     @property
     def url(self) -> str:
