@@ -221,11 +221,16 @@ def _intent_traffic(router, ws: Workspace, intent: str, n: int) -> list[tuple[di
 
 @pytest.fixture
 def guarded_copy(deployed, tmp_path):
-    """The deployed workspace copied, so one test's demotion (kept in serve/guard.json) reaches no other test."""
+    """The deployed workspace copied, so one test's demotion (kept in serve/guard.json) reaches no other test,
+    without the guard's record: the module's other tests' checks would otherwise count towards these ones."""
     import shutil
 
+    from slmigrate.serve.guard import GUARD
+
     ws, intent, _, _ = deployed
-    return Workspace(shutil.copytree(ws.root, tmp_path / "ws")), intent
+    copy = Workspace(shutil.copytree(ws.root, tmp_path / "ws"))
+    copy.path(*GUARD).unlink(missing_ok=True)
+    return copy, intent
 
 
 def _guarded_router(ws: Workspace, upstream: StubLLM):
