@@ -18,6 +18,9 @@ Poison, for the capture's robustness tests (the answer still reaches the client,
 truncated JSON, ``stub-broken-html`` with an HTML page, ``stub-broken-sse`` (streamed) with a garbage event in
 the middle of a good stream; ``stub-poison-deep`` answers 200 with JSON nested deeper than Python parses. A
 request body the stub cannot parse (nested too deeply) is answered like ``{"messages": []}``.
+``StubLLM(answer=fn)`` answers a request with ``fn(request)`` instead, where that is not None: the assistant's
+text (an upstream with its own answers: the teacher's labels, or a label no model produces) or a whole
+``chat.completion`` (a generated log's recorded teacher answer).
 ``/v1/models`` and ``/v1/embeddings`` answer too. ``stub.requests`` lists what arrived (path, query, headers,
 body).
 
@@ -60,13 +63,23 @@ def _words(text: str) -> int:
     return len(text.split())
 
 
-def expected_completion(request: dict[str, Any]) -> dict[str, Any]:
+# a request -> the text to answer it with, a whole chat.completion (a recorded teacher answer), or None
+Answer = Callable[[dict[str, Any]], "str | dict[str, Any] | None"]
+
+
+def expected_completion(request: dict[str, Any], answer: Answer | None = None) -> dict[str, Any]:
     """The ``chat.completion`` the stub answers ``request`` with."""
     messages = request.get("messages") or []
     digest = hashlib.sha1(json.dumps(request, sort_keys=True).encode()).hexdigest()
     last = messages[-1] if messages else {}
     message: dict[str, Any] = {"role": "assistant", "content": None}
-    if request.get("tools") and last.get("role") == "user":
+    own = answer(request) if answer is not None else None
+    if isinstance(own, dict):
+        return own
+    if own is not None:
+        message["content"] = own
+        finish, completion_tokens = "stop", _words(own)
+    elif request.get("tools") and last.get("role") == "user":
         name = request["tools"][0]["function"]["name"]
         arguments = json.dumps({"query": _text(last)})
         message["tool_calls"] = [{"id": "call_" + digest[:12], "type": "function",
@@ -88,9 +101,9 @@ def expected_completion(request: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def stream_chunks(request: dict[str, Any]) -> list[dict[str, Any]]:
-    """The ``chat.completion.chunk`` objects of the streamed form of ``expected_completion(request)``."""
-    done = expected_completion(request)
+def stream_chunks(request: dict[str, Any], answer: Answer | None = None) -> list[dict[str, Any]]:
+    """The ``chat.completion.chunk`` objects of the streamed form of ``expected_completion(request, answer)``."""
+    done = expected_completion(request, answer)
     base = {"id": done["id"], "object": "chat.completion.chunk", "created": CREATED, "model": done["model"]}
     message = done["choices"][0]["message"]
 
@@ -141,10 +154,7 @@ def _poison(model: str, body: dict[str, Any]):
     return None
 
 
-def create_stub_app(requests_log: list[dict[str, Any]] | None = None,
-                    answer: Callable[[dict[str, Any]], dict[str, Any] | None] | None = None):
-    """``answer``: the completion for a (non-streamed) request, or None for the stub's own answer; a benchmark
-    hands it the teacher answers of a generated log."""
+def create_stub_app(requests_log: list[dict[str, Any]] | None = None, answer: Answer | None = None):
     from starlette.applications import Starlette
     from starlette.responses import Response, StreamingResponse
     from starlette.routing import Route
@@ -171,9 +181,8 @@ def create_stub_app(requests_log: list[dict[str, Any]] | None = None,
             status = int(model.rsplit("-", 1)[1])
             return Response(json.dumps(error_body(status)), status_code=status, media_type="application/json")
         if not body.get("stream"):
-            own = answer(body) if answer is not None else None
-            return Response(json.dumps(own or expected_completion(body)), media_type="application/json")
-        events = _sse(stream_chunks(body))
+            return Response(json.dumps(expected_completion(body, answer)), media_type="application/json")
+        events = _sse(stream_chunks(body, answer))
 
         if model == "stub-broken-sse":
             events.insert(2, b"data: {this is not json\n\n")
@@ -253,8 +262,7 @@ class ServerThread:
 class StubLLM(ServerThread):
     """The stub LLM server; ``url`` is its OpenAI base URL (ending in /v1)."""
 
-    def __init__(self, host: str = "127.0.0.1", port: int = 0, record: bool = True,
-                 answer: Callable[[dict[str, Any]], dict[str, Any] | None] | None = None):
+    def __init__(self, host: str = "127.0.0.1", port: int = 0, record: bool = True, answer: Answer | None = None):
         self.requests: list[dict[str, Any]] = []
         super().__init__(create_stub_app(self.requests if record else None, answer), host, port)
 

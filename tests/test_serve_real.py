@@ -10,6 +10,9 @@ that keeps the second off the small model. Then:
   real openai client and a stub upstream, the live guard on;
 * as a process: `python -m slmigrate serve`, driven by the openai client, its /slmigrate/routes, its log in the
   store, and `slmigrate status`.
+* the live guard with that real engine, on a copy of the workspace per test: an upstream that disagrees with
+  every answer demotes the task within 60 requests (after guard_min_samples = 20); one that answers the
+  teacher's labels never does.
 
 The stages run through the CLI: their command lines are the stable interface.
 """
@@ -315,3 +318,127 @@ def test_the_real_small_model_is_asked_in_fake_space_and_the_client_gets_the_rea
     # The LLM (the guard's check) and the call log have the raw request.
     assert stub.requests[-1]["body"]["messages"][-1]["content"] == text
     assert record.request["messages"][-1]["content"] == text
+
+
+# --- the live guard with the real engine ------------------------------------------------------------------------
+
+GUARD_REQUESTS = 60  # the bound the guard promises: demoted within this many requests, or never in this many
+
+
+def _intent_traffic(router, ws: Workspace, intent: str, n: int) -> list[tuple[dict, str]]:
+    """``n`` intent requests the router's own assigner sends to the intent task, each with the label the teacher
+    LLM answered it with: new customers first (the examples generator with another seed; the cluster model of a
+    200-call log is not confident about all of them), then the log's own intent calls; repeated to ``n``."""
+    from slmigrate.curate.dataset import load_curated
+
+    sys.path.insert(0, str(ROOT / "examples"))
+    import agent_log
+
+    fresh = [({"messages": r["request"]["messages"]}, r["response"]["choices"][0]["message"]["content"])
+             for r in agent_log.iter_records(calls=300, seed=7) if r["metadata"]["task"] == "intent"]
+    membership = ws.store.clusters_of()
+    logged = [({"messages": c.request["messages"]}, c.response["choices"][0]["message"]["content"])
+              for c in load_curated(ws) if membership.get(c.id) == intent]
+    picked = [(request, label) for request, label in fresh + logged if router.assign(request)[0] == intent]
+    assert len(picked) >= 20, f"only {len(picked)} intent requests are assigned to the intent task"
+    return [picked[i % len(picked)] for i in range(n)]
+
+
+@pytest.fixture
+def guarded_copy(deployed, tmp_path):
+    """The deployed workspace copied, so one test's demotion (kept in serve/guard.json) reaches no other test,
+    without the guard's record: the module's other tests' checks would otherwise count towards these ones."""
+    import shutil
+
+    from slmigrate.serve.guard import GUARD
+
+    ws, intent, _, _ = deployed
+    copy = Workspace(shutil.copytree(ws.root, tmp_path / "ws"))
+    copy.path(*GUARD).unlink(missing_ok=True)
+    return copy, intent
+
+
+def _guarded_router(ws: Workspace, upstream: StubLLM):
+    from slmigrate.serve import RouterSettings, build_app
+
+    writer = RecordWriter(lambda: Store(ws.root / "slmigrate.sqlite"))
+    app, router = build_app(ws, RouterSettings(upstream=upstream.url, guard_sample=1.0), device="cpu",
+                            writer=writer)
+    return app, router, writer
+
+
+def test_the_real_slm_is_demoted_within_60_requests_when_the_llm_disagrees_with_every_answer(guarded_copy):
+    ws, intent = guarded_copy
+    never = "loyalty_points"  # a label the intent task does not have: no answer of the small model can match it
+    with StubLLM(answer=lambda request: never) as upstream:
+        app, router, writer = _guarded_router(ws, upstream)
+        try:
+            with ServerThread(app) as server:
+                client = openai.OpenAI(base_url=server.base + "/v1", api_key="sk-test", max_retries=0, timeout=600)
+                slm_answers: list[str] = []
+                for request, _ in _intent_traffic(router, ws, intent, GUARD_REQUESTS):
+                    out = client.chat.completions.create(**{"model": "gpt-4o", **request})
+                    if not out.model.startswith("slmigrate/"):
+                        assert out.choices[0].message.content == never
+                        if router.guard.demoted(intent):  # from now on the LLM answers the task
+                            break
+                        continue  # an SLM answer the router refused (cut off, invalid): the LLM's, unchecked
+                    slm_answers.append(out.choices[0].message.content)
+                    # One request, one comparison: wait for it, so the count before the demotion is exact.
+                    wait_for(lambda: (t := router.guard.snapshot()["tasks"][intent])["samples"] >= len(slm_answers)
+                             or t["demoted"], "the guard's comparison", timeout=120)
+                routes = client._client.get(server.base + "/slmigrate/routes").json()
+        finally:
+            writer.close()
+    assert never not in slm_answers
+    task = routes["guard"]["tasks"][intent]
+    assert task["demoted"] is True and "upper bound" in task["reason"], task
+    # Demoted at the first moment the guard may decide (guard_min_samples), well within the 60 requests.
+    assert len(slm_answers) == task["samples"] == router.guard.min_samples == 20
+    assert task["agreement"] == 0.0 and task["upper"] < task["threshold"] == 0.9
+    assert routes["clusters"][intent]["routed"] == 20 and routes["clusters"][intent]["upstream"] == 1
+    status = json.loads(cli(ws.root, "status", "--json"))
+    assert status["live_guard"][intent]["demoted"] is True and status["live_guard"][intent]["samples"] == 20
+
+
+def test_the_real_slm_is_never_demoted_when_the_llm_gives_the_teachers_labels(guarded_copy):
+    ws, intent = guarded_copy
+    # The fixture's adapter is a deliberately short fine-tune: it agrees with the teacher on about 70% of new
+    # customers' messages, and at the fixture's bar of 0.9 the guard rightly demotes it after 20 checks. Here the
+    # task is migrated at a bar that adapter holds (0.6), which is the case the guard must leave alone.
+    evaluation = artifacts.evaluation(ws)
+    for result in evaluation["clusters"]:
+        if result["cluster"] == intent:
+            result["threshold"] = 0.6
+    artifacts.write_evaluation(ws, evaluation)
+    # The upstream answers each check with the teacher's label of the request it checks: one request at a time,
+    # so the checks arrive in request order (matched by order, not by text the router might rewrite).
+    labels: list[str] = []
+    with StubLLM(answer=lambda request: labels.pop(0)) as upstream:
+        app, router, writer = _guarded_router(ws, upstream)
+        calls = _intent_traffic(router, ws, intent, GUARD_REQUESTS)
+        labels.extend(label for _, label in calls)
+        try:
+            with ServerThread(app) as server:
+                client = openai.OpenAI(base_url=server.base + "/v1", api_key="sk-test", max_retries=0, timeout=600)
+                agreed = 0
+                for i, (request, label) in enumerate(calls):
+                    out = client.chat.completions.create(**{"model": "gpt-4o", **request})
+                    assert out.model.startswith("slmigrate/"), f"request {i} was taken from the small model"
+                    agreed += out.choices[0].message.content.strip() == label
+                    wait_for(lambda: router.guard.snapshot()["tasks"][intent]["samples"] == i + 1,
+                             "the guard's comparison", timeout=120)
+                routes = client._client.get(server.base + "/slmigrate/routes").json()
+        finally:
+            writer.close()
+    task = routes["guard"]["tasks"][intent]
+    assert len(upstream.requests) == GUARD_REQUESTS  # every answer checked, none answered by the LLM instead
+    # The guard's agreement is the small model's own against the teacher's labels, and most of them agree.
+    # (at least: label_exact also forgives case and punctuation, which this count does not)
+    assert task["samples"] == GUARD_REQUESTS and task["agreement"] >= agreed / GUARD_REQUESTS
+    assert agreed > GUARD_REQUESTS / 2 and not task["demoted"] and task["threshold"] == 0.6, task
+    assert routes["clusters"][intent]["routed"] == GUARD_REQUESTS
+    assert routes["clusters"][intent].get("upstream", 0) == 0
+    status = json.loads(cli(ws.root, "status", "--json"))
+    assert status["live_guard"][intent]["demoted"] is False
+    assert status["live_guard"][intent]["samples"] == GUARD_REQUESTS
