@@ -387,3 +387,20 @@ def test_cli_report_uses_the_workspace_config_not_the_current_directory(workspac
     assert f"${100 * default:,.4f}" not in there
     named = cost_shown("--config", "slmigrate.toml")
     assert f"${100 * default:,.4f}" in named or f"${100 * default:,.2f}" in named
+
+
+def test_the_live_guard_section_shows_each_migrated_task_and_a_demotion(workspace, tmp_path):
+    from slmigrate.serve.guard import GUARD
+
+    populate(workspace)
+    report(workspace, out=tmp_path / "r.html", config=Config())
+    assert "Live guard" in (tmp_path / "r.md").read_text() and "no live checks yet" in (tmp_path / "r.md").read_text()
+    run = (workspace.evaluation() or {}).get("run")
+    workspace.path(*GUARD).parent.mkdir(parents=True, exist_ok=True)
+    workspace.path(*GUARD).write_text(json.dumps({"tasks": {"intent": {
+        "evaluation_run": run, "metric": "exact_match", "threshold": 0.9, "samples": 20, "agreement": 0.0,
+        "lower": 0.0, "upper": 0.161, "demoted": True, "reason": "upper bound 0.161 < threshold 0.90"}}}))
+    report(workspace, out=tmp_path / "r.html", config=Config())
+    md = (tmp_path / "r.md").read_text()
+    guard = md[md.index("Live guard"):]
+    assert "demoted to the LLM" in guard and "0.000-0.161" in guard and "upper bound 0.161" in guard

@@ -628,5 +628,38 @@ def plan(f: Facts) -> Section:
     return s
 
 
+def live_guard(f: Facts) -> Section:
+    """What the router's live guard has seen since the current evaluation: the decision, checked on traffic."""
+    from slmigrate.serve.guard import live_record
+
+    s = Section("guard", "Live guard", "The router checks a share of the small models' answers against the LLM "
+                "(`slmigrate serve --guard-sample`, 5% by default) and demotes a task to the LLM when the upper "
+                "bound of its live agreement falls below the threshold.")
+    if not f.eval_clusters():
+        s.missing("Live guard", "slmigrate evaluate")  # nothing decided, so nothing served or guarded yet
+        return s
+    migrated = [str(e.get("cluster")) for e in f.eval_clusters() if (e.get("decision") or {}).get("migrate")]
+    record = live_record(f.ws)
+    if not migrated and not record:
+        s.para("No task is migrated, so nothing is served by a small model or guarded.", small=True)
+        return s
+    rows = []
+    for cid in sorted(set(migrated) | set(record)):
+        t = record.get(cid)
+        if not t:
+            rows.append([f.cluster_label(cid), pill("no live checks yet", "mute"), "", "", "", ""])
+            continue
+        shown = ("demoted to the LLM", "bad") if t.get("demoted") else ("holding", "good")
+        agreement, lower, upper = (t.get(k) for k in ("agreement", "lower", "upper"))
+        known = all(isinstance(v, (int, float)) for v in (agreement, lower, upper))
+        rows.append([f.cluster_label(cid), pill(*shown), num(t.get("samples")),
+                     f"{agreement:.3f}" if known else "", f"{lower:.3f}-{upper:.3f}" if known else "",
+                     t.get("reason") or ""])
+    s.table(["task", "live status", "answers checked", "agreement with the LLM", "95% interval", "why"], rows,
+            caption="Only checks made since the current evaluation count; `slmigrate refine` retrains demoted "
+                    "tasks.")
+    return s
+
+
 BUILDERS = (overview, calls_and_cost, curation, cluster_map, replaceability, candidates, training, evaluation,
-            plan)
+            plan, live_guard)
