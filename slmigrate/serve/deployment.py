@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from slmigrate import artifacts
 from slmigrate.artifacts import EvaluationFile
@@ -35,6 +36,15 @@ class Deployment:
     def name(self) -> str:
         """A LoRA module name that vLLM and HTTP clients accept."""
         return "".join(ch if ch.isalnum() or ch in "-_" else "-" for ch in self.cluster)
+
+    def prepare(self, request: dict[str, Any]) -> tuple[list[dict[str, Any]], Any, int]:
+        """(messages, tools, token limit) the adapter is asked with, wherever it runs: the request without the
+        cluster's static prompt parts (it was trained without them), capped at the task's answer length."""
+        messages, tools = self.static.apply(list(request.get("messages") or []), request.get("tools"))
+        limit = self.max_new_tokens
+        if isinstance(request.get("max_tokens"), int):
+            limit = min(limit, request["max_tokens"])
+        return messages, tools, limit
 
 
 def _evaluation(ws: Workspace) -> EvaluationFile:

@@ -47,10 +47,7 @@ class EndpointEngine:
         prompt parts removed - a serving engine knows nothing of them), greedy, capped at the task's answer
         length, never streamed."""
         d = self.deployments[cluster]
-        messages, tools = d.static.apply(list(request.get("messages") or []), request.get("tools"))
-        limit = d.max_new_tokens
-        if isinstance(request.get("max_tokens"), int):
-            limit = min(limit, request["max_tokens"])
+        messages, tools, limit = d.prepare(request)
         body: dict[str, Any] = {"model": d.name, "messages": messages, "max_tokens": limit, "temperature": 0}
         if tools:
             body["tools"] = tools

@@ -64,13 +64,9 @@ class SlmEngine:
         from slmigrate.evaluate.greedy import AnswerLookup
 
         d = self.deployments[cluster]
-        # The specialist was trained without its cluster's static prompt parts: serve it the same way.
-        messages, tools = d.static.apply(list(request.get("messages") or []), request.get("tools"))
+        messages, tools, limit = d.prepare(request)
         budget = context_budget(self.model, self.tokenizer, d.max_new_tokens)  # as evaluate renders prompts
         prompt = chat_format.render_prompt(self.tokenizer, messages, tools, max_tokens=budget).text
-        limit = d.max_new_tokens
-        if isinstance(request.get("max_tokens"), int):
-            limit = min(limit, request["max_tokens"])
         with self._lock:
             model = self._merged_model(d.name)
             t0 = time.perf_counter()
