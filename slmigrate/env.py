@@ -9,6 +9,7 @@ SLM_API_KEY = "SLMIGRATE_SLM_API_KEY"  # bearer key of `serve --slm-endpoint` (a
 STORE = "SLMIGRATE_STORE"
 MODEL_CACHE = "SLMIGRATE_MODEL_CACHE"
 EMBED_CACHE = "SLMIGRATE_EMBED_CACHE"  # entries in the in-memory embedding LRU cache (cluster/embed.py)
+CPU_BF16 = "SLMIGRATE_CPU_BF16"  # 1/0: serve and evaluate a specialist in bfloat16 on the CPU (evaluate/greedy.py)
 
 DEFAULT_WORKSPACE = ".slmigrate"
 

@@ -87,6 +87,21 @@ def test_draft_follows_the_latest_earlier_ngram_then_the_sources():
     # an occurrence at the very end of a source has no continuation: look further back
     assert draft([1, 2], [[1, 2, 3, 1, 2]], ngram=2, k=2) == [3, 1]
     assert draft([], [[1, 2]], ngram=2) == []
+    # one token is enough when no longer n-gram matches: a value's first word, found in the prompt [6 7 8 1]
+    assert draft([6, 7, 8, 1, 5, 6], [], ngram=3, k=2, start=4) == [7, 8]
+
+
+def test_draft_takes_a_source_occurrence_by_count():
+    from slmigrate.evaluate.greedy import draft
+
+    # an earlier answer {k1: v1, k2: v2, k3: v3}: 12 separates the fields, 11 is the colon
+    earlier = [10, 1, 11, 50, 12, 2, 11, 60, 12, 3, 11, 70, 13]
+    # the prompt is [99 98]; this answer wrote its first value and separator: the second key follows, not the third
+    assert draft([99, 98, 10, 1, 11, 51, 12], [earlier], ngram=2, k=4, start=2) == [2, 11, 60, 12]
+    # after its second separator, the third key: the earlier answer's second separator, not this answer's first
+    assert draft([99, 98, 10, 1, 11, 51, 12, 2, 11, 61, 12], [earlier], ngram=1, k=2, start=2) == [3, 11]
+    # the prompt comes first: a value copied from it continues as there
+    assert draft([12, 7, 10, 1, 11, 51, 12], [earlier], ngram=1, k=2, start=2) == [7, 10]
 
 
 def test_answer_lookup_keeps_the_latest_answers_first():
@@ -130,3 +145,22 @@ def test_fast_decoder_matches_plain_generate_on_smollm2():
     fast = generate(model, tok, prompts, batch_size=1, max_new_tokens=40)
     assert fast.texts == plain.texts
     assert fast.extra["accepted"] > 0
+
+
+def test_served_number_format_follows_the_cpu_or_the_setting(tiny, monkeypatch):
+    import copy
+
+    import torch
+
+    from slmigrate.evaluate.greedy import Decoded, cpu_bf16, for_serving
+
+    model, _ = tiny
+    monkeypatch.setenv("SLMIGRATE_CPU_BF16", "0")
+    assert not cpu_bf16()
+    assert next(for_serving(copy.deepcopy(model)).parameters()).dtype == torch.float32
+    monkeypatch.setenv("SLMIGRATE_CPU_BF16", "1")
+    assert cpu_bf16()
+    assert next(for_serving(copy.deepcopy(model)).parameters()).dtype == torch.bfloat16
+    # an earlier answer keeps its stop token for the next answer's drafts; a cut-off one has none
+    assert Decoded([5, 6], True, 2, 0, 0, stop=2).with_stop() == [5, 6, 2]
+    assert Decoded([5, 6], False, 2, 0, 0).with_stop() == [5, 6]

@@ -159,7 +159,7 @@ def generate(model: Any, tokenizer: Any, prompts: Sequence[str | Sequence[int]],
             if on_cuda:
                 torch.cuda.synchronize(device)
             latency[i] = compute[i] = (time.perf_counter() - t0) * 1000
-            lookup.add(done.tokens)
+            lookup.add(done.with_stop())
             texts[i] = tokenizer.decode(done.tokens, skip_special_tokens=skip_special_tokens)
             new_tokens[i] = len(done.tokens)
             truncated += int(not done.stopped)

@@ -15,15 +15,23 @@ the weights once. Three things make it cheaper without changing what greedy deco
   a proposed token is kept only while it equals the argmax the model gives at that position, and the first
   mismatch is replaced by the model's own token. Accepted tokens are exactly those one-token-at-a-time greedy
   decoding would choose (up to floating-point summation order: a batched matmul may round differently, which
-  can flip a near-tie; ``tests/benchmarks/generate_speed.py`` counts the answers that differ).
+  can flip a near-tie; ``tests/benchmarks/generate_speed.py`` counts the answers that differ). An earlier
+  answer is searched at the *same* occurrence (:func:`draft`), and its stop token is drafted too, so a
+  finished answer costs no pass of its own.
+
+A fourth is a choice of number format, not of decoding: on a CPU with native bfloat16 instructions
+(:func:`cpu_dtype`) the served model runs in bfloat16, half the bytes read per token. evaluate scores the very
+model the router serves, so the quality figure is that model's.
 """
 
 from __future__ import annotations
 
 import copy
+import re
 from collections import deque
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 
@@ -34,27 +42,52 @@ class Decoded:
     forwards: int  # model forward passes (prefill included): the cost that matters on a CPU
     drafted: int  # proposed tokens
     accepted: int  # proposed tokens the model confirmed
+    stop: int | None = None  # the stop token that ended it
+
+    def with_stop(self) -> list[int]:
+        """The tokens as an earlier answer for drafts: with its stop token, so the next answer's end is drafted."""
+        return [*self.tokens, self.stop] if self.stop is not None else list(self.tokens)
 
 
-def draft(history: Sequence[int], sources: Iterable[Sequence[int]], *, ngram: int = 3, k: int = 8) -> list[int]:
+def draft(history: Sequence[int], sources: Iterable[Sequence[int]], *, ngram: int = 3, k: int = 8,
+          start: int = 0) -> list[int]:
     """Up to ``k`` tokens that followed the last ``ngram`` tokens of ``history`` where that n-gram occurred
-    before: the latest earlier occurrence in ``history`` itself first, then in each of ``sources`` in order;
-    shorter n-grams (down to 2 tokens) are tried when the longer one never occurred. Empty when nothing matches.
+    before; shorter n-grams (down to one token) are tried when the longer one never occurred. Empty when nothing
+    matches. ``history[:start]`` is the prompt, ``history[start:]`` the answer so far. Searched in order:
+
+    - the prompt, latest occurrence first: extraction and labelling answers copy its spans (names, ids);
+    - each of ``sources`` (earlier answers of the task), then the answer so far, by count: when the n-gram
+      occurs for the c-th time in this answer, the c-th occurrence there (else the last). Fixed-format answers
+      repeat their separators, and the c-th separator is followed by the c-th key, not by the last one.
+
+    The single-token fallback is what finds a value's continuation in the prompt once the model wrote its first
+    word (the answer's quote mark before it makes every longer n-gram unlike anything in the prompt).
 
     Pure list logic, so the unit tests pin it down without a model.
     """
-    for n in range(ngram, 1, -1):
+    sources = list(sources)
+    for n in range(ngram, 0, -1):
         if len(history) < n:
             continue
         tail = list(history[-n:])
-        # in history, skip the tail itself (it trivially matches); in a source, every position counts
-        for seq, last in ((history, len(history) - n - 1), *((s, len(s) - n) for s in sources)):
-            for start in range(last, -1, -1):
-                if list(seq[start:start + n]) == tail:
-                    follow = list(seq[start + n:start + n + k])
-                    if follow:
-                        return follow
+        for begin in range(min(start, len(history) - 1) - n, -1, -1):  # the prompt, latest first
+            if list(history[begin:begin + n]) == tail:
+                follow = list(history[begin + n:begin + n + k])
+                if follow:
+                    return follow
+        seen = _count(history[start:], tail)
+        for seq in (*sources, history[start:]):
+            # occurrences with a continuation (so not the answer's own tail)
+            hits = [b for b in range(len(seq) - n) if list(seq[b:b + n]) == tail]
+            if hits:
+                begin = hits[min(seen, len(hits)) - 1] if seen else hits[-1]
+                return list(seq[begin + n:begin + n + k])
     return []
+
+
+def _count(seq: Sequence[int], gram: list[int]) -> int:
+    n = len(gram)
+    return sum(1 for b in range(len(seq) - n + 1) if list(seq[b:b + n]) == gram)
 
 
 def decode(model: Any, prompt: Sequence[int], *, max_new_tokens: int, stops: set[int],
@@ -79,13 +112,13 @@ def decode(model: Any, prompt: Sequence[int], *, max_new_tokens: int, stops: set
         while len(out) < max_new_tokens:
             token = int(logits[-1].argmax())
             if token in stops:
-                return Decoded(out, True, forwards, drafted, accepted)
+                return Decoded(out, True, forwards, drafted, accepted, token)
             out.append(token)
             history.append(token)
             if len(out) >= max_new_tokens:
                 break
-            proposal = draft(history, lookup, ngram=ngram, k=min(k, max_new_tokens - len(out))) \
-                if draft_tokens else []
+            proposal = draft(history, lookup, ngram=ngram, k=min(k, max_new_tokens - len(out)),
+                             start=len(prompt)) if draft_tokens else []
             feed = torch.tensor([[token, *proposal]], dtype=torch.long, device=device)
             logits = model(input_ids=feed, **{kw: cache}, use_cache=True,
                            logits_to_keep=len(proposal) + 1).logits[0]
@@ -129,6 +162,34 @@ def merged(model: Any) -> Any:
     plain = copied.merge_and_unload(adapter_names=names)
     plain.eval()
     return plain
+
+
+def cpu_bf16() -> bool:
+    """Whether a specialist runs in bfloat16 on this CPU: by default where the CPU has native bfloat16 dot
+    products (``avx512_bf16`` or AMX on x86 Linux), where a bfloat16 step measured 1.5x faster than float32
+    with the same answers (docs/benchmarks.md, generate_speed); elsewhere bfloat16 is emulated and can be
+    slower than float32. ``SLMIGRATE_CPU_BF16=1`` / ``0`` decides instead."""
+    from slmigrate import env
+
+    forced = env.get(env.CPU_BF16)
+    if forced is not None:
+        return forced.strip().lower() not in ("0", "false", "no", "off")
+    try:
+        flags = Path("/proc/cpuinfo").read_text(errors="replace")
+    except OSError:
+        return False
+    return bool(re.search(r"\b(avx512_bf16|amx_bf16)\b", flags))
+
+
+def for_serving(model: Any) -> Any:
+    """``model`` (a merged copy, changed in place) in the number format it is served in: bfloat16 on a CPU
+    where :func:`cpu_bf16` says so, else as it is (a CUDA model keeps the dtype it was loaded in)."""
+    import torch
+
+    device = next(model.parameters()).device
+    if device.type == "cpu" and cpu_bf16() and next(model.parameters()).dtype == torch.float32:
+        model.to(torch.bfloat16)
+    return model
 
 
 class AnswerLookup:

@@ -542,8 +542,11 @@ def _evaluate_cluster(ws, cid, info, calls, train, variants, adapter, model_name
             model, tokenizer, resolved = G.load_model(path, device=config.device)
             out["model"] = str(resolved.hub_id or resolved.path)
         if variant == "finetuned" and (adapter / "adapter_config.json").exists():
-            # merged into the weights (the router serves it merged too): the plain model, no LoRA matmuls
-            model = G.attach_adapter(model, adapter).merge_and_unload()
+            # merged into the weights and in the number format the router serves it in (bfloat16 on a CPU with
+            # native support), so the scores below are the served model's
+            from slmigrate.evaluate.greedy import for_serving
+
+            model = for_serving(G.attach_adapter(model, adapter).merge_and_unload())
         max_new = G.max_new_tokens_for(tokenizer, [answer_text(c.answer) for c in calls],
                                        cap=config.max_new_tokens)
         examples = icl_examples(train, config.icl_examples, config.seed) if variant == "icl" else ()

@@ -84,13 +84,13 @@ class SlmEngine:
 
     def _merged_model(self, name: str) -> Any:
         """The adapter ``name`` merged into a copy of the base (made once, least recently used dropped)."""
-        from slmigrate.evaluate.greedy import merged
+        from slmigrate.evaluate.greedy import for_serving, merged
 
         assert self.model is not None
         self.model.set_adapter(name)
         if name not in self._merged:
             if len(self._merged) >= MERGED_MAX:
                 self._merged.popitem(last=False)
-            self._merged[name] = merged(self.model)
+            self._merged[name] = for_serving(merged(self.model))
         self._merged.move_to_end(name)
         return self._merged[name]

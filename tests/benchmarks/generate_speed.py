@@ -7,8 +7,9 @@ repeat, in alternating order so the noise of a shared box falls on both:
 
 - ``today``: ``generate(peft_model, ..., batch_size=1, fast=False)``: HF ``model.generate`` greedy with the
   adapter attached unmerged - what a served request cost before;
-- ``fast``: ``generate(merged_model, ..., batch_size=1)``: the merged model through
-  ``slmigrate.evaluate.greedy`` with drafts from the prompt and the task's earlier answers.
+- ``fast``: ``generate(merged_model, ..., batch_size=1)``: the merged model in the number format it is served
+  in (``greedy.for_serving``: bfloat16 on a CPU with native bfloat16) through ``slmigrate.evaluate.greedy``
+  with drafts from the prompt and the task's earlier answers.
 
 Also printed once: evaluate's latency figure today (batch 8: every call of a batch is given the batch's wall
 time, not what one served request waits), the profile of one request (prefill, per-token step, unmerged vs
@@ -87,7 +88,7 @@ def bench_task(ws, cid: str, args) -> dict:
     from slmigrate.evaluate import run as R
 
     calls, model, tok, prompts, max_new = task_setup(ws, cid, args.calls)
-    merged = greedy.merged(model)
+    merged = greedy.for_serving(greedy.merged(model))  # what evaluate scores and the router serves
     # evaluate's figure today: batch 8, each call credited with its batch's wall time
     batched = G.generate(model, tok, prompts, batch_size=8, max_new_tokens=max_new, fast=False)
     lat: dict[str, list[float]] = {"today": [], "fast": []}
@@ -132,6 +133,7 @@ def bench_task(ws, cid: str, args) -> dict:
         "today_tokens_per_s": round(toks["today"] / secs["today"], 1),
         "fast_tokens_per_s": round(toks["fast"] / secs["fast"], 1),
         "same_answers": f"{same}/{len(prompts)}", "primary_metric": primary,
+        "fast_dtype": str(next(merged.parameters()).dtype).replace("torch.", ""),
         "score_today": score["today"], "score_fast": score["fast"],
         "fast_decoder": stats, "profile": profile(model, merged, tok, prompts[0]),
     }
