@@ -10,6 +10,12 @@ taken, and an argument whose first acceptable value is ``""`` (BFCL's "may be om
 how an LLM calling the function would most often write it. The files are JSON Lines despite ``.json``.
 
     python -m slmigrate.collect.bfcl ../shared/data/bfcl --workspace ./bfcl-ws      # then finetune and evaluate
+    python -m slmigrate.collect.bfcl ../shared/data/bfcl --workspace ./bfcl-ws --score   # after evaluate
+
+evaluate's ``exact`` compares with that one first answer. ``--score`` re-scores the evaluation's saved
+predictions the way BFCL's own AST checker does (:func:`accepts`), which is what leaderboard figures mean: any
+listed value counts, strings are compared without case, spaces and ``,./-_*^``, an integer passes for a float,
+and an argument may be left out only where its list holds ``""``.
 """
 
 from __future__ import annotations
@@ -17,6 +23,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -132,6 +139,98 @@ def prepare(ws: Any, root: str | Path, *, categories: tuple[str, ...] = CATEGORI
             "cluster": CLUSTER}
 
 
+# --- BFCL's acceptance rule, for --score ---------------------------------------------------------------------
+
+_IGNORED = re.compile(r"[ ,./\-_*^]")
+
+
+def _text(value: str) -> str:
+    return _IGNORED.sub("", value).lower().replace("'", '"')
+
+
+def _matches(value: Any, option: Any) -> bool:
+    """``value`` (from the model) is ``option`` (one listed acceptable value) under BFCL's comparison."""
+    if isinstance(option, str):
+        return isinstance(value, str) and _text(value) == _text(option)
+    if isinstance(option, bool) or isinstance(value, bool):
+        return value is option
+    if isinstance(option, (int, float)):
+        # an integer passes where a float is listed, not the other way round (BFCL checks the declared type)
+        return isinstance(value, (int, float)) and (isinstance(option, float) or isinstance(value, int)) \
+            and value == option
+    if isinstance(option, list):
+        return isinstance(value, list) and len(value) == len(option) and all(
+            _matches(v, o) for v, o in zip(value, option))
+    if isinstance(option, dict):
+        # a dict answer lists acceptable values per key, like the arguments themselves
+        return isinstance(value, dict) and _arguments_accepted(value, option)
+    return value == option
+
+
+def _arguments_accepted(args: dict[str, Any], options: dict[str, Any]) -> bool:
+    for name, listed in options.items():
+        listed = listed if isinstance(listed, list) else [listed]
+        if name not in args:
+            if "" not in listed:
+                return False  # left out, but not optional
+        elif not any(_matches(args[name], o) for o in listed if o != ""):
+            return False
+    return all(name in options for name in args)  # nothing BFCL did not ask for
+
+
+def accepts(tool_calls: list[dict[str, Any]], ground_truth: list[dict[str, Any]]) -> bool:
+    """Whether OpenAI ``tool_calls`` answer a single-call BFCL question under its AST checker's rule: the same
+    function, every given argument one of the listed values, every argument without ``""`` in its list given."""
+    if len(tool_calls) != len(ground_truth):
+        return False
+    for call, expected in zip(tool_calls, ground_truth):
+        (name, options), = expected.items()
+        fn = call.get("function") or {}
+        if fn.get("name") != name:
+            return False
+        try:
+            args = json.loads(fn.get("arguments") or "{}")
+        except (TypeError, ValueError):
+            return False
+        if not isinstance(args, dict) or not _arguments_accepted(args, options):
+            return False
+    return True
+
+
+def score(ws: Any, root: str | Path, categories: tuple[str, ...] = CATEGORIES) -> dict[str, Any]:
+    """The workspace's latest evaluation of the BFCL cluster, per variant: evaluate's ``exact`` and BFCL's
+    acceptance rule on the same saved predictions, each with its 95% Wilson interval."""
+    from slmigrate.stats import wilson
+
+    evaluation = artifacts.evaluation(ws)
+    assert evaluation is not None
+    run = ws.path("evals", evaluation["run"], "predictions", f"{CLUSTER}.jsonl")
+    if not run.exists():
+        raise SlmigrateError(f"{run} is missing: run `slmigrate evaluate` on this workspace first")
+    truth = {a["id"]: a["ground_truth"] for cat in categories
+             for a in _jsonl(Path(root) / "possible_answer" / f"BFCL_v4_{cat}.json")}
+    question = {r.id: r.input_id for r in load(root, categories)}
+    per: dict[str, dict[str, int]] = {}
+    for line in run.read_text(encoding="utf-8").splitlines():
+        row = json.loads(line)
+        qid = question.get(row["id"])
+        if qid is None or qid not in truth:
+            continue
+        counts = per.setdefault(row["variant"], {"n": 0, "accepted": 0, "exact": 0})
+        counts["n"] += 1
+        calls = (row.get("prediction") or {}).get("tool_calls") or []
+        counts["accepted"] += accepts(calls, truth[qid])
+        counts["exact"] += bool(row.get("exact"))  # evaluate saved each metric beside the prediction
+    out = {}
+    for variant, c in per.items():
+        out[variant] = {"n": c["n"]}
+        for key in ("exact", "accepted"):
+            lo, hi = wilson(c[key], c["n"])
+            out[variant][key] = {"value": round(c[key] / c["n"], 3), "interval": [round(lo, 3), round(hi, 3)],
+                                 "count": c[key]}
+    return {"run": evaluation["run"], "variants": out}
+
+
 def main(argv: list[str] | None = None) -> None:
     from slmigrate.workspace import Workspace
 
@@ -141,7 +240,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--categories", default=",".join(CATEGORIES))
     parser.add_argument("--test-share", type=float, default=0.3)
     parser.add_argument("--limit", type=int, default=None, help="use at most N questions")
+    parser.add_argument("--score", action="store_true",
+                        help="instead of loading: score the workspace's latest evaluation with BFCL's rule")
     args = parser.parse_args(argv)
+    if args.score:
+        print(json.dumps(score(Workspace.open(args.workspace, create=False), args.root,
+                               tuple(args.categories.split(",")))))
+        return
     info = prepare(Workspace.open(args.workspace), args.root, categories=tuple(args.categories.split(",")),
                    test_share=args.test_share, limit=args.limit)
     print(json.dumps(info))
