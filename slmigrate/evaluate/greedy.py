@@ -20,7 +20,7 @@ the weights once. Three things make it cheaper without changing what greedy deco
   finished answer costs no pass of its own.
 
 A fourth is a choice of number format, not of decoding: on a CPU with native bfloat16 instructions
-(:func:`cpu_dtype`) the served model runs in bfloat16, half the bytes read per token. evaluate scores the very
+(:func:`cpu_bf16`) the served model runs in bfloat16, half the bytes read per token. evaluate scores the very
 model the router serves, so the quality figure is that model's.
 """
 
