@@ -475,7 +475,7 @@ def test_bfcl_prepare_makes_a_workspace_finetune_and_evaluate_read(tmp_path):
     assert again == bfcl.split_of("simple_python_7", 0.3, 0.1, 0)
 
 
-def _call(name: str, **args) -> list[dict]:
+def _tool_calls(name: str, **args) -> list[dict]:
     import json
 
     return [{"id": "c", "type": "function", "function": {"name": name, "arguments": json.dumps(args)}}]
@@ -485,18 +485,18 @@ def test_bfcl_acceptance_follows_the_leaderboards_rule():
     from slmigrate.collect.bfcl import accepts
 
     truth = [{"math.hypot": {"x": [4], "y": [5.0], "z": ["", 0], "unit": ["Meters", "m"]}}]
-    assert accepts(_call("math.hypot", x=4, y=5, unit="meters"), truth)  # int for float, case ignored
-    assert accepts(_call("math.hypot", x=4, y=5.0, z=0, unit="m"), truth)  # the second listed value
-    assert not accepts(_call("math.hypot", x=4.0, y=5, unit="m"), truth)  # a float where an int is listed
-    assert not accepts(_call("math.hypot", x=4, unit="m"), truth)  # y is not optional
-    assert not accepts(_call("math.hypot", x=4, y=5, unit="m", w=1), truth)  # an argument nobody asked for
-    assert not accepts(_call("math.hypot", x="4", y=5, unit="m"), truth)  # a string is not a number
-    assert not accepts(_call("hypot", x=4, y=5, unit="m"), truth)
-    assert not accepts([], truth) and not accepts(_call("math.hypot") * 2, truth)
+    assert accepts(_tool_calls("math.hypot", x=4, y=5, unit="meters"), truth)  # int for float, case ignored
+    assert accepts(_tool_calls("math.hypot", x=4, y=5.0, z=0, unit="m"), truth)  # the second listed value
+    assert not accepts(_tool_calls("math.hypot", x=4.0, y=5, unit="m"), truth)  # a float where an int is listed
+    assert not accepts(_tool_calls("math.hypot", x=4, unit="m"), truth)  # y is not optional
+    assert not accepts(_tool_calls("math.hypot", x=4, y=5, unit="m", w=1), truth)  # an argument nobody asked for
+    assert not accepts(_tool_calls("math.hypot", x="4", y=5, unit="m"), truth)  # a string is not a number
+    assert not accepts(_tool_calls("hypot", x=4, y=5, unit="m"), truth)
+    assert not accepts([], truth) and not accepts(_tool_calls("math.hypot") * 2, truth)
     dated = [{"book": {"date": ["2024-04-01", "April 1, 2024"], "flags": [[True, "a b"]], "who": [{"n": ["Ann"]}]}}]
-    assert accepts(_call("book", date="april 1 2024", flags=[True, "A-B"], who={"n": "ann"}), dated)
-    assert not accepts(_call("book", date="2024-04-02", flags=[True, "a b"], who={"n": "Ann"}), dated)
-    assert not accepts(_call("book", date="2024-04-01", flags=[1, "a b"], who={"n": "Ann"}), dated)
+    assert accepts(_tool_calls("book", date="april 1 2024", flags=[True, "A-B"], who={"n": "ann"}), dated)
+    assert not accepts(_tool_calls("book", date="2024-04-02", flags=[True, "a b"], who={"n": "Ann"}), dated)
+    assert not accepts(_tool_calls("book", date="2024-04-01", flags=[1, "a b"], who={"n": "Ann"}), dated)
 
 
 def test_bfcl_score_reads_the_latest_evaluations_predictions(tmp_path):
@@ -514,10 +514,10 @@ def test_bfcl_score_reads_the_latest_evaluations_predictions(tmp_path):
     right, wrong = records["simple_python_1"], records["simple_python_2"]
     (ws.path("evals", "R1", "predictions")).mkdir(parents=True)
     rows = [{"variant": "finetuned", "id": right.id, "exact": 1.0,
-             "prediction": {"role": "assistant", "tool_calls": _call("math.factorial", number=5)}},
+             "prediction": {"role": "assistant", "tool_calls": _tool_calls("math.factorial", number=5)}},
             # BFCL accepts z=0 for math.hypot (its list is ["", 0]); the first-answer exact does not
             {"variant": "finetuned", "id": wrong.id, "exact": 0.0,
-             "prediction": {"role": "assistant", "tool_calls": _call("math.hypot", x=4, y=5, z=0)}},
+             "prediction": {"role": "assistant", "tool_calls": _tool_calls("math.hypot", x=4, y=5, z=0)}},
             {"variant": "finetuned", "id": "not-a-bfcl-call", "exact": 1.0, "prediction": {}}]
     ws.path("evals", "R1", "predictions", "bfcl.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
     artifacts.write_evaluation(ws, {"run": "R1", "clusters": []})
