@@ -241,6 +241,9 @@ class EvaluateConfig(Section):
         "wall time, which is not what a served request waits)."))
     max_new_tokens: int = Field(512, ge=1, description="Upper bound on answer length (sized per cluster from "
                                 "its reference answers, up to this).")
+    constrained: bool = Field(True, description=(
+        "Decode tool calls inside the request's own tool schemas (offered names, argument keys and types; "
+        "slmigrate.evaluate.guide). The router decodes the way the evaluation did."))
     icl_examples: int = Field(3, ge=0, description="Worked examples from the train split in the icl variant.")
     seed: int = Field(0, description="Seed for choosing the icl examples.")
     embedder: str = Field("minilm", description=(

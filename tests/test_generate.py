@@ -164,3 +164,75 @@ def test_served_number_format_follows_the_cpu_or_the_setting(tiny, monkeypatch):
     # an earlier answer keeps its stop token for the next answer's drafts; a cut-off one has none
     assert Decoded([5, 6], True, 2, 0, 0, stop=2).with_stop() == [5, 6, 2]
     assert Decoded([5, 6], False, 2, 0, 0).with_stop() == [5, 6]
+
+
+# --- tool calls decoded inside the request's schemas (slmigrate.evaluate.guide) -----------------------------
+
+WEATHER = {"type": "function", "function": {"name": "get_weather", "parameters": {
+    "type": "object", "properties": {"unit": {"type": "string", "enum": ["celsius", "fahrenheit"]},
+                                     "days": {"type": "integer"}, "loud": {"type": "boolean"}},
+    "required": ["unit", "loud"]}}}
+TIME = {"type": "function", "function": {"name": "get_time", "parameters": {
+    "type": "object", "properties": {"zone": {"type": "string", "enum": ["utc", "cet"]}}, "required": ["zone"]}}}
+
+
+def test_guide_accepts_the_trained_answer_format_and_rules_out_what_the_schema_does_not_offer(tiny):
+    from slmigrate import chat_format
+    from slmigrate.evaluate.guide import Guide
+
+    _, tok = tiny
+    request = {"tools": [WEATHER, TIME]}
+    answer = chat_format.serialise_answer({"role": "assistant", "tool_calls": [{"function": {
+        "name": "get_weather", "arguments": '{"unit": "celsius", "loud": false}'}}]})
+    ids = tok(answer, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+
+    def accepted(tokens):
+        g = Guide.for_request(tok, request, {tok.eos_token_id})
+        for t in tokens:
+            if not g.active or g._matcher.validate_tokens([t]) != 1:
+                return False
+            g.advance(t)
+        return True
+
+    assert accepted(ids)  # exactly what serialise_answer writes, separators included
+    for text in ("I cannot help with that.", "<b>No</b> such city", "<tool"):  # plain text stays free
+        assert accepted(tok(text, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]), text
+    for wrong in (answer.replace("get_weather", "get_wether"),  # a function not offered
+                  answer.replace('"unit"', '"units"'),  # a key the function does not take
+                  answer.replace("celsius", "kelvin"),  # a value outside the enum
+                  answer.replace('"loud": false', '"loud": "no"'),  # a string for a boolean
+                  answer.replace(', "loud": false', ""),  # a required argument missing
+                  answer.replace('": "', '":"')):  # other separators than training's
+        assert not accepted(tok(wrong, add_special_tokens=False)["input_ids"]), wrong
+    # tool_choice "required" drops the plain-text branch; "none" turns the guide off
+    assert Guide.for_request(tok, {"tools": [WEATHER], "tool_choice": "none"}, {tok.eos_token_id}) is None
+    required = Guide.for_request(tok, {"tools": [WEATHER], "tool_choice": "required"}, {tok.eos_token_id})
+    assert required._matcher.validate_tokens(tok("I", add_special_tokens=False)["input_ids"]) == 0
+    assert Guide.for_request(tok, {"messages": []}, {tok.eos_token_id}) is None
+
+
+def test_guided_decoding_makes_a_random_model_write_a_valid_call_in_both_loops(tiny):
+    """A random model never writes a tool call by itself; guided, every answer is one the schema allows."""
+    import json
+
+    from slmigrate import chat_format
+    from slmigrate.evaluate.generate import guides_for
+
+    model, tok = tiny
+    requests = [{"tools": [WEATHER, TIME], "tool_choice": "required"}] * 3
+    prompts = ["weather in paris", "what time is it", "x"]
+    free = generate(model, tok, prompts, batch_size=1, max_new_tokens=120)
+    assert not any(chat_format.parse_answer(t).get("tool_calls") for t in free.texts)
+    for batch_size in (1, 2):
+        out = generate(model, tok, prompts, batch_size=batch_size, max_new_tokens=120,
+                       guides=guides_for(model, tok, requests))
+        for text, stopped_early in zip(out.texts, [n < 120 for n in out.new_tokens]):
+            calls = chat_format.parse_answer(text).get("tool_calls") or []
+            assert calls and stopped_early, text
+            for call in calls:
+                args = json.loads(call["function"]["arguments"])
+                if call["function"]["name"] == "get_weather":
+                    assert args["unit"] in ("celsius", "fahrenheit") and isinstance(args["loud"], bool)
+                    assert set(args) <= {"unit", "days", "loud"}
+                else:
+                    assert call["function"]["name"] == "get_time" and args == {"zone": args["zone"]}

@@ -37,6 +37,9 @@ def evaluate(
         help="Base model (catalogue name or folder) when a cluster has no adapter.")] = None,
     device: Annotated[Optional[str], typer.Option(help="auto, cpu or cuda.")] = None,
     batch_size: Annotated[Optional[int], typer.Option(help="Calls generated together.", min=1)] = None,
+    constrained: Annotated[Optional[bool], typer.Option(
+        "--constrained/--free", help="Decode tool calls inside the request's tool schemas (default), or freely. "
+        "The router decodes as the evaluation did.")] = None,
     force: Annotated[bool, typer.Option(help="Re-run even when nothing changed since the last evaluation.")] = False,
     config_file: ConfigOpt = None,
     workspace: WorkspaceOpt = None,
@@ -55,7 +58,7 @@ def evaluate(
     cfg = load_config(config_file, {"evaluate": {
         "variants": [v.strip() for v in variants.split(",") if v.strip()] if variants else None,
         "limit": limit, "model": model, "device": device, "batch_size": batch_size, "judge_mode": judge_mode,
-        "fail_under": fail_under}})
+        "fail_under": fail_under, "constrained": constrained}})
     fail_under = cfg.evaluate.fail_under  # the flag, else [evaluate] fail_under
     ws = open_workspace(workspace, create=False)
     judge_obj = None

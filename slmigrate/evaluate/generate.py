@@ -26,6 +26,7 @@ from typing import Any
 
 from slmigrate.errors import SlmigrateError
 from slmigrate.evaluate.greedy import AnswerLookup, decode
+from slmigrate.evaluate.guide import Guide
 
 
 @dataclass
@@ -110,7 +111,8 @@ def max_new_tokens_for(tokenizer: Any, references: Sequence[str], *, margin: flo
 def generate(model: Any, tokenizer: Any, prompts: Sequence[str | Sequence[int]], *, batch_size: int = 8,
              max_new_tokens: int = 128, progress: Callable[[int], None] | None = None,
              skip_special_tokens: bool = False, fast: bool = True,
-             lookup: AnswerLookup | None = None) -> GenerationResult:
+             lookup: AnswerLookup | None = None,
+             guides: Sequence[Guide | None] | None = None) -> GenerationResult:
     """Greedy completions of ``prompts`` (rendered text, or token ids), in the order given.
 
     Text prompts are tokenised without adding special tokens: a chat template already wrote them.
@@ -120,6 +122,9 @@ def generate(model: Any, tokenizer: Any, prompts: Sequence[str | Sequence[int]],
     (a plain KV-cache loop with drafts from the prompt and earlier answers: several times faster on a CPU; pass
     a model prepared with ``greedy.merged``). ``lookup`` holds the task's earlier answers across calls (the
     router keeps one per task); without it, the answers of this call feed each other's drafts.
+
+    ``guides`` (one per prompt, None for free decoding) constrain tool calls to the request's schemas
+    (:mod:`slmigrate.evaluate.guide`), in both loops.
     """
     import torch
 
@@ -155,7 +160,7 @@ def generate(model: Any, tokenizer: Any, prompts: Sequence[str | Sequence[int]],
         for i in range(n) if one_by_one else ():
             t0 = time.perf_counter()
             done = decode(model, encoded[i], max_new_tokens=max_new_tokens, stops=stops,
-                          lookup=lookup.sequences())
+                          lookup=lookup.sequences(), guide=guides[i] if guides else None)
             if on_cuda:
                 torch.cuda.synchronize(device)
             latency[i] = compute[i] = (time.perf_counter() - t0) * 1000
@@ -184,6 +189,7 @@ def generate(model: Any, tokenizer: Any, prompts: Sequence[str | Sequence[int]],
                 eos_token_id=sorted(stops) or None,
                 # generation_config may carry sampling settings; greedy must not warn about or use them
                 temperature=None, top_p=None, top_k=None,
+                logits_processor=_guided([guides[i] for i in idx], width) if guides else None,
             )
             if on_cuda:
                 torch.cuda.synchronize(device)
@@ -214,6 +220,31 @@ def generate(model: Any, tokenizer: Any, prompts: Sequence[str | Sequence[int]],
         device=device.type, batch_size=batch_size, max_new_tokens=max_new_tokens, truncated=truncated,
         extra=extra,
     )
+
+
+def guides_for(model: Any, tokenizer: Any, requests: Sequence[dict[str, Any]]) -> list[Guide | None] | None:
+    """One tool-call guide per request (None where it offers no tools); None when no request has one."""
+    stops = stop_token_ids(model, tokenizer)
+    guides = [Guide.for_request(tokenizer, r, stops) for r in requests]
+    return guides if any(g is not None for g in guides) else None
+
+
+def _guided(guides: Sequence[Guide | None], width: int) -> Any:
+    """A logits processor list applying each row's guide (rows are left-padded to ``width`` prompt tokens)."""
+    from transformers import LogitsProcessor, LogitsProcessorList
+
+    class _Guides(LogitsProcessor):
+        def __call__(self, input_ids, scores):
+            fed = input_ids.shape[1] - width  # tokens generated so far
+            for row, guide in enumerate(guides):
+                if guide is None:
+                    continue
+                if fed:
+                    guide.advance(int(input_ids[row, -1]))
+                guide.mask(scores[row])
+            return scores
+
+    return LogitsProcessorList([_Guides()]) if any(g is not None for g in guides) else None
 
 
 def load_model(model: str | Path | None = None, adapter: str | Path | None = None, *, device: str = "auto"):

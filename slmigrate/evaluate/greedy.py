@@ -32,7 +32,10 @@ from collections import deque
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from slmigrate.evaluate.guide import Guide
 
 
 @dataclass
@@ -91,8 +94,12 @@ def _count(seq: Sequence[int], gram: list[int]) -> int:
 
 
 def decode(model: Any, prompt: Sequence[int], *, max_new_tokens: int, stops: set[int],
-           lookup: Sequence[Sequence[int]] = (), ngram: int = 3, draft_tokens: int = 8) -> Decoded:
-    """Greedy continuation of one tokenised ``prompt`` (``draft_tokens=0`` turns drafting off)."""
+           lookup: Sequence[Sequence[int]] = (), ngram: int = 3, draft_tokens: int = 8,
+           guide: Guide | None = None) -> Decoded:
+    """Greedy continuation of one tokenised ``prompt`` (``draft_tokens=0`` turns drafting off).
+
+    With a ``guide`` (:mod:`slmigrate.evaluate.guide`), every choice is the best token the request's tool
+    schemas allow, and the tokens the grammar forces are drafted before any lookup draft."""
     import torch
     from transformers import DynamicCache
 
@@ -109,16 +116,21 @@ def decode(model: Any, prompt: Sequence[int], *, max_new_tokens: int, stops: set
         # Draft length adapts (as HF's assisted generation does): longer after a fully confirmed draft, shorter
         # after a rejected one, since a rejected token still costs its share of the forward pass.
         k = draft_tokens
+        pick = guide.pick if guide is not None else (lambda row: int(row.argmax()))
         while len(out) < max_new_tokens:
-            token = int(logits[-1].argmax())
+            token = pick(logits[-1])
             if token in stops:
                 return Decoded(out, True, forwards, drafted, accepted, token)
             out.append(token)
             history.append(token)
+            if guide is not None:
+                guide.advance(token)
             if len(out) >= max_new_tokens:
                 break
-            proposal = draft(history, lookup, ngram=ngram, k=min(k, max_new_tokens - len(out)),
-                             start=len(prompt)) if draft_tokens else []
+            room = max_new_tokens - len(out)
+            proposal = guide.forced(room) if guide is not None else []
+            if not proposal and draft_tokens:
+                proposal = draft(history, lookup, ngram=ngram, k=min(k, room), start=len(prompt))
             feed = torch.tensor([[token, *proposal]], dtype=torch.long, device=device)
             logits = model(input_ids=feed, **{kw: cache}, use_cache=True,
                            logits_to_keep=len(proposal) + 1).logits[0]
@@ -126,12 +138,13 @@ def decode(model: Any, prompt: Sequence[int], *, max_new_tokens: int, stops: set
             if not proposal:
                 continue
             drafted += len(proposal)
-            choices = logits.argmax(-1).tolist()  # choices[i]: the model's token after feed[i]
-            n_ok = 0
-            while n_ok < len(proposal) and choices[n_ok] == proposal[n_ok] and proposal[n_ok] not in stops \
-                    and len(out) < max_new_tokens:
+            n_ok = 0  # pick(logits[i]): the model's token after feed[i] (in the guide's state by then)
+            while n_ok < len(proposal) and proposal[n_ok] not in stops and len(out) < max_new_tokens \
+                    and pick(logits[n_ok]) == proposal[n_ok]:
                 out.append(proposal[n_ok])
                 history.append(proposal[n_ok])
+                if guide is not None:
+                    guide.advance(proposal[n_ok])
                 n_ok += 1
             accepted += n_ok
             k = min(draft_tokens, k + 2) if n_ok == len(proposal) else max(1, k - 1)

@@ -213,17 +213,22 @@ def evaluate_variant(model: Any, tokenizer: Any, calls: Sequence[CuratedCall], k
     time, as the router serves them, and the latency figures are theirs (a batch's wall time is not what a
     served request waits).
     """
-    from slmigrate.evaluate.generate import generate
+    from slmigrate.evaluate.generate import generate, guides_for
 
     requests = [with_examples(c.request, examples) if examples else c.request for c in calls]
     if static:
         requests = [_without(static, r) for r in requests]
     budget = context_budget(model, tokenizer, max_new_tokens)
     prompts = [render(tokenizer, r, budget) for r in requests]
+
+    def guides(n: int) -> list[Any] | None:
+        # from the calls' own requests: the static tools are out of the prompt, not out of the schema
+        return guides_for(model, tokenizer, [c.request for c in calls[:n]]) if config.constrained else None
+
     gen = generate(model, tokenizer, prompts, batch_size=config.batch_size, max_new_tokens=max_new_tokens,
-                   progress=progress)
-    served = generate(model, tokenizer, prompts[:served_sample], batch_size=1, max_new_tokens=max_new_tokens) \
-        if served_sample and config.batch_size > 1 else None
+                   progress=progress, guides=guides(len(calls)))
+    served = generate(model, tokenizer, prompts[:served_sample], batch_size=1, max_new_tokens=max_new_tokens,
+                      guides=guides(served_sample)) if served_sample and config.batch_size > 1 else None
     predictions = [parse(t) for t in gen.texts]
     scores = M.score(kind, predictions, [c.answer for c in calls], ctx)
     primary = M.primary_metric(kind, config.primary)

@@ -31,6 +31,7 @@ class Deployment:
     threshold: float | None = None  # the primary metric's bar the migration was decided on (the live guard's)
     static: StaticPrompt = field(default_factory=StaticPrompt)  # prompt parts the adapter was trained without
     max_new_tokens: int = 256
+    constrained: bool = True  # tool calls decoded inside the request's schemas, as the evaluation decoded them
 
     @property
     def name(self) -> str:
@@ -61,7 +62,9 @@ def load_deployments(ws: Workspace, *, include_failed: bool = False) -> list[Dep
     Migrated means ``decision.migrate``: the outcome ``migrate`` only; a task that stays or has "not enough
     evidence" is never routed to its small model."""
     out = []
-    for result in _evaluation(ws)["clusters"]:
+    evaluation = _evaluation(ws)
+    constrained = bool((evaluation.get("config") or {}).get("constrained", False))
+    for result in evaluation["clusters"]:
         if not result.get("adapter"):
             continue
         path = ws.resolve(result["adapter"])
@@ -83,5 +86,6 @@ def load_deployments(ws: Workspace, *, include_failed: bool = False) -> list[Dep
             threshold=result.get("threshold"),
             static=StaticPrompt.load(path),
             max_new_tokens=int((finetuned.get("efficiency") or {}).get("max_new_tokens") or 256),
+            constrained=constrained,
         ))
     return out

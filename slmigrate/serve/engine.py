@@ -60,7 +60,7 @@ class SlmEngine:
         """Generate the cluster's specialist answer for an OpenAI chat request (blocking)."""
         from slmigrate import chat_format
         from slmigrate.evaluate.run import context_budget
-        from slmigrate.evaluate.generate import generate
+        from slmigrate.evaluate.generate import generate, guides_for
         from slmigrate.evaluate.greedy import AnswerLookup
 
         d = self.deployments[cluster]
@@ -70,8 +70,9 @@ class SlmEngine:
         with self._lock:
             model = self._merged_model(d.name)
             t0 = time.perf_counter()
+            guides = guides_for(model, self.tokenizer, [request]) if d.constrained else None
             result = generate(model, self.tokenizer, [prompt], batch_size=1, max_new_tokens=limit,
-                              lookup=self._lookups.setdefault(cluster, AnswerLookup()))
+                              lookup=self._lookups.setdefault(cluster, AnswerLookup()), guides=guides)
             elapsed = (time.perf_counter() - t0) * 1000
         text = result.texts[0]
         try:
