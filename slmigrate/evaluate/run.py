@@ -222,7 +222,8 @@ def evaluate_variant(model: Any, tokenizer: Any, calls: Sequence[CuratedCall], k
     prompts = [render(tokenizer, r, budget) for r in requests]
 
     def guides(n: int) -> list[Any] | None:
-        # from the calls' own requests: the static tools are out of the prompt, not out of the schema
+        # from the calls' own requests: the static tools are out of the prompt, not out of the schema.
+        # A guide is spent by one decoding, so the served-latency sample gets fresh ones.
         return guides_for(model, tokenizer, [c.request for c in calls[:n]]) if config.constrained else None
 
     gen = generate(model, tokenizer, prompts, batch_size=config.batch_size, max_new_tokens=max_new_tokens,
