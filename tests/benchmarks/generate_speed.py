@@ -139,21 +139,30 @@ def bench_task(ws, cid: str, args) -> dict:
     }
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--workspace", required=True, help="a copy of a demo workspace (read only here)")
-    parser.add_argument("--clusters", default="c01,c04")
-    parser.add_argument("--calls", type=int, default=12, help="test calls per task")
-    parser.add_argument("--repeats", type=int, default=3)
+def add_run_args(parser: argparse.ArgumentParser, *, calls: int, repeats: int) -> None:
+    """The options every per-request latency benchmark here takes (also guided_speed.py's)."""
+    parser.add_argument("--calls", type=int, default=calls, help="test calls per task")
+    parser.add_argument("--repeats", type=int, default=repeats)
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1: a shared 2-core box)")
-    args = parser.parse_args()
 
+
+def open_workspace(args: argparse.Namespace):
+    """The workspace to read (never written), with torch set to ``--threads``."""
     import torch
 
     from slmigrate.workspace import Workspace
 
     torch.set_num_threads(args.threads)
-    ws = Workspace.open(args.workspace, create=False)
+    return Workspace.open(args.workspace, create=False)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--workspace", required=True, help="a copy of a demo workspace (read only here)")
+    parser.add_argument("--clusters", default="c01,c04")
+    add_run_args(parser, calls=12, repeats=3)
+    args = parser.parse_args()
+    ws = open_workspace(args)
     rows = [bench_task(ws, cid, args) for cid in args.clusters.split(",")]
     print(json.dumps({"date": datetime.now(timezone.utc).isoformat(timespec="minutes"), "threads": args.threads,
                       "tasks": rows}, indent=1))

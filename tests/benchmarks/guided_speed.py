@@ -23,7 +23,7 @@ import json
 import time
 from datetime import datetime, timezone
 
-from generate_speed import pct, task_setup
+from generate_speed import add_run_args, open_workspace, pct, task_setup
 
 
 def bench(ws, cid: str, args) -> dict:
@@ -74,17 +74,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--workspace", required=True, help="a workspace with a fine-tuned tool-call task (read only)")
     parser.add_argument("--cluster", default="bfcl")
-    parser.add_argument("--calls", type=int, default=40, help="test calls")
-    parser.add_argument("--repeats", type=int, default=2)
-    parser.add_argument("--threads", type=int, default=1, help="torch threads (1: a shared 2-core box)")
+    add_run_args(parser, calls=40, repeats=2)
     args = parser.parse_args()
-
-    import torch
-
-    from slmigrate.workspace import Workspace
-
-    torch.set_num_threads(args.threads)
-    ws = Workspace.open(args.workspace, create=False)
+    ws = open_workspace(args)
     started = datetime.now(timezone.utc).isoformat(timespec="seconds")
     result = bench(ws, args.cluster, args)
     print(json.dumps({"started": started, "threads": args.threads, **result}))
