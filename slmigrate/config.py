@@ -210,6 +210,9 @@ class FinetuneConfig(Section):
         "Train without what every call of the cluster repeats: the shared system-prompt prefix and, when all "
         "calls offer the same tools, the tool list (the specialist learns them; serving drops them the same)."))
     min_examples: int = Field(8, ge=1, description="Skip clusters with fewer training calls than this.")
+    max_examples: int | None = Field(None, ge=1, description=(
+        "Train on a seeded sample of at most this many of a cluster's training calls (default all): the data-size "
+        "points of a learning curve (tests/benchmarks/learning_curve.py)."))
 
 
 class EvaluateConfig(Section):

@@ -154,6 +154,17 @@ def test_length_grouped_batches_cover_everything_once_with_little_padding():
     assert batches != D.length_grouped_batches(examples, 2048, seed=0, epoch=1)
 
 
+def test_a_sample_of_training_calls_is_seeded_nested_and_keeps_the_order():
+    calls = [_call([{"role": "user", "content": str(i)}], {"content": "a"}, id_=f"id{i:03d}") for i in range(100)]
+    small, large = D.sample_calls(calls, 20, seed=0), D.sample_calls(calls, 50, seed=0)
+    assert len(small) == 20 and len(large) == 50
+    assert {c.id for c in small} < {c.id for c in large}  # a learning curve's points add data, not redraw it
+    assert [c.id for c in large] == sorted(c.id for c in large)  # the calls' own order
+    assert [c.id for c in D.sample_calls(calls[::-1], 20, seed=0)] == [c.id for c in small][::-1]
+    assert {c.id for c in D.sample_calls(calls, 20, seed=1)} != {c.id for c in small}
+    assert D.sample_calls(calls, None, seed=0) == calls == D.sample_calls(calls, 100, seed=0)
+
+
 def test_collate_pads_without_labels_or_attention():
     a, b = D.Example("a", [5, 6, 7], [-100, 6, 7]), D.Example("b", [8], [8])
     batch = D.collate([a, b], pad_id=0)
@@ -282,6 +293,14 @@ def test_finetune_writes_a_loadable_adapter_and_its_records(workspace, tiny):
     assert manifest["counts"]["trained"] == 1
     again = finetune(workspace, _config(tiny))
     assert again.adapters[0]["status"] == "fresh"  # unchanged data and config: nothing to redo
+
+
+def test_max_examples_trains_on_a_sample_and_retrains_when_it_changes(workspace, tiny):
+    by_split = fill_workspace(workspace, colour_calls(80), lambda r: "colours")
+    (res,) = finetune(workspace, _config(tiny, max_steps=2, max_examples=10)).adapters
+    assert res["status"] == "trained" and res["examples"] == 10 < len(by_split["train"])
+    (res,) = finetune(workspace, _config(tiny, max_steps=2, max_examples=20)).adapters
+    assert res["status"] == "trained" and res["examples"] == 20
 
 
 def test_resume_after_interruption_matches_an_uninterrupted_run(tmp_path, tiny):

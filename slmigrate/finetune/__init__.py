@@ -30,7 +30,8 @@ from slmigrate import artifacts, chat_format, models
 from slmigrate.config import FinetuneConfig
 from slmigrate.errors import SlmigrateError
 from slmigrate.finetune import loop
-from slmigrate.finetune.data import BuildReport, Example, build_examples, length_grouped_batches, padding_share
+from slmigrate.finetune.data import (BuildReport, Example, build_examples, length_grouped_batches, padding_share,
+                                   sample_calls)
 from slmigrate.progress import Progress
 from slmigrate.results import StageOutput
 from slmigrate.workspace import Workspace, fingerprint_of
@@ -132,6 +133,7 @@ def _load(model_name: str, train_calls: Sequence[Any], val_calls: Sequence[Any],
                              "CPU, or run on a machine with a GPU")
     resolved = models.resolve(model_name)
     tokenizer = models.load_tokenizer(resolved.path)
+    train_calls = sample_calls(train_calls, config.max_examples, config.seed)
     static = chat_format.StaticPrompt.of(train_calls) if config.prune_static_prefix else chat_format.StaticPrompt()
     train, train_report = build_examples(tokenizer, train_calls, max_length=config.max_length, static=static)
     val, val_report = build_examples(tokenizer, val_calls, max_length=config.max_length, static=static)

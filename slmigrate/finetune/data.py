@@ -52,6 +52,19 @@ class BuildReport:
         return data
 
 
+def sample_calls(calls: Sequence[Any], limit: int | None, seed: int) -> list[Any]:
+    """At most ``limit`` of ``calls``, kept in their original order: the first ``limit`` ids of a seeded shuffle of
+    the sorted ids. Sorting first makes the draw independent of the order the store returned the calls; taking a
+    prefix of one shuffle nests the samples of a seed (the 100 calls hold the 50), so the points of a learning
+    curve differ by the data added, not by a fresh draw."""
+    if limit is None or len(calls) <= limit:
+        return list(calls)
+    ids = sorted(c.id for c in calls)
+    random.Random(f"sample:{seed}").shuffle(ids)
+    keep = set(ids[:limit])
+    return [c for c in calls if c.id in keep]
+
+
 def build_examples(tokenizer, calls: Sequence[Any], *, max_length: int,
                    static: chat_format.StaticPrompt | None = None,
                    report: BuildReport | None = None) -> tuple[list[Example], BuildReport]:
