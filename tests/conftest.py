@@ -1,6 +1,8 @@
 """Shared test set-up: no network for model hubs, paths to the shared real data, a fresh workspace."""
 
 import os
+import signal
+import subprocess
 import time
 from pathlib import Path
 
@@ -80,3 +82,19 @@ def wait_for(condition, what: str = "condition", timeout: float = 20.0):
         assert time.monotonic() < deadline, f"timed out waiting for {what}"
         time.sleep(0.02)
     return value
+
+
+def run_process(argv, *, timeout: float, **kwargs) -> subprocess.CompletedProcess:
+    """``subprocess.run(argv, capture_output=True, text=True, timeout=...)`` that, on timeout, kills the child's
+    whole process group: a CLI the tests start may start workers of its own (an evaluation's model process,
+    accelerate's ranks, the demo's stages), and ``subprocess.run`` kills only the direct child, leaving those
+    running with PID 1 as their parent and the box loaded for the tests after it."""
+    with subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+                          **kwargs) as proc:
+        try:
+            out, err = proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.communicate()
+            raise
+    return subprocess.CompletedProcess(argv, proc.returncode, out, err)

@@ -23,6 +23,7 @@ import pytest
 from slmigrate.store import Store
 
 sys.path.insert(0, str(Path(__file__).parent))
+from conftest import run_process  # noqa: E402
 from stub_llm import StubLLM, expected_completion, free_port  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -75,8 +76,7 @@ def bare_env(tmp_path):
 
 
 def _cli(env, *args, cwd: Path) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "slmigrate", *args], env=env, cwd=cwd, capture_output=True,
-                          text=True, timeout=300)
+    return run_process([sys.executable, "-m", "slmigrate", *args], env=env, cwd=cwd, timeout=300)
 
 
 def test_the_blocker_blocks(bare_env, tmp_path):

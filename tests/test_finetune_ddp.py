@@ -13,7 +13,6 @@ import hashlib
 import json
 import os
 import shutil
-import subprocess
 import sys
 from pathlib import Path
 
@@ -105,7 +104,9 @@ def test_two_cpu_processes_train_one_adapter(tmp_path):
     cmd = _accelerate() + ["launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
                            "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "0",
                            __file__, str(tmp_path / "ws"), str(model_dir), str(record)]
-    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    from conftest import run_process  # here: this file is also the script each rank runs, without pytest
+
+    done = run_process(cmd, env=env, timeout=300)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
 
     ranks = [json.loads((record / f"rank-{r}.json").read_text()) for r in (0, 1)]

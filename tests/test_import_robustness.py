@@ -6,7 +6,6 @@ import io
 import json
 import os
 import sqlite3
-import subprocess
 import sys
 
 import pytest
@@ -17,7 +16,7 @@ from slmigrate.collect.importer import MAX_DEPTH, MAX_LINE_BYTES, _iter_array, _
 from slmigrate.errors import SlmigrateError
 from slmigrate.workspace import Workspace
 
-from conftest import ROOT
+from conftest import ROOT, run_process
 
 
 def _call(name, **extra):
@@ -121,8 +120,8 @@ def _check_store(ws):
 
 def _cli(*args):
     env = dict(os.environ, PYTHONPATH=str(ROOT))
-    return subprocess.run([sys.executable, "-m", "slmigrate", "collect", "import", *map(str, args)],
-                          capture_output=True, text=True, env=env, cwd=ROOT, timeout=300)
+    return run_process([sys.executable, "-m", "slmigrate", "collect", "import", *map(str, args)], env=env,
+                       cwd=ROOT, timeout=300)
 
 
 def test_real_cli_skips_or_normalises_every_unusual_record(unusual_log, tmp_path):

@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import run_process
 
 from slmigrate.curate import dataset as curated
 from slmigrate.config import Config, PricesConfig
@@ -273,8 +274,8 @@ def test_cluster_json_shows_the_current_result_without_reclustering(tmp_path):
 # --- the real CLI on real logs ---------------------------------------------------------------------------------
 
 def _audit(*args: str, timeout: int = 900) -> dict:
-    out = subprocess.run([sys.executable, "-m", "slmigrate", *args, "--json"], capture_output=True, text=True,
-                         cwd=ROOT, timeout=timeout, env={**__import__("os").environ, "HF_HUB_OFFLINE": "1"})
+    out = run_process([sys.executable, "-m", "slmigrate", *args, "--json"], cwd=ROOT, timeout=timeout,
+                      env={**__import__("os").environ, "HF_HUB_OFFLINE": "1"})
     assert out.returncode == 0, out.stderr[-3000:]
     return json.loads(out.stdout)
 
@@ -347,8 +348,8 @@ def test_lora_probe_interval_meets_the_fine_tuned_interval_of_the_demo_tasks(tmp
 
     ws = tmp_path / "demo"
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    done = subprocess.run([sys.executable, "examples/demo.py", "--workspace", str(ws)], capture_output=True,
-                          text=True, cwd=ROOT, timeout=2000, env=env)
+    done = run_process([sys.executable, "examples/demo.py", "--workspace", str(ws)], cwd=ROOT, timeout=2000,
+                       env=env)
     assert done.returncode == 0, done.stderr[-3000:]
     evals = json.loads((ws / "evals" / "latest.json").read_text())
     trained = {c["cluster"]: c["variants"]["finetuned"]["intervals"][c["primary_metric"]] for c in evals["clusters"]
